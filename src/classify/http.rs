@@ -1,0 +1,275 @@
+//! HTTP request rules: method, exact path or path prefix, header patterns and
+//! body patterns on the first bytes of a request body. Pure: the front ends
+//! hand a [`HeadView`] over hyper's `Parts` or an httparse request.
+use super::payload::{Anchor, Atom};
+
+/// How a header value must look (compared ASCII case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderTest {
+    Equals(Vec<u8>),
+    Prefix(Vec<u8>),
+    Contains(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderCond {
+    /// Lower case.
+    pub name: String,
+    pub test: HeaderTest,
+}
+
+/// One compiled `[[http]]` rule; every condition present must hold.
+#[derive(Debug, Clone)]
+pub struct HttpRule {
+    pub rule: u32,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub headers: Vec<HeaderCond>,
+    pub body: Vec<Atom>,
+}
+
+/// A request head as the rules see it.
+pub trait HeadView {
+    fn method(&self) -> &str;
+    /// The path of the target, without the query.
+    fn path(&self) -> &str;
+    /// Call `f` on every value of header `name` (lower case) until it returns true.
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool;
+}
+
+impl HeadView for http::request::Parts {
+    fn method(&self) -> &str {
+        self.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.headers.get_all(name).iter().any(|v| f(v.as_bytes()))
+    }
+}
+
+/// What the head alone says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadOutcome {
+    Match(u32),
+    /// The head satisfies these rules' head conditions; their body
+    /// conditions decide. `window` bytes of body are enough to decide.
+    NeedBody { window: usize },
+    NoMatch,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HttpMatcher {
+    rules: Vec<HttpRule>,
+}
+
+impl HttpMatcher {
+    pub fn new(rules: Vec<HttpRule>) -> HttpMatcher {
+        HttpMatcher { rules }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn rules(&self) -> &[HttpRule] {
+        &self.rules
+    }
+
+    /// Decide on the head; `has_body` says whether a body may follow.
+    pub fn classify_head(&self, head: &dyn HeadView, has_body: bool) -> HeadOutcome {
+        let mut window = 0usize;
+        for r in &self.rules {
+            if !head_holds(r, head) {
+                continue;
+            }
+            if r.body.is_empty() {
+                return HeadOutcome::Match(r.rule);
+            }
+            if has_body {
+                window = window.max(r.body.iter().map(atom_reach).max().unwrap_or(0));
+            }
+        }
+        if window > 0 {
+            HeadOutcome::NeedBody { window }
+        } else {
+            HeadOutcome::NoMatch
+        }
+    }
+
+    /// Decide on the head and the first bytes of the body (`complete`: the
+    /// body ended within `body`, so missing atoms will never come).
+    pub fn classify_body(&self, head: &dyn HeadView, body: &[u8], complete: bool) -> Option<u32> {
+        let _ = complete;
+        self.rules
+            .iter()
+            .filter(|r| !r.body.is_empty() && head_holds(r, head))
+            .find(|r| r.body.iter().all(|a| atom_holds(a, body)))
+            .map(|r| r.rule)
+    }
+}
+
+fn head_holds(r: &HttpRule, head: &dyn HeadView) -> bool {
+    if let Some(m) = &r.method {
+        if !head.method().eq_ignore_ascii_case(m) {
+            return false;
+        }
+    }
+    let path = head.path();
+    if let Some(p) = &r.path {
+        if path != p {
+            return false;
+        }
+    }
+    if let Some(p) = &r.path_prefix {
+        if !path.starts_with(p.as_str()) {
+            return false;
+        }
+    }
+    r.headers.iter().all(|c| {
+        head.any_value(&c.name, &mut |v: &[u8]| match &c.test {
+            HeaderTest::Equals(want) => v.trim_ascii().eq_ignore_ascii_case(want),
+            HeaderTest::Prefix(want) => {
+                v.len() >= want.len() && v[..want.len()].eq_ignore_ascii_case(want)
+            }
+            HeaderTest::Contains(want) => find(v, want, true).is_some(),
+        })
+    })
+}
+
+/// How many leading bytes an atom can need.
+pub fn atom_reach(a: &Atom) -> usize {
+    match a.anchor {
+        Anchor::At(o) => o.saturating_add(a.bytes.len()),
+        Anchor::Within(n) => n,
+    }
+}
+
+/// Does the atom hold in `buf` (the first bytes of a stream)?
+pub fn atom_holds(a: &Atom, buf: &[u8]) -> bool {
+    match a.anchor {
+        Anchor::At(o) => buf
+            .get(o..o.saturating_add(a.bytes.len()))
+            .is_some_and(|w| eq(w, &a.bytes, a.nocase)),
+        Anchor::Within(n) => find(&buf[..buf.len().min(n)], &a.bytes, a.nocase).is_some(),
+    }
+}
+
+fn eq(a: &[u8], b: &[u8], nocase: bool) -> bool {
+    if nocase {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a == b
+    }
+}
+
+/// First position of `needle` in `hay`.
+pub fn find(hay: &[u8], needle: &[u8], nocase: bool) -> Option<usize> {
+    if needle.is_empty() || needle.len() > hay.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| eq(w, needle, nocase))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn matcher() -> HttpMatcher {
+        HttpMatcher::new(vec![
+            HttpRule {
+                rule: 1,
+                method: None,
+                path: None,
+                path_prefix: Some("/gateway/gateway.dll".into()),
+                headers: vec![],
+                body: vec![],
+            },
+            HttpRule {
+                rule: 2,
+                method: None,
+                path: None,
+                path_prefix: None,
+                headers: vec![HeaderCond {
+                    name: "sec-websocket-protocol".into(),
+                    test: HeaderTest::Equals(b"xmpp".to_vec()),
+                }],
+                body: vec![],
+            },
+            HttpRule {
+                rule: 3,
+                method: Some("POST".into()),
+                path: Some("/api".into()),
+                path_prefix: None,
+                headers: vec![],
+                body: vec![Atom {
+                    bytes: vec![0; 8],
+                    anchor: Anchor::At(0),
+                    nocase: false,
+                }],
+            },
+            HttpRule {
+                rule: 4,
+                method: None,
+                path: None,
+                path_prefix: None,
+                headers: vec![HeaderCond {
+                    name: "user-agent".into(),
+                    test: HeaderTest::Prefix(b"msmsgs".to_vec()),
+                }],
+                body: vec![],
+            },
+        ])
+    }
+
+    #[test]
+    fn head_rules() {
+        let m = matcher();
+        let cases: &[(&str, &str, &[(&str, &str)], bool, HeadOutcome)] = &[
+            ("POST", "http://x/gateway/gateway.dll?Action=open", &[], true, HeadOutcome::Match(1)),
+            ("GET", "http://x/gateway/", &[], false, HeadOutcome::NoMatch),
+            ("GET", "http://x/ws", &[("Sec-WebSocket-Protocol", "XMPP")], false, HeadOutcome::Match(2)),
+            ("GET", "http://x/ws", &[("Sec-WebSocket-Protocol", "xmpp2")], false, HeadOutcome::NoMatch),
+            ("POST", "http://1.2.3.4/api", &[], true, HeadOutcome::NeedBody { window: 8 }),
+            ("POST", "http://1.2.3.4/api/v4/users", &[], true, HeadOutcome::NoMatch),
+            ("GET", "http://1.2.3.4/api", &[], false, HeadOutcome::NoMatch),
+            ("GET", "http://x/", &[("User-Agent", "MSMSGS")], false, HeadOutcome::Match(4)),
+            ("GET", "http://x/", &[("User-Agent", "Mozilla/5.0 MSMSGS")], false, HeadOutcome::NoMatch),
+        ];
+        for (method, uri, headers, has_body, want) in cases {
+            let p = parts(method, uri, headers);
+            assert_eq!(&m.classify_head(&p, *has_body), want, "{method} {uri}");
+        }
+    }
+
+    #[test]
+    fn body_rules() {
+        let m = matcher();
+        let p = parts("POST", "http://149.154.167.51/api", &[]);
+        let mut body = vec![0u8; 8];
+        body.extend_from_slice(&[0xf1, 0x8e, 0x7e, 0xbe]);
+        assert_eq!(m.classify_body(&p, &body, true), Some(3));
+        assert_eq!(m.classify_body(&p, b"{\"json\":1}", true), None);
+    }
+
+    #[test]
+    fn find_nocase() {
+        assert_eq!(find(b"xxJabber:Client", b"jabber:client", true), Some(2));
+        assert_eq!(find(b"xxJabber:Client", b"jabber:client", false), None);
+        assert_eq!(find(b"ab", b"abc", false), None);
+    }
+}

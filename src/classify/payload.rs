@@ -1,0 +1,982 @@
+//! Payload signatures: recognising IM protocols from the first bytes of a tunnel.
+//!
+//! This module owns three things:
+//!
+//! * **The signature model.** A [`PayloadRule`] is a conjunction of [`Atom`]s, each a
+//!   byte string that must occur either at a fixed offset ([`Anchor::At`]) or anywhere
+//!   so that it ends within the first `n` bytes ([`Anchor::Within`]), optionally with
+//!   ASCII case folding. A rule applies to one [`Direction`] of a tunnel.
+//! * **The matcher.** [`PayloadMatcher::compile`] turns all rules into one
+//!   Aho-Corasick automaton per direction holding every floating (`Within`) atom;
+//!   anchored (`At`) atoms are plain slice comparisons at their offset, which costs
+//!   less than finding them with the automaton and filtering hits by offset.
+//!   [`PayloadMatcher::classify`] runs on the bytes of one direction received so far
+//!   and never allocates: its per-call state is a fixed array on the stack.
+//! * **The hold/forward contract.** While some rule could still match,
+//!   [`Outcome::Pending`] says how many leading bytes may already go to the other side
+//!   without any atom of a later match ever having been sent, so ordinary protocols
+//!   flow promptly and a signature never leaks to the upstream in pieces.
+//!
+//! It leaves to others: loading rules from signature files and mapping `tag`s to
+//! applications and descriptions (the caller's tables), buffering a direction up to
+//! the inspection window and remembering how much was already forwarded, timeouts for
+//! streams that stall while held, and the blocking decision itself.
+//!
+//! # Semantics
+//!
+//! * A rule **matches** when every atom holds in the buffer. Among matching rules the
+//!   one whose completing atom (the one that ends last; among those, the one that
+//!   starts last) ends earliest wins, then the lowest tag. That rule is fixed at the
+//!   first prefix of the stream at which any rule matches, so the answer does not
+//!   depend on how the stream was split into reads.
+//! * A rule is **alive** while no atom has failed for good: every `At` atom agrees with
+//!   the bytes present at its offset (fully or partly), and every `Within(n)` atom not
+//!   yet found still has room (`buf.len() < n`). With no rule alive the answer is
+//!   [`Outcome::NoMatch`], and it stays so for any longer buffer.
+//! * If an alive rule has made **progress** (one of its `Within` atoms was found, or
+//!   the buffer reaches the offset of one of its `At` atoms), everything is held:
+//!   `Pending { forward_upto: 0 }`. Otherwise only the longest suffix of the buffer
+//!   that is a proper prefix of a `Within` atom of an alive rule (and could still end
+//!   within that atom's bound) is held.
+//!
+//! `forward_upto` is computed from the buffer alone, so it can shrink from one call to
+//! the next (a stream that starts looking like a protocol gets held): the caller
+//! forwards `buf[sent..forward_upto]` only when `forward_upto > sent`. With that
+//! reading, no byte of an atom that takes part in a later match has been forwarded.
+//!
+//! # Case folding
+//!
+//! `nocase` atoms need an ASCII case-insensitive search, and the automaton builder
+//! applies that setting to all of its patterns. Rather than keep two automata (and
+//! scan the buffer twice), a direction with any `nocase` floating atom gets one
+//! case-insensitive automaton, and hits of case-sensitive patterns are checked
+//! byte for byte afterwards. Such extra hits only come from case variants of a
+//! case-sensitive pattern, which are rare, and the check is a short comparison.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use aho_corasick::automaton::{Automaton, StateID};
+use aho_corasick::dfa::DFA;
+use aho_corasick::{Anchored, MatchKind, StartKind};
+
+/// Which way the bytes of a tunnel travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Client-to-upstream bytes.
+    Client,
+    /// Upstream-to-client bytes.
+    Server,
+}
+
+/// Where an atom must occur.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// The pattern starts exactly at this offset.
+    At(usize),
+    /// The pattern occurs anywhere so that it ends at or before byte `n`.
+    Within(usize),
+}
+
+/// One byte pattern of a rule and where it must occur.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Atom {
+    pub bytes: Vec<u8>,
+    pub anchor: Anchor,
+    /// Compare with ASCII case folding.
+    pub nocase: bool,
+}
+
+/// A payload signature: all of its atoms must hold in one direction of a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadRule {
+    /// Opaque tag the caller uses to find the app and rule description (index into its tables).
+    pub tag: u32,
+    pub direction: Direction,
+    /// All must hold. Non-empty; each atom's bytes non-empty.
+    pub atoms: Vec<Atom>,
+}
+
+/// The verdict on the bytes of one direction received so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rule `tag` matched; `offset` = start offset of the atom that completed the match.
+    Match { tag: u32, offset: usize },
+    /// Some rule could still match with more bytes. Bytes `buf[..forward_upto]` can be
+    /// forwarded now: no later match can involve them.
+    Pending { forward_upto: usize },
+    /// No rule can match any more, whatever follows.
+    NoMatch,
+}
+
+/// Most atoms one rule may have.
+const MAX_ATOMS_PER_RULE: usize = 64;
+/// Most rules one direction may have (size of the per-call rule bitset).
+const MAX_RULES_PER_DIRECTION: usize = 4096;
+/// Most distinct floating patterns one direction may have (size of the per-call table).
+const MAX_PATTERNS_PER_DIRECTION: usize = 4096;
+const RULE_WORDS: usize = MAX_RULES_PER_DIRECTION / 64;
+/// `first_end` value of a pattern not (yet) found.
+const NOT_FOUND: u32 = u32::MAX;
+
+/// All rules, compiled: one automaton per direction.
+pub struct PayloadMatcher {
+    client: DirectionMatcher,
+    server: DirectionMatcher,
+}
+
+/// The rules of one direction.
+struct DirectionMatcher {
+    /// Finds the floating patterns; `None` when the direction has none.
+    search: Option<PatternSearch>,
+    /// Distinct floating patterns, indexed by the automaton's pattern ID.
+    patterns: Vec<Pattern>,
+    rules: Vec<CompiledRule>,
+    /// Max over rules of the atom end bounds.
+    reach: usize,
+    /// Length of the longest floating pattern.
+    longest_pattern: usize,
+    /// `starts[b]`: some floating pattern can begin with byte `b`.
+    starts: [bool; 256],
+}
+
+/// The automaton over the floating patterns of a direction, and how to drive it.
+struct PatternSearch {
+    dfa: DFA,
+    /// Start state: anchored for [`SearchMode::Bigrams`], unanchored for
+    /// [`SearchMode::Walk`].
+    start: StateID,
+    mode: SearchMode,
+}
+
+/// How [`DirectionMatcher::scan`] finds occurrences of the floating patterns.
+///
+/// A DFA walk over every byte is a chain of dependent table loads (about 0.4 GB/s
+/// on the development machine); a q-gram filter tests positions independently and
+/// skips most of them, sending the DFA only where a pattern may start.
+enum SearchMode {
+    /// Every pattern has more than `gram` bytes (`gram` is 2 or 3). Only the positions
+    /// `0, step, 2 * step, ...` are tested, `step` being at most the shortest pattern
+    /// length minus `gram` plus 1, so any occurrence covers one of them with a whole
+    /// q-gram at its offset `q < step`. `offsets[gram_key(q-gram)]` has bit `q` set if
+    /// some pattern has that q-gram at offset `q` (keys of 3-grams are hashed, and a
+    /// collision only costs a wasted check). A hit sends the anchored DFA from each
+    /// implied start.
+    Grams {
+        gram: usize,
+        step: usize,
+        offsets: Box<[u8; 65536]>,
+    },
+    /// Some pattern is a single byte: walk the unanchored DFA over every byte.
+    Walk,
+}
+
+/// A distinct floating pattern (same bytes and same case handling).
+struct Pattern {
+    bytes: Vec<u8>,
+    nocase: bool,
+    /// The automaton is case-insensitive but this pattern is not: check hits exactly.
+    verify: bool,
+}
+
+struct CompiledRule {
+    tag: u32,
+    /// Sorted by offset.
+    anchored: Vec<FixedAtom>,
+    floating: Vec<FloatingAtom>,
+    /// Smallest offset of an anchored atom.
+    anchored_first: Option<usize>,
+    /// (end, start) of the anchored atom that ends last (then starts last).
+    anchored_last: Option<(usize, usize)>,
+    /// Max bound of the floating atoms (0 when none).
+    floating_reach: usize,
+}
+
+struct FixedAtom {
+    offset: usize,
+    bytes: Vec<u8>,
+    nocase: bool,
+}
+
+struct FloatingAtom {
+    /// Index into `DirectionMatcher::patterns`.
+    pattern: usize,
+    len: usize,
+    /// The pattern must end at or before this byte.
+    bound: usize,
+}
+
+/// The rule that completes earliest so far.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Completion {
+    end: usize,
+    tag: u32,
+    offset: usize,
+}
+
+/// A set of rule indexes, kept on the stack.
+struct RuleBits {
+    words: [u64; RULE_WORDS],
+}
+
+impl PayloadMatcher {
+    /// Compile all rules. `window` = max bytes ever inspected (`Within(n)` with
+    /// `n > window` is an error; `At(o)` with `o + len > window` too).
+    pub fn compile(rules: &[PayloadRule], window: usize) -> Result<Self, String> {
+        if u32::try_from(window).is_err() {
+            return Err(format!("inspection window {window} does not fit in 32 bits"));
+        }
+        for rule in rules {
+            validate(rule, window)?;
+        }
+        Ok(Self {
+            client: DirectionMatcher::build(rules, Direction::Client)?,
+            server: DirectionMatcher::build(rules, Direction::Server)?,
+        })
+    }
+
+    /// Classify the bytes of direction `dir` received so far (all of them, from the
+    /// first byte of the stream).
+    pub fn classify(&self, dir: Direction, buf: &[u8]) -> Outcome {
+        let matcher = self.direction(dir);
+        // Size the per-call table to the pattern count, so small rule sets do not pay
+        // for clearing a large one.
+        match matcher.patterns.len() {
+            0..=64 => matcher.classify::<64>(buf),
+            65..=512 => matcher.classify::<512>(buf),
+            _ => matcher.classify::<MAX_PATTERNS_PER_DIRECTION>(buf),
+        }
+    }
+
+    /// How far into a stream rules of this direction can reach (max over rules of the
+    /// atom end bounds); 0 if no rules.
+    pub fn reach(&self, dir: Direction) -> usize {
+        self.direction(dir).reach
+    }
+
+    /// Number of rules, both directions together.
+    pub fn rule_count(&self) -> usize {
+        self.client.rules.len() + self.server.rules.len()
+    }
+
+    fn direction(&self, dir: Direction) -> &DirectionMatcher {
+        match dir {
+            Direction::Client => &self.client,
+            Direction::Server => &self.server,
+        }
+    }
+}
+
+impl std::fmt::Debug for PayloadMatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadMatcher")
+            .field("client_rules", &self.client.rules.len())
+            .field("client_patterns", &self.client.patterns.len())
+            .field("server_rules", &self.server.rules.len())
+            .field("server_patterns", &self.server.patterns.len())
+            .finish()
+    }
+}
+
+/// Check one rule against the limits of the model and the inspection window.
+fn validate(rule: &PayloadRule, window: usize) -> Result<(), String> {
+    let tag = rule.tag;
+    if rule.atoms.is_empty() {
+        return Err(format!("rule {tag}: no atoms"));
+    }
+    if rule.atoms.len() > MAX_ATOMS_PER_RULE {
+        return Err(format!(
+            "rule {tag}: {} atoms, at most {MAX_ATOMS_PER_RULE} allowed",
+            rule.atoms.len()
+        ));
+    }
+    for (i, atom) in rule.atoms.iter().enumerate() {
+        let len = atom.bytes.len();
+        if len == 0 {
+            return Err(format!("rule {tag}, atom {i}: empty pattern"));
+        }
+        match atom.anchor {
+            Anchor::At(offset) => match offset.checked_add(len) {
+                Some(end) if end <= window => {}
+                _ => {
+                    return Err(format!(
+                        "rule {tag}, atom {i}: At({offset}) with {len} bytes ends past the \
+                         inspection window of {window} bytes"
+                    ))
+                }
+            },
+            Anchor::Within(n) => {
+                if n > window {
+                    return Err(format!(
+                        "rule {tag}, atom {i}: Within({n}) is past the inspection window of \
+                         {window} bytes"
+                    ));
+                }
+                if n < len {
+                    return Err(format!(
+                        "rule {tag}, atom {i}: Within({n}) is shorter than its {len}-byte pattern"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl DirectionMatcher {
+    fn build(rules: &[PayloadRule], dir: Direction) -> Result<Self, String> {
+        let selected: Vec<&PayloadRule> = rules.iter().filter(|r| r.direction == dir).collect();
+        if selected.len() > MAX_RULES_PER_DIRECTION {
+            return Err(format!(
+                "{dir:?}: {} rules, at most {MAX_RULES_PER_DIRECTION} allowed",
+                selected.len()
+            ));
+        }
+        let mut patterns: Vec<Pattern> = Vec::new();
+        let mut pattern_ids: HashMap<(Vec<u8>, bool), usize> = HashMap::new();
+        let mut compiled = Vec::with_capacity(selected.len());
+        let mut reach = 0;
+        for rule in &selected {
+            let mut anchored = Vec::new();
+            let mut floating = Vec::new();
+            for atom in &rule.atoms {
+                match atom.anchor {
+                    Anchor::At(offset) => anchored.push(FixedAtom {
+                        offset,
+                        bytes: atom.bytes.clone(),
+                        nocase: atom.nocase,
+                    }),
+                    Anchor::Within(bound) => {
+                        let key = if atom.nocase {
+                            (atom.bytes.to_ascii_lowercase(), true)
+                        } else {
+                            (atom.bytes.clone(), false)
+                        };
+                        let id = *pattern_ids.entry(key).or_insert_with(|| {
+                            patterns.push(Pattern {
+                                bytes: atom.bytes.clone(),
+                                nocase: atom.nocase,
+                                verify: false,
+                            });
+                            patterns.len() - 1
+                        });
+                        floating.push(FloatingAtom {
+                            pattern: id,
+                            len: atom.bytes.len(),
+                            bound,
+                        });
+                    }
+                }
+            }
+            anchored.sort_by_key(|a| a.offset);
+            let anchored_first = anchored.first().map(|a| a.offset);
+            let anchored_last = anchored
+                .iter()
+                .map(|a| (a.offset + a.bytes.len(), a.offset))
+                .max();
+            let floating_reach = floating.iter().map(|f| f.bound).max().unwrap_or(0);
+            reach = reach
+                .max(floating_reach)
+                .max(anchored_last.map_or(0, |(end, _)| end));
+            compiled.push(CompiledRule {
+                tag: rule.tag,
+                anchored,
+                floating,
+                anchored_first,
+                anchored_last,
+                floating_reach,
+            });
+        }
+        if patterns.len() > MAX_PATTERNS_PER_DIRECTION {
+            return Err(format!(
+                "{dir:?}: {} distinct floating patterns, at most {MAX_PATTERNS_PER_DIRECTION} \
+                 allowed",
+                patterns.len()
+            ));
+        }
+
+        let any_nocase = patterns.iter().any(|p| p.nocase);
+        let mut starts = [false; 256];
+        for pattern in &mut patterns {
+            pattern.verify = any_nocase && !pattern.nocase;
+            if let Some(&first) = pattern.bytes.first() {
+                starts[usize::from(first)] = true;
+                if pattern.nocase {
+                    starts[usize::from(first.to_ascii_lowercase())] = true;
+                    starts[usize::from(first.to_ascii_uppercase())] = true;
+                }
+            }
+        }
+        let longest_pattern = patterns.iter().map(|p| p.bytes.len()).max().unwrap_or(0);
+        let search = if patterns.is_empty() {
+            None
+        } else {
+            Some(PatternSearch::build(&patterns, any_nocase, dir)?)
+        };
+        Ok(Self {
+            search,
+            patterns,
+            rules: compiled,
+            reach,
+            longest_pattern,
+            starts,
+        })
+    }
+
+    /// `N` bounds the number of distinct floating patterns (`patterns.len() <= N`).
+    fn classify<const N: usize>(&self, buf: &[u8]) -> Outcome {
+        let len = buf.len();
+
+        // 1. Anchored atoms: which rules still agree with the bytes present? Rules made
+        //    of anchored atoms only are complete as soon as all of them are present.
+        let mut candidates = RuleBits::new();
+        let mut any_candidate = false;
+        let mut best: Option<Completion> = None;
+        let mut scan_to = 0;
+        for (index, rule) in self.rules.iter().enumerate() {
+            if !rule.anchored.iter().all(|a| a.agrees(buf)) {
+                continue;
+            }
+            candidates.insert(index);
+            any_candidate = true;
+            if rule.floating.is_empty() {
+                if let Some(done) = rule.completion(len, &[]) {
+                    keep_earliest(&mut best, done);
+                }
+            } else {
+                scan_to = scan_to.max(rule.floating_reach.min(len));
+            }
+        }
+        if !any_candidate {
+            return Outcome::NoMatch;
+        }
+
+        // 2. Floating atoms: one search over the part of the buffer that the candidate
+        //    rules can reach, recording where each pattern first ends; then see which
+        //    candidates have all their atoms.
+        let mut first_end = [NOT_FOUND; N];
+        if let Some(haystack) = buf.get(..scan_to) {
+            self.scan(haystack, &mut first_end);
+        }
+        for (index, rule) in self.rules.iter().enumerate() {
+            if rule.floating.is_empty() || !candidates.contains(index) {
+                continue;
+            }
+            if let Some(done) = rule.completion(len, &first_end) {
+                keep_earliest(&mut best, done);
+            }
+        }
+        if let Some(done) = best {
+            return Outcome::Match {
+                tag: done.tag,
+                offset: done.offset,
+            };
+        }
+
+        // 3. No match: drop the rules whose floating atoms ran out of room; hold
+        //    everything if a living rule has made progress.
+        let mut any_alive = false;
+        for (index, rule) in self.rules.iter().enumerate() {
+            if !candidates.contains(index) {
+                continue;
+            }
+            let mut dead = false;
+            let mut found = false;
+            for atom in &rule.floating {
+                let end = first_end.get(atom.pattern).copied().unwrap_or(NOT_FOUND);
+                if end != NOT_FOUND && end as usize <= atom.bound {
+                    found = true;
+                } else if len >= atom.bound {
+                    dead = true;
+                    break;
+                }
+            }
+            if dead {
+                candidates.remove(index);
+                continue;
+            }
+            any_alive = true;
+            if found || rule.anchored_first.is_some_and(|offset| offset < len) {
+                return Outcome::Pending { forward_upto: 0 };
+            }
+        }
+        if !any_alive {
+            return Outcome::NoMatch;
+        }
+        Outcome::Pending {
+            forward_upto: len - self.split_suffix(buf, &candidates),
+        }
+    }
+
+    /// Find the floating patterns in `haystack`, lowering `first_end[p]` to the end of
+    /// the earliest (verified) occurrence of each pattern `p`.
+    fn scan(&self, haystack: &[u8], first_end: &mut [u32]) {
+        let Some(search) = &self.search else {
+            return;
+        };
+        match &search.mode {
+            SearchMode::Walk => {
+                let mut state = search.start;
+                for (i, &byte) in haystack.iter().enumerate() {
+                    state = search.dfa.next_state(Anchored::No, state, byte);
+                    if search.dfa.is_special(state) {
+                        if search.dfa.is_dead(state) {
+                            // Standard match semantics have no dead state; should one
+                            // appear, go on from the start rather than stop finding.
+                            state = search.start;
+                            continue;
+                        }
+                        self.record(state, haystack, None, i + 1, first_end);
+                    }
+                }
+            }
+            SearchMode::Grams {
+                gram: 2,
+                step,
+                offsets,
+            } => self.scan_grams::<2>(haystack, *step, offsets, first_end),
+            SearchMode::Grams { step, offsets, .. } => {
+                self.scan_grams::<3>(haystack, *step, offsets, first_end)
+            }
+        }
+    }
+
+    /// Test the `G`-gram at every `step`-th position (see [`SearchMode::Grams`]).
+    fn scan_grams<const G: usize>(
+        &self,
+        haystack: &[u8],
+        step: usize,
+        offsets: &[u8; 65536],
+        first_end: &mut [u32],
+    ) {
+        let mut at = 0;
+        while let Some(bytes) = haystack.get(at..at + G) {
+            let mask = offsets[gram_key(bytes)];
+            if mask != 0 {
+                self.candidates(haystack, at, mask, first_end);
+            }
+            at += step;
+        }
+    }
+
+    /// The q-gram at `at` occurs at the offsets in `mask` of some pattern: look for
+    /// patterns starting at each of the implied positions.
+    #[cold]
+    #[inline(never)]
+    fn candidates(&self, haystack: &[u8], at: usize, mask: u8, first_end: &mut [u32]) {
+        let Some(search) = &self.search else {
+            return;
+        };
+        let mut mask = mask;
+        while mask != 0 {
+            let offset = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let Some(start) = at.checked_sub(offset) else {
+                continue;
+            };
+            let mut state = search.start;
+            for (i, &byte) in haystack.iter().enumerate().skip(start) {
+                state = search.dfa.next_state(Anchored::Yes, state, byte);
+                if search.dfa.is_special(state) {
+                    if search.dfa.is_dead(state) {
+                        break;
+                    }
+                    self.record(state, haystack, Some(start), i + 1, first_end);
+                }
+            }
+        }
+    }
+
+    /// Record the patterns of match state `state` that end at `end` (and start at
+    /// `start`, for an anchored walk: the match list of a state also holds the
+    /// patterns that are suffixes of its own).
+    fn record(
+        &self,
+        state: StateID,
+        haystack: &[u8],
+        start: Option<usize>,
+        end: usize,
+        first_end: &mut [u32],
+    ) {
+        let Some(search) = &self.search else {
+            return;
+        };
+        if !search.dfa.is_match(state) {
+            return;
+        }
+        // Ends are at most the haystack length, itself at most a rule bound and so at
+        // most the window, which `compile` checked fits in 32 bits.
+        let Ok(end32) = u32::try_from(end) else {
+            return;
+        };
+        for i in 0..search.dfa.match_len(state) {
+            let id = search.dfa.match_pattern(state, i).as_usize();
+            let (Some(slot), Some(pattern)) = (first_end.get_mut(id), self.patterns.get(id)) else {
+                continue;
+            };
+            let begin = end.saturating_sub(pattern.bytes.len());
+            if end32 >= *slot || start.is_some_and(|s| s != begin) {
+                continue;
+            }
+            if pattern.verify && haystack.get(begin..end) != Some(&pattern.bytes[..]) {
+                continue;
+            }
+            *slot = end32;
+        }
+    }
+
+    /// Length of the longest suffix of `buf` that is a proper prefix of a floating
+    /// atom of a living rule and could still end within that atom's bound.
+    fn split_suffix(&self, buf: &[u8], alive: &RuleBits) -> usize {
+        let len = buf.len();
+        let from = len.saturating_sub(self.longest_pattern.saturating_sub(1));
+        for (start, &byte) in buf.iter().enumerate().skip(from) {
+            if !self.starts[usize::from(byte)] {
+                continue;
+            }
+            let tail = &buf[start..];
+            for (index, rule) in self.rules.iter().enumerate() {
+                if !alive.contains(index) {
+                    continue;
+                }
+                for atom in &rule.floating {
+                    let Some(pattern) = self.patterns.get(atom.pattern) else {
+                        continue;
+                    };
+                    if atom.len > tail.len()
+                        && start + atom.len <= atom.bound
+                        && bytes_eq(tail, &pattern.bytes[..tail.len()], pattern.nocase)
+                    {
+                        return len - start;
+                    }
+                }
+            }
+        }
+        0
+    }
+}
+
+impl PatternSearch {
+    fn build(patterns: &[Pattern], any_nocase: bool, dir: Direction) -> Result<Self, String> {
+        let shortest = patterns.iter().map(|p| p.bytes.len()).min().unwrap_or(0);
+        let mode = if shortest >= 2 {
+            // 3-grams give far fewer false candidates on text than bigrams, but need
+            // longer patterns for the same step.
+            let gram = if shortest >= 4 { 3 } else { 2 };
+            let step = (shortest + 1 - gram).min(8);
+            let mut offsets: Box<[u8; 65536]> = vec![0u8; 65536]
+                .into_boxed_slice()
+                .try_into()
+                .map_err(|_| "q-gram table has the wrong size".to_string())?;
+            let mut variants = Vec::new();
+            for pattern in patterns {
+                for (offset, bytes) in pattern.bytes.windows(gram).take(step).enumerate() {
+                    case_variants(bytes, pattern.nocase, &mut variants);
+                    for variant in &variants {
+                        offsets[gram_key(variant)] |= 1 << offset;
+                    }
+                }
+            }
+            SearchMode::Grams {
+                gram,
+                step,
+                offsets,
+            }
+        } else {
+            SearchMode::Walk
+        };
+        let (start_kind, anchored) = match mode {
+            SearchMode::Grams { .. } => (StartKind::Anchored, Anchored::Yes),
+            SearchMode::Walk => (StartKind::Unanchored, Anchored::No),
+        };
+        let dfa = DFA::builder()
+            .match_kind(MatchKind::Standard)
+            .ascii_case_insensitive(any_nocase)
+            .start_kind(start_kind)
+            .prefilter(false)
+            .build(patterns.iter().map(|p| &p.bytes))
+            .map_err(|e| format!("{dir:?}: cannot build the pattern automaton: {e}"))?;
+        let start = dfa
+            .start_state(anchored)
+            .map_err(|e| format!("{dir:?}: pattern automaton has no start state: {e}"))?;
+        Ok(Self { dfa, start, mode })
+    }
+}
+
+/// Fill `out` with `bytes` and, when `nocase`, all its ASCII case variants.
+fn case_variants(bytes: &[u8], nocase: bool, out: &mut Vec<Vec<u8>>) {
+    out.clear();
+    out.push(bytes.to_vec());
+    if !nocase {
+        return;
+    }
+    for (i, byte) in bytes.iter().enumerate() {
+        if byte.is_ascii_alphabetic() {
+            let flipped: Vec<Vec<u8>> = out
+                .iter()
+                .map(|v| {
+                    let mut v = v.clone();
+                    v[i] ^= 0x20;
+                    v
+                })
+                .collect();
+            out.extend(flipped);
+        }
+    }
+}
+
+/// Table index of a 2- or 3-byte q-gram: bigrams map one to one, 3-grams are hashed.
+#[inline(always)]
+fn gram_key(gram: &[u8]) -> usize {
+    match *gram {
+        [a, b] => usize::from(u16::from_le_bytes([a, b])),
+        [a, b, c, ..] => {
+            let packed = u32::from_le_bytes([a, b, c, 0]);
+            (packed.wrapping_mul(0x9e37_79b1) >> 16) as usize
+        }
+        _ => 0,
+    }
+}
+
+impl CompiledRule {
+    /// If every atom holds in a buffer of `len` bytes (anchored atoms are known to
+    /// agree, floating atoms are looked up in `first_end`), where the rule completes.
+    fn completion(&self, len: usize, first_end: &[u32]) -> Option<Completion> {
+        let (mut end, mut start) = match self.anchored_last {
+            Some((end, start)) if end <= len => (end, start),
+            Some(_) => return None,
+            None => (0, 0),
+        };
+        for atom in &self.floating {
+            let found = *first_end.get(atom.pattern)?;
+            if found == NOT_FOUND || found as usize > atom.bound {
+                return None;
+            }
+            let found = found as usize;
+            let found_start = found.saturating_sub(atom.len);
+            if (found, found_start) > (end, start) {
+                end = found;
+                start = found_start;
+            }
+        }
+        Some(Completion {
+            end,
+            tag: self.tag,
+            offset: start,
+        })
+    }
+}
+
+impl FixedAtom {
+    /// The bytes present at the atom's offset (all, some or none of it) agree with it.
+    fn agrees(&self, buf: &[u8]) -> bool {
+        let Some(present) = buf.get(self.offset..) else {
+            return true;
+        };
+        let n = present.len().min(self.bytes.len());
+        bytes_eq(&present[..n], &self.bytes[..n], self.nocase)
+    }
+}
+
+/// Keep the completion that ends first (then lowest tag, then smallest offset).
+fn keep_earliest(best: &mut Option<Completion>, done: Completion) {
+    if best.map_or(true, |b| done < b) {
+        *best = Some(done);
+    }
+}
+
+fn bytes_eq(a: &[u8], b: &[u8], nocase: bool) -> bool {
+    if nocase {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a == b
+    }
+}
+
+impl RuleBits {
+    fn new() -> Self {
+        Self {
+            words: [0; RULE_WORDS],
+        }
+    }
+
+    fn insert(&mut self, index: usize) {
+        if let Some(word) = self.words.get_mut(index / 64) {
+            *word |= 1 << (index % 64);
+        }
+    }
+
+    fn remove(&mut self, index: usize) {
+        if let Some(word) = self.words.get_mut(index / 64) {
+            *word &= !(1 << (index % 64));
+        }
+    }
+
+    fn contains(&self, index: usize) -> bool {
+        self.words
+            .get(index / 64)
+            .is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
+}
+
+/// Inspection window of the sample rule set used by [`fuzz_logic`].
+const SAMPLE_WINDOW: usize = 16 * 1024;
+
+/// Tags of the sample rule set.
+mod sample {
+    pub const OSCAR: u32 = 1;
+    pub const YMSG: u32 = 2;
+    pub const MSNP: u32 = 3;
+    pub const XMPP: u32 = 4;
+    pub const IRC: u32 = 5;
+    pub const MTPROTO: u32 = 6;
+    pub const WHATSAPP: u32 = 7;
+    pub const XMPP_SERVER: u32 = 8;
+}
+
+fn at(offset: usize, bytes: &[u8]) -> Atom {
+    Atom {
+        bytes: bytes.to_vec(),
+        anchor: Anchor::At(offset),
+        nocase: false,
+    }
+}
+
+fn within(n: usize, bytes: &[u8]) -> Atom {
+    Atom {
+        bytes: bytes.to_vec(),
+        anchor: Anchor::Within(n),
+        nocase: false,
+    }
+}
+
+fn within_nocase(n: usize, bytes: &[u8]) -> Atom {
+    Atom {
+        nocase: true,
+        ..within(n, bytes)
+    }
+}
+
+fn rule(tag: u32, direction: Direction, atoms: Vec<Atom>) -> PayloadRule {
+    PayloadRule {
+        tag,
+        direction,
+        atoms,
+    }
+}
+
+/// A small fixed rule set for the fuzz target and the tests: one signature per
+/// protocol family, from the protocols' first messages.
+fn sample_rules() -> Vec<PayloadRule> {
+    use Direction::{Client, Server};
+    vec![
+        // OSCAR (AIM/ICQ): FLAP start byte '*', channel 1 (signon); then, after the
+        // 16-bit sequence number and data length, the FLAP version 00 00 00 01.
+        rule(
+            sample::OSCAR,
+            Client,
+            vec![at(0, &[0x2a, 0x01]), at(6, &[0x00, 0x00, 0x00, 0x01])],
+        ),
+        // YMSG (Yahoo! Messenger): magic "YMSG", then the 16-bit version (high byte 0)
+        // and the 16-bit vendor ID 00 00.
+        rule(
+            sample::YMSG,
+            Client,
+            vec![at(0, b"YMSG"), at(6, &[0x00, 0x00])],
+        ),
+        // MSNP (MSN Messenger): the first command is VER with the protocol list.
+        rule(
+            sample::MSNP,
+            Client,
+            vec![at(0, b"VER "), within(40, b" MSNP")],
+        ),
+        // XMPP: the client's stream header in the jabber:client namespace.
+        rule(
+            sample::XMPP,
+            Client,
+            vec![
+                within_nocase(256, b"<stream:stream"),
+                within(1024, b"jabber:client"),
+            ],
+        ),
+        // IRC: registration, NICK then USER.
+        rule(
+            sample::IRC,
+            Client,
+            vec![at(0, b"NICK "), within(512, b"\nUSER ")],
+        ),
+        // MTProto, abridged transport: tag byte EF, one length byte, then the
+        // unencrypted first message whose auth_key_id is 8 zero bytes.
+        rule(
+            sample::MTPROTO,
+            Client,
+            vec![at(0, &[0xef]), at(2, &[0x00; 8])],
+        ),
+        // WhatsApp: the Noise prologue "WA" 06 03.
+        rule(
+            sample::WHATSAPP,
+            Client,
+            vec![at(0, &[0x57, 0x41, 0x06, 0x03])],
+        ),
+        // XMPP, the server's answering stream header.
+        rule(
+            sample::XMPP_SERVER,
+            Server,
+            vec![
+                within_nocase(256, b"<stream:stream"),
+                within(1024, b"jabber:client"),
+            ],
+        ),
+    ]
+}
+
+/// Fuzz entry point: classifies `data` and its prefixes in both directions against a
+/// small fixed rule set, and panics if an invariant of the contract breaks.
+pub fn fuzz_logic(data: &[u8]) {
+    static MATCHER: OnceLock<PayloadMatcher> = OnceLock::new();
+    let matcher = MATCHER.get_or_init(|| match PayloadMatcher::compile(&sample_rules(), SAMPLE_WINDOW) {
+        Ok(matcher) => matcher,
+        Err(e) => panic!("the sample rule set must compile: {e}"),
+    });
+    for dir in [Direction::Client, Direction::Server] {
+        check_prefixes(matcher, dir, data);
+    }
+}
+
+/// Feeds growing prefixes of `data` and checks the contract between successive answers:
+/// a match is final and stable, no-match is final, `forward_upto` stays within the
+/// buffer, nothing forwarded belongs to the completing atom of a later match, and a
+/// buffer past the direction's reach is never pending.
+fn check_prefixes(matcher: &PayloadMatcher, dir: Direction, data: &[u8]) {
+    let reach = matcher.reach(dir);
+    let mut forwarded = 0;
+    let mut previous: Option<Outcome> = None;
+    let lengths = (0..=data.len().min(512)).chain((513..data.len()).step_by(61)).chain([data.len()]);
+    for len in lengths {
+        let Some(prefix) = data.get(..len) else {
+            continue;
+        };
+        let outcome = matcher.classify(dir, prefix);
+        match (previous, outcome) {
+            (Some(Outcome::Match { .. }), now) => {
+                assert_eq!(previous, Some(now), "a match must be stable ({dir:?}, {len} bytes)");
+            }
+            (Some(Outcome::NoMatch), now) => {
+                assert_eq!(now, Outcome::NoMatch, "no-match must be final ({dir:?}, {len} bytes)");
+            }
+            (_, Outcome::Match { offset, .. }) => {
+                assert!(
+                    offset >= forwarded,
+                    "atom at {offset} was already forwarded up to {forwarded} ({dir:?})"
+                );
+            }
+            (_, Outcome::Pending { forward_upto }) => {
+                assert!(forward_upto <= len, "forward_upto {forward_upto} > {len}");
+                assert!(len < reach, "pending at {len} bytes, past the reach {reach}");
+                forwarded = forwarded.max(forward_upto);
+            }
+            (_, Outcome::NoMatch) => {}
+        }
+        previous = Some(outcome);
+    }
+}

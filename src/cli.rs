@@ -1,0 +1,341 @@
+//! The command line: `run` (the default), `check-config`, `signatures list`,
+//! `classify host|url`. Exit codes: 0 success, 1 bad configuration or
+//! signatures, 2 bad usage, 3 runtime failure.
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::classify::Detection;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::policy::Verdict;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_CONFIG: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_RUNTIME: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "chatwall", version, about = "A forward and transparent proxy that keeps instant messaging off the network")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy (the default, on the built-in defaults without -c).
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Load configuration and signatures, print a summary; exit 1 on errors.
+    CheckConfig {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// The signature set.
+    Signatures {
+        #[command(subcommand)]
+        command: SignaturesCommand,
+    },
+    /// What the policy decides for a destination, and why.
+    Classify {
+        #[command(subcommand)]
+        command: ClassifyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SignaturesCommand {
+    /// The apps of the active set with the count of each rule kind.
+    List {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClassifyCommand {
+    /// A host name or address (as in CONNECT host:port).
+    Host {
+        name: String,
+        #[arg(long, default_value_t = 443)]
+        port: u16,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// A URL (as in an absolute-form request).
+    Url {
+        url: String,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Load configuration and signatures, printing errors; Err is the exit code.
+pub fn load_engine(path: Option<&std::path::Path>) -> Result<Engine, u8> {
+    let cfg = Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        EXIT_CONFIG
+    })?;
+    Engine::build(cfg).map_err(|errs| {
+        for e in errs {
+            eprintln!("{e}");
+        }
+        EXIT_CONFIG
+    })
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let code = match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { config } => check_config(config),
+        Command::Signatures {
+            command: SignaturesCommand::List { config, json },
+        } => signatures_list(config, json),
+        Command::Classify { command } => classify(command),
+    };
+    ExitCode::from(code)
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHATWALL_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(config: Option<PathBuf>) -> u8 {
+    let engine = match load_engine(config.as_deref()) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    init_tracing(&engine.config.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    rt.block_on(async move {
+        let summary = format!(
+            "{} apps, {} rules ({})",
+            engine.signatures.apps().len(),
+            engine.signatures.rules().len(),
+            engine.signatures.origin
+        );
+        let server = match crate::server::Server::bind(engine).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("chatwall: {e}");
+                return EXIT_RUNTIME;
+            }
+        };
+        for (kind, addr) in server.proxy_addrs() {
+            tracing::info!(listener = kind.as_str(), %addr, "listening");
+        }
+        if let Some(addr) = server.admin_addr() {
+            tracing::info!(%addr, "admin listening");
+        }
+        tracing::info!(signatures = %summary, "policy loaded");
+        match server.run_with_signals().await {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("chatwall: {e}");
+                EXIT_RUNTIME
+            }
+        }
+    })
+}
+
+fn check_config(config: Option<PathBuf>) -> u8 {
+    let engine = match load_engine(config.as_deref()) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let c = &engine.config;
+    println!("configuration: {}", c.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in defaults>".into()));
+    println!("explicit listeners: {:?}", c.listen.explicit);
+    println!("transparent listeners: http {:?} tls {:?} other {:?}", c.listen.transparent_http, c.listen.transparent_tls, c.listen.transparent);
+    println!("admin: {}", c.listen.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into()));
+    println!(
+        "signatures: {} apps, {} rules from {} (version {})",
+        engine.signatures.apps().len(),
+        engine.signatures.rules().len(),
+        engine.signatures.origin,
+        if engine.signatures.version.is_empty() { "-" } else { &engine.signatures.version }
+    );
+    println!(
+        "policy: default {}, non_tls_on_443 {}, non_http_on_80 {}, ech {}, {} app and {} category overrides, {} exceptions",
+        c.policy.default.as_str(),
+        c.policy.non_tls_on_443.as_str(),
+        c.policy.non_http_on_80.as_str(),
+        c.policy.ech.as_str(),
+        c.policy.apps.len(),
+        c.policy.categories.len(),
+        c.policy.exceptions.len()
+    );
+    println!("ok");
+    EXIT_OK
+}
+
+fn signatures_list(config: Option<PathBuf>, json: bool) -> u8 {
+    let engine = match load_engine(config.as_deref()) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let set = &engine.signatures;
+    if json {
+        let apps: Vec<serde_json::Value> = set
+            .apps()
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let counts: serde_json::Map<String, serde_json::Value> = crate::signatures::RuleKind::ALL
+                    .iter()
+                    .map(|k| (k.as_str().to_string(), a.counts.get(k).copied().unwrap_or(0).into()))
+                    .collect();
+                serde_json::json!({
+                    "id": a.id, "name": a.name, "vendor": a.vendor, "category": a.category,
+                    "action": engine.policy.app_action(i).as_str(), "rules": counts, "file": a.file,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&apps).unwrap_or_default());
+        return EXIT_OK;
+    }
+    println!(
+        "{:<18} {:<16} {:<8} {:>5} {:>5} {:>5} {:>4} {:>5} {:>4} {:>7} {:>5}",
+        "APP", "CATEGORY", "ACTION", "HOSTS", "PORTS", "CIDRS", "TLS", "HTTP", "PAY", "DOWNLD", "TOTAL"
+    );
+    for (i, a) in set.apps().iter().enumerate() {
+        use crate::signatures::RuleKind as K;
+        let n = |k: K| a.counts.get(&k).copied().unwrap_or(0);
+        let tls = n(K::Sni) + n(K::Alpn) + n(K::Ja4);
+        let total: usize = a.counts.values().sum();
+        println!(
+            "{:<18} {:<16} {:<8} {:>5} {:>5} {:>5} {:>4} {:>5} {:>4} {:>7} {:>5}",
+            a.id,
+            a.category,
+            engine.policy.app_action(i).as_str(),
+            n(K::Host),
+            n(K::Port),
+            n(K::Cidr),
+            tls,
+            n(K::Http),
+            n(K::Payload),
+            n(K::Download),
+            total
+        );
+    }
+    println!("{} apps, {} rules ({})", set.apps().len(), set.rules().len(), set.origin);
+    EXIT_OK
+}
+
+/// Explain one detection in a line.
+pub fn explain(engine: &Engine, d: &Detection) -> String {
+    let set = &engine.signatures;
+    let rule = d.rule.and_then(|r| set.rule(r));
+    let at = rule
+        .and_then(|r| set.app(r.app).map(|a| format!(" ({}:{})", a.file, r.line)))
+        .unwrap_or_default();
+    format!(
+        "app={} reason={} rule={:?}{} source={:?}",
+        set.app_id(d.app),
+        d.reason.as_str(),
+        rule.map(|r| r.text.as_str()).unwrap_or("-"),
+        at,
+        rule.map(|r| r.source.as_str()).unwrap_or("-"),
+    )
+}
+
+fn classify(cmd: ClassifyCommand) -> u8 {
+    let (config, host, port, path) = match &cmd {
+        ClassifyCommand::Host { name, port, config } => (config.clone(), name.clone(), *port, None),
+        ClassifyCommand::Url { url, config } => {
+            let uri: http::Uri = match url.parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("not a URL: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            let Some(host) = uri.host() else {
+                eprintln!("the URL has no host");
+                return EXIT_USAGE;
+            };
+            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            (config.clone(), host.to_string(), port, Some(uri))
+        }
+    };
+    let engine = match load_engine(config.as_deref()) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let client: IpAddr = IpAddr::from([127, 0, 0, 1]);
+    let set = &engine.signatures;
+    let policy = &engine.policy;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let literal = bare.parse::<IpAddr>().ok();
+    let allowlisted = match literal {
+        Some(ip) => policy.allows_addr(ip),
+        None => policy.allows_name(bare),
+    };
+    let mut findings: Vec<Detection> = Vec::new();
+    if !allowlisted {
+        findings.extend(match literal {
+            Some(ip) => set.classify_ip(ip),
+            None => set.classify_host(bare),
+        });
+        findings.extend(set.classify_port(port));
+        if let Some(uri) = &path {
+            findings.extend(set.classify_download(bare, uri.path()));
+            if uri.scheme_str() != Some("https") {
+                if let Ok(req) = http::Request::get(uri.clone()).body(()) {
+                    let (parts, _) = req.into_parts();
+                    if let crate::classify::http::HeadOutcome::Match(rule) = set.http().classify_head(&parts, false) {
+                        findings.push(set.http_detection(rule));
+                    }
+                }
+            }
+        }
+    }
+    let mut verdict = Verdict::Allow;
+    for d in &findings {
+        let v = policy.decide(client, Some(*d));
+        if v.is_block() || (matches!(v, Verdict::Monitor(_)) && verdict == Verdict::Allow) {
+            verdict = v;
+        }
+        if v.is_block() {
+            break;
+        }
+    }
+    println!("{} {host}:{port}", verdict.as_str());
+    if allowlisted {
+        println!("  on the allow-list (policy.allow)");
+    }
+    for d in &findings {
+        println!("  {} -> {}", explain(&engine, d), policy.decide(client, Some(*d)).as_str());
+    }
+    if findings.is_empty() && !allowlisted {
+        println!("  no signature matches the name, address or port; addresses a name resolves to are checked when the proxy connects");
+    }
+    EXIT_OK
+}

@@ -1,0 +1,780 @@
+//! Configuration: raw serde structs (unknown keys rejected), layered as
+//! built-in defaults → file → `CHATWALL__SECTION__KEY` environment variables,
+//! then one validation step into the typed [`Config`] the rest of the crate
+//! uses. Every error names the file, the line and the field.
+//!
+//! Nothing here touches sockets; listeners are bound later, after the whole
+//! configuration and the signature set have loaded (fail closed).
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::classify::host::normalize_host;
+use crate::classify::NetSet;
+
+/// The built-in defaults, also the documentation of every key's default.
+/// `config/chatwall.toml` repeats them with comments.
+pub const DEFAULTS: &str = r#"
+[listen]
+explicit = ["127.0.0.1:3128"]
+transparent_http = []
+transparent_tls = []
+transparent = []
+admin = "127.0.0.1:9128"
+
+[signatures]
+dir = ""
+
+[policy]
+default = "block"
+non_tls_on_443 = "block"
+non_http_on_80 = "block"
+ech = "monitor"
+apps = {}
+categories = {}
+exceptions = []
+allow = []
+
+[access]
+allow_clients = ["127.0.0.0/8", "::1/128"]
+deny_destinations = ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"]
+
+[inspect]
+client_bytes = 16384
+first_bytes_timeout_ms = 5000
+
+[log]
+access = "stdout"
+format = "json"
+level = "info"
+
+[limits]
+max_request_head_bytes = 65536
+max_headers = 100
+header_read_timeout_ms = 30000
+client_idle_timeout_ms = 300000
+tunnel_idle_timeout_ms = 600000
+upstream_idle_timeout_ms = 90000
+upstream_response_timeout_ms = 60000
+connect_timeout_ms = 10000
+dns_timeout_ms = 5000
+max_connections = 20000
+max_connections_per_client = 1024
+shutdown_grace_ms = 30000
+
+[upstream]
+mark = 0
+
+[pac]
+proxy = ""
+direct_networks = []
+direct_domains = []
+"#;
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.field, self.message),
+            None => write!(f, "{}: {}: {}", self.file, self.field, self.message),
+        }
+    }
+}
+
+/// All errors found in one configuration, reported together.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: RawListen,
+    signatures: RawSignatures,
+    policy: RawPolicy,
+    access: RawAccess,
+    inspect: RawInspect,
+    log: RawLog,
+    limits: RawLimits,
+    upstream: RawUpstream,
+    pac: RawPac,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    explicit: Vec<String>,
+    transparent_http: Vec<String>,
+    transparent_tls: Vec<String>,
+    transparent: Vec<String>,
+    admin: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignatures {
+    dir: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    default: String,
+    non_tls_on_443: String,
+    non_http_on_80: String,
+    ech: String,
+    apps: BTreeMap<String, String>,
+    categories: BTreeMap<String, String>,
+    exceptions: Vec<RawException>,
+    allow: Vec<RawAllow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawException {
+    #[serde(default)]
+    clients: Vec<String>,
+    #[serde(default)]
+    apps: Vec<String>,
+    #[serde(default)]
+    categories: Vec<String>,
+    action: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    cidrs: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    allow_clients: Vec<String>,
+    deny_destinations: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInspect {
+    client_bytes: i64,
+    first_bytes_timeout_ms: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    access: String,
+    format: String,
+    level: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_request_head_bytes: i64,
+    max_headers: i64,
+    header_read_timeout_ms: i64,
+    client_idle_timeout_ms: i64,
+    tunnel_idle_timeout_ms: i64,
+    upstream_idle_timeout_ms: i64,
+    upstream_response_timeout_ms: i64,
+    connect_timeout_ms: i64,
+    dns_timeout_ms: i64,
+    max_connections: i64,
+    max_connections_per_client: i64,
+    shutdown_grace_ms: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    mark: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPac {
+    proxy: String,
+    direct_networks: Vec<String>,
+    direct_domains: Vec<String>,
+}
+
+/// What to do with a flow the signature set attributes to an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Monitor,
+    Block,
+}
+
+impl Action {
+    pub fn parse(s: &str) -> Option<Action> {
+        match s {
+            "allow" => Some(Action::Allow),
+            "monitor" => Some(Action::Monitor),
+            "block" => Some(Action::Block),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Monitor => "monitor",
+            Action::Block => "block",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Exception {
+    pub clients: NetSet,
+    pub apps: Vec<String>,
+    pub categories: Vec<String>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub default: Action,
+    pub non_tls_on_443: Action,
+    pub non_http_on_80: Action,
+    pub ech: Action,
+    pub apps: BTreeMap<String, Action>,
+    pub categories: BTreeMap<String, Action>,
+    pub exceptions: Vec<Exception>,
+    /// Normalised names (exact, or `*.suffix`) that are never refused.
+    pub allow_hosts: Vec<String>,
+    pub allow_nets: NetSet,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Squid,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_head_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub client_idle_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub upstream_response_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub dns_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub explicit: Vec<SocketAddr>,
+    pub transparent_http: Vec<SocketAddr>,
+    pub transparent_tls: Vec<SocketAddr>,
+    pub transparent: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pac {
+    /// `host:port` clients should use; empty means the first explicit listener.
+    pub proxy: String,
+    pub direct_networks: Vec<IpNet>,
+    pub direct_domains: Vec<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, if any (for reload and messages).
+    pub path: Option<PathBuf>,
+    pub listen: Listen,
+    pub signatures_dir: Option<PathBuf>,
+    pub policy: PolicyConfig,
+    pub allow_clients: NetSet,
+    pub deny_destinations: NetSet,
+    pub inspect_bytes: usize,
+    pub first_bytes_timeout: Duration,
+    pub access_log: AccessLogTarget,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub limits: Limits,
+    pub upstream_mark: u32,
+    pub pac: Pac,
+}
+
+impl Config {
+    /// Built-in defaults with the environment applied.
+    pub fn load_default() -> Result<Config, ConfigErrors> {
+        Config::load(None)
+    }
+
+    /// Load defaults, then `path` (if any), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let file_name = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<defaults>".to_string());
+        let mut text = String::new();
+        if let Some(p) = path {
+            text = std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    file: file_name.clone(),
+                    line: None,
+                    field: "-".into(),
+                    message: format!("cannot read: {e}"),
+                }])
+            })?;
+            check_file_syntax(&file_name, &text)?;
+        }
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULTS,
+            config::FileFormat::Toml,
+        ));
+        if path.is_some() {
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("CHATWALL")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("listen.explicit")
+                .with_list_parse_key("listen.transparent_http")
+                .with_list_parse_key("listen.transparent_tls")
+                .with_list_parse_key("listen.transparent")
+                .with_list_parse_key("access.allow_clients")
+                .with_list_parse_key("access.deny_destinations")
+                .with_list_parse_key("pac.direct_networks")
+                .with_list_parse_key("pac.direct_domains"),
+        );
+        let raw: RawConfig = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    file: file_name.clone(),
+                    line: None,
+                    field: "-".into(),
+                    message: e.to_string(),
+                }])
+            })?;
+        validate(raw, path, &file_name, &text)
+    }
+}
+
+/// Parse the file on its own first: the `toml` crate keeps spans, so an
+/// unknown key or a wrong type is reported with its line.
+fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Partial {
+        listen: Option<PartialListen>,
+        signatures: Option<PartialSignatures>,
+        policy: Option<PartialPolicy>,
+        access: Option<PartialAccess>,
+        inspect: Option<PartialInspect>,
+        log: Option<PartialLog>,
+        limits: Option<PartialLimits>,
+        upstream: Option<PartialUpstream>,
+        pac: Option<PartialPac>,
+    }
+    macro_rules! partial {
+        ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            #[allow(dead_code)]
+            struct $name { $( $field: Option<$ty>, )* }
+        };
+    }
+    partial!(PartialListen { explicit: Vec<String>, transparent_http: Vec<String>, transparent_tls: Vec<String>, transparent: Vec<String>, admin: String });
+    partial!(PartialSignatures { dir: String });
+    partial!(PartialPolicy { default: String, non_tls_on_443: String, non_http_on_80: String, ech: String, apps: BTreeMap<String, String>, categories: BTreeMap<String, String>, exceptions: Vec<RawException>, allow: Vec<RawAllow> });
+    partial!(PartialAccess { allow_clients: Vec<String>, deny_destinations: Vec<String> });
+    partial!(PartialInspect { client_bytes: i64, first_bytes_timeout_ms: i64 });
+    partial!(PartialLog { access: String, format: String, level: String });
+    partial!(PartialLimits { max_request_head_bytes: i64, max_headers: i64, header_read_timeout_ms: i64, client_idle_timeout_ms: i64, tunnel_idle_timeout_ms: i64, upstream_idle_timeout_ms: i64, upstream_response_timeout_ms: i64, connect_timeout_ms: i64, dns_timeout_ms: i64, max_connections: i64, max_connections_per_client: i64, shutdown_grace_ms: i64 });
+    partial!(PartialUpstream { mark: i64 });
+    partial!(PartialPac { proxy: String, direct_networks: Vec<String>, direct_domains: Vec<String> });
+
+    match toml::from_str::<Partial>(text) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let line = e.span().map(|s| line_of(text, s.start));
+            Err(ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line,
+                field: "-".into(),
+                message: e.message().to_string(),
+            }]))
+        }
+    }
+}
+
+/// 1-based line of a byte offset.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Best-effort line of `key` inside `[section]` of a TOML text.
+fn locate(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut in_section = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+            in_section = name == section || name.starts_with(&format!("{section}."));
+            if in_section && name != section && name.ends_with(key) {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if in_section {
+            let k = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if k == key {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, section: &str, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: locate(self.text, section, key),
+            field: format!("{section}.{key}"),
+            message: message.into(),
+        });
+    }
+
+    fn action(&mut self, section: &str, key: &str, value: &str) -> Action {
+        Action::parse(value).unwrap_or_else(|| {
+            self.err(
+                section,
+                key,
+                format!("`{value}` is not one of block, monitor, allow"),
+            );
+            Action::Block
+        })
+    }
+
+    fn addrs(&mut self, section: &str, key: &str, values: &[String]) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for v in values {
+            match v.parse::<SocketAddr>() {
+                Ok(a) => out.push(a),
+                Err(_) => self.err(section, key, format!("`{v}` is not an IP:port address")),
+            }
+        }
+        out
+    }
+
+    fn nets(&mut self, section: &str, key: &str, values: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for v in values {
+            match parse_net(v) {
+                Some(n) => out.push(n),
+                None => self.err(section, key, format!("`{v}` is not a CIDR prefix or address")),
+            }
+        }
+        out
+    }
+
+    fn millis(&mut self, section: &str, key: &str, v: i64, min: i64, max: i64) -> Duration {
+        if v < min || v > max {
+            self.err(section, key, format!("{v} is outside {min}..={max} ms"));
+        }
+        Duration::from_millis(v.clamp(min, max) as u64)
+    }
+
+    fn count(&mut self, section: &str, key: &str, v: i64, min: i64, max: i64) -> usize {
+        if v < min || v > max {
+            self.err(section, key, format!("{v} is outside {min}..={max}"));
+        }
+        v.clamp(min, max) as usize
+    }
+}
+
+/// A CIDR prefix, or a bare address as a host prefix. Host bits must be zero.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return (n.trunc() == n).then_some(n);
+    }
+    s.parse::<IpAddr>().ok().map(IpNet::from)
+}
+
+fn validate(
+    raw: RawConfig,
+    path: Option<&Path>,
+    file: &str,
+    text: &str,
+) -> Result<Config, ConfigErrors> {
+    let mut v = Validator {
+        file,
+        text,
+        errors: Vec::new(),
+    };
+
+    let listen = Listen {
+        explicit: v.addrs("listen", "explicit", &raw.listen.explicit),
+        transparent_http: v.addrs("listen", "transparent_http", &raw.listen.transparent_http),
+        transparent_tls: v.addrs("listen", "transparent_tls", &raw.listen.transparent_tls),
+        transparent: v.addrs("listen", "transparent", &raw.listen.transparent),
+        admin: if raw.listen.admin.is_empty() {
+            None
+        } else {
+            v.addrs("listen", "admin", std::slice::from_ref(&raw.listen.admin))
+                .into_iter()
+                .next()
+        },
+    };
+
+    let p = &raw.policy;
+    let mut apps = BTreeMap::new();
+    for (app, action) in &p.apps {
+        let a = v.action("policy.apps", app, action);
+        apps.insert(app.to_ascii_lowercase(), a);
+    }
+    let mut categories = BTreeMap::new();
+    for (cat, action) in &p.categories {
+        let a = v.action("policy.categories", cat, action);
+        categories.insert(cat.to_ascii_lowercase(), a);
+    }
+    let mut exceptions = Vec::new();
+    for e in &p.exceptions {
+        let clients = v.nets("policy.exceptions", "clients", &e.clients);
+        let action = v.action("policy.exceptions", "action", &e.action);
+        if e.apps.is_empty() && e.categories.is_empty() {
+            v.err(
+                "policy.exceptions",
+                "apps",
+                "an exception names at least one app or category",
+            );
+        }
+        exceptions.push(Exception {
+            clients: NetSet::from_nets(clients),
+            apps: e.apps.iter().map(|a| a.to_ascii_lowercase()).collect(),
+            categories: e.categories.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            action,
+        });
+    }
+    let mut allow_hosts = Vec::new();
+    let mut allow_nets = Vec::new();
+    for a in &p.allow {
+        for h in &a.hosts {
+            let (wild, name) = match h.strip_prefix("*.") {
+                Some(rest) => (true, rest),
+                None => (false, h.as_str()),
+            };
+            match normalize_host(name) {
+                Some(n) if wild => allow_hosts.push(format!("*.{n}")),
+                Some(n) => allow_hosts.push(n),
+                None => v.err("policy.allow", "hosts", format!("`{h}` is not a host name")),
+            }
+        }
+        allow_nets.extend(v.nets("policy.allow", "cidrs", &a.cidrs));
+    }
+    let policy = PolicyConfig {
+        default: v.action("policy", "default", &p.default),
+        non_tls_on_443: v.action("policy", "non_tls_on_443", &p.non_tls_on_443),
+        non_http_on_80: v.action("policy", "non_http_on_80", &p.non_http_on_80),
+        ech: v.action("policy", "ech", &p.ech),
+        apps,
+        categories,
+        exceptions,
+        allow_hosts,
+        allow_nets: NetSet::from_nets(allow_nets),
+    };
+
+    let allow_clients = NetSet::from_nets(v.nets("access", "allow_clients", &raw.access.allow_clients));
+    let deny_destinations = NetSet::from_nets(v.nets(
+        "access",
+        "deny_destinations",
+        &raw.access.deny_destinations,
+    ));
+
+    let inspect_bytes = v.count("inspect", "client_bytes", raw.inspect.client_bytes, 512, 1 << 20);
+    let first_bytes_timeout = v.millis(
+        "inspect",
+        "first_bytes_timeout_ms",
+        raw.inspect.first_bytes_timeout_ms,
+        1,
+        600_000,
+    );
+
+    let access_log = match raw.log.access.as_str() {
+        "stdout" | "-" => AccessLogTarget::Stdout,
+        "off" | "" => AccessLogTarget::Off,
+        other => AccessLogTarget::File(PathBuf::from(other)),
+    };
+    let log_format = match raw.log.format.as_str() {
+        "json" => LogFormat::Json,
+        "squid" => LogFormat::Squid,
+        other => {
+            v.err("log", "format", format!("`{other}` is not one of json, squid"));
+            LogFormat::Json
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        v.err("log", "level", format!("`{}` is not a log level or filter", raw.log.level));
+    }
+
+    let l = &raw.limits;
+    let limits = Limits {
+        max_request_head_bytes: v.count("limits", "max_request_head_bytes", l.max_request_head_bytes, 1024, 1 << 20),
+        max_headers: v.count("limits", "max_headers", l.max_headers, 8, 1000),
+        header_read_timeout: v.millis("limits", "header_read_timeout_ms", l.header_read_timeout_ms, 1, 30_000),
+        client_idle_timeout: v.millis("limits", "client_idle_timeout_ms", l.client_idle_timeout_ms, 1, 86_400_000),
+        tunnel_idle_timeout: v.millis("limits", "tunnel_idle_timeout_ms", l.tunnel_idle_timeout_ms, 1, 86_400_000),
+        upstream_idle_timeout: v.millis("limits", "upstream_idle_timeout_ms", l.upstream_idle_timeout_ms, 1, 86_400_000),
+        upstream_response_timeout: v.millis("limits", "upstream_response_timeout_ms", l.upstream_response_timeout_ms, 1, 86_400_000),
+        connect_timeout: v.millis("limits", "connect_timeout_ms", l.connect_timeout_ms, 1, 600_000),
+        dns_timeout: v.millis("limits", "dns_timeout_ms", l.dns_timeout_ms, 1, 600_000),
+        max_connections: v.count("limits", "max_connections", l.max_connections, 1, 10_000_000),
+        max_connections_per_client: v.count("limits", "max_connections_per_client", l.max_connections_per_client, 1, 10_000_000),
+        shutdown_grace: v.millis("limits", "shutdown_grace_ms", l.shutdown_grace_ms, 0, 3_600_000),
+    };
+
+    let upstream_mark = if (0..=u32::MAX as i64).contains(&raw.upstream.mark) {
+        raw.upstream.mark as u32
+    } else {
+        v.err("upstream", "mark", "must be a 32-bit unsigned number");
+        0
+    };
+
+    let direct_networks = v.nets("pac", "direct_networks", &raw.pac.direct_networks);
+    let mut direct_domains = Vec::new();
+    for d in &raw.pac.direct_domains {
+        match normalize_host(d.trim_start_matches("*.").trim_start_matches('.')) {
+            Some(n) => direct_domains.push(n),
+            None => v.err("pac", "direct_domains", format!("`{d}` is not a domain")),
+        }
+    }
+    let pac = Pac {
+        proxy: raw.pac.proxy.clone(),
+        direct_networks,
+        direct_domains,
+    };
+
+    if listen.explicit.is_empty()
+        && listen.transparent_http.is_empty()
+        && listen.transparent_tls.is_empty()
+        && listen.transparent.is_empty()
+    {
+        v.err("listen", "explicit", "no proxy listener is configured");
+    }
+
+    let signatures_dir = if raw.signatures.dir.is_empty() {
+        None
+    } else {
+        let d = PathBuf::from(&raw.signatures.dir);
+        // A relative directory is relative to the configuration file.
+        Some(match (d.is_relative(), path.and_then(Path::parent)) {
+            (true, Some(parent)) if !parent.as_os_str().is_empty() => parent.join(d),
+            _ => d,
+        })
+    };
+
+    if !v.errors.is_empty() {
+        return Err(ConfigErrors(v.errors));
+    }
+    Ok(Config {
+        path: path.map(Path::to_path_buf),
+        listen,
+        signatures_dir,
+        policy,
+        allow_clients,
+        deny_destinations,
+        inspect_bytes,
+        first_bytes_timeout,
+        access_log,
+        log_format,
+        log_level: raw.log.level,
+        limits,
+        upstream_mark,
+        pac,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::load_default().expect("defaults are valid");
+        assert_eq!(c.listen.explicit, vec!["127.0.0.1:3128".parse().unwrap()]);
+        assert_eq!(c.listen.admin, Some("127.0.0.1:9128".parse().unwrap()));
+        assert_eq!(c.policy.default, Action::Block);
+        assert!(c.allow_clients.contains("127.0.0.1".parse().unwrap()));
+        assert!(!c.allow_clients.contains("10.0.0.1".parse().unwrap()));
+        assert!(c.deny_destinations.contains("169.254.1.1".parse().unwrap()));
+        assert_eq!(c.inspect_bytes, 16384);
+    }
+
+    #[test]
+    fn line_of_counts_from_one() {
+        assert_eq!(line_of("a\nb\nc", 0), 1);
+        assert_eq!(line_of("a\nb\nc", 2), 2);
+        assert_eq!(line_of("a\nb\nc", 4), 3);
+    }
+
+    #[test]
+    fn locate_finds_keys_in_sections() {
+        let text = "[listen]\nexplicit = []\n\n[policy]\ndefault = \"x\"\n[policy.apps]\nteams = \"y\"\n";
+        assert_eq!(locate(text, "listen", "explicit"), Some(2));
+        assert_eq!(locate(text, "policy", "default"), Some(5));
+        assert_eq!(locate(text, "policy.apps", "teams"), Some(7));
+    }
+}

@@ -1,0 +1,173 @@
+//! `Detection` + client + configuration → `Verdict`. Pure.
+//!
+//! Order: the allow-list of destinations (names and prefixes) is checked
+//! before any block; then, for a detection, the first client exception that
+//! names the app or its category, then the per-app override, the
+//! per-category override and the default. Generic findings (not TLS on 443,
+//! not HTTP on 80, ECH) take their own knobs.
+use std::net::IpAddr;
+
+use crate::classify::host::{normalize_host, pattern_matches};
+use crate::classify::{Detection, Reason, UNIDENTIFIED};
+use crate::config::{Action, PolicyConfig};
+use crate::signatures::SignatureSet;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Passes, but is logged and counted as a block would be.
+    Monitor(Detection),
+    Block(Detection),
+}
+
+impl Verdict {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Monitor(_) => "monitor",
+            Verdict::Block(_) => "block",
+        }
+    }
+
+    pub fn detection(&self) -> Option<&Detection> {
+        match self {
+            Verdict::Allow => None,
+            Verdict::Monitor(d) | Verdict::Block(d) => Some(d),
+        }
+    }
+
+    pub fn is_block(&self) -> bool {
+        matches!(self, Verdict::Block(_))
+    }
+}
+
+struct Exception {
+    clients: crate::classify::NetSet,
+    apps: Vec<bool>,
+    action: Action,
+}
+
+pub struct Policy {
+    cfg: PolicyConfig,
+    /// Action per app index, without exceptions.
+    actions: Vec<Action>,
+    exceptions: Vec<Exception>,
+}
+
+impl Policy {
+    /// Resolve the configuration against the signature set. Unknown app ids
+    /// or categories are errors: a typo must not silently allow nothing.
+    pub fn new(cfg: &PolicyConfig, set: &SignatureSet) -> Result<Policy, Vec<String>> {
+        let mut errors = Vec::new();
+        for app in cfg.apps.keys() {
+            if set.app_index(app).is_none() {
+                errors.push(format!("policy.apps: `{app}` is not an app of the signature set"));
+            }
+        }
+        let known_category = |c: &str| set.apps().iter().any(|a| a.category == c);
+        for c in cfg.categories.keys() {
+            if !known_category(c) {
+                errors.push(format!("policy.categories: `{c}` is not a category of the signature set"));
+            }
+        }
+        let actions = set
+            .apps()
+            .iter()
+            .map(|a| {
+                cfg.apps
+                    .get(&a.id)
+                    .or_else(|| cfg.categories.get(&a.category))
+                    .copied()
+                    .unwrap_or(cfg.default)
+            })
+            .collect();
+        let mut exceptions = Vec::new();
+        for e in &cfg.exceptions {
+            for app in &e.apps {
+                if set.app_index(app).is_none() {
+                    errors.push(format!("policy.exceptions: `{app}` is not an app of the signature set"));
+                }
+            }
+            for c in &e.categories {
+                if !known_category(c) {
+                    errors.push(format!("policy.exceptions: `{c}` is not a category of the signature set"));
+                }
+            }
+            exceptions.push(Exception {
+                clients: e.clients.clone(),
+                apps: set
+                    .apps()
+                    .iter()
+                    .map(|a| e.apps.contains(&a.id) || e.categories.contains(&a.category))
+                    .collect(),
+                action: e.action,
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Policy {
+            cfg: cfg.clone(),
+            actions,
+            exceptions,
+        })
+    }
+
+    /// Is this destination name on the allow-list?
+    pub fn allows_name(&self, name: &str) -> bool {
+        if self.cfg.allow_hosts.is_empty() {
+            return false;
+        }
+        match normalize_host(name) {
+            Some(n) => self.cfg.allow_hosts.iter().any(|p| pattern_matches(p, &n)),
+            None => false,
+        }
+    }
+
+    /// Is this destination address on the allow-list?
+    pub fn allows_addr(&self, addr: IpAddr) -> bool {
+        self.cfg.allow_nets.contains(addr)
+    }
+
+    /// The action for a detection from this client.
+    pub fn action(&self, client: IpAddr, d: &Detection) -> Action {
+        match d.reason {
+            Reason::NonTls => return self.cfg.non_tls_on_443,
+            Reason::NonHttp => return self.cfg.non_http_on_80,
+            Reason::Ech => return self.cfg.ech,
+            _ => {}
+        }
+        if d.app == UNIDENTIFIED {
+            return self.cfg.default;
+        }
+        let i = d.app as usize;
+        for e in &self.exceptions {
+            if e.apps.get(i).copied().unwrap_or(false)
+                && (e.clients.is_empty() || e.clients.contains(client))
+            {
+                return e.action;
+            }
+        }
+        self.actions.get(i).copied().unwrap_or(self.cfg.default)
+    }
+
+    pub fn decide(&self, client: IpAddr, d: Option<Detection>) -> Verdict {
+        match d {
+            None => Verdict::Allow,
+            Some(d) => match self.action(client, &d) {
+                Action::Allow => Verdict::Allow,
+                Action::Monitor => Verdict::Monitor(d),
+                Action::Block => Verdict::Block(d),
+            },
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// The resolved action of an app for clients no exception names.
+    pub fn app_action(&self, app: usize) -> Action {
+        self.actions.get(app).copied().unwrap_or(self.cfg.default)
+    }
+}

@@ -1,0 +1,225 @@
+//! Body adapters: replay bytes read for inspection in front of the rest of a
+//! body, and count the bytes of a body as it streams (the access-log record
+//! is written when the body ends or is dropped).
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::Shared;
+use crate::access_log::Record;
+
+/// `prefix` then the rest of `inner` (a trailers frame that came while the
+/// prefix was read is kept and sent after it).
+pub struct PrefixedBody {
+    prefix: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    inner: Option<Incoming>,
+}
+
+impl PrefixedBody {
+    pub fn new(prefix: Bytes, trailers: Option<http::HeaderMap>, inner: Option<Incoming>) -> Self {
+        PrefixedBody {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            trailers,
+            inner,
+        }
+    }
+}
+
+impl Body for PrefixedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        if let Some(t) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none()
+            && self.trailers.is_none()
+            && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let mut h = self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0));
+        h.set_lower(h.lower() + extra);
+        if let Some(u) = h.upper() {
+            h.set_upper(u + extra);
+        }
+        h
+    }
+}
+
+/// Read up to `window` bytes of a body (or all of it if shorter) under a
+/// deadline, for the body rules. Returns the bytes, any trailers, and the
+/// rest of the body (`None` when it ended).
+pub async fn read_prefix(
+    mut body: Incoming,
+    window: usize,
+    deadline: Duration,
+) -> Result<(Bytes, Option<http::HeaderMap>, Option<Incoming>), hyper::Error> {
+    use http_body_util::BodyExt;
+    let mut buf = BytesMut::new();
+    let fut = async {
+        while buf.len() < window {
+            match body.frame().await {
+                None => return Ok((None, true)),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => buf.extend_from_slice(&d),
+                    Err(frame) => return Ok((frame.into_trailers().ok(), true)),
+                },
+            }
+        }
+        Ok((None, false))
+    };
+    let (trailers, ended) = match tokio::time::timeout(deadline, fut).await {
+        Ok(r) => r?,
+        // A slow body: decide on what came; the rest streams on.
+        Err(_) => (None, false),
+    };
+    Ok((buf.freeze(), trailers, (!ended).then_some(body)))
+}
+
+/// Counts the bytes of a body into the record and metrics; writes the record
+/// once, when the body ends or is dropped.
+pub struct LoggedBody<B> {
+    inner: B,
+    log: Option<FlowLog>,
+    upstream_to_client: bool,
+}
+
+/// The record of one flow, written on drop.
+pub struct FlowLog {
+    pub shared: Arc<Shared>,
+    pub record: Record,
+}
+
+impl Drop for FlowLog {
+    fn drop(&mut self) {
+        let rec = std::mem::take(&mut self.record);
+        self.shared.access_log.write(rec);
+    }
+}
+
+impl<B> LoggedBody<B> {
+    pub fn new(inner: B, log: FlowLog, upstream_to_client: bool) -> Self {
+        LoggedBody {
+            inner,
+            log: Some(log),
+            upstream_to_client,
+        }
+    }
+}
+
+impl<B> Body for LoggedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    let down = self.upstream_to_client;
+                    if let Some(log) = self.log.as_mut() {
+                        if down {
+                            log.record.bytes_down += n;
+                            log.shared.metrics.bytes_down.inc_by(n);
+                        } else {
+                            log.record.bytes_up += n;
+                            log.shared.metrics.bytes_up.inc_by(n);
+                        }
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                self.log.take();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(log) = self.log.as_mut() {
+                    log.record.error.get_or_insert_with(|| "body aborted".into());
+                }
+                self.log.take();
+            }
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts request body bytes into a shared counter (the request body is
+/// consumed by the upstream connection, not by us).
+pub struct CountedBody<B> {
+    inner: B,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<B> CountedBody<B> {
+    pub fn new(inner: B, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        CountedBody { inner, counter }
+    }
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll {
+            if let Some(d) = frame.data_ref() {
+                self.counter
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

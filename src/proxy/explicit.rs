@@ -1,0 +1,519 @@
+//! HTTP front end on hyper: absolute-form requests and CONNECT on the
+//! explicit listener, and origin-form requests to a fixed destination for
+//! redirected port-80 traffic and HTTP found inside tunnels. Each request is
+//! decided on its own, before anything reaches the upstream.
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::body::{read_prefix, CountedBody, FlowLog, LoggedBody, PrefixedBody};
+use super::refuse::{self, empty, FlowError, ProxyBody};
+use super::upstream::{self, ClientInfo, DestGuard, Resolver};
+use super::Shared;
+use crate::access_log::Record;
+use crate::classify::http::HeadOutcome;
+use crate::engine::Engine;
+use crate::metrics::ListenerKind;
+use crate::policy::Verdict;
+
+/// The body type sent upstream.
+pub type UpstreamBody = CountedBody<PrefixedBody>;
+
+/// The `Via` value added to requests and responses (RFC 9110 §7.6.3).
+const VIA: &str = "1.1 chatwall";
+
+/// The pooled upstream HTTP/1.1 client.
+pub struct UpstreamClient {
+    client: Client<Connector, UpstreamBody>,
+}
+
+impl UpstreamClient {
+    pub fn new(engine: &Arc<ArcSwap<Engine>>, resolver: &Arc<Resolver>, guard: &Arc<DestGuard>) -> Self {
+        let cfg = &engine.load().config;
+        let connector = Connector {
+            engine: Arc::clone(engine),
+            resolver: Arc::clone(resolver),
+            guard: Arc::clone(guard),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.limits.upstream_idle_timeout)
+            .pool_max_idle_per_host(64)
+            .set_host(false)
+            .http1_preserve_header_case(false)
+            .build(connector);
+        UpstreamClient { client }
+    }
+}
+
+/// Connects pooled upstream connections: resolves through the shared cache
+/// (the addresses the request was checked against), refuses denied
+/// destinations again, connects under the deadline with the socket mark.
+#[derive(Clone)]
+struct Connector {
+    engine: Arc<ArcSwap<Engine>>,
+    resolver: Arc<Resolver>,
+    guard: Arc<DestGuard>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = FlowError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, FlowError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let engine = this.engine.load_full();
+            let host = uri.host().ok_or(FlowError::BadRequest("no host"))?;
+            let port = uri.port_u16().unwrap_or(80);
+            let limits = &engine.config.limits;
+            let addrs = this.resolver.resolve(host, port, limits.dns_timeout).await?;
+            for a in addrs.iter() {
+                if upstream::denied_destination(&this.guard, &engine, *a) {
+                    return Err(FlowError::DeniedDestination(a.ip()));
+                }
+            }
+            let s = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
+            Ok(TokioIo::new(s))
+        })
+    }
+}
+
+/// A fixed destination: redirected port-80 traffic and HTTP inside tunnels
+/// go to the address the client connected to, never to an address looked
+/// up from the Host header, which the client controls.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedDest {
+    pub addr: SocketAddr,
+}
+
+/// One client connection's context.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnCtx {
+    pub client: ClientInfo,
+    pub listener: ListenerKind,
+    pub fixed: Option<FixedDest>,
+}
+
+/// Serve HTTP/1.x on a client connection until it closes.
+pub async fn serve<I>(shared: Arc<Shared>, io: I, ctx: ConnCtx)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let limits = shared.engine.load().config.limits.clone();
+    let svc_shared = Arc::clone(&shared);
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = Arc::clone(&svc_shared);
+        async move { Ok::<_, Infallible>(handle(shared, ctx, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_request_head_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true)
+        .half_close(false);
+    let conn = builder.serve_connection(io, svc).with_upgrades();
+    let mut shutdown = shared.shutdown.subscribe();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => {
+            if let Err(e) = r {
+                tracing::debug!(client = %ctx.client.addr, error = %e, "client connection ended");
+            }
+        }
+        _ = super::shutdown_requested(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.shutdown_grace, conn).await;
+        }
+    }
+}
+
+fn new_record(ctx: &ConnCtx, req: &Request<Incoming>) -> Record {
+    Record {
+        start: Some(SystemTime::now()),
+        client: ctx.client.addr.to_string(),
+        listener: ctx.listener.as_str(),
+        method: req.method().to_string(),
+        target: req.uri().to_string(),
+        verdict: "allow",
+        ..Record::default()
+    }
+}
+
+async fn handle(shared: Arc<Shared>, ctx: ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    let engine = shared.engine.load_full();
+    let mut rec = new_record(&ctx, &req);
+    let result = if req.method() == Method::CONNECT {
+        if ctx.fixed.is_some() {
+            Err(FlowError::BadRequest("CONNECT is only accepted on the explicit listener"))
+        } else {
+            super::tunnel::connect(&shared, &engine, ctx, req, &mut rec).await
+        }
+    } else {
+        forward(&shared, &engine, ctx, req, &mut rec).await
+    };
+    match result {
+        Ok(resp) => resp,
+        Err(e) => refusal(&shared, &engine, ctx, e, rec),
+    }
+}
+
+/// Count, log and render a refusal or failure.
+pub fn refusal(shared: &Arc<Shared>, engine: &Engine, ctx: ConnCtx, e: FlowError, mut rec: Record) -> Response<ProxyBody> {
+    if let FlowError::Blocked(d) = &e {
+        shared.record_verdict(ctx.listener, engine, &Verdict::Block(*d), &mut rec);
+    } else if let FlowError::DeniedDestination(_) = &e {
+        rec.verdict = "block";
+        rec.reason = Some("destination");
+        shared.metrics.listener(ctx.listener).requests_block.inc();
+        shared.metrics.upstream_error("denied_destination");
+    } else if e.is_upstream() {
+        shared.metrics.upstream_error(e.kind());
+    }
+    if !matches!(e, FlowError::Blocked(_)) {
+        rec.error = Some(e.to_string());
+    }
+    let resp = refuse::respond(&e, &engine.signatures);
+    rec.status = resp.status().as_u16();
+    tracing::debug!(client = %ctx.client.addr, status = rec.status, error = %e, "request refused");
+    shared.access_log.write(rec);
+    resp
+}
+
+/// Fold a verdict into the flow: a block ends it, a monitor verdict is
+/// remembered (the first one is logged), an allow passes.
+pub fn apply(verdict: Verdict, monitor: &mut Option<Verdict>) -> Result<(), FlowError> {
+    match verdict {
+        Verdict::Allow => Ok(()),
+        Verdict::Block(d) => Err(FlowError::Blocked(d)),
+        m @ Verdict::Monitor(_) => {
+            monitor.get_or_insert(m);
+            Ok(())
+        }
+    }
+}
+
+/// What the name alone (or the literal address) says, before any lookup.
+pub fn decide_name(engine: &Engine, client: IpAddr, host: &str, port: u16, monitor: &mut Option<Verdict>) -> Result<bool, FlowError> {
+    let sigs = &engine.signatures;
+    let policy = &engine.policy;
+    let literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok();
+    let allowlisted = match literal {
+        Some(ip) => policy.allows_addr(ip),
+        None => policy.allows_name(host),
+    };
+    if allowlisted {
+        return Ok(true);
+    }
+    let by_name = match literal {
+        Some(ip) => sigs.classify_ip(ip),
+        None => sigs.classify_host(host),
+    };
+    apply(policy.decide(client, by_name), monitor)?;
+    apply(policy.decide(client, sigs.classify_port(port)), monitor)?;
+    Ok(false)
+}
+
+async fn forward(
+    shared: &Arc<Shared>,
+    engine: &Arc<Engine>,
+    ctx: ConnCtx,
+    req: Request<Incoming>,
+    rec: &mut Record,
+) -> Result<Response<ProxyBody>, FlowError> {
+    let (mut parts, body) = req.into_parts();
+    let client_ip = ctx.client.addr.ip();
+
+    // Where to: the absolute URI (explicit), or the original destination
+    // with the Host header as the name (fixed).
+    let (host, port, dest_uri) = match ctx.fixed {
+        None => {
+            match parts.uri.scheme_str() {
+                Some("http") => {}
+                Some(_) => return Err(FlowError::BadRequest("only http:// URLs are fetched; use CONNECT for others")),
+                None => return Err(FlowError::BadRequest("not a proxy request (origin-form target)")),
+            }
+            let host = parts
+                .uri
+                .host()
+                .filter(|h| !h.is_empty())
+                .ok_or(FlowError::BadRequest("no host in the request target"))?
+                .to_string();
+            let port = parts.uri.port_u16().unwrap_or(80);
+            if port == 0 {
+                return Err(FlowError::BadRequest("port 0"));
+            }
+            (host, port, parts.uri.clone())
+        }
+        Some(fixed) => {
+            if parts.uri.scheme().is_some() && parts.uri.scheme_str() != Some("http") {
+                return Err(FlowError::BadRequest("only http:// URLs are fetched"));
+            }
+            let host = host_header_name(&parts.headers)
+                .or_else(|| parts.uri.host().map(str::to_string))
+                .unwrap_or_else(|| fixed.addr.ip().to_string());
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let uri: Uri = format!("http://{}{}", fixed.addr, pq)
+                .parse()
+                .map_err(|_| FlowError::BadRequest("invalid request target"))?;
+            (host, fixed.addr.port(), uri)
+        }
+    };
+    rec.host = Some(host.clone());
+
+    let mut monitor = None;
+    let allowlisted = decide_name(engine, client_ip, &host, port, &mut monitor)?;
+    let sigs = &engine.signatures;
+    let policy = &engine.policy;
+    if let Some(fixed) = ctx.fixed {
+        // Transparent: the address the client really connected to counts too.
+        upstream::check_addr(&shared.guard, engine, &ctx.client, fixed.addr, allowlisted)?
+            .map(|m| monitor.get_or_insert(m));
+    }
+
+    // Request rules: downloads, then HTTP head rules, then body rules.
+    let mut body_prefix = (Bytes::new(), None, Some(body));
+    if !allowlisted {
+        apply(policy.decide(client_ip, sigs.classify_download(&host, parts.uri.path())), &mut monitor)?;
+        let has_body = !body_prefix.2.as_ref().is_some_and(|b| http_body::Body::is_end_stream(b));
+        match sigs.http().classify_head(&parts, has_body) {
+            HeadOutcome::Match(rule) => apply(policy.decide(client_ip, Some(sigs.http_detection(rule))), &mut monitor)?,
+            HeadOutcome::NeedBody { window } => {
+                if let (_, _, Some(b)) = body_prefix {
+                    body_prefix = read_prefix(b, window, engine.config.first_bytes_timeout)
+                        .await
+                        .map_err(|_| FlowError::BadRequest("request body aborted"))?;
+                    let complete = body_prefix.2.is_none();
+                    let hit = sigs.http().classify_body(&parts, &body_prefix.0, complete);
+                    apply(policy.decide(client_ip, hit.map(|r| sigs.http_detection(r))), &mut monitor)?;
+                }
+            }
+            HeadOutcome::NoMatch => {}
+        }
+    }
+
+    // Names: every address must pass the CIDR rules and denied ranges.
+    if ctx.fixed.is_none() {
+        upstream::resolve_checked(shared, engine, &ctx.client, &host, port, allowlisted, &mut monitor).await?;
+    }
+
+    let verdict = monitor.unwrap_or(Verdict::Allow);
+    shared.record_verdict(ctx.listener, engine, &verdict, rec);
+
+    // Build the upstream request.
+    let upgrade = is_upgrade(&parts.headers);
+    let client_upgrade = upgrade.then(|| {
+        // Take the client's upgrade handle before the request is consumed.
+        let mut tmp = Request::new(());
+        std::mem::swap(tmp.extensions_mut(), &mut parts.extensions);
+        let on = hyper::upgrade::on(&mut tmp);
+        std::mem::swap(tmp.extensions_mut(), &mut parts.extensions);
+        on
+    });
+    let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(proto) = upgrade_proto.filter(|_| upgrade) {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto);
+    }
+    let authority_host = match ctx.fixed {
+        None => parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h).to_string()),
+        Some(_) => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string),
+    };
+    if let Some(h) = authority_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        parts.headers.insert(header::HOST, h);
+    }
+    append_via(&mut parts.headers);
+    parts.uri = dest_uri;
+    parts.version = Version::HTTP_11;
+    let up_bytes = Arc::new(AtomicU64::new(0));
+    let (prefix, trailers, rest) = body_prefix;
+    let up_body = CountedBody::new(PrefixedBody::new(prefix, trailers, rest), Arc::clone(&up_bytes));
+    let upstream_req = Request::from_parts(parts, up_body);
+    rec.upstream = Some(format!("{host}:{port}"));
+
+    let timeout = engine.config.limits.upstream_response_timeout;
+    let mut resp = match tokio::time::timeout(timeout, shared.http.client.request(upstream_req)).await {
+        Err(_) => return Err(FlowError::UpstreamTimeout),
+        Ok(Err(e)) => return Err(map_client_error(e)),
+        Ok(Ok(r)) => r,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_on) = client_upgrade {
+            let upstream_on = hyper::upgrade::on(&mut resp);
+            let shared2 = Arc::clone(shared);
+            let engine2 = Arc::clone(engine);
+            let mut rec2 = std::mem::take(rec);
+            rec2.status = 101;
+            tokio::spawn(async move {
+                match tokio::try_join!(client_on, upstream_on) {
+                    Ok((c, u)) => {
+                        super::relay::relay_upgraded(&shared2, &engine2, TokioIo::new(c), TokioIo::new(u), &mut rec2).await;
+                    }
+                    Err(e) => rec2.error = Some(format!("upgrade failed: {e}")),
+                }
+                shared2.access_log.write(rec2);
+            });
+            let (mut rparts, _) = resp.into_parts();
+            append_via(&mut rparts.headers);
+            return Ok(Response::from_parts(rparts, empty()));
+        }
+    }
+
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    append_via(&mut rparts.headers);
+    rec.status = rparts.status.as_u16();
+    let log = FlowLog {
+        shared: Arc::clone(shared),
+        record: std::mem::take(rec),
+    };
+    let body = LoggedBody::new(rbody, log, true).boxed();
+    Ok(Response::from_parts(rparts, body))
+}
+
+/// The Host header's name part (no port), if present and sane.
+fn host_header_name(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::HOST)?.to_str().ok()?;
+    let auth: http::uri::Authority = v.parse().ok()?;
+    let h = auth.host();
+    (!h.is_empty()).then(|| h.trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Remove hop-by-hop fields (RFC 9110 §7.6.1): Connection and every field
+/// it names, and the fixed list.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TRAILER,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("proxy-connection");
+    headers.remove("keep-alive");
+}
+
+fn append_via(headers: &mut HeaderMap) {
+    headers.append(header::VIA, HeaderValue::from_static(VIA));
+}
+
+fn map_client_error(e: hyper_util::client::legacy::Error) -> FlowError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = src {
+        if let Some(f) = s.downcast_ref::<FlowError>() {
+            return match f {
+                FlowError::Blocked(d) => FlowError::Blocked(*d),
+                FlowError::DeniedDestination(ip) => FlowError::DeniedDestination(*ip),
+                FlowError::Dns(m) => FlowError::Dns(m.clone()),
+                FlowError::ConnectRefused(m) => FlowError::ConnectRefused(m.clone()),
+                FlowError::ConnectTimeout(m) => FlowError::ConnectTimeout(m.clone()),
+                other => FlowError::Connect(other.to_string()),
+            };
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return FlowError::UpstreamProtocol(h.to_string());
+            }
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                return FlowError::UpstreamReset(h.to_string());
+            }
+            if h.is_timeout() {
+                return FlowError::UpstreamTimeout;
+            }
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return FlowError::UpstreamReset(io.to_string());
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        FlowError::Connect(e.to_string())
+    } else {
+        FlowError::UpstreamReset(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic eDp5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::ACCEPT));
+    }
+}

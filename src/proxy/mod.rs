@@ -1,0 +1,204 @@
+//! All socket IO. The front ends differ only in how they learn the
+//! destination and the first bytes; then they share one path:
+//!
+//! ```text
+//! listener ─┬─ explicit (hyper: absolute-form HTTP, CONNECT) ─┐
+//!           ├─ transparent_http (hyper, original destination) ┼─ classify → policy → refuse
+//!           ├─ transparent_tls / transparent (first bytes) ───┘        or upstream + relay
+//!           └─ admin (metrics, health, reload, PAC)                    → access log + metrics
+//! ```
+pub mod body;
+pub mod explicit;
+pub mod listener;
+pub mod origdst;
+pub mod prefixed;
+pub mod refuse;
+pub mod relay;
+pub mod transparent;
+pub mod tunnel;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::access_log::{AccessLog, Record};
+use crate::classify::Reason;
+use crate::engine::Engine;
+use crate::metrics::{ListenerKind, Metrics};
+use crate::policy::Verdict;
+
+/// How long a resolved name is reused. getaddrinfo gives no TTL; a short
+/// fixed one keeps lookups off the per-request path without pinning stale
+/// addresses for long.
+pub const DNS_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// State shared by every connection of one process.
+pub struct Shared {
+    pub engine: Arc<ArcSwap<Engine>>,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+    pub http: explicit::UpstreamClient,
+    pub resolver: Arc<upstream::Resolver>,
+    /// chatwall's own listeners, never a destination.
+    pub guard: Arc<upstream::DestGuard>,
+    pub ready: AtomicBool,
+    pub draining: AtomicBool,
+    conns_total: AtomicUsize,
+    conns_per_client: Mutex<HashMap<IpAddr, usize>>,
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn new(engine: Engine, metrics: Metrics, access_log: AccessLog, own_addrs: Vec<SocketAddr>) -> Arc<Shared> {
+        metrics.set_signatures(&engine.signatures);
+        let guard = Arc::new(upstream::DestGuard {
+            own_addrs,
+            local_ips: local_ips(),
+        });
+        let resolver = Arc::new(upstream::Resolver::new(DNS_CACHE_TTL));
+        let engine = Arc::new(ArcSwap::from_pointee(engine));
+        let http = explicit::UpstreamClient::new(&engine, &resolver, &guard);
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        Arc::new(Shared {
+            engine,
+            metrics,
+            access_log,
+            http,
+            resolver,
+            guard,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            conns_total: AtomicUsize::new(0),
+            conns_per_client: Mutex::new(HashMap::new()),
+            shutdown,
+        })
+    }
+
+    /// Count a verdict in the metrics and fill the record's verdict fields.
+    pub fn record_verdict(&self, listener: ListenerKind, engine: &Engine, verdict: &Verdict, rec: &mut Record) {
+        let l = self.metrics.listener(listener);
+        rec.verdict = verdict.as_str();
+        match verdict {
+            Verdict::Allow => l.requests_allow.inc(),
+            Verdict::Monitor(_) => l.requests_monitor.inc(),
+            Verdict::Block(_) => l.requests_block.inc(),
+        }
+        if let Some(d) = verdict.detection() {
+            let app = engine.signatures.app_id(d.app);
+            if verdict.is_block() {
+                self.metrics
+                    .blocked_total
+                    .with_label_values(&[app, d.reason.as_str()])
+                    .inc();
+            }
+            self.metrics
+                .detections_total
+                .with_label_values(&[app, verdict.as_str()])
+                .inc();
+            rec.app = Some(app.to_string());
+            rec.reason = Some(d.reason.as_str());
+            if let Some(r) = d.rule.and_then(|r| engine.signatures.rule(r)) {
+                rec.rule = Some(r.text.clone());
+                if let Some(a) = engine.signatures.app(r.app) {
+                    rec.rule_at = Some(format!("{}:{}", a.file, r.line));
+                }
+            }
+            rec.offset = d.offset;
+            if d.reason == Reason::Payload {
+                tracing::debug!(app, offset = ?d.offset, "payload signature matched");
+            }
+        }
+    }
+
+    /// Take a connection slot, or say which cap refused it.
+    pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnGuard, &'static str> {
+        let limits = &self.engine.load().config.limits;
+        let (max_total, max_client) = (limits.max_connections, limits.max_connections_per_client);
+        if self.conns_total.fetch_add(1, Ordering::AcqRel) >= max_total {
+            self.conns_total.fetch_sub(1, Ordering::AcqRel);
+            return Err("global");
+        }
+        let mut map = self.conns_per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(client).or_insert(0);
+        if *n >= max_client {
+            drop(map);
+            self.conns_total.fetch_sub(1, Ordering::AcqRel);
+            return Err("per_client");
+        }
+        *n += 1;
+        Ok(ConnGuard {
+            shared: Arc::clone(self),
+            client,
+        })
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns_total.load(Ordering::Acquire)
+    }
+}
+
+/// Releases a connection slot when the connection ends.
+pub struct ConnGuard {
+    shared: Arc<Shared>,
+    client: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shared.conns_total.fetch_sub(1, Ordering::AcqRel);
+        let mut map = self
+            .shared
+            .conns_per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// The addresses of this host's interfaces (best effort, from /proc).
+fn local_ips() -> Vec<IpAddr> {
+    let mut out = vec![
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    ];
+    if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
+        for line in text.lines() {
+            if let Some(hex) = line.split_whitespace().next() {
+                if let Ok(v) = u128::from_str_radix(hex, 16) {
+                    out.push(IpAddr::V6(std::net::Ipv6Addr::from(v)));
+                }
+            }
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") {
+        // Lines "|-- a.b.c.d" followed by "/32 host LOCAL" name local addresses.
+        let mut last: Option<IpAddr> = None;
+        for line in text.lines() {
+            let t = line.trim();
+            if let Some(a) = t.strip_prefix("|-- ") {
+                last = a.parse().ok();
+            } else if t.contains("host LOCAL") {
+                if let Some(ip) = last {
+                    if !out.contains(&ip) {
+                        out.push(ip);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Resolves once shutdown has been requested.
+pub async fn shutdown_requested(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,185 @@
+//! Errors of a flow and the one place they become HTTP responses: the 403
+//! page of a refusal, 400 for malformed requests, 502/504 for upstream
+//! failures, 407 for missing credentials. Tunnels that are already open are
+//! refused by reset instead (see `relay::reset`).
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+
+use crate::classify::Detection;
+use crate::signatures::SignatureSet;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Whose side a failure is on.
+#[derive(Debug)]
+pub enum FlowError {
+    /// Refused by policy.
+    Blocked(Detection),
+    /// A destination the access rules never reach (loopback, link-local,
+    /// the proxy itself...).
+    DeniedDestination(IpAddr),
+    /// The client sent something malformed.
+    BadRequest(&'static str),
+    /// Name resolution failed.
+    Dns(String),
+    ConnectRefused(String),
+    ConnectTimeout(String),
+    Connect(String),
+    /// The upstream reset or closed the connection before a full response.
+    UpstreamReset(String),
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// The upstream's response was not valid HTTP.
+    UpstreamProtocol(String),
+}
+
+impl FlowError {
+    /// The fixed label for logs and `chatwall_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FlowError::Blocked(_) => "blocked",
+            FlowError::DeniedDestination(_) => "denied_destination",
+            FlowError::BadRequest(_) => "bad_request",
+            FlowError::Dns(_) => "dns",
+            FlowError::ConnectRefused(_) => "connect_refused",
+            FlowError::ConnectTimeout(_) => "connect_timeout",
+            FlowError::Connect(_) => "connect",
+            FlowError::UpstreamReset(_) => "reset",
+            FlowError::UpstreamTimeout => "timeout",
+            FlowError::UpstreamProtocol(_) => "protocol",
+        }
+    }
+
+    pub fn is_upstream(&self) -> bool {
+        !matches!(
+            self,
+            FlowError::Blocked(_) | FlowError::BadRequest(_) | FlowError::DeniedDestination(_)
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FlowError::Blocked(_) | FlowError::DeniedDestination(_) => StatusCode::FORBIDDEN,
+            FlowError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            FlowError::ConnectTimeout(_) | FlowError::UpstreamTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Map a connect error.
+    pub fn from_connect(target: &str, e: io::Error) -> FlowError {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => FlowError::ConnectRefused(target.to_string()),
+            io::ErrorKind::TimedOut => FlowError::ConnectTimeout(target.to_string()),
+            _ => FlowError::Connect(format!("{target}: {e}")),
+        }
+    }
+}
+
+impl fmt::Display for FlowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FlowError::Blocked(_) => write!(f, "refused by policy"),
+            FlowError::DeniedDestination(ip) => {
+                write!(f, "destination {ip} is not reachable through this proxy")
+            }
+            FlowError::BadRequest(why) => write!(f, "bad request: {why}"),
+            FlowError::Dns(e) => write!(f, "DNS lookup failed: {e}"),
+            FlowError::ConnectRefused(t) => write!(f, "connection refused by upstream {t}"),
+            FlowError::ConnectTimeout(t) => write!(f, "connection to upstream {t} timed out"),
+            FlowError::Connect(e) => write!(f, "cannot connect to upstream: {e}"),
+            FlowError::UpstreamReset(e) => write!(f, "upstream closed the connection: {e}"),
+            FlowError::UpstreamTimeout => write!(f, "upstream did not answer in time"),
+            FlowError::UpstreamProtocol(e) => write!(f, "invalid response from upstream: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FlowError {}
+
+pub fn full(body: impl Into<Bytes>) -> ProxyBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> ProxyBody {
+    full(Bytes::new())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The response for a flow error. `close` asks the client to close (after a
+/// malformed request the connection's framing cannot be trusted).
+pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
+    let status = err.status();
+    let (body, app) = match err {
+        FlowError::Blocked(d) => {
+            let id = set.app_id(d.app).to_string();
+            let name = set.app(d.app).map(|a| a.name.clone()).unwrap_or_else(|| id.clone());
+            let rule = d
+                .rule
+                .and_then(|r| set.rule(r))
+                .map(|r| r.text.clone())
+                .unwrap_or_default();
+            (
+                format!(
+                    "<!doctype html>\n<html><head><title>Blocked: {name}</title></head>\n<body>\n<h1>Access refused</h1>\n<p>This connection was identified as <b>{name}</b> ({id}) and is not allowed by the network's instant-messaging policy.</p>\n<p>Reason: {reason} {rule}</p>\n<p>chatwall</p>\n</body></html>\n",
+                    name = escape(&name),
+                    id = escape(&id),
+                    reason = d.reason.as_str(),
+                    rule = escape(&rule),
+                ),
+                Some(id),
+            )
+        }
+        other => (
+            format!(
+                "<!doctype html>\n<html><head><title>{code}</title></head>\n<body>\n<h1>{code}</h1>\n<p>{msg}</p>\n<p>chatwall</p>\n</body></html>\n",
+                code = status,
+                msg = escape(&other.to_string()),
+            ),
+            None,
+        ),
+    };
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(app) = app.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        h.insert("x-chatwall-block", app);
+    }
+    if matches!(err, FlowError::BadRequest(_)) {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let FlowError::DeniedDestination(_) = err {
+        h.insert("x-chatwall-block", HeaderValue::from_static("destination"));
+    }
+    resp
+}
+
+/// A raw HTTP/1.1 response for paths that do not go through hyper's server
+/// (client refused before HTTP parsing, connection caps).
+pub fn raw_response(status: StatusCode, message: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        message.len(),
+        message
+    )
+    .into_bytes()
+}

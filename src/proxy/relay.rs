@@ -1,0 +1,347 @@
+//! Bidirectional relay between a client and an upstream socket: byte
+//! counts, half-close (one direction keeps flowing after the other ends),
+//! an idle timeout for the whole tunnel, optional payload inspection of the
+//! first bytes of each direction, and reset on refusal.
+//!
+//! Buffers are taken from a small per-thread pool only once a socket is
+//! readable and given back before the next wait, so an idle tunnel holds no
+//! copy buffer.
+use std::cell::RefCell;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::Shared;
+use crate::access_log::Record;
+use crate::classify::payload::{Direction, Outcome};
+use crate::classify::Detection;
+use crate::engine::Engine;
+use crate::policy::Verdict;
+
+/// Size of one copy buffer.
+pub const COPY_BUF: usize = 16 * 1024;
+/// Buffers kept per worker thread.
+const POOL_MAX: usize = 32;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buf() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; COPY_BUF].into_boxed_slice())
+}
+
+fn give_buf(b: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    });
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions closed normally.
+    Closed,
+    /// A payload signature refused the flow.
+    Blocked(Detection),
+    /// No byte moved for the idle timeout.
+    Idle,
+    /// A socket error (a reset by either side is normal).
+    Error(io::Error),
+}
+
+/// First-bytes inspection of one direction.
+pub struct Inspector {
+    dir: Direction,
+    buf: Vec<u8>,
+    forwarded: usize,
+    window: usize,
+}
+
+impl Inspector {
+    pub fn new(dir: Direction, initial: &[u8], window: usize) -> Inspector {
+        Inspector {
+            dir,
+            buf: initial.to_vec(),
+            forwarded: 0,
+            window,
+        }
+    }
+
+    /// The bytes not yet forwarded.
+    fn held(&self) -> &[u8] {
+        &self.buf[self.forwarded..]
+    }
+}
+
+/// Everything a relay needs to decide on payload matches.
+pub struct RelayCtx<'a> {
+    pub shared: &'a Shared,
+    pub engine: &'a Engine,
+    pub client_ip: std::net::IpAddr,
+    pub idle: Duration,
+    /// How long held bytes (a possible signature split across reads) wait
+    /// for the rest before they are forwarded and inspection goes on.
+    pub hold_timeout: Duration,
+    pub monitor: Mutex<Option<Verdict>>,
+    pub up: AtomicU64,
+    pub down: AtomicU64,
+    started: Instant,
+    last: AtomicU64,
+}
+
+impl<'a> RelayCtx<'a> {
+    pub fn new(shared: &'a Shared, engine: &'a Engine, client_ip: std::net::IpAddr) -> Self {
+        RelayCtx {
+            shared,
+            engine,
+            client_ip,
+            idle: engine.config.limits.tunnel_idle_timeout,
+            hold_timeout: engine.config.first_bytes_timeout,
+            monitor: Mutex::new(None),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Decide on a payload finding; `Some` ends the flow.
+    fn decide(&self, outcome: Outcome) -> Option<Detection> {
+        let d = self.engine.signatures.payload_detection(outcome)?;
+        match self.engine.policy.decide(self.client_ip, Some(d)) {
+            Verdict::Block(d) => Some(d),
+            m @ Verdict::Monitor(_) => {
+                let mut slot = self.monitor.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(m);
+                None
+            }
+            Verdict::Allow => None,
+        }
+    }
+
+    /// Fold the relay's counts into the record and the metrics.
+    pub fn finish(&self, rec: &mut Record) {
+        let up = self.up.load(Ordering::Relaxed);
+        let down = self.down.load(Ordering::Relaxed);
+        rec.bytes_up += up;
+        rec.bytes_down += down;
+        self.shared.metrics.bytes_up.inc_by(up);
+        self.shared.metrics.bytes_down.inc_by(down);
+    }
+}
+
+/// Write all of `data` to a socket shared by reference.
+pub async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Close the write side (FIN) so the peer sees the end of this direction.
+fn shutdown_write(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
+}
+
+/// Abort a connection with a reset (SO_LINGER 0, then the caller drops it).
+pub fn reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// One direction: copy `src` to `dst`, inspecting the first bytes while an
+/// inspector is present.
+async fn pump(cx: &RelayCtx<'_>, src: &TcpStream, dst: &TcpStream, mut insp: Option<Inspector>, counter: &AtomicU64) -> End {
+    // Bytes handed in before the relay started (peeked first bytes).
+    if let Some(i) = insp.as_mut() {
+        match inspect_step(cx, i, dst).await {
+            Err(end) => return end,
+            Ok(true) => insp = None,
+            Ok(false) => {}
+        }
+    }
+    loop {
+        let held = insp.as_ref().is_some_and(|i| !i.held().is_empty());
+        if held {
+            match tokio::time::timeout(cx.hold_timeout, src.readable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return End::Error(e),
+                Err(_) => {
+                    // The rest of a possible signature did not come: pass the
+                    // held bytes on and keep inspecting what follows.
+                    if let Some(i) = insp.as_mut() {
+                        let from = i.forwarded;
+                        i.forwarded = i.buf.len();
+                        if let Err(e) = write_all(dst, &i.buf[from..]).await {
+                            return End::Error(e);
+                        }
+                    }
+                    continue;
+                }
+            }
+        } else if let Err(e) = src.readable().await {
+            return End::Error(e);
+        }
+        let mut buf = take_buf();
+        let n = match src.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_buf(buf);
+                continue;
+            }
+            Err(e) => {
+                give_buf(buf);
+                return End::Error(e);
+            }
+        };
+        if n == 0 {
+            give_buf(buf);
+            if let Some(i) = insp.take() {
+                // The stream ended: nothing can complete a partial match.
+                if let Err(e) = write_all(dst, i.held()).await {
+                    return End::Error(e);
+                }
+            }
+            shutdown_write(dst);
+            return End::Closed;
+        }
+        cx.touch();
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        let result = match insp.as_mut() {
+            Some(i) => {
+                i.buf.extend_from_slice(&buf[..n]);
+                give_buf(buf);
+                match inspect_step(cx, i, dst).await {
+                    Err(end) => Some(end),
+                    Ok(finished) => {
+                        if finished {
+                            insp = None;
+                        }
+                        None
+                    }
+                }
+            }
+            None => {
+                let r = write_all(dst, &buf[..n]).await.err().map(End::Error);
+                give_buf(buf);
+                r
+            }
+        };
+        if let Some(end) = result {
+            return end;
+        }
+    }
+}
+
+/// Classify the inspector's buffer and forward what may pass. `Ok(true)`:
+/// inspection of this direction is over (everything forwarded, and the
+/// window is full, nothing can match any more, or a monitored or allowed
+/// app matched).
+async fn inspect_step(cx: &RelayCtx<'_>, i: &mut Inspector, dst: &TcpStream) -> Result<bool, End> {
+    let scan_len = i.buf.len().min(i.window);
+    let outcome = cx.engine.signatures.payload().classify(i.dir, &i.buf[..scan_len]);
+    let (upto, finished) = match outcome {
+        Outcome::Match { .. } => {
+            if let Some(d) = cx.decide(outcome) {
+                return Err(End::Blocked(d));
+            }
+            (i.buf.len(), true)
+        }
+        Outcome::Pending { forward_upto } if scan_len < i.window => (forward_upto.max(i.forwarded), false),
+        _ => (i.buf.len(), true),
+    };
+    if upto > i.forwarded {
+        let from = i.forwarded;
+        i.forwarded = upto;
+        if let Err(e) = write_all(dst, &i.buf[from..upto]).await {
+            return Err(End::Error(e));
+        }
+    }
+    Ok(finished)
+}
+
+/// Relay both directions until both end, one is refused, or the tunnel is
+/// idle. On refusal both sockets are reset.
+pub async fn relay(
+    cx: &RelayCtx<'_>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    c2s: Option<Inspector>,
+    s2c: Option<Inspector>,
+) -> End {
+    cx.touch();
+    let up = pump(cx, client, upstream, c2s, &cx.up);
+    let down = pump(cx, upstream, client, s2c, &cx.down);
+    tokio::pin!(up, down);
+    let (mut up_end, mut down_end): (Option<End>, Option<End>) = (None, None);
+    let tick = cx.idle.min(Duration::from_secs(5)).max(Duration::from_millis(10));
+    let end = loop {
+        tokio::select! {
+            e = &mut up, if up_end.is_none() => {
+                if matches!(e, End::Blocked(_) | End::Error(_)) { break e; }
+                up_end = Some(e);
+            }
+            e = &mut down, if down_end.is_none() => {
+                if matches!(e, End::Blocked(_) | End::Error(_)) { break e; }
+                down_end = Some(e);
+            }
+            _ = tokio::time::sleep(tick) => {
+                if cx.idle_for() >= cx.idle { break End::Idle; }
+            }
+        }
+        if up_end.is_some() && down_end.is_some() {
+            break End::Closed;
+        }
+    };
+    if matches!(end, End::Blocked(_) | End::Error(_) | End::Idle) {
+        reset(client);
+        reset(upstream);
+    }
+    end
+}
+
+/// Relay two upgraded HTTP connections (WebSocket after a 101), counting
+/// bytes, under the tunnel idle timeout.
+pub async fn relay_upgraded<A, B>(shared: &Shared, engine: &Engine, mut a: A, mut b: B, rec: &mut Record)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let idle = engine.config.limits.tunnel_idle_timeout;
+    // copy_bidirectional has no idle timeout of its own; bound the whole
+    // exchange generously and rely on TCP keep-alive of the peers.
+    match tokio::time::timeout(idle * 8, tokio::io::copy_bidirectional(&mut a, &mut b)).await {
+        Ok(Ok((up, down))) => {
+            rec.bytes_up += up;
+            rec.bytes_down += down;
+            shared.metrics.bytes_up.inc_by(up);
+            shared.metrics.bytes_down.inc_by(down);
+        }
+        Ok(Err(e)) => rec.error = Some(e.to_string()),
+        Err(_) => rec.error = Some("idle".into()),
+    }
+}

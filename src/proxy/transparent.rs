@@ -1,0 +1,76 @@
+//! Transparent listeners: connections REDIRECTed by iptables or nftables.
+//! The original destination is recovered, checked like a CONNECT to an
+//! address (denied ranges, chatwall's own listeners, CIDR and port rules),
+//! then the stream goes through the same first-bytes inspection as a
+//! tunnel: HTTP is served request by request to the original address, TLS
+//! is decided on its ClientHello, anything else on payload signatures.
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::explicit::{decide_name, ConnCtx};
+use super::origdst::original_dst;
+use super::refuse::FlowError;
+use super::tunnel::{self, Upstream};
+use super::upstream;
+use super::Shared;
+use crate::metrics::ListenerKind;
+
+pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
+    let engine = shared.engine.load_full();
+    let dst = match original_dst(&client) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(client = %ctx.client.addr, error = %e, "no original destination (is the REDIRECT rule in place?)");
+            return;
+        }
+    };
+    let listener = ctx.listener;
+    let mut flow = tunnel::new_flow(ctx, dst, listener);
+    // A connection addressed to a chatwall listener itself (a loop, or a
+    // client connecting straight to the transparent port) is refused.
+    let checked = if shared.guard.is_self(dst) || client.local_addr().ok() == Some(dst) {
+        Err(FlowError::DeniedDestination(dst.ip()))
+    } else {
+        let client_ip = ctx.client.addr.ip();
+        decide_name(&engine, client_ip, &dst.ip().to_string(), dst.port(), &mut flow.monitor).and_then(|allowlisted| {
+            flow.allowlisted = allowlisted;
+            upstream::check_addr(&shared.guard, &engine, &ctx.client, dst, allowlisted).map(|m| {
+                if let Some(m) = m {
+                    flow.monitor.get_or_insert(m);
+                }
+            })
+        })
+    };
+    if let Err(e) = checked {
+        if let FlowError::Blocked(d) = &e {
+            shared.record_verdict(listener, &engine, &crate::policy::Verdict::Block(*d), &mut flow.rec);
+        } else {
+            flow.rec.verdict = "block";
+            flow.rec.reason = Some("destination");
+            flow.rec.error = Some(e.to_string());
+            shared.metrics.listener(listener).requests_block.inc();
+        }
+        super::relay::reset(&client);
+        shared.access_log.write(flow.rec);
+        return;
+    }
+    let upstream = match listener {
+        // HTTP and TLS clients speak first: connect once they have.
+        ListenerKind::TransparentHttp | ListenerKind::TransparentTls => Upstream::Lazy(Arc::from([dst])),
+        _ => {
+            let limits = &engine.config.limits;
+            match upstream::connect(&[dst], limits.connect_timeout, engine.config.upstream_mark).await {
+                Ok(s) => Upstream::Connected(s),
+                Err(e) => {
+                    shared.metrics.upstream_error(e.kind());
+                    flow.rec.error = Some(e.to_string());
+                    super::relay::reset(&client);
+                    shared.access_log.write(flow.rec);
+                    return;
+                }
+            }
+        }
+    };
+    tunnel::run(shared, engine, flow, client, bytes::Bytes::new(), upstream).await;
+}

@@ -1,0 +1,484 @@
+//! Tunnels: CONNECT on the explicit listener and every redirected stream of
+//! the transparent listeners. The destination alone is decided first (name,
+//! address, port); then the client's first bytes are read into a bounded
+//! buffer under a deadline and decided before a single byte reaches the
+//! upstream:
+//!
+//! - a TLS ClientHello (reassembled across reads and records): SNI against
+//!   the host rules, ALPN, JA4, ECH;
+//! - an HTTP/1.x request: the tunnel becomes an HTTP connection to the
+//!   tunnel's destination, and every request in it is decided on its own;
+//! - anything else: payload signatures; on port 443 `non_tls_on_443` and on
+//!   port 80 `non_http_on_80` apply.
+//!
+//! A client that says nothing is not a reason to fail open, nor to fail
+//! closed: server-speaks-first protocols (SMTP, IRC banners) must work. The
+//! upstream's bytes flow to the client (inspected against server-side
+//! signatures) while the client's first bytes stay under inspection whenever
+//! they come. Only where the protocol is known to speak first — a tunnel to
+//! port 443 under `non_tls_on_443 = block` — does silence past the deadline
+//! refuse the flow.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::explicit::{self, apply, decide_name, ConnCtx, FixedDest};
+use super::prefixed::Prefixed;
+use super::refuse::{empty, FlowError, ProxyBody};
+use super::relay::{self, End, Inspector, RelayCtx};
+use super::upstream;
+use super::Shared;
+use crate::access_log::Record;
+use crate::classify::host::normalize_host;
+use crate::classify::payload::Direction;
+use crate::classify::tls::{inspect_client_hello, Hello};
+use crate::classify::{Detection, Reason, UNIDENTIFIED};
+use crate::engine::Engine;
+use crate::metrics::ListenerKind;
+use crate::policy::Verdict;
+
+/// The upstream of a tunnel: connected already (CONNECT, so that a failure
+/// is a 502; generic redirected ports, so a server that speaks first is
+/// heard), or connected once the first bytes are decided.
+pub enum Upstream {
+    Connected(TcpStream),
+    Lazy(Arc<[SocketAddr]>),
+}
+
+/// One tunnel being set up.
+pub struct Flow {
+    pub ctx: ConnCtx,
+    pub dst: SocketAddr,
+    /// The name the client asked for (CONNECT authority), if any.
+    pub host: Option<String>,
+    pub allowlisted: bool,
+    pub monitor: Option<Verdict>,
+    pub rec: Record,
+}
+
+/// `CONNECT host:port`: decide the destination, connect, answer 200, then
+/// inspect the tunnel.
+pub async fn connect(
+    shared: &Arc<Shared>,
+    engine: &Arc<Engine>,
+    ctx: ConnCtx,
+    mut req: Request<Incoming>,
+    rec: &mut Record,
+) -> Result<Response<ProxyBody>, FlowError> {
+    let auth = req
+        .uri()
+        .authority()
+        .cloned()
+        .ok_or(FlowError::BadRequest("CONNECT needs host:port"))?;
+    let port = auth
+        .port_u16()
+        .filter(|&p| p != 0)
+        .ok_or(FlowError::BadRequest("CONNECT needs an explicit, non-zero port"))?;
+    let raw_host = auth.host().trim_start_matches('[').trim_end_matches(']');
+    let host = if raw_host.parse::<std::net::IpAddr>().is_ok() {
+        raw_host.to_string()
+    } else {
+        normalize_host(raw_host).ok_or(FlowError::BadRequest("CONNECT to an invalid host name"))?
+    };
+    rec.host = Some(host.clone());
+    rec.target = format!("{}:{port}", auth.host());
+
+    let mut monitor = None;
+    let allowlisted = decide_name(engine, ctx.client.addr.ip(), &host, port, &mut monitor)?;
+    let addrs = upstream::resolve_checked(shared, engine, &ctx.client, &host, port, allowlisted, &mut monitor).await?;
+    let limits = &engine.config.limits;
+    let up = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
+    let dst = up.peer_addr().unwrap_or(addrs[0]);
+    rec.upstream = Some(dst.to_string());
+    rec.status = 200;
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let flow = Flow {
+        ctx,
+        dst,
+        host: Some(host),
+        allowlisted,
+        monitor,
+        rec: std::mem::take(rec),
+    };
+    let shared = Arc::clone(shared);
+    let engine = Arc::clone(engine);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let client = parts.io.into_inner();
+                run(shared, engine, flow, client, parts.read_buf, Upstream::Connected(up)).await;
+            }
+            Err(_) => tracing::error!("CONNECT upgrade is not a TCP stream"),
+        }
+    });
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
+}
+
+/// What the first client bytes look like so far.
+enum Sniff {
+    NeedMore,
+    Tls,
+    Http,
+    Other,
+}
+
+const METHODS: &[&[u8]] = &[
+    b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+];
+
+fn sniff(buf: &[u8]) -> Sniff {
+    match buf.first() {
+        None => return Sniff::NeedMore,
+        Some(0x16) => return Sniff::Tls,
+        _ => {}
+    }
+    for m in METHODS {
+        let n = buf.len().min(m.len());
+        if buf[..n] == m[..n] {
+            if buf.len() < m.len() {
+                return Sniff::NeedMore;
+            }
+            // A request line ending in HTTP/1.x: the head may still be partial.
+            let mut headers = [httparse::EMPTY_HEADER; 0];
+            let mut req = httparse::Request::new(&mut headers);
+            return match req.parse(buf) {
+                Ok(_) | Err(httparse::Error::TooManyHeaders) => Sniff::Http,
+                Err(_) => Sniff::Other,
+            };
+        }
+    }
+    Sniff::Other
+}
+
+/// The first-bytes verdict of a tunnel.
+enum First {
+    /// TLS decided and allowed: relay without further inspection.
+    Tls,
+    /// An HTTP/1.x request: serve it as HTTP to the tunnel's destination.
+    Http,
+    /// Inspect payload signatures in both directions while relaying.
+    Payload,
+}
+
+/// Inspect and relay one tunnel; writes its access-log record at the end.
+pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, client: TcpStream, initial: Bytes, upstream: Upstream) {
+    let started = Instant::now();
+    let result = first_bytes(&engine, &mut flow, &client, initial, &upstream).await;
+    shared
+        .metrics
+        .inspection_duration
+        .observe(started.elapsed().as_secs_f64());
+    let (first, buf) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            refuse_tunnel(&shared, &engine, flow, &client, &upstream, e);
+            return;
+        }
+    };
+
+    if let First::Http = first {
+        // Every request in it is decided like an explicit one.
+        let mut rec = flow.rec;
+        rec.method = "TUNNEL".into();
+        shared.access_log.write(rec);
+        let ctx = ConnCtx {
+            fixed: Some(FixedDest { addr: flow.dst }),
+            ..flow.ctx
+        };
+        drop(upstream);
+        serve_http(shared, Prefixed::new(buf.freeze(), client), ctx).await;
+        return;
+    }
+
+    let verdict = flow.monitor.unwrap_or(Verdict::Allow);
+    shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
+
+    let up = match upstream {
+        Upstream::Connected(s) => s,
+        Upstream::Lazy(addrs) => {
+            let limits = &engine.config.limits;
+            match upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await {
+                Ok(s) => s,
+                Err(e) => {
+                    shared.metrics.upstream_error(e.kind());
+                    flow.rec.error = Some(e.to_string());
+                    relay::reset(&client);
+                    shared.access_log.write(flow.rec);
+                    return;
+                }
+            }
+        }
+    };
+    flow.rec.upstream = Some(up.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+
+    let cx = RelayCtx::new(&shared, &engine, flow.ctx.client.addr.ip());
+    let window = engine.config.inspect_bytes;
+    let (c2s, s2c) = match first {
+        First::Payload => (
+            Some(Inspector::new(Direction::Client, &buf, window)),
+            (engine.signatures.payload().reach(Direction::Server) > 0).then(|| Inspector::new(Direction::Server, &[], window)),
+        ),
+        _ => {
+            // Allowed TLS: hand the ClientHello on, then relay as is.
+            if let Err(e) = relay::write_all(&up, &buf).await {
+                flow.rec.error = Some(e.to_string());
+            }
+            cx.up.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            (None, None)
+        }
+    };
+    let end = relay::relay(&cx, &client, &up, c2s, s2c).await;
+    cx.finish(&mut flow.rec);
+    if let Some(m) = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if flow.monitor.is_none() {
+            shared.record_verdict(flow.ctx.listener, &engine, &m, &mut flow.rec);
+        }
+    }
+    match end {
+        End::Blocked(d) => {
+            shared.record_verdict(flow.ctx.listener, &engine, &Verdict::Block(d), &mut flow.rec);
+            tracing::debug!(client = %flow.ctx.client.addr, app = engine.signatures.app_id(d.app), "tunnel reset on payload");
+        }
+        End::Idle => flow.rec.error = Some("idle timeout".into()),
+        End::Error(e) => flow.rec.error = Some(e.to_string()),
+        End::Closed => {}
+    }
+    shared.access_log.write(flow.rec);
+}
+
+/// HTTP inside a tunnel. Boxed: a tunnel can carry HTTP whose requests may
+/// open tunnels, and the boxed future's declared `Send` ends that cycle.
+fn serve_http(shared: Arc<Shared>, io: Prefixed<TcpStream>, ctx: ConnCtx) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(explicit::serve(shared, TokioIo::new(io), ctx))
+}
+
+/// Reset a tunnel refused on its first bytes; nothing reached the upstream.
+fn refuse_tunnel(shared: &Shared, engine: &Engine, mut flow: Flow, client: &TcpStream, upstream: &Upstream, e: FlowError) {
+    match &e {
+        FlowError::Blocked(d) => {
+            shared.record_verdict(flow.ctx.listener, engine, &Verdict::Block(*d), &mut flow.rec);
+        }
+        other => flow.rec.error = Some(other.to_string()),
+    }
+    relay::reset(client);
+    if let Upstream::Connected(up) = upstream {
+        relay::reset(up);
+    }
+    tracing::debug!(client = %flow.ctx.client.addr, error = %e, "tunnel refused");
+    shared.access_log.write(flow.rec);
+}
+
+/// Read and decide the client's first bytes.
+async fn first_bytes(
+    engine: &Engine,
+    flow: &mut Flow,
+    client: &TcpStream,
+    initial: Bytes,
+    upstream: &Upstream,
+) -> Result<(First, BytesMut), FlowError> {
+    let cfg = &engine.config;
+    let window = cfg.inspect_bytes;
+    let deadline = tokio::time::Instant::now() + cfg.first_bytes_timeout;
+    let port = flow.dst.port();
+    let client_ip = flow.ctx.client.addr.ip();
+    let mut buf = BytesMut::from(&initial[..]);
+    loop {
+        match sniff(&buf) {
+            Sniff::NeedMore => {}
+            Sniff::Tls => match inspect_client_hello(&buf) {
+                Hello::NeedMore { .. } => {}
+                Hello::Complete(hello) => {
+                    flow.rec.sni = hello.sni.clone();
+                    flow.rec.ja4 = Some(hello.ja4.clone());
+                    flow.rec.alpn = (!hello.alpn.is_empty()).then(|| hello.alpn.join(","));
+                    tracing::trace!(sni = ?hello.sni, ja4 = %hello.ja4, "ClientHello");
+                    decide_hello(engine, client_ip, flow, &hello)?;
+                    if port == 80 {
+                        non_http(engine, client_ip, flow, &buf)?;
+                    }
+                    return Ok((First::Tls, buf));
+                }
+                Hello::NotTls => return other_protocol(engine, client_ip, flow, buf),
+            },
+            Sniff::Http => {
+                if port == 443 {
+                    non_tls(engine, client_ip, flow, &buf)?;
+                }
+                return Ok((First::Http, buf));
+            }
+            Sniff::Other => return other_protocol(engine, client_ip, flow, buf),
+        }
+        if buf.len() >= window {
+            return other_protocol(engine, client_ip, flow, buf);
+        }
+        let server_first = async {
+            match upstream {
+                Upstream::Connected(s) => s.readable().await,
+                Upstream::Lazy(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = client.readable() => match r.and_then(|()| client.try_read_buf(&mut buf)) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Ok(0) | Err(_) if buf.is_empty() => {
+                    return Err(FlowError::BadRequest("client closed before sending anything"));
+                }
+                Ok(0) | Err(_) => {
+                    // Ended mid-way: decide on what came.
+                    return other_protocol(engine, client_ip, flow, buf);
+                }
+                Ok(_) => {}
+            },
+            _ = server_first, if buf.is_empty() => {
+                // The server speaks first (SMTP, IRC, POP3...). TLS and HTTP
+                // servers never do.
+                if port == 443 {
+                    non_tls(engine, client_ip, flow, &buf)?;
+                }
+                return Ok((First::Payload, buf));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if port == 443 {
+                    // TLS clients speak first: silence (or a hello that never
+                    // completes) is not TLS.
+                    non_tls(engine, client_ip, flow, &buf)?;
+                }
+                if !buf.is_empty() && matches!(sniff(&buf), Sniff::Tls) {
+                    // A partial ClientHello that stalled: inspect as payload.
+                    return other_protocol(engine, client_ip, flow, buf);
+                }
+                return Ok((First::Payload, buf));
+            }
+        }
+    }
+}
+
+/// SNI, ALPN, JA4 and ECH of an allowed destination's ClientHello.
+fn decide_hello(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, hello: &crate::classify::tls::ClientHello) -> Result<(), FlowError> {
+    let policy = &engine.policy;
+    let sni_allowlisted = hello.sni.as_deref().is_some_and(|s| policy.allows_name(s));
+    if !sni_allowlisted {
+        apply(policy.decide(client_ip, engine.signatures.classify_hello(hello)), &mut flow.monitor)?;
+    }
+    if hello.ech || hello.esni {
+        let d = Detection {
+            app: UNIDENTIFIED,
+            rule: None,
+            reason: Reason::Ech,
+            offset: None,
+        };
+        apply(policy.decide(client_ip, Some(d)), &mut flow.monitor)?;
+    }
+    Ok(())
+}
+
+/// A payload detection of the bytes so far, decided by the app's policy.
+fn payload_verdict(engine: &Engine, client_ip: std::net::IpAddr, buf: &[u8]) -> (Option<Detection>, Verdict) {
+    let outcome = engine.signatures.payload().classify(Direction::Client, buf);
+    let d = engine.signatures.payload_detection(outcome);
+    (d, engine.policy.decide(client_ip, d))
+}
+
+/// Not TLS on port 443: a payload match names the app; the knob decides.
+fn non_tls(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
+    generic(engine, client_ip, flow, buf, Reason::NonTls)
+}
+
+/// Not HTTP on port 80.
+fn non_http(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
+    generic(engine, client_ip, flow, buf, Reason::NonHttp)
+}
+
+fn generic(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &[u8], reason: Reason) -> Result<(), FlowError> {
+    if flow.allowlisted {
+        return Ok(());
+    }
+    let (found, verdict) = payload_verdict(engine, client_ip, buf);
+    apply(verdict, &mut flow.monitor)?;
+    let d = Detection {
+        app: found.map_or(UNIDENTIFIED, |d| d.app),
+        rule: found.and_then(|d| d.rule),
+        reason,
+        offset: found.and_then(|d| d.offset),
+    };
+    apply(engine.policy.decide(client_ip, Some(d)), &mut flow.monitor)
+}
+
+/// Neither TLS nor HTTP.
+fn other_protocol(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: BytesMut) -> Result<(First, BytesMut), FlowError> {
+    match flow.dst.port() {
+        443 => non_tls(engine, client_ip, flow, &buf)?,
+        80 => non_http(engine, client_ip, flow, &buf)?,
+        _ => {}
+    }
+    Ok((First::Payload, buf))
+}
+
+/// A tunnel set up by a transparent listener.
+pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
+    Flow {
+        ctx,
+        dst,
+        host: None,
+        allowlisted: false,
+        monitor: None,
+        rec: Record {
+            start: Some(SystemTime::now()),
+            client: ctx.client.addr.to_string(),
+            listener: listener.as_str(),
+            method: "TUNNEL".into(),
+            target: dst.to_string(),
+            verdict: "allow",
+            ..Record::default()
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniff_table() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "more"),
+            (b"\x16", "tls"),
+            (b"G", "more"),
+            (b"GE", "more"),
+            (b"GET ", "http"),
+            (b"GET / HTTP/1.1\r\n", "http"),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
+            (b"GETX", "other"),
+            (b"SSH-2.0-OpenSSH\r\n", "other"),
+            (b"PASS x\r\n", "other"),
+            (b"POST /api HTTP/1.1\r\n", "http"),
+            (b"GET /\x00 HTTP/1.1\r\n", "other"),
+            (b"<stream:stream", "other"),
+        ];
+        for (input, want) in cases {
+            let got = match sniff(input) {
+                Sniff::NeedMore => "more",
+                Sniff::Tls => "tls",
+                Sniff::Http => "http",
+                Sniff::Other => "other",
+            };
+            assert_eq!(got, *want, "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+}

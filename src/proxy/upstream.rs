@@ -1,0 +1,197 @@
+//! Reaching upstreams: the destination decision that needs DNS (every
+//! address a name resolves to is checked against the CIDR rules and the
+//! denied destinations), bounded lookups and connects, and the socket mark
+//! that keeps chatwall's own connections out of its REDIRECT rules.
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use super::refuse::FlowError;
+use super::Shared;
+use crate::classify::addr::canonical;
+use crate::engine::Engine;
+use crate::policy::Verdict;
+
+/// What is known about the client of a flow.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+}
+
+/// What the proxy must never connect to besides the configured denied
+/// ranges: its own listeners, on any address of this host.
+#[derive(Debug, Clone, Default)]
+pub struct DestGuard {
+    pub own_addrs: Vec<SocketAddr>,
+    pub local_ips: Vec<IpAddr>,
+}
+
+impl DestGuard {
+    fn is_local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.local_ips.contains(&ip)
+    }
+
+    /// Is this one of chatwall's own listening sockets?
+    pub fn is_self(&self, dst: SocketAddr) -> bool {
+        let ip = canonical(dst.ip());
+        self.own_addrs.iter().any(|own| {
+            own.port() == dst.port()
+                && (canonical(own.ip()) == ip || (own.ip().is_unspecified() && self.is_local(ip)))
+        })
+    }
+}
+
+/// Is this address one the proxy must never reach (configured denied
+/// ranges, unspecified addresses, or one of chatwall's own listeners)?
+pub fn denied_destination(guard: &DestGuard, engine: &Engine, dst: SocketAddr) -> bool {
+    let ip = canonical(dst.ip());
+    engine.config.deny_destinations.contains(ip) || ip.is_unspecified() || guard.is_self(dst)
+}
+
+/// Check one resolved (or literal) address: denied ranges first, then the
+/// CIDR rules. `Ok(None)` allows, `Ok(Some(verdict))` is a monitor verdict
+/// to record, `Err` refuses.
+pub fn check_addr(
+    guard: &DestGuard,
+    engine: &Engine,
+    client: &ClientInfo,
+    dst: SocketAddr,
+    name_allowlisted: bool,
+) -> Result<Option<Verdict>, FlowError> {
+    if denied_destination(guard, engine, dst) {
+        return Err(FlowError::DeniedDestination(dst.ip()));
+    }
+    if name_allowlisted || engine.policy.allows_addr(dst.ip()) {
+        return Ok(None);
+    }
+    match engine
+        .policy
+        .decide(client.addr.ip(), engine.signatures.classify_ip(dst.ip()))
+    {
+        Verdict::Allow => Ok(None),
+        Verdict::Block(d) => Err(FlowError::Blocked(d)),
+        m @ Verdict::Monitor(_) => Ok(Some(m)),
+    }
+}
+
+/// Resolve `host:port` under the DNS deadline. IP literals are returned as
+/// they are.
+/// The system resolver (getaddrinfo) behind a short positive cache, shared
+/// by the per-request checks and the upstream connector so that a name is
+/// looked up once, and the addresses checked are the addresses connected to.
+pub struct Resolver {
+    cache: Mutex<HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>>,
+    ttl: Duration,
+}
+
+/// Bound on cached names; the cache is cleared when it is full.
+const RESOLVER_CACHE_ENTRIES: usize = 4096;
+
+impl Resolver {
+    pub fn new(ttl: Duration) -> Resolver {
+        Resolver {
+            cache: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    /// Resolve `host:port` under the DNS deadline. IP literals are returned
+    /// as they are.
+    pub async fn resolve(&self, host: &str, port: u16, timeout: Duration) -> Result<Arc<[SocketAddr]>, FlowError> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Ok(Arc::from([SocketAddr::new(ip, port)]));
+        }
+        let key = (host.to_ascii_lowercase(), port);
+        if let Some((at, addrs)) = self.lock().get(&key) {
+            if at.elapsed() < self.ttl {
+                return Ok(Arc::clone(addrs));
+            }
+        }
+        let addrs: Arc<[SocketAddr]> = match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+            Err(_) => return Err(FlowError::Dns(format!("{host}: timed out"))),
+            Ok(Err(e)) => return Err(FlowError::Dns(format!("{host}: {e}"))),
+            Ok(Ok(addrs)) => addrs.collect(),
+        };
+        if addrs.is_empty() {
+            return Err(FlowError::Dns(format!("{host}: no addresses")));
+        }
+        if !self.ttl.is_zero() {
+            let mut cache = self.lock();
+            if cache.len() >= RESOLVER_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(key, (Instant::now(), Arc::clone(&addrs)));
+        }
+        Ok(addrs)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Resolve and check every address; all must pass (a name that resolves to
+/// one IM address and one innocent one is still the IM service).
+pub async fn resolve_checked(
+    shared: &Shared,
+    engine: &Engine,
+    client: &ClientInfo,
+    host: &str,
+    port: u16,
+    name_allowlisted: bool,
+    monitor: &mut Option<Verdict>,
+) -> Result<Arc<[SocketAddr]>, FlowError> {
+    let addrs = shared
+        .resolver
+        .resolve(host, port, engine.config.limits.dns_timeout)
+        .await?;
+    for a in addrs.iter() {
+        if let Some(m) = check_addr(&shared.guard, engine, client, *a, name_allowlisted)? {
+            monitor.get_or_insert(m);
+        }
+    }
+    Ok(addrs)
+}
+
+/// Connect to the first address that answers, under the connect deadline.
+pub async fn connect(
+    addrs: &[SocketAddr],
+    timeout: Duration,
+    mark: u32,
+) -> Result<TcpStream, FlowError> {
+    let mut last = FlowError::Connect("no address".into());
+    for &addr in addrs {
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .map_err(|e| FlowError::Connect(e.to_string()))?;
+        if mark != 0 {
+            set_mark(&sock, mark);
+        }
+        match tokio::time::timeout(timeout, sock.connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = FlowError::from_connect(&addr.to_string(), e),
+            Err(_) => last = FlowError::ConnectTimeout(addr.to_string()),
+        }
+    }
+    Err(last)
+}
+
+#[cfg(target_os = "linux")]
+fn set_mark(sock: &tokio::net::TcpSocket, mark: u32) {
+    if let Err(e) = SockRef::from(sock).set_mark(mark) {
+        tracing::warn!(error = %e, mark, "cannot set SO_MARK on an upstream socket (needs CAP_NET_ADMIN)");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_mark(_sock: &tokio::net::TcpSocket, _mark: u32) {}
