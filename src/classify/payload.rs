@@ -663,7 +663,7 @@ impl PatternSearch {
             // 3-grams give far fewer false candidates on text than bigrams, but need
             // longer patterns for the same step.
             let gram = if shortest >= 4 { 3 } else { 2 };
-            let step = (shortest + 1 - gram).min(8);
+            let step = (shortest + 2 - gram).min(8);
             let mut offsets: Box<[u8; 65536]> = vec![0u8; 65536]
                 .into_boxed_slice()
                 .try_into()
@@ -978,5 +978,742 @@ fn check_prefixes(matcher: &PayloadMatcher, dir: Direction, data: &[u8]) {
             (_, Outcome::NoMatch) => {}
         }
         previous = Some(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample::*;
+    use super::*;
+
+    const WINDOW: usize = SAMPLE_WINDOW;
+
+    fn sample_matcher() -> PayloadMatcher {
+        PayloadMatcher::compile(&sample_rules(), WINDOW).expect("the sample rules compile")
+    }
+
+    /// Marsaglia's xorshift64: deterministic noise without a `rand` dependency.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("fixture contains the needle")
+    }
+
+    // ---- Protocol fixtures -------------------------------------------------------
+
+    /// OSCAR (AIM/ICQ) FLAP signon frame.
+    fn oscar_signon() -> Vec<u8> {
+        vec![
+            0x2a, // FLAP start marker '*'
+            0x01, // channel 1: new connection (signon)
+            0x5a, 0x31, // sequence number (clients start at a random value)
+            0x00, 0x0c, // data length: the 12 bytes below
+            0x00, 0x00, 0x00, 0x01, // FLAP version 1
+            0x00, 0x06, // TLV type 6: authorization cookie
+            0x00, 0x04, // TLV length 4
+            0xde, 0xad, 0xbe, 0xef, // cookie value
+        ]
+    }
+
+    /// YMSG (Yahoo! Messenger) 20-byte header and an AUTH request.
+    fn ymsg_auth() -> Vec<u8> {
+        // Payload: key "1" (login id), separator C0 80, value "alice", separator C0 80.
+        let payload: &[u8] = b"1\xc0\x80alice\xc0\x80";
+        let mut b = Vec::new();
+        b.extend_from_slice(b"YMSG"); // magic
+        b.extend_from_slice(&[0x00, 0x10]); // protocol version 16
+        b.extend_from_slice(&[0x00, 0x00]); // vendor ID 0
+        b.extend_from_slice(&(payload.len() as u16).to_be_bytes()); // payload length
+        b.extend_from_slice(&[0x00, 0x57]); // service 0x57: AUTH
+        b.extend_from_slice(&[0x00, 0x00, 0x00, 0x00]); // status 0
+        b.extend_from_slice(&[0x00, 0x00, 0x00, 0x00]); // session ID, not yet assigned
+        b.extend_from_slice(payload);
+        b
+    }
+
+    /// MTProto, abridged transport, first (unencrypted) message: req_pq_multi.
+    fn mtproto_abridged() -> Vec<u8> {
+        let mut b = vec![
+            0xef, // abridged transport tag
+            0x0a, // packet length in 4-byte words: 10 words = 40 bytes
+        ];
+        b.extend_from_slice(&[0x00; 8]); // auth_key_id 0: unencrypted message
+        b.extend_from_slice(&0x6522_4a3c_0000_0004u64.to_le_bytes()); // message_id (time-based)
+        b.extend_from_slice(&20u32.to_le_bytes()); // message_data_length: 20 bytes
+        b.extend_from_slice(&0xbe7e_8ef1u32.to_le_bytes()); // constructor req_pq_multi
+        b.extend_from_slice(&[0x3c; 16]); // nonce (int128)
+        b
+    }
+
+    /// WhatsApp: Noise prologue, then the first frame (ClientHello protobuf).
+    fn whatsapp_hello() -> Vec<u8> {
+        let mut b = vec![
+            0x57, 0x41, // "WA"
+            0x06, // Noise protocol version byte
+            0x03, // dictionary version
+            0x00, 0x00, 0x24, // frame length: 36 bytes
+            0x12, 0x22, // HandshakeMessage field 2 (clientHello), length 34
+            0x0a, 0x20, // ClientHello field 1 (ephemeral key), length 32
+        ];
+        b.extend_from_slice(&[0x77; 32]); // ephemeral public key
+        b
+    }
+
+    const XMPP_PROLOG_SINGLE: &[u8] = b"<?xml version='1.0'?><stream:stream to='example.com' \
+        xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+    const XMPP_BARE_DOUBLE: &[u8] = b"<stream:stream xmlns=\"jabber:client\" \
+        xmlns:stream=\"http://etherx.jabber.org/streams\" to=\"example.com\" version=\"1.0\">";
+    const XMPP_PROLOG_DOUBLE: &[u8] = b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<stream:stream \
+        xml:lang=\"en\" to=\"example.com\" version=\"1.0\" xmlns=\"jabber:client\" \
+        xmlns:stream=\"http://etherx.jabber.org/streams\">";
+    const XMPP_SERVER_REPLY: &[u8] = b"<?xml version='1.0'?><stream:stream \
+        xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' id='c2s_4711' \
+        from='example.com' version='1.0' xml:lang='en'>";
+
+    /// A signature fixture: `bytes` matches rule `tag` first at the prefix of length
+    /// `at`, the completing atom starting at `offset`; `first_atom` is where the
+    /// earliest atom of the rule starts (nothing from there on may be forwarded).
+    struct Positive {
+        name: &'static str,
+        dir: Direction,
+        bytes: Vec<u8>,
+        tag: u32,
+        at: usize,
+        offset: usize,
+        first_atom: usize,
+    }
+
+    fn positive(name: &'static str, tag: u32, bytes: Vec<u8>, at: usize, offset: usize) -> Positive {
+        Positive {
+            name,
+            dir: Direction::Client,
+            bytes,
+            tag,
+            at,
+            offset,
+            first_atom: 0,
+        }
+    }
+
+    fn xmpp(name: &'static str, dir: Direction, tag: u32, bytes: &[u8]) -> Positive {
+        let offset = find(bytes, b"jabber:client");
+        Positive {
+            name,
+            dir,
+            bytes: bytes.to_vec(),
+            tag,
+            at: offset + b"jabber:client".len(),
+            offset,
+            first_atom: find(bytes, b"<stream:stream"),
+        }
+    }
+
+    fn positives() -> Vec<Positive> {
+        use Direction::{Client, Server};
+        let mut padded = vec![b'x'; 100];
+        padded.extend_from_slice(XMPP_BARE_DOUBLE);
+        vec![
+            // Complete once the FLAP version (bytes 6..10) is in.
+            positive("OSCAR signon", OSCAR, oscar_signon(), 10, 6),
+            // Complete once the vendor ID (bytes 6..8) is in.
+            positive("YMSG auth", YMSG, ymsg_auth(), 8, 6),
+            // " MSNP" at 5..10 after "VER 1".
+            positive("MSNP8 VER", MSNP, b"VER 1 MSNP8 CVR0\r\n".to_vec(), 10, 5),
+            // " MSNP" at 6..11 after "VER 12".
+            positive("MSNP15 VER", MSNP, b"VER 12 MSNP15 MSNP14 CVR0\r\n".to_vec(), 11, 6),
+            xmpp("XMPP, prolog, single quotes", Client, XMPP, XMPP_PROLOG_SINGLE),
+            xmpp("XMPP, no prolog, double quotes", Client, XMPP, XMPP_BARE_DOUBLE),
+            xmpp("XMPP, prolog, double quotes", Client, XMPP, XMPP_PROLOG_DOUBLE),
+            xmpp("XMPP after 100 benign bytes", Client, XMPP, &padded),
+            xmpp("XMPP server reply", Server, XMPP_SERVER, XMPP_SERVER_REPLY),
+            // "\nUSER " at 9..15, after "NICK foo\r".
+            positive("IRC registration", IRC, b"NICK foo\r\nUSER foo 0 * :Foo\r\n".to_vec(), 15, 9),
+            // auth_key_id zeros at 2..10.
+            positive("MTProto abridged", MTPROTO, mtproto_abridged(), 10, 2),
+            positive("WhatsApp prologue", WHATSAPP, whatsapp_hello(), 4, 0),
+        ]
+    }
+
+    // ---- Negative fixtures -------------------------------------------------------
+
+    /// MySQL HandshakeResponse41, the client's first packet.
+    fn mysql_handshake_response() -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&0x000f_a68du32.to_le_bytes()); // capability flags
+        body.extend_from_slice(&0x0100_0000u32.to_le_bytes()); // max packet size: 16 MiB
+        body.push(0x21); // character set: utf8_general_ci
+        body.extend_from_slice(&[0x00; 23]); // reserved filler
+        body.extend_from_slice(b"root\0"); // user name, NUL-terminated
+        body.push(20); // auth response length
+        body.extend_from_slice(&[0x5a; 20]); // scrambled password
+        body.extend_from_slice(b"mysql_native_password\0"); // auth plugin name
+        let mut packet = (body.len() as u32).to_le_bytes()[..3].to_vec(); // payload length
+        packet.push(0x01); // sequence ID 1: answers the server greeting
+        packet.extend(body);
+        packet
+    }
+
+    /// TLS ClientHello with an SNI extension (what most CONNECT tunnels start with).
+    fn tls_client_hello() -> Vec<u8> {
+        let mut rng = XorShift(0x7155_3a11_0000_0001);
+        let mut b = vec![
+            0x16, // record type: handshake
+            0x03, 0x01, // record version TLS 1.0 (as sent by TLS 1.3 clients)
+            0x02, 0x00, // record length 512
+            0x01, // handshake type: ClientHello
+            0x00, 0x01, 0xfc, // handshake length 508
+            0x03, 0x03, // client version TLS 1.2
+        ];
+        b.extend(rng.bytes(32)); // client random
+        b.push(0x20); // session ID length 32
+        b.extend(rng.bytes(32)); // session ID
+        b.extend_from_slice(&[0x00, 0x04, 0x13, 0x01, 0x13, 0x02]); // two cipher suites
+        b.extend_from_slice(&[0x01, 0x00]); // compression methods: null
+        b.extend_from_slice(&[0x00, 0x14]); // extensions length 20
+        b.extend_from_slice(&[0x00, 0x00, 0x00, 0x10]); // server_name, length 16
+        b.extend_from_slice(&[0x00, 0x0e, 0x00, 0x00, 0x0b]); // list length 14, host_name, 11
+        b.extend_from_slice(b"example.com");
+        b
+    }
+
+    fn negatives() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("SSH banner", b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n".to_vec()),
+            ("SMTP EHLO", b"EHLO mail.example.com\r\n".to_vec()),
+            ("IMAP LOGIN", b"a001 LOGIN user pass\r\n".to_vec()),
+            ("FTP USER", b"USER anonymous\r\n".to_vec()),
+            ("MySQL handshake response", mysql_handshake_response()),
+            ("Redis PING", b"*1\r\n$4\r\nPING\r\n".to_vec()),
+            ("HTTP GET", b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n".to_vec()),
+            ("TLS ClientHello", tls_client_hello()),
+        ]
+    }
+
+    /// Longest suffix of `buf` that is a proper prefix of some atom of `dir`: the most
+    /// a stream that matches nothing may be held back by.
+    fn allowed_hold(rules: &[PayloadRule], dir: Direction, buf: &[u8]) -> usize {
+        let mut hold = 0;
+        for atom in rules.iter().filter(|r| r.direction == dir).flat_map(|r| &r.atoms) {
+            for k in 1..atom.bytes.len().min(buf.len() + 1) {
+                if bytes_eq(&buf[buf.len() - k..], &atom.bytes[..k], atom.nocase) {
+                    hold = hold.max(k);
+                }
+            }
+        }
+        hold
+    }
+
+    // ---- A naive model of the contract, for cross-checks -------------------------
+
+    fn reference(rules: &[PayloadRule], dir: Direction, buf: &[u8]) -> Outcome {
+        let len = buf.len();
+        let mut best: Option<(usize, u32, usize)> = None;
+        let mut alive = Vec::new();
+        let mut progress = false;
+        for rule in rules.iter().filter(|r| r.direction == dir) {
+            let (mut dead, mut complete, mut touched) = (false, true, false);
+            let mut last = (0, 0);
+            for atom in &rule.atoms {
+                let n = atom.bytes.len();
+                match atom.anchor {
+                    Anchor::At(o) if len >= o + n => {
+                        touched = true;
+                        if bytes_eq(&buf[o..o + n], &atom.bytes, atom.nocase) {
+                            last = last.max((o + n, o));
+                        } else {
+                            dead = true;
+                        }
+                    }
+                    Anchor::At(o) => {
+                        complete = false;
+                        if len > o {
+                            touched = true;
+                            dead |= !bytes_eq(&buf[o..], &atom.bytes[..len - o], atom.nocase);
+                        }
+                    }
+                    Anchor::Within(bound) => {
+                        let limit = bound.min(len);
+                        let found = (0..limit.saturating_sub(n) + 1).find(|&s| {
+                            s + n <= limit && bytes_eq(&buf[s..s + n], &atom.bytes, atom.nocase)
+                        });
+                        match found {
+                            Some(s) => {
+                                touched = true;
+                                last = last.max((s + n, s));
+                            }
+                            None => {
+                                complete = false;
+                                dead |= len >= bound;
+                            }
+                        }
+                    }
+                }
+            }
+            if complete && !dead {
+                let done = (last.0, rule.tag, last.1);
+                best = Some(best.map_or(done, |b| b.min(done)));
+            } else if !dead {
+                progress |= touched;
+                alive.push(rule);
+            }
+        }
+        if let Some((_, tag, offset)) = best {
+            return Outcome::Match { tag, offset };
+        }
+        if alive.is_empty() {
+            return Outcome::NoMatch;
+        }
+        if progress {
+            return Outcome::Pending { forward_upto: 0 };
+        }
+        let mut hold = 0;
+        for atom in alive.iter().flat_map(|r| &r.atoms) {
+            let Anchor::Within(bound) = atom.anchor else {
+                continue;
+            };
+            let n = atom.bytes.len();
+            for k in 1..n.min(len + 1) {
+                let s = len - k;
+                if s + n <= bound && bytes_eq(&buf[s..], &atom.bytes[..k], atom.nocase) {
+                    hold = hold.max(k);
+                }
+            }
+        }
+        Outcome::Pending {
+            forward_upto: len - hold,
+        }
+    }
+
+    // ---- Tests --------------------------------------------------------------------
+
+    #[test]
+    fn positives_match_at_the_first_complete_prefix_and_stay_matched() {
+        let m = sample_matcher();
+        let mut rng = XorShift(0x5eed_0001);
+        for p in positives() {
+            let expected = Outcome::Match {
+                tag: p.tag,
+                offset: p.offset,
+            };
+            for len in 0..=p.bytes.len() {
+                let got = m.classify(p.dir, &p.bytes[..len]);
+                if len < p.at {
+                    assert!(
+                        matches!(got, Outcome::Pending { .. }),
+                        "{}: {len} bytes gave {got:?}, want Pending",
+                        p.name
+                    );
+                } else {
+                    assert_eq!(got, expected, "{}: {len} bytes", p.name);
+                }
+            }
+            // Whatever follows does not change the verdict.
+            let mut longer = p.bytes.clone();
+            longer.extend(rng.bytes(3000));
+            assert_eq!(m.classify(p.dir, &longer), expected, "{} + noise", p.name);
+            assert_eq!(m.classify(p.dir, &p.bytes), reference(&sample_rules(), p.dir, &p.bytes));
+        }
+    }
+
+    #[test]
+    fn positives_never_forward_signature_bytes() {
+        // Simulate the proxy: forward up to the largest forward_upto seen, whatever
+        // the read sizes; nothing from the rule's first atom on may have gone out.
+        let m = sample_matcher();
+        let mut rng = XorShift(0x5eed_0002);
+        for p in positives() {
+            for round in 0..50 {
+                let (mut len, mut sent) = (0, 0);
+                loop {
+                    len = (len + 1 + rng.below(if round == 0 { 1 } else { 24 })).min(p.bytes.len());
+                    match m.classify(p.dir, &p.bytes[..len]) {
+                        Outcome::Pending { forward_upto } => sent = sent.max(forward_upto),
+                        Outcome::Match { tag, .. } => {
+                            assert_eq!(tag, p.tag, "{}", p.name);
+                            break;
+                        }
+                        Outcome::NoMatch => panic!("{}: NoMatch at {len} bytes", p.name),
+                    }
+                }
+                assert!(sent <= p.first_atom, "{}: forwarded {sent} bytes", p.name);
+            }
+        }
+    }
+
+    #[test]
+    fn benign_prefix_is_forwarded_until_the_floating_signature_starts() {
+        let m = sample_matcher();
+        let mut buf = vec![b'x'; 100];
+        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 100 });
+        buf.extend_from_slice(b"<stre");
+        // "<stre" could be the start of "<stream:stream": held back.
+        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 100 });
+        buf.extend_from_slice(b"am:stream xmlns='jabber:cl");
+        // The stream header is seen: the stream looks like XMPP, hold everything.
+        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 0 });
+        buf.extend_from_slice(b"ient'>");
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Match {
+                tag: XMPP,
+                offset: find(&buf, b"jabber:client")
+            }
+        );
+    }
+
+    #[test]
+    fn split_floating_pattern_is_held_only_while_it_can_still_fit() {
+        let m = sample_matcher();
+        let mut buf = b"hello jabber:cl".to_vec();
+        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 6 });
+        // "<STR" may begin "<stream:stream" (nocase): held.
+        buf = b"hello <STR".to_vec();
+        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 6 });
+        // A "<stre" starting at 247 would end at 261 > 256: it cannot count, so flows.
+        buf = vec![b'.'; 247];
+        buf.extend_from_slice(b"<stre");
+        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 252 });
+        buf = vec![b'.'; 242];
+        buf.extend_from_slice(b"<stre");
+        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 242 });
+    }
+
+    #[test]
+    fn negatives_never_match_and_keep_flowing() {
+        let m = sample_matcher();
+        let rules = sample_rules();
+        for dir in [Direction::Client, Direction::Server] {
+            for (name, bytes) in negatives() {
+                for len in 0..=bytes.len() {
+                    let prefix = &bytes[..len];
+                    match m.classify(dir, prefix) {
+                        Outcome::Match { .. } => panic!("{name} ({dir:?}): match at {len} bytes"),
+                        Outcome::NoMatch => {}
+                        Outcome::Pending { forward_upto } => {
+                            let held = len - forward_upto;
+                            let allowed = allowed_hold(&rules, dir, prefix);
+                            assert!(
+                                held <= allowed,
+                                "{name} ({dir:?}): {len} bytes, {held} held, at most {allowed}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn negatives_padded_past_reach_are_no_match() {
+        let m = sample_matcher();
+        for dir in [Direction::Client, Direction::Server] {
+            let reach = m.reach(dir);
+            for (name, mut bytes) in negatives() {
+                bytes.resize(reach.max(bytes.len()), b'.');
+                assert_eq!(m.classify(dir, &bytes), Outcome::NoMatch, "{name} ({dir:?})");
+                bytes.resize(WINDOW + 100, b'.');
+                assert_eq!(m.classify(dir, &bytes), Outcome::NoMatch, "{name} ({dir:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn user_first_irc_rule_holds_ftp_user_but_never_matches_it() {
+        // A rule whose first atom matches the first line of another protocol holds that
+        // protocol (here FTP, which then waits for the server's 331) until the rule
+        // fails: a trade-off for rule authors; the caller's timeouts bound it.
+        let rules = vec![rule(
+            20,
+            Direction::Client,
+            vec![at(0, b"USER "), within(512, b"\nNICK ")],
+        )];
+        let m = PayloadMatcher::compile(&rules, WINDOW).expect("compiles");
+        let ftp = b"USER anonymous\r\n";
+        for len in 1..=ftp.len() {
+            assert_eq!(m.classify(Direction::Client, &ftp[..len]), Outcome::Pending { forward_upto: 0 });
+        }
+        let mut ftp = ftp.to_vec();
+        ftp.extend_from_slice(b"PASS guest@\r\n");
+        ftp.resize(512, 0);
+        assert_eq!(m.classify(Direction::Client, &ftp), Outcome::NoMatch);
+        let irc = b"USER foo 0 * :Foo\r\nNICK foo\r\n";
+        assert_eq!(
+            m.classify(Direction::Client, irc),
+            Outcome::Match { tag: 20, offset: 18 }
+        );
+    }
+
+    #[test]
+    fn directions_are_separate() {
+        let m = sample_matcher();
+        for p in positives() {
+            let other = match p.dir {
+                Direction::Client => Direction::Server,
+                Direction::Server => Direction::Client,
+            };
+            let got = m.classify(other, &p.bytes);
+            let same_signature = p.name.starts_with("XMPP");
+            assert!(
+                same_signature || !matches!(got, Outcome::Match { .. }),
+                "{} matched in the {other:?} direction: {got:?}",
+                p.name
+            );
+        }
+        // The server's stream header matches the server rule, not the client one.
+        assert!(matches!(
+            m.classify(Direction::Server, XMPP_SERVER_REPLY),
+            Outcome::Match { tag: XMPP_SERVER, .. }
+        ));
+        assert!(matches!(
+            m.classify(Direction::Client, XMPP_SERVER_REPLY),
+            Outcome::Match { tag: XMPP, .. }
+        ));
+    }
+
+    #[test]
+    fn nocase_atoms_fold_ascii_case_and_exact_atoms_do_not() {
+        let m = sample_matcher();
+        let upper = b"<STREAM:Stream xmlns='jabber:client'>";
+        assert!(matches!(
+            m.classify(Direction::Client, upper),
+            Outcome::Match { tag: XMPP, .. }
+        ));
+        // "jabber:client" is case-sensitive: the automaton is case-insensitive for the
+        // whole direction, so this checks the exact re-verification of hits.
+        let mut wrong = b"<stream:stream xmlns='JABBER:CLIENT'>".to_vec();
+        assert_eq!(m.classify(Direction::Client, &wrong), Outcome::Pending { forward_upto: 0 });
+        wrong.resize(1024, b' ');
+        assert_eq!(m.classify(Direction::Client, &wrong), Outcome::NoMatch);
+        // Anchored nocase atoms fold too.
+        let rules = vec![PayloadRule {
+            tag: 1,
+            direction: Direction::Client,
+            atoms: vec![Atom {
+                bytes: b"hello".to_vec(),
+                anchor: Anchor::At(2),
+                nocase: true,
+            }],
+        }];
+        let m = PayloadMatcher::compile(&rules, 64).expect("compiles");
+        assert_eq!(
+            m.classify(Direction::Client, b"..HeLLo"),
+            Outcome::Match { tag: 1, offset: 2 }
+        );
+        assert_eq!(m.classify(Direction::Client, b"..HeLp"), Outcome::NoMatch);
+    }
+
+    #[test]
+    fn anchored_prefix_holds_everything_and_untouched_offsets_let_bytes_through() {
+        let m = sample_matcher();
+        // A strict prefix of an At(0) atom: the stream may be that protocol.
+        for prefix in [&b"VER"[..], b"*", b"NICK", b"YMS", b"\xef", b"WA\x06"] {
+            assert_eq!(
+                m.classify(Direction::Client, prefix),
+                Outcome::Pending { forward_upto: 0 },
+                "{prefix:?}"
+            );
+        }
+        // An atom at offset 6 alone: bytes before it flow.
+        let rules = vec![rule(3, Direction::Client, vec![at(6, b"ABCD")])];
+        let m = PayloadMatcher::compile(&rules, 64).expect("compiles");
+        let c = |buf: &[u8]| m.classify(Direction::Client, buf);
+        assert_eq!(c(b"xyz"), Outcome::Pending { forward_upto: 3 });
+        assert_eq!(c(b"xyzxyz"), Outcome::Pending { forward_upto: 6 });
+        assert_eq!(c(b"xyzxyzAB"), Outcome::Pending { forward_upto: 0 });
+        assert_eq!(c(b"xyzxyzABCD"), Outcome::Match { tag: 3, offset: 6 });
+        assert_eq!(c(b"xyzxyzABCE"), Outcome::NoMatch);
+        assert_eq!(c(b"xyzxyzAC"), Outcome::NoMatch);
+    }
+
+    #[test]
+    fn earliest_completion_wins_then_lowest_tag_whatever_the_rule_order() {
+        use Direction::Client;
+        let rules = vec![
+            rule(1, Client, vec![within(100, b"foo")]),
+            rule(2, Client, vec![within(100, b"bar")]),
+            rule(7, Client, vec![within(100, b"abc")]),
+            rule(4, Client, vec![within(100, b"bc")]),
+            // Completes at the end of its At atom, which comes after the floating one.
+            rule(9, Client, vec![within(100, b"hi"), at(20, b"Z")]),
+        ];
+        let mut reversed = rules.clone();
+        reversed.reverse();
+        for set in [rules, reversed] {
+            let m = PayloadMatcher::compile(&set, 128).expect("compiles");
+            let c = |buf: &[u8]| m.classify(Client, buf);
+            // "bar" ends first, although rule 1 has the lower tag.
+            assert_eq!(c(b"..bar..foo"), Outcome::Match { tag: 2, offset: 2 });
+            // "abc" and "bc" end together: the lower tag wins.
+            assert_eq!(c(b"..abc"), Outcome::Match { tag: 4, offset: 3 });
+            let mut buf = b"hi".to_vec();
+            buf.resize(20, b'.');
+            buf.push(b'Z');
+            assert_eq!(c(&buf), Outcome::Match { tag: 9, offset: 20 });
+        }
+    }
+
+    #[test]
+    fn reach_and_rule_count() {
+        let m = sample_matcher();
+        assert_eq!(m.rule_count(), sample_rules().len());
+        assert_eq!(m.reach(Direction::Client), 1024);
+        assert_eq!(m.reach(Direction::Server), 1024);
+        let only_client = vec![rule(1, Direction::Client, vec![at(10, b"abc")])];
+        let m = PayloadMatcher::compile(&only_client, 64).expect("compiles");
+        assert_eq!(m.reach(Direction::Client), 13);
+        assert_eq!(m.reach(Direction::Server), 0);
+        assert_eq!(m.classify(Direction::Server, b""), Outcome::NoMatch);
+        let empty = PayloadMatcher::compile(&[], 64).expect("compiles");
+        assert_eq!(empty.rule_count(), 0);
+        assert_eq!(empty.classify(Direction::Client, b"anything"), Outcome::NoMatch);
+    }
+
+    #[test]
+    fn compile_rejects_bad_rules() {
+        use Direction::Client;
+        let cases: Vec<(&str, Vec<Atom>)> = vec![
+            ("no atoms", vec![]),
+            ("empty pattern", vec![at(0, b"")]),
+            ("empty floating pattern", vec![within(10, b"")]),
+            ("Within past the window", vec![within(65, b"abc")]),
+            ("At past the window", vec![at(62, b"abc")]),
+            ("At offset overflow", vec![at(usize::MAX, b"abc")]),
+            ("Within shorter than its pattern", vec![within(2, b"abc")]),
+            ("too many atoms", (0..65).map(|i| at(i, b"a")).collect()),
+        ];
+        for (name, atoms) in cases {
+            let rules = vec![rule(1, Client, atoms)];
+            assert!(PayloadMatcher::compile(&rules, 64).is_err(), "{name}");
+        }
+        // The limits themselves are fine.
+        let edge = vec![rule(1, Client, vec![at(61, b"abc"), within(64, b"abc")])];
+        assert!(PayloadMatcher::compile(&edge, 64).is_ok());
+    }
+
+    #[test]
+    fn random_buffers_never_match_and_never_panic() {
+        let m = sample_matcher();
+        let mut rng = XorShift(0x0123_4567_89ab_cdef);
+        for _ in 0..20_000 {
+            let buf = rng.bytes(64);
+            for dir in [Direction::Client, Direction::Server] {
+                let got = m.classify(dir, &buf);
+                assert!(!matches!(got, Outcome::Match { .. }), "{buf:02x?}: {got:?}");
+            }
+        }
+        for _ in 0..200 {
+            let len = rng.below(3000);
+            let buf = rng.bytes(len);
+            fuzz_logic(&buf);
+        }
+        for _ in 0..100 {
+            let buf = rng.bytes(m.reach(Direction::Client));
+            assert_eq!(m.classify(Direction::Client, &buf), Outcome::NoMatch);
+        }
+    }
+
+    #[test]
+    fn fuzz_logic_holds_on_fixtures() {
+        let mut rng = XorShift(0x0bad_cafe);
+        for p in positives() {
+            fuzz_logic(&p.bytes);
+            let noise = rng.below(200);
+            let mut noisy = rng.bytes(noise);
+            noisy.extend_from_slice(&p.bytes);
+            fuzz_logic(&noisy);
+        }
+        for (_, bytes) in negatives() {
+            fuzz_logic(&bytes);
+        }
+        fuzz_logic(&[]);
+    }
+
+    /// Random rules over a tiny alphabet (so that patterns, partial hits and case
+    /// variants occur often) against the naive model, on every prefix.
+    fn cross_check(seed: u64, rounds: usize, pattern_len: (usize, usize), buf_len: usize) {
+        use Direction::{Client, Server};
+        let alphabet = b"abAB\x00";
+        let mut rng = XorShift(seed);
+        let window = buf_len;
+        for _ in 0..rounds {
+            let mut rules = Vec::new();
+            for tag in 0..1 + rng.below(6) as u32 {
+                let atoms = (0..1 + rng.below(3))
+                    .map(|_| {
+                        let n = pattern_len.0 + rng.below(pattern_len.1 - pattern_len.0 + 1);
+                        let bytes: Vec<u8> = (0..n).map(|_| *rng.pick(alphabet)).collect();
+                        let anchor = if rng.below(3) == 0 {
+                            Anchor::At(rng.below(window / 4))
+                        } else {
+                            Anchor::Within(n + rng.below(window - n + 1))
+                        };
+                        Atom {
+                            bytes,
+                            anchor,
+                            nocase: rng.below(2) == 0,
+                        }
+                    })
+                    .collect();
+                let direction = if rng.below(4) == 0 { Server } else { Client };
+                rules.push(rule(tag, direction, atoms));
+            }
+            let m = PayloadMatcher::compile(&rules, window).expect("random rules compile");
+            for _ in 0..8 {
+                let buf: Vec<u8> = (0..buf_len).map(|_| *rng.pick(alphabet)).collect();
+                for dir in [Client, Server] {
+                    for len in 0..=buf.len() {
+                        let prefix = &buf[..len];
+                        assert_eq!(
+                            m.classify(dir, prefix),
+                            reference(&rules, dir, prefix),
+                            "{rules:?}\n{dir:?} {prefix:?}"
+                        );
+                    }
+                    check_prefixes(&m, dir, &buf);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_naive_model_with_single_byte_patterns() {
+        // Some pattern of one byte: the automaton walks every byte.
+        cross_check(0x1111, 300, (1, 3), 40);
+    }
+
+    #[test]
+    fn matches_the_naive_model_with_bigram_filter() {
+        // Shortest pattern 2 or 3 bytes: bigram filter.
+        cross_check(0x2222, 300, (2, 4), 40);
+    }
+
+    #[test]
+    fn matches_the_naive_model_with_trigram_filter_and_long_buffers() {
+        // Shortest pattern 4 or more: hashed 3-gram filter with a step of up to 6.
+        cross_check(0x3333, 40, (4, 9), 300);
     }
 }

@@ -1,0 +1,533 @@
+//! Test support: an in-process chatwall on loopback ports, real origins
+//! (plain HTTP via hyper, HTTPS via tokio-rustls with a generated
+//! certificate, raw TCP that records every byte it receives), and small
+//! clients. No mocks of the network.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use chatwall::config::Config;
+use chatwall::engine::Engine;
+use chatwall::proxy::Shared;
+use chatwall::server::Server;
+
+/// Bound on any single wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running proxy.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// `[listen]` and `[log]` for a test proxy; append any other sections.
+pub fn base_toml(log: &std::path::Path) -> String {
+    format!(
+        "[listen]\nexplicit = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\n\n[log]\naccess = {:?}\nformat = \"json\"\nlevel = \"warn\"\n\n",
+        log.display().to_string()
+    )
+}
+
+/// Sections that let a test proxy reach loopback origins.
+pub const OPEN: &str = "[access]\ndeny_destinations = []\n";
+
+impl Proxy {
+    /// A proxy that may reach loopback origins, with the bundled set.
+    pub async fn start_open() -> Proxy {
+        Proxy::start(OPEN).await
+    }
+
+    /// A proxy with `extra` TOML sections after the base ones.
+    pub async fn start(extra: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_path = dir.path().join("access.log");
+        let config_path = dir.path().join("chatwall.toml");
+        std::fs::write(&config_path, format!("{}{}", base_toml(&log_path), extra)).expect("write config");
+        Proxy::start_file(dir, config_path, log_path).await
+    }
+
+    /// A proxy from a whole configuration file written by the test (which
+    /// must put the explicit and admin listeners on 127.0.0.1:0).
+    pub async fn start_file(dir: tempfile::TempDir, config_path: PathBuf, log_path: PathBuf) -> Proxy {
+        let cfg = Config::load(Some(&config_path)).unwrap_or_else(|e| panic!("config: {e}"));
+        let engine = Engine::build(cfg).unwrap_or_else(|e| panic!("engine: {e:?}"));
+        let server = Server::bind(engine).await.expect("bind");
+        let addr = server.proxy_addrs()[0].1;
+        let admin = server.admin_addr().expect("admin listener");
+        let shared = server.shared();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Proxy {
+            addr,
+            admin,
+            shared,
+            log_path,
+            config_path,
+            dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stop and wait for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+
+    /// The access-log records written so far (JSON lines).
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait until the access log has at least `n` records.
+    pub async fn wait_log(&self, n: usize) -> Vec<serde_json::Value> {
+        for _ in 0..200 {
+            let l = self.log();
+            if l.len() >= n {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.log()
+    }
+
+    /// `GET path` on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        raw_http(self.admin, &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")).await
+    }
+
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        raw_http(self.admin, &format!("POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await.1
+    }
+
+    /// The value of one sample of the metrics text (0 when absent).
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        metric_value(&self.metrics().await, name_and_labels)
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name_and_labels).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Send raw bytes, read until close: (status, body).
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let out = raw_exchange(addr, request.as_bytes()).await;
+    parse_response(&out)
+}
+
+pub fn parse_response(out: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Write `bytes`, read everything until the peer closes (bounded).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    out
+}
+
+/// Read one HTTP/1.1 response head (and a Content-Length body) from a stream.
+pub async fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("response in time").expect("read");
+        assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
+        })
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("body in time").expect("read");
+        assert!(n > 0, "closed mid-body");
+        body.extend_from_slice(&tmp[..n]);
+    }
+    (status, head, body)
+}
+
+/// What an origin saw.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+/// A plain HTTP/1.1 origin (hyper). Paths: `/bytes/N` N bytes of a fixed
+/// pattern (streamed, chunked); `/echo` echoes the body; anything else
+/// `hello from origin`.
+pub struct HttpOrigin {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// The byte at position `i` of `/bytes/N` bodies.
+pub fn pattern_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+impl HttpOrigin {
+    pub async fn start() -> HttpOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { break };
+                let seen = Arc::clone(&seen2);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| origin_handle(Arc::clone(&seen), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        HttpOrigin { addr, seen }
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn origin_handle(seen: Arc<Mutex<Vec<Seen>>>, req: Request<Incoming>) -> Result<Response<OriginBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let collected = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    if let Ok(mut s) = seen.lock() {
+        s.push(Seen {
+            method: parts.method.to_string(),
+            uri: parts.uri.to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
+            body_len: collected.len(),
+        });
+    }
+    let path = parts.uri.path().to_string();
+    if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        let body = PatternBody { pos: 0, n, chunk: 64 * 1024 };
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    if path == "/echo" {
+        return Ok(Response::new(Full::new(collected).boxed()));
+    }
+    let mut r = Response::new(Full::new(Bytes::from_static(b"hello from origin\n")).boxed());
+    r.headers_mut().insert("x-origin", "1".parse().expect("static header"));
+    Ok(r)
+}
+
+/// `n` pattern bytes in chunks, produced lazily (constant memory).
+struct PatternBody {
+    pos: usize,
+    n: usize,
+    chunk: usize,
+}
+
+impl http_body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.pos >= self.n {
+            return std::task::Poll::Ready(None);
+        }
+        let len = self.chunk.min(self.n - self.pos);
+        let start = self.pos;
+        let data: Vec<u8> = (start..start + len).map(pattern_byte).collect();
+        self.pos += len;
+        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(data)))))
+    }
+}
+
+/// A raw TCP origin that records every byte it receives per connection and
+/// optionally greets first (server-speaks-first protocols) and echoes.
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Vec<u8>>>>,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawOrigin {
+    pub async fn start(banner: Option<&'static [u8]>, echo: bool) -> RawOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind raw origin");
+        let addr = listener.local_addr().expect("addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (rx2, acc2) = (Arc::clone(&received), Arc::clone(&accepted));
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else { break };
+                acc2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let idx = {
+                    let mut r = rx2.lock().expect("lock");
+                    r.push(Vec::new());
+                    r.len() - 1
+                };
+                let rx = Arc::clone(&rx2);
+                tokio::spawn(async move {
+                    if let Some(b) = banner {
+                        let _ = s.write_all(b).await;
+                    }
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if let Ok(mut r) = rx.lock() {
+                                    r[idx].extend_from_slice(&buf[..n]);
+                                }
+                                if echo && s.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawOrigin { addr, received, accepted }
+    }
+
+    /// All bytes received on all connections.
+    pub fn total_received(&self) -> usize {
+        self.received.lock().map(|r| r.iter().map(Vec::len).sum()).unwrap_or(0)
+    }
+
+    pub fn connection_bytes(&self, i: usize) -> Vec<u8> {
+        self.received.lock().ok().and_then(|r| r.get(i).cloned()).unwrap_or_default()
+    }
+}
+
+/// A certificate for `names`, and the rustls server config using it.
+pub fn tls_server_config(names: &[&str]) -> (Arc<rustls::ServerConfig>, rustls::pki_types::CertificateDer<'static>) {
+    let ck = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("cert");
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (Arc::new(cfg), cert)
+}
+
+/// An HTTPS origin (tokio-rustls + hyper) answering `hello over tls`.
+pub struct TlsOrigin {
+    pub addr: SocketAddr,
+    pub cert: rustls::pki_types::CertificateDer<'static>,
+    pub cert_pem_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsOrigin {
+    pub async fn start(names: &[&str]) -> TlsOrigin {
+        let (cfg, cert) = tls_server_config(names);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64_lines(&cert)
+        );
+        let cert_pem_path = dir.path().join("origin.pem");
+        std::fs::write(&cert_pem_path, pem).expect("write pem");
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls origin");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { break };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else { return };
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let path = req.uri().path().to_string();
+                        let body = if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                            Bytes::from((0..n).map(pattern_byte).collect::<Vec<u8>>())
+                        } else {
+                            Bytes::from_static(b"hello over tls\n")
+                        };
+                        Ok::<_, Infallible>(Response::new(Full::new(body)))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        TlsOrigin { addr, cert, cert_pem_path, _dir: dir }
+    }
+
+    /// A rustls client config trusting this origin.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.clone()).expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(cfg)
+    }
+}
+
+fn base64_lines(der: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for chunk in der.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = ((b[0] as u32) << 16) | ((b[1] as u32) << 8) | b[2] as u32;
+        s.push(T[(n >> 18) as usize & 63] as char);
+        s.push(T[(n >> 12) as usize & 63] as char);
+        s.push(if chunk.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        s.push(if chunk.len() > 2 { T[n as usize & 63] as char } else { '=' });
+    }
+    s.as_bytes()
+        .chunks(64)
+        .map(|c| String::from_utf8_lossy(c).to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Open a CONNECT tunnel through the proxy; returns the stream after `200`.
+pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> Result<TcpStream, u16> {
+    let mut s = TcpStream::connect(proxy).await.expect("connect proxy");
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s).await;
+    if status == 200 {
+        Ok(s)
+    } else {
+        Err(status)
+    }
+}
+
+/// A hyper client that sends absolute-form requests to the proxy.
+pub async fn proxy_request(proxy: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    let stream = TcpStream::connect(proxy).await.expect("connect proxy");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    tokio::time::timeout(WAIT, sender.send_request(req)).await.expect("in time").expect("response")
+}
+
+pub fn executor() -> TokioExecutor {
+    TokioExecutor::new()
+}
+
+/// Is `curl` on this machine?
+pub fn have_curl() -> bool {
+    std::process::Command::new("curl").arg("--version").output().is_ok()
+}
+
+/// Run curl with args; (exit code, stdout bytes, stderr).
+pub async fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-s", "-S", "--max-time", "20"])
+            .args(&args)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Fail when an environment variable says so, else print why and skip.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("CHATWALL_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        panic!("required test cannot run: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
