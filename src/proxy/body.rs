@@ -59,11 +59,12 @@ impl Body for PrefixedBody {
 
     fn size_hint(&self) -> SizeHint {
         let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let mut h = self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0));
-        h.set_lower(h.lower() + extra);
-        if let Some(u) = h.upper() {
-            h.set_upper(u + extra);
+        let inner = self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0));
+        let mut h = SizeHint::new();
+        if let Some(u) = inner.upper() {
+            h.set_upper(u.saturating_add(extra));
         }
+        h.set_lower(inner.lower().saturating_add(extra));
         h
     }
 }

@@ -409,15 +409,21 @@ fn generic(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &
     if flow.allowlisted {
         return Ok(());
     }
-    let (found, verdict) = payload_verdict(engine, client_ip, buf);
-    apply(verdict, &mut flow.monitor)?;
+    // The knob decides; a payload signature only names the app. An app
+    // whose own policy is stricter than the knob is still refused.
+    let (found, app_verdict) = payload_verdict(engine, client_ip, buf);
     let d = Detection {
         app: found.map_or(UNIDENTIFIED, |d| d.app),
         rule: found.and_then(|d| d.rule),
         reason,
         offset: found.and_then(|d| d.offset),
     };
-    apply(engine.policy.decide(client_ip, Some(d)), &mut flow.monitor)
+    let knob = engine.policy.decide(client_ip, Some(d));
+    if knob.is_block() {
+        return apply(knob, &mut flow.monitor);
+    }
+    apply(app_verdict, &mut flow.monitor)?;
+    apply(knob, &mut flow.monitor)
 }
 
 /// Neither TLS nor HTTP.

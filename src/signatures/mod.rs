@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::classify::host::HostMatcher;
 use crate::classify::http::{HttpMatcher, HttpRule};
-use crate::classify::payload::{self, Direction, PayloadMatcher, PayloadRule};
+use crate::classify::payload::{self, PayloadMatcher, PayloadRule};
 use crate::classify::tls::ClientHello;
 use crate::classify::{AppIdx, Detection, NetMap, Reason, UNIDENTIFIED};
 use crate::config::ConfigError as FileError;
@@ -445,6 +445,5 @@ fn compile(loaded: Vec<LoadedApp>, window: usize) -> Result<SignatureSet, Vec<Fi
     })?;
     // Longest URL prefix first, so the most specific rule names the flow.
     set.url_prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-    let _ = Direction::Client;
     Ok(set)
 }

@@ -68,6 +68,9 @@ impl Proxy {
     /// A proxy from a whole configuration file written by the test (which
     /// must put the explicit and admin listeners on 127.0.0.1:0).
     pub async fn start_file(dir: tempfile::TempDir, config_path: PathBuf, log_path: PathBuf) -> Proxy {
+        if let Ok(filter) = std::env::var("CHATWALL_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let cfg = Config::load(Some(&config_path)).unwrap_or_else(|e| panic!("config: {e}"));
         let engine = Engine::build(cfg).unwrap_or_else(|e| panic!("engine: {e:?}"));
         let server = Server::bind(engine).await.expect("bind");
@@ -188,19 +191,19 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Read one HTTP/1.1 response head (and a Content-Length body) from a stream.
+/// Read one HTTP/1.1 response head (and a Content-Length body) from a
+/// stream, without reading past it: bytes that follow (a pipelined
+/// response, a tunnel's first bytes) stay in the socket.
 pub async fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
     let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("response in time").expect("read");
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut byte)).await.expect("response in time").expect("read");
         assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        buf.push(byte[0]);
+        assert!(buf.len() < 64 * 1024, "response head too large");
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let len = head
         .lines()
@@ -209,12 +212,8 @@ pub async fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
             k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
         })
         .unwrap_or(0);
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("body in time").expect("read");
-        assert!(n > 0, "closed mid-body");
-        body.extend_from_slice(&tmp[..n]);
-    }
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut body)).await.expect("body in time").expect("body");
     (status, head, body)
 }
 
