@@ -1,1 +1,1222 @@
-//! Filled in by its own change.
+//! The explicit listener end to end: absolute-form HTTP and CONNECT through a
+//! real in-process chatwall to real loopback origins. Every refusal kind,
+//! every upstream failure, the metrics text, the access log and the admin
+//! endpoints.
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{
+    self, connect_tunnel, pattern_byte, proxy_request, raw_exchange, read_response, HttpOrigin, Proxy, RawOrigin,
+    TlsOrigin, OPEN, WAIT,
+};
+
+// ---------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------
+
+/// A signature fixture directory (absolute).
+fn sig_dir(name: &str) -> String {
+    format!("{}/tests/fixtures/signatures/valid/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `[access]` open to loopback plus `[signatures] dir` of a fixture.
+fn open_with_sigs(name: &str) -> String {
+    format!("{OPEN}\n[signatures]\ndir = {:?}\n", sig_dir(name))
+}
+
+/// One response read off a stream: status, head text, decoded body.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<String> {
+        header_of(&self.head, name)
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+}
+
+/// The first value of a header in a response or request head.
+fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+/// Read exactly `n` more bytes into `buf` (bounded).
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) {
+    let mut tmp = [0u8; 16384];
+    while buf.len() < n {
+        let r = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("bytes in time").expect("read");
+        assert!(r > 0, "closed early: have {} of {n} bytes", buf.len());
+        buf.extend_from_slice(&tmp[..r]);
+    }
+}
+
+/// Read one full HTTP/1.1 response: Content-Length or chunked bodies, or no
+/// body (`no_body` for HEAD and CONNECT 2xx). Leftover bytes are an error:
+/// the tests never pipeline.
+async fn read_full(s: &mut TcpStream, no_body: bool) -> Resp {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("head in time").expect("read");
+        assert!(n > 0, "closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut rest = buf[head_end..].to_vec();
+    if no_body || status == 204 || status == 304 || (100..200).contains(&status) {
+        return Resp { status, head, body: rest };
+    }
+    let chunked = header_of(&head, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        let mut body = Vec::new();
+        let mut pos = 0;
+        loop {
+            let line_end = loop {
+                if let Some(p) = rest[pos..].windows(2).position(|w| w == b"\r\n") {
+                    break pos + p;
+                }
+                let need = rest.len() + 1;
+                fill(s, &mut rest, need).await;
+            };
+            let size_text = String::from_utf8_lossy(&rest[pos..line_end]).to_string();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size {size_text:?}"));
+            pos = line_end + 2;
+            if size == 0 {
+                // Trailers (none expected) end with an empty line.
+                loop {
+                    if let Some(p) = rest[pos..].windows(2).position(|w| w == b"\r\n") {
+                        let empty = p == 0;
+                        pos += p + 2;
+                        if empty {
+                            break;
+                        }
+                        continue;
+                    }
+                    let need = rest.len() + 1;
+                    fill(s, &mut rest, need).await;
+                }
+                break;
+            }
+            let need = pos + size + 2;
+            if rest.len() < need {
+                fill(s, &mut rest, need).await;
+            }
+            body.extend_from_slice(&rest[pos..pos + size]);
+            pos += size + 2;
+        }
+        return Resp { status, head, body };
+    }
+    match header_of(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+        Some(len) => {
+            fill(s, &mut rest, len).await;
+            Resp { status, head, body: rest }
+        }
+        None => {
+            // Close-delimited.
+            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await.expect("close-delimited body in time");
+            Resp { status, head, body: rest }
+        }
+    }
+}
+
+/// One request on a fresh connection.
+async fn one(proxy: SocketAddr, raw: &str) -> Resp {
+    let mut s = TcpStream::connect(proxy).await.expect("connect proxy");
+    s.write_all(raw.as_bytes()).await.expect("write");
+    read_full(&mut s, raw.starts_with("HEAD ")).await
+}
+
+/// `GET url` in absolute form on a fresh connection.
+async fn get(proxy: SocketAddr, url: &str) -> Resp {
+    let host = url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or("");
+    one(proxy, &format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n")).await
+}
+
+/// `CONNECT authority` on a fresh connection; returns the response and the
+/// stream (a tunnel when the status is 200).
+async fn connect(proxy: SocketAddr, authority: &str) -> (Resp, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.expect("connect proxy");
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let (status, head, body) = read_response(&mut s).await;
+    (Resp { status, head, body }, s)
+}
+
+/// Write `bytes`, read until the peer closes: (bytes, closed within WAIT).
+async fn until_close(addr: SocketAddr, bytes: &[u8]) -> (Vec<u8>, bool) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let closed = match tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await {
+        Ok(Ok(_)) => true,
+        // A reset after the response still ends the connection.
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Err(_) => false,
+    };
+    (out, closed)
+}
+
+/// One sample of the metrics text by name and labels, in any label order
+/// (0 when absent).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match key.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (key, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let have: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split("\",").collect() };
+            if have.len() != labels.len() {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| {
+                have.iter()
+                    .any(|h| h.trim_end_matches('"') == format!("{k}=\"{v}").as_str())
+            });
+            all.then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Wait until a log record satisfies `pred` (bounded), and return it.
+async fn wait_record(proxy: &Proxy, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(r) = proxy.log().into_iter().find(&pred) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no matching access-log record in {:?}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or("").to_string()
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or_else(|| panic!("{k} is not a number in {v}"))
+}
+
+/// A port on loopback that nothing listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A loopback upstream that accepts and then does `behave` with each stream.
+async fn misbehaving_upstream<F, Fut>(behave: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(behave(s));
+        }
+    });
+    addr
+}
+
+/// Read a request head off `s` (bounded; whatever comes).
+async fn read_head(s: &mut TcpStream) {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut tmp)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+            _ => return,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Plain HTTP forwarding
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_is_forwarded_in_origin_form() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let url = format!("http://{}/hello?x=1", origin.addr);
+    let req = Request::get(&url).header("host", origin.addr.to_string()).body(Full::new(Bytes::new())).expect("request");
+    let resp = proxy_request(proxy.addr, req).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("x-origin").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    let via: Vec<_> = resp.headers().get_all("via").iter().filter_map(|v| v.to_str().ok()).collect();
+    assert!(via.iter().any(|v| v.contains("chatwall")), "no Via on the response: {via:?}");
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect()).await.expect("in time").expect("body").to_bytes();
+    assert_eq!(&body[..], b"hello from origin\n");
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].uri, "/hello?x=1", "the origin must get origin-form");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_returns_headers_without_a_body() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let raw = format!("HEAD http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n", a = origin.addr);
+    s.write_all(raw.as_bytes()).await.expect("write");
+    let r = read_full(&mut s, true).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.body.is_empty(), "HEAD response carried {} body bytes", r.body.len());
+    assert_eq!(r.header("x-origin").as_deref(), Some("1"));
+    // The connection is still in step: a GET on it gets its own full body.
+    let raw = format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n", a = origin.addr);
+    s.write_all(raw.as_bytes()).await.expect("write");
+    let r = read_full(&mut s, false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello from origin\n");
+    let methods: Vec<_> = origin.requests().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["HEAD", "GET"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_bodies_reach_the_origin_whole() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let a = origin.addr;
+    // (name, request head + body as sent, body length the origin must see)
+    let payload: Vec<u8> = (0..100_000).map(pattern_byte).collect();
+    let mut chunked = Vec::new();
+    for part in payload.chunks(7_777) {
+        chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        chunked.extend_from_slice(part);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+        (
+            "content-length",
+            [format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n", payload.len()).into_bytes(), payload.clone()].concat(),
+            payload.len(),
+        ),
+        (
+            "chunked",
+            [format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n").into_bytes(), chunked].concat(),
+            payload.len(),
+        ),
+        (
+            "empty",
+            format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+            0,
+        ),
+    ];
+    for (i, (name, raw, len)) in cases.iter().enumerate() {
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.write_all(raw).await.expect("write");
+        let r = read_full(&mut s, false).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.head);
+        assert_eq!(r.body.len(), *len, "{name}: echoed length");
+        assert!(r.body == payload[..*len], "{name}: echoed bytes differ");
+        let seen = origin.requests();
+        assert_eq!(seen.len(), i + 1, "{name}");
+        assert_eq!(seen[i].method, "POST", "{name}");
+        assert_eq!(seen[i].body_len, *len, "{name}: the origin saw a different body length");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_body_streams_byte_exact() {
+    const N: usize = 64 * 1024 * 1024;
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let url = format!("http://{}/bytes/{N}", origin.addr);
+    let req = Request::get(&url).header("host", origin.addr.to_string()).body(Full::new(Bytes::new())).expect("request");
+    let resp = proxy_request(proxy.addr, req).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut pos = 0usize;
+    let started = Instant::now();
+    while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.expect("frame in time") {
+        let frame = frame.expect("body frame");
+        if let Some(d) = frame.data_ref() {
+            for (i, &b) in d.iter().enumerate() {
+                if b != pattern_byte(pos + i) {
+                    panic!("byte {} is {b}, want {}", pos + i, pattern_byte(pos + i));
+                }
+            }
+            pos += d.len();
+        }
+        assert!(started.elapsed() < WAIT * 12, "64 MiB took too long ({pos} bytes so far)");
+    }
+    assert_eq!(pos, N, "body length");
+    let rec = wait_record(&proxy, |r| s(r, "target") == url && r.get("bytes_down").and_then(Value::as_u64) == Some(N as u64)).await;
+    assert_eq!(n(&rec, "status"), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_survives_a_block_on_the_same_connection() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let a = origin.addr;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let local = s.local_addr().expect("local addr");
+
+    s.write_all(format!("GET http://{a}/one HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes()).await.expect("write");
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"hello from origin\n");
+
+    s.write_all(b"GET http://web.whatsapp.com/ HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n").await.expect("write");
+    let (status, head, body) = read_response(&mut s).await;
+    assert_eq!(status, 403, "{head}");
+    assert_eq!(header_of(&head, "x-chatwall-block").as_deref(), Some("whatsapp"), "{head}");
+    let page = String::from_utf8_lossy(&body);
+    assert!(page.contains("WhatsApp"), "the page names the app: {page}");
+    assert!(!header_of(&head, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close")), "a block must keep the connection: {head}");
+
+    s.write_all(format!("GET http://{a}/three HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes()).await.expect("write");
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"hello from origin\n");
+
+    let uris: Vec<_> = origin.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(uris, ["/one", "/three"]);
+    // All three on one client connection.
+    let recs = proxy.wait_log(3).await;
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    for r in &recs {
+        assert_eq!(s(r, "client"), local.to_string(), "{r}");
+    }
+    assert_eq!(proxy.metric("chatwall_connections_total{listener=\"explicit\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_removed_via_added_host_rewritten() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let a = origin.addr;
+    let raw = format!(
+        "GET http://{a}/hop?x=1 HTTP/1.1\r\n\
+         Host: wrong.example:1234\r\n\
+         Connection: keep-alive, X-Secret\r\n\
+         X-Secret: s3cret\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         Keep-Alive: timeout=5\r\n\
+         TE: trailers\r\n\
+         Proxy-Authorization: Basic dXNlcjpwYXNz\r\n\
+         Via: 1.0 first-hop\r\n\
+         X-Keep: kept\r\n\r\n"
+    );
+    let r = one(proxy.addr, &raw).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.header("via").is_some_and(|v| v.contains("chatwall")), "response Via: {}", r.head);
+
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    let get = |name: &str| h.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    for gone in ["x-secret", "proxy-connection", "keep-alive", "te", "proxy-authorization"] {
+        assert!(get(gone).is_empty(), "{gone} reached the origin: {h:?}");
+    }
+    assert!(!get("connection").iter().any(|v| v.to_ascii_lowercase().contains("x-secret")), "{h:?}");
+    assert_eq!(get("x-keep"), ["kept"], "end-to-end headers pass");
+    assert_eq!(get("host"), [a.to_string()], "Host comes from the absolute URI");
+    let via = get("via").join(", ");
+    assert!(via.contains("1.0 first-hop") && via.contains("1.1 chatwall"), "Via: {via}");
+    assert_eq!(seen[0].uri, "/hop?x=1");
+}
+
+// ---------------------------------------------------------------------------
+// CONNECT tunnels
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_carries_a_real_tls_handshake() {
+    const N: usize = 300_000;
+    let proxy = Proxy::start_open().await;
+    let origin = TlsOrigin::start(&["localhost"]).await;
+    let tunnel = connect_tunnel(proxy.addr, &format!("127.0.0.1:{}", origin.addr.port()))
+        .await
+        .expect("CONNECT answered 200");
+    let connector = tokio_rustls::TlsConnector::from(origin.client_config());
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let mut tls = tokio::time::timeout(WAIT, connector.connect(name, tunnel))
+        .await
+        .expect("handshake in time")
+        .expect("TLS handshake through the tunnel");
+    tls.write_all(format!("GET /bytes/{N} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let mut tmp = vec![0u8; 65536];
+    loop {
+        match tokio::time::timeout(WAIT, tls.read(&mut tmp)).await.expect("read in time") {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&tmp[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("TLS read: {e}"),
+        }
+    }
+    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    let head = String::from_utf8_lossy(&out[..head_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let body = &out[head_end..];
+    assert_eq!(body.len(), N);
+    assert!(body.iter().enumerate().all(|(i, &b)| b == pattern_byte(i)), "tunnelled bytes differ");
+
+    let rec = wait_record(&proxy, |r| s(r, "method") == "CONNECT").await;
+    assert_eq!(s(&rec, "sni"), "localhost", "{rec}");
+    assert_eq!(s(&rec, "verdict"), "allow");
+    assert_eq!(n(&rec, "status"), 200);
+    assert!(n(&rec, "bytes_down") >= N as u64, "{rec}");
+    assert!(n(&rec, "bytes_up") > 0, "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_https_through_the_proxy_is_byte_exact() {
+    if !support::have_curl() {
+        support::skip_or_fail("curl is not installed");
+        return;
+    }
+    const N: usize = 1_000_000;
+    let proxy = Proxy::start_open().await;
+    let origin = TlsOrigin::start(&["localhost"]).await;
+    let port = origin.addr.port();
+    let cacert = origin.cert_pem_path.display().to_string();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let url = format!("https://localhost:{port}/bytes/{N}");
+    let proxy_url = proxy.proxy_url();
+    let (code, out, err) = support::curl(&["-p", "-x", &proxy_url, "--cacert", &cacert, "--resolve", &resolve, &url]).await;
+    assert_eq!(code, 0, "curl failed: {err}");
+    assert_eq!(out.len(), N);
+    assert!(out.iter().enumerate().all(|(i, &b)| b == pattern_byte(i)), "bytes differ");
+    // Also with --connect-to, and plain text through the same proxy.
+    let connect_to = format!("localhost:{port}:127.0.0.1:{port}");
+    let url = format!("https://localhost:{port}/");
+    let (code, out, err) = support::curl(&["-p", "-x", &proxy_url, "--cacert", &cacert, "--connect-to", &connect_to, &url]).await;
+    assert_eq!(code, 0, "curl failed: {err}");
+    assert_eq!(out, b"hello over tls\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnel_keeps_flowing_after_the_client_half_closes() {
+    let proxy = Proxy::start_open().await;
+
+    // An echo origin: what comes back after our FIN must still arrive.
+    let echo = RawOrigin::start(None, true).await;
+    let mut t = connect_tunnel(proxy.addr, &echo.addr.to_string()).await.expect("CONNECT 200");
+    let msg = b"half-close echo check 0123456789\n".repeat(50);
+    t.write_all(&msg).await.expect("write");
+    t.shutdown().await.expect("shutdown write");
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut back)).await.expect("echo in time").expect("read");
+    assert_eq!(back, msg, "echoed bytes");
+    assert_eq!(echo.connection_bytes(0), msg, "the origin saw every byte");
+
+    // An origin that answers only after the client's FIN reached it.
+    let after_eof = misbehaving_upstream(|mut s| async move {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+        let _ = s.write_all(format!("got {} bytes", got.len()).as_bytes()).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let mut t = connect_tunnel(proxy.addr, &after_eof.to_string()).await.expect("CONNECT 200");
+    t.write_all(b"abcdefghij").await.expect("write");
+    t.shutdown().await.expect("shutdown write");
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, t.read_to_end(&mut back)).await.expect("reply in time").expect("read");
+    assert_eq!(String::from_utf8_lossy(&back), "got 10 bytes");
+
+    let rec = wait_record(&proxy, |r| s(r, "target") == after_eof.to_string()).await;
+    assert_eq!(n(&rec, "bytes_up"), 10, "{rec}");
+    assert_eq!(n(&rec, "bytes_down"), 12, "{rec}");
+}
+
+// ---------------------------------------------------------------------------
+// Refusals
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_app_without_contacting_anything() {
+    let proxy = Proxy::start_open().await;
+    // (request line target or CONNECT authority, app, reason)
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("GET", "http://web.whatsapp.com/", "whatsapp", "host"),
+        ("CONNECT", "web.whatsapp.com:443", "whatsapp", "host"),
+        ("CONNECT", "x.y.telegram.org:443", "telegram", "host"),
+        ("GET", "http://x.y.telegram.org/a/b", "telegram", "host"),
+        ("GET", "http://WEB.WhatsApp.COM/", "whatsapp", "host"),
+        ("CONNECT", "WEB.WhatsApp.COM:443", "whatsapp", "host"),
+        ("GET", "http://web.whatsapp.com./", "whatsapp", "host"),
+        ("CONNECT", "web.whatsapp.com.:443", "whatsapp", "host"),
+        ("CONNECT", "149.154.167.51:443", "telegram", "ip"),
+        ("GET", "http://149.154.167.51/", "telegram", "ip"),
+        ("CONNECT", "[2001:67c:4e8::1]:443", "telegram", "ip"),
+        ("CONNECT", "[::ffff:149.154.167.51]:443", "telegram", "ip"),
+        ("CONNECT", "example.invalid:5190", "aim", "port"),
+        ("CONNECT", "example.invalid:5050", "yahoo-messenger", "port"),
+        ("CONNECT", "example.invalid:1863", "msn-messenger", "port"),
+        ("GET", "http://example.invalid:5190/", "aim", "port"),
+        ("GET", "http://gateway.messenger.hotmail.com/gateway/gateway.dll?Action=open", "msn-messenger", "host"),
+        // The path rule alone, on a name no rule lists (no DNS needed).
+        ("GET", "http://example.invalid/gateway/gateway.dll?Action=open", "msn-messenger", "http"),
+    ];
+    for (method, target, app, reason) in cases {
+        let raw = if *method == "CONNECT" {
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")
+        } else {
+            let host = target.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or("");
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n")
+        };
+        let started = Instant::now();
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.write_all(raw.as_bytes()).await.expect("write");
+        let (status, head, body) = read_response(&mut s).await;
+        assert_eq!(status, 403, "{method} {target}: {head}");
+        assert_eq!(header_of(&head, "x-chatwall-block").as_deref(), Some(*app), "{method} {target}: {head}");
+        assert!(String::from_utf8_lossy(&body).contains(app), "{method} {target}: the page names {app}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{method} {target}: refusal took {:?}", started.elapsed());
+        let rec = wait_record(&proxy, |r| s(r, "method") == *method && s(r, "target").contains(target.trim_start_matches("http://").split('/').next().unwrap_or(""))
+            && s(r, "app") == *app && s(r, "reason") == *reason)
+        .await;
+        assert_eq!(s(&rec, "verdict"), "block", "{rec}");
+        assert_eq!(n(&rec, "status"), 403, "{rec}");
+        assert!(rec.get("upstream").is_none_or(Value::is_null), "{method} {target}: an upstream was contacted: {rec}");
+    }
+    let m = proxy.metrics().await;
+    for kind in ["dns", "connect_refused", "connect_timeout", "connect", "reset", "timeout"] {
+        assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", kind)]), 0.0, "{kind}");
+    }
+    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "whatsapp"), ("reason", "host")]), 6.0);
+    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "telegram"), ("reason", "ip")]), 4.0);
+    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "aim"), ("reason", "port")]), 2.0);
+    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "msn-messenger"), ("reason", "http")]), 1.0);
+    assert_eq!(sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "block")]), cases.len() as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_http_rule_never_reaches_a_loopback_origin() {
+    // The MSN gateway path rule of the bundled set, on a reachable origin.
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let r = get(proxy.addr, &format!("http://{}/gateway/gateway.dll?Action=open&Server=NS", origin.addr)).await;
+    assert_eq!(r.status, 403, "{}", r.head);
+    assert_eq!(r.header("x-chatwall-block").as_deref(), Some("msn-messenger"));
+    let r = one(
+        proxy.addr,
+        &format!(
+            "POST http://{a}/messenger HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/x-msn-messenger\r\nContent-Length: 3\r\n\r\nVER",
+            a = origin.addr
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.head);
+    assert_eq!(r.header("x-chatwall-block").as_deref(), Some("msn-messenger"));
+    assert!(origin.requests().is_empty(), "the origin was contacted: {:?}", origin.requests());
+    // An ordinary path on the same origin passes.
+    let r = get(proxy.addr, &format!("http://{}/gateway/other", origin.addr)).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn im_ports_are_refused_before_any_connection() {
+    let proxy = Proxy::start_open().await;
+    for (port, app) in [(5190u16, "aim"), (5050, "yahoo-messenger"), (1863, "msn-messenger")] {
+        // Listen there when the port is free, to see that nothing connects.
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.ok();
+        let (r, _) = connect(proxy.addr, &format!("127.0.0.1:{port}")).await;
+        assert_eq!(r.status, 403, "{port}: {}", r.head);
+        assert_eq!(r.header("x-chatwall-block").as_deref(), Some(app), "{port}");
+        if let Some(l) = listener {
+            let accepted = tokio::time::timeout(Duration::from_millis(200), l.accept()).await;
+            assert!(accepted.is_err(), "port {port}: the proxy connected to the IM port");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_resolving_into_an_im_range_is_refused_by_ip() {
+    let proxy = Proxy::start(&open_with_sigs("loopback-cidr")).await;
+    let origin = RawOrigin::start(None, true).await;
+    let http = HttpOrigin::start().await;
+    let port = origin.addr.port();
+
+    let (r, _) = connect(proxy.addr, &format!("localhost:{port}")).await;
+    assert_eq!(r.status, 403, "{}", r.head);
+    assert_eq!(r.header("x-chatwall-block").as_deref(), Some("loopnet"));
+    let rec = wait_record(&proxy, |r| s(r, "method") == "CONNECT").await;
+    assert_eq!(s(&rec, "reason"), "ip", "{rec}");
+    assert_eq!(s(&rec, "host"), "localhost", "{rec}");
+
+    // The literal address too, and plain HTTP by name.
+    let (r, _) = connect(proxy.addr, &format!("127.0.0.1:{port}")).await;
+    assert_eq!(r.status, 403);
+    let r = get(proxy.addr, &format!("http://localhost:{}/", http.addr.port())).await;
+    assert_eq!(r.status, 403, "{}", r.head);
+    assert_eq!(r.header("x-chatwall-block").as_deref(), Some("loopnet"));
+
+    assert_eq!(origin.accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "the IM address was contacted");
+    assert!(http.requests().is_empty());
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "loopnet"), ("reason", "ip")]), 3.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idn_names_compare_in_punycode() {
+    let proxy = Proxy::start(&open_with_sigs("localhost-host")).await;
+    // The fixture writes `bücher.example` and `*.пример.example` in Unicode;
+    // requests carry the punycode (any case).
+    for (method, target) in [
+        ("CONNECT", "xn--bcher-kva.example:443"),
+        ("CONNECT", "XN--BCHER-KVA.EXAMPLE.:443"),
+        ("GET", "http://xn--bcher-kva.example/"),
+        ("CONNECT", "www.xn--e1afmkfd.example:443"),
+    ] {
+        let r = if method == "CONNECT" { connect(proxy.addr, target).await.0 } else { get(proxy.addr, target).await };
+        assert_eq!(r.status, 403, "{method} {target}: {}", r.head);
+        assert_eq!(r.header("x-chatwall-block").as_deref(), Some("idnim"), "{method} {target}");
+    }
+    // Raw UTF-8 in the request line: refused (400 or 403), never forwarded,
+    // never a crash.
+    for raw in [
+        "CONNECT bücher.example:443 HTTP/1.1\r\nHost: bücher.example:443\r\n\r\n",
+        "GET http://bücher.example/ HTTP/1.1\r\nHost: bücher.example\r\n\r\n",
+    ] {
+        let (out, _) = until_close(proxy.addr, raw.as_bytes()).await;
+        let (status, _) = support::parse_response(&out);
+        assert!(status == 400 || status == 403, "{raw:?} -> {status}");
+    }
+    // Still serving.
+    let r = connect(proxy.addr, "xn--bcher-kva.example:443").await.0;
+    assert_eq!(r.status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idn_names_in_the_allow_list() {
+    // Without the allow-list the IDN app is refused; with the Unicode name
+    // on the allow-list the name passes (and then fails DNS: 502, no block).
+    let base = format!("{}\n[limits]\ndns_timeout_ms = 3000\n", open_with_sigs("localhost-host"));
+    let cases: &[(&str, u16)] = &[
+        ("", 403),
+        ("[[policy.allow]]\nhosts = [\"bücher.example\"]\n", 502),
+        ("[[policy.allow]]\nhosts = [\"BÜCHER.example.\"]\n", 502),
+        ("[[policy.allow]]\nhosts = [\"*.пример.example\"]\n", 403),
+    ];
+    for (allow, want) in cases {
+        let proxy = Proxy::start(&format!("{base}{allow}")).await;
+        let r = connect(proxy.addr, "xn--bcher-kva.example:443").await.0;
+        assert_eq!(r.status, *want, "allow {allow:?}: {}", r.head);
+        if *want == 502 {
+            assert!(r.header("x-chatwall-block").is_none(), "{}", r.head);
+        }
+        if *allow == cases[3].0 {
+            let r = connect(proxy.addr, "www.xn--e1afmkfd.example:443").await.0;
+            assert_eq!(r.status, 502, "a Unicode wildcard on the allow-list: {}", r.head);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_mode_passes_logs_and_counts() {
+    let extra = format!("{}\n[policy]\ndefault = \"monitor\"\n", open_with_sigs("localhost-host"));
+    let proxy = Proxy::start(&extra).await;
+    let origin = HttpOrigin::start().await;
+    let echo = RawOrigin::start(None, true).await;
+    let before = proxy.metrics().await;
+    assert_eq!(sample(&before, "chatwall_detections_total", &[("action", "monitor"), ("app", "localim")]), 0.0);
+
+    let url = format!("http://localhost:{}/watched", origin.addr.port());
+    let r = get(proxy.addr, &url).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.header("x-chatwall-block").is_none());
+    assert_eq!(r.text(), "hello from origin\n");
+    assert_eq!(origin.requests().len(), 1, "monitor passes the request on");
+    let rec = wait_record(&proxy, |r| s(r, "target") == url).await;
+    assert_eq!(s(&rec, "verdict"), "monitor", "{rec}");
+    assert_eq!(s(&rec, "app"), "localim", "{rec}");
+    assert_eq!(s(&rec, "reason"), "host", "{rec}");
+    assert_eq!(n(&rec, "status"), 200);
+
+    // A tunnel too.
+    let mut t = connect_tunnel(proxy.addr, &format!("localhost:{}", echo.addr.port())).await.expect("monitor tunnel is 200");
+    t.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+    assert_eq!(&back, b"ping");
+    drop(t);
+    let rec = wait_record(&proxy, |r| s(r, "method") == "CONNECT").await;
+    assert_eq!(s(&rec, "verdict"), "monitor", "{rec}");
+    assert_eq!(s(&rec, "app"), "localim", "{rec}");
+
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_detections_total", &[("action", "monitor"), ("app", "localim")]), 2.0, "{m}");
+    assert_eq!(sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "monitor")]), 2.0);
+    assert_eq!(sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "block")]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_exceptions_apply_to_matching_clients_only() {
+    // (policy sections, expected status, expected verdict)
+    let cases: &[(&str, u16, &str)] = &[
+        ("[[policy.exceptions]]\nclients = [\"127.0.0.0/8\"]\napps = [\"localim\"]\naction = \"allow\"\n", 200, "allow"),
+        ("[[policy.exceptions]]\nclients = [\"10.0.0.0/8\"]\napps = [\"localim\"]\naction = \"allow\"\n", 403, "block"),
+        ("[[policy.exceptions]]\nclients = [\"127.0.0.1\"]\ncategories = [\"consumer-im\"]\naction = \"monitor\"\n", 200, "monitor"),
+        ("[[policy.exceptions]]\nclients = [\"127.0.0.0/8\"]\napps = [\"idnim\"]\naction = \"allow\"\n", 403, "block"),
+        (
+            "[policy]\ndefault = \"monitor\"\n\n[[policy.exceptions]]\nclients = [\"127.0.0.0/8\"]\napps = [\"localim\"]\naction = \"block\"\n",
+            403,
+            "block",
+        ),
+        // The first matching exception wins.
+        (
+            "[[policy.exceptions]]\nclients = [\"127.0.0.0/8\"]\napps = [\"localim\"]\naction = \"allow\"\n\n[[policy.exceptions]]\napps = [\"localim\"]\naction = \"block\"\n",
+            200,
+            "allow",
+        ),
+    ];
+    for (policy, status, verdict) in cases {
+        let proxy = Proxy::start(&format!("{}\n{policy}", open_with_sigs("localhost-host"))).await;
+        let origin = HttpOrigin::start().await;
+        let url = format!("http://localhost:{}/", origin.addr.port());
+        let r = get(proxy.addr, &url).await;
+        assert_eq!(r.status, *status, "{policy}: {}", r.head);
+        assert_eq!(origin.requests().len(), usize::from(*status == 200), "{policy}");
+        if *status == 403 {
+            assert_eq!(r.header("x-chatwall-block").as_deref(), Some("localim"));
+        }
+        let rec = wait_record(&proxy, |r| s(r, "target") == url).await;
+        assert_eq!(s(&rec, "verdict"), *verdict, "{policy}: {rec}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_overrides_signatures() {
+    // (signature fixture, allow-list, expected status)
+    let cases: &[(&str, &str, u16)] = &[
+        ("localhost-host", "", 403),
+        ("localhost-host", "[[policy.allow]]\nhosts = [\"localhost\"]\n", 200),
+        ("localhost-host", "[[policy.allow]]\nhosts = [\"LOCALHOST.\"]\n", 200),
+        // A wildcard never covers the apex.
+        ("localhost-host", "[[policy.allow]]\nhosts = [\"*.localhost\"]\n", 403),
+        ("loopback-cidr", "", 403),
+        ("loopback-cidr", "[[policy.allow]]\ncidrs = [\"127.0.0.0/8\", \"::1\"]\n", 200),
+        ("loopback-cidr", "[[policy.allow]]\nhosts = [\"localhost\"]\n", 200),
+    ];
+    for (sigs, allow, want) in cases {
+        let proxy = Proxy::start(&format!("{}\n{allow}", open_with_sigs(sigs))).await;
+        let origin = HttpOrigin::start().await;
+        let echo = RawOrigin::start(None, true).await;
+        let r = get(proxy.addr, &format!("http://localhost:{}/", origin.addr.port())).await;
+        assert_eq!(r.status, *want, "{sigs} {allow:?}: {}", r.head);
+        let (r, mut t) = connect(proxy.addr, &format!("localhost:{}", echo.addr.port())).await;
+        assert_eq!(r.status, *want, "CONNECT {sigs} {allow:?}: {}", r.head);
+        if *want == 200 {
+            t.write_all(b"allowed").await.expect("write");
+            let mut back = [0u8; 7];
+            tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+            assert_eq!(&back, b"allowed");
+            assert_eq!(origin.requests().len(), 1);
+        } else {
+            assert!(origin.requests().is_empty());
+            assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_allow_clients_get_403_and_close() {
+    let proxy = Proxy::start("[access]\nallow_clients = [\"10.0.0.0/8\"]\ndeny_destinations = []\n").await;
+    let origin = HttpOrigin::start().await;
+    // Saying nothing, and sending a request at once.
+    let (out, closed) = until_close(proxy.addr, b"").await;
+    assert!(closed, "the connection stays open");
+    assert_eq!(support::parse_response(&out).0, 403, "{}", String::from_utf8_lossy(&out));
+    let raw = format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n", a = origin.addr);
+    let (out, closed) = until_close(proxy.addr, raw.as_bytes()).await;
+    assert!(closed, "the connection stays open");
+    assert_eq!(support::parse_response(&out).0, 403, "{}", String::from_utf8_lossy(&out));
+    assert!(origin.requests().is_empty());
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_refused_clients_total", &[]), 2.0, "{m}");
+    assert_eq!(sample(&m, "chatwall_connections_total", &[("listener", "explicit")]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_destinations_are_refused_by_default() {
+    let proxy = Proxy::start("").await;
+    let origin = HttpOrigin::start().await;
+    let port = origin.addr.port();
+    for url in [
+        format!("http://127.0.0.1:{port}/"),
+        format!("http://localhost:{port}/"),
+        format!("http://127.1:{port}/"),
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+    ] {
+        let r = get(proxy.addr, &url).await;
+        assert_eq!(r.status, 403, "{url}: {}", r.head);
+        assert_eq!(r.header("x-chatwall-block").as_deref(), Some("destination"), "{url}");
+    }
+    assert!(origin.requests().is_empty(), "a denied destination was contacted");
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "denied_destination")]), 4.0);
+}
+
+/// CONNECT to the proxy's own ports under different spellings.
+async fn own_port_spellings(proxy: &Proxy, open: bool) {
+    for port in [proxy.addr.port(), proxy.admin.port()] {
+        for host in ["127.0.0.1", "localhost", "[::1]", "0.0.0.0", "0x7f000001", "127.1", "[::ffff:127.0.0.1]", "[::]"] {
+            let authority = format!("{host}:{port}");
+            let (r, _) = connect(proxy.addr, &authority).await;
+            assert_ne!(r.status, 200, "CONNECT {authority} (open={open}) reached the proxy itself");
+            let allowed: &[u16] = match (host, open) {
+                // Nothing listens on ::1 here: with the loopback ranges open,
+                // the attempt fails upstream (it is not this proxy).
+                ("[::1]", true) => &[403, 502],
+                ("0x7f000001", _) => &[400, 403],
+                _ => &[403],
+            };
+            assert!(allowed.contains(&r.status), "CONNECT {authority} (open={open}) -> {}", r.head);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_own_ports_is_refused() {
+    let proxy = Proxy::start("").await;
+    own_port_spellings(&proxy, false).await;
+    let proxy = Proxy::start_open().await;
+    own_port_spellings(&proxy, true).await;
+    // Plain HTTP to the admin port through the proxy, with the loopback open.
+    let r = get(proxy.addr, &format!("http://127.0.0.1:{}/metrics", proxy.admin.port())).await;
+    assert_eq!(r.status, 403, "{}", r.head);
+    let r = get(proxy.addr, &format!("http://localhost:{}/healthz", proxy.admin.port())).await;
+    assert_eq!(r.status, 403, "{}", r.head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_close() {
+    let proxy = Proxy::start_open().await;
+    let cases: &[(&str, &[u8])] = &[
+        ("origin-form", b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+        ("ftp scheme", b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("https scheme", b"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+        ("garbage", b"\x00\x01\x02 garbage \xff\xfe\r\n\r\n"),
+        ("CONNECT without port", b"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+        ("CONNECT port 0", b"CONNECT example.com:0 HTTP/1.1\r\nHost: example.com:0\r\n\r\n"),
+        ("CONNECT bad name", b"CONNECT exa_mple..com:443 HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("no host", b"GET http:///x HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ];
+    for (name, raw) in cases {
+        let (out, closed) = until_close(proxy.addr, raw).await;
+        let (status, _) = support::parse_response(&out);
+        assert_eq!(status, 400, "{name}: {}", String::from_utf8_lossy(&out));
+        assert!(closed, "{name}: the connection stays open after a 400");
+    }
+    // Still serving.
+    let origin = HttpOrigin::start().await;
+    assert_eq!(get(proxy.addr, &format!("http://{}/", origin.addr)).await.status, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Upstream failures
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upstream_is_502_naming_the_cause() {
+    let proxy = Proxy::start_open().await;
+    let port = closed_port();
+    let r = get(proxy.addr, &format!("http://127.0.0.1:{port}/")).await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert!(r.text().to_lowercase().contains("refused"), "{}", r.text());
+    let (r, _) = connect(proxy.addr, &format!("127.0.0.1:{port}")).await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert!(String::from_utf8_lossy(&r.body).to_lowercase().contains("refused"));
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "connect_refused")]), 2.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_failure_is_502() {
+    let proxy = Proxy::start_open().await;
+    let r = get(proxy.addr, "http://no-such-host.invalid/").await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert!(r.text().contains("DNS"), "{}", r.text());
+    let (r, _) = connect(proxy.addr, "no-such-host.invalid:443").await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert!(String::from_utf8_lossy(&r.body).contains("DNS"));
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "dns")]), 2.0, "{m}");
+    let rec = wait_record(&proxy, |r| s(r, "target") == "http://no-such-host.invalid/").await;
+    assert_eq!(n(&rec, "status"), 502);
+    assert!(s(&rec, "error").contains("DNS"), "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_closes_or_resets_without_answering_is_502() {
+    let proxy = Proxy::start_open().await;
+    let closes = misbehaving_upstream(|mut s| async move {
+        read_head(&mut s).await;
+        drop(s);
+    })
+    .await;
+    let resets = misbehaving_upstream(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    })
+    .await;
+    let garbage = misbehaving_upstream(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s.write_all(b"SSH-2.0-not-http\r\n\r\n").await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    for (name, addr) in [("close", closes), ("reset", resets), ("garbage", garbage)] {
+        let started = Instant::now();
+        let r = get(proxy.addr, &format!("http://{addr}/")).await;
+        assert_eq!(r.status, 502, "{name}: {}", r.head);
+        assert!(started.elapsed() < Duration::from_secs(5), "{name}: took {:?}", started.elapsed());
+    }
+    let m = proxy.metrics().await;
+    let errors = sample(&m, "chatwall_upstream_errors_total", &[("kind", "reset")])
+        + sample(&m, "chatwall_upstream_errors_total", &[("kind", "protocol")]);
+    assert_eq!(errors, 3.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_never_answers_is_504() {
+    let proxy = Proxy::start(&format!("{OPEN}\n[limits]\nupstream_response_timeout_ms = 500\n")).await;
+    let (hold_tx, hold_rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+    let silent = misbehaving_upstream(move |mut s| {
+        let hold = hold_tx.clone();
+        async move {
+            read_head(&mut s).await;
+            let _ = hold.send(s);
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let r = get(proxy.addr, &format!("http://{silent}/")).await;
+    assert_eq!(r.status, 504, "{}", r.head);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(5), "took {took:?}");
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "timeout")]), 1.0, "{m}");
+    drop(hold_rx);
+}
+
+// ---------------------------------------------------------------------------
+// Metrics, access log, admin
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_text_counts_what_happened() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    assert_eq!(get(proxy.addr, &format!("http://{}/", origin.addr)).await.status, 200);
+    assert_eq!(get(proxy.addr, "http://web.whatsapp.com/").await.status, 403);
+    assert_eq!(get(proxy.addr, "http://no-such-host.invalid/").await.status, 502);
+
+    let (status, m) = proxy.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    for family in [
+        "chatwall_connections_total",
+        "chatwall_connections_active",
+        "chatwall_requests_total",
+        "chatwall_blocked_total",
+        "chatwall_detections_total",
+        "chatwall_bytes_total",
+        "chatwall_upstream_errors_total",
+        "chatwall_inspection_duration_seconds",
+        "chatwall_signatures_loaded",
+        "chatwall_build_info",
+    ] {
+        assert!(m.contains(&format!("# TYPE {family} ")), "no {family} in\n{m}");
+    }
+    let allow = sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "allow")]);
+    let block = sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "block")]);
+    assert_eq!((allow, block), (1.0, 1.0), "{m}");
+    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "whatsapp"), ("reason", "host")]), 1.0);
+    assert_eq!(sample(&m, "chatwall_detections_total", &[("action", "block"), ("app", "whatsapp")]), 1.0);
+    assert_eq!(sample(&m, "chatwall_connections_total", &[("listener", "explicit")]), 3.0);
+    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "dns")]), 1.0);
+    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "connect_refused")]), 0.0);
+    assert_eq!(sample(&m, "chatwall_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert!(sample(&m, "chatwall_bytes_total", &[("direction", "down")]) >= 18.0);
+    assert!(sample(&m, "chatwall_signatures_loaded", &[("app", "whatsapp")]) > 0.0);
+    // Labels are bounded: no label value taken from traffic.
+    assert!(!m.contains("no-such-host"), "a host name became a label");
+
+    // Connections end: the gauge returns to 0.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let active = sample(&proxy.metrics().await, "chatwall_connections_active", &[("listener", "explicit")]);
+        if active == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "connections_active stuck at {active}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_records_every_field() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let a = origin.addr;
+    let mut c = TcpStream::connect(proxy.addr).await.expect("connect");
+    let client = c.local_addr().expect("local").to_string();
+    c.write_all(format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: 11\r\n\r\nhello world").as_bytes())
+        .await
+        .expect("write");
+    let r = read_full(&mut c, false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello world");
+    c.write_all(b"GET http://web.whatsapp.com/x HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n").await.expect("write");
+    let blocked = read_full(&mut c, false).await;
+    assert_eq!(blocked.status, 403);
+    drop(c);
+
+    let recs = proxy.wait_log(2).await;
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    for r in &recs {
+        for field in ["ts", "client", "user", "listener", "method", "target", "host", "sni", "app", "verdict", "reason", "status", "bytes_up", "bytes_down", "duration_ms"] {
+            assert!(r.get(field).is_some(), "no {field} in {r}");
+        }
+        let ts = s(r, "ts");
+        assert!(ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T') && ts.ends_with('Z'), "ts {ts:?} is not RFC 3339 UTC");
+        assert_eq!(s(r, "client"), client);
+        assert_eq!(s(r, "listener"), "explicit");
+        n(r, "duration_ms");
+        n(r, "bytes_up");
+    }
+    let post = recs.iter().find(|r| s(r, "method") == "POST").expect("POST record");
+    assert_eq!(s(post, "target"), format!("http://{a}/echo"));
+    assert_eq!(s(post, "host"), "127.0.0.1");
+    assert!(post["app"].is_null(), "{post}");
+    assert!(post["reason"].is_null(), "{post}");
+    assert_eq!(s(post, "verdict"), "allow");
+    assert_eq!(n(post, "status"), 200);
+    assert_eq!(n(post, "bytes_down"), 11);
+
+    let get = recs.iter().find(|r| s(r, "method") == "GET").expect("GET record");
+    assert_eq!(s(get, "target"), "http://web.whatsapp.com/x");
+    assert_eq!(s(get, "host"), "web.whatsapp.com");
+    assert_eq!(s(get, "app"), "whatsapp");
+    assert_eq!(s(get, "verdict"), "block");
+    assert_eq!(s(get, "reason"), "host");
+    assert_eq!(n(get, "status"), 403);
+    assert_eq!(n(get, "bytes_up"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_counts_request_body_bytes_up() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let a = origin.addr;
+    let body = "x".repeat(5000);
+    let r = one(proxy.addr, &format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(origin.requests()[0].body_len, 5000);
+    let rec = wait_record(&proxy, |r| s(r, "method") == "POST").await;
+    assert_eq!(n(&rec, "bytes_down"), 5000, "{rec}");
+    assert_eq!(n(&rec, "bytes_up"), 5000, "the request body sent upstream is not counted: {rec}");
+    let m = proxy.metrics().await;
+    assert!(sample(&m, "chatwall_bytes_total", &[("direction", "up")]) >= 5000.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squid_log_format_has_ten_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("access.log");
+    let config_path = dir.path().join("chatwall.toml");
+    let text = format!(
+        "[listen]\nexplicit = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\n\n[log]\naccess = {:?}\nformat = \"squid\"\nlevel = \"warn\"\n\n{OPEN}",
+        log_path.display().to_string()
+    );
+    std::fs::write(&config_path, text).expect("write config");
+    let proxy = Proxy::start_file(dir, config_path, log_path.clone()).await;
+    let origin = HttpOrigin::start().await;
+    assert_eq!(get(proxy.addr, &format!("http://{}/", origin.addr)).await.status, 200);
+    assert_eq!(get(proxy.addr, "http://web.whatsapp.com/").await.status, 403);
+
+    let deadline = Instant::now() + WAIT;
+    let lines = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "squid log: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(f.len(), 10, "{l}");
+        let (secs, millis) = f[0].split_once('.').expect("ts.ms");
+        assert!(secs.parse::<u64>().is_ok() && millis.len() == 3 && millis.parse::<u32>().is_ok(), "{l}");
+        assert!(f[1].parse::<u64>().is_ok(), "elapsed: {l}");
+        assert_eq!(f[2], "127.0.0.1", "{l}");
+        assert_eq!(f[5], "GET", "{l}");
+    }
+    let allowed: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(allowed[3], "TCP_MISS/200", "{}", lines[0]);
+    assert_eq!(allowed[4], "18", "{}", lines[0]);
+    assert_eq!(allowed[6], format!("http://{}/", origin.addr));
+    assert_eq!(allowed[8], "HIER_DIRECT/127.0.0.1");
+    let denied: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(denied[3], "TCP_DENIED/403", "{}", lines[1]);
+    assert_eq!(denied[6], "http://web.whatsapp.com/");
+    assert_eq!(denied[8], "HIER_NONE/-");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_health_and_readiness() {
+    let proxy = Proxy::start_open().await;
+    let (status, body) = proxy.admin_get("/healthz").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("ok"), "{body}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = proxy.admin_get("/readyz").await;
+        if status == 200 {
+            assert!(body.contains("ready"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {status}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(proxy.admin_get("/no-such-page").await.0, 404);
+    let (status, pac) = proxy.admin_get("/proxy.pac").await;
+    assert_eq!(status, 200);
+    assert!(pac.contains("FindProxyForURL"), "{pac}");
+    // The admin port does not proxy.
+    let out = raw_exchange(proxy.admin, b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n").await;
+    assert_ne!(support::parse_response(&out).0, 200);
+}

@@ -167,7 +167,10 @@ pub fn fuzz_logic(data: &[u8]) {
             Hello::NeedMore { need } => {
                 assert!(need > 0, "NeedMore asked for no bytes");
                 if let Hello::Complete(hello) = &whole {
-                    assert!(cut + need <= hello.len, "need was not a lower bound");
+                    assert!(
+                        cut.saturating_add(need) <= hello.len,
+                        "need was not a lower bound"
+                    );
                 }
             }
         }
@@ -216,7 +219,8 @@ fn reassemble(buf: &[u8]) -> Reassembly<'_> {
                     Ok(missing) => missing.max(1),
                     Err(Malformed) => return Reassembly::NotTls,
                 };
-                return Reassembly::NeedMore(RECORD_HEADER_LEN - rest.len() + missing);
+                let header = RECORD_HEADER_LEN.saturating_sub(rest.len());
+                return Reassembly::NeedMore(header.saturating_add(missing));
             }
             RecordHeader::Full(len) => len,
         };
@@ -242,11 +246,13 @@ fn reassemble(buf: &[u8]) -> Reassembly<'_> {
             let need = if missing_message <= missing_record {
                 missing_record
             } else {
-                missing_message + RECORD_HEADER_LEN
+                missing_message.saturating_add(RECORD_HEADER_LEN)
             };
             return Reassembly::NeedMore(need);
         }
-        pos += RECORD_HEADER_LEN + record_len;
+        pos = pos
+            .saturating_add(RECORD_HEADER_LEN)
+            .saturating_add(record_len);
         if let Some(total) = total {
             if message.len() >= total {
                 return Reassembly::Done {
@@ -308,7 +314,7 @@ fn handshake_total(message: &[u8]) -> Result<Option<usize>, Malformed> {
     if length < MIN_CLIENT_HELLO {
         return Err(Malformed);
     }
-    Ok(Some(HANDSHAKE_HEADER_LEN + length))
+    Ok(Some(HANDSHAKE_HEADER_LEN.saturating_add(length)))
 }
 
 /// Total message length if known, else the smallest one possible.
@@ -626,7 +632,7 @@ fn ja4_alpn(first: Option<&[u8]>) -> String {
 
 /// Comma-separated 4-digit lower-case hex.
 fn hex_list(values: &[u16]) -> String {
-    let mut out = String::with_capacity(values.len() * 5);
+    let mut out = String::with_capacity(values.len().saturating_mul(5));
     for (i, value) in values.iter().enumerate() {
         if i > 0 {
             out.push(',');
