@@ -57,7 +57,6 @@ level = "info"
 max_request_head_bytes = 65536
 max_headers = 100
 header_read_timeout_ms = 30000
-client_idle_timeout_ms = 300000
 tunnel_idle_timeout_ms = 600000
 upstream_idle_timeout_ms = 90000
 upstream_response_timeout_ms = 60000
@@ -204,7 +203,6 @@ struct RawLimits {
     max_request_head_bytes: i64,
     max_headers: i64,
     header_read_timeout_ms: i64,
-    client_idle_timeout_ms: i64,
     tunnel_idle_timeout_ms: i64,
     upstream_idle_timeout_ms: i64,
     upstream_response_timeout_ms: i64,
@@ -296,7 +294,6 @@ pub struct Limits {
     pub max_request_head_bytes: usize,
     pub max_headers: usize,
     pub header_read_timeout: Duration,
-    pub client_idle_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub upstream_response_timeout: Duration,
@@ -435,7 +432,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialAccess { allow_clients: Vec<String>, deny_destinations: Vec<String> });
     partial!(PartialInspect { client_bytes: i64, first_bytes_timeout_ms: i64 });
     partial!(PartialLog { access: String, format: String, level: String });
-    partial!(PartialLimits { max_request_head_bytes: i64, max_headers: i64, header_read_timeout_ms: i64, client_idle_timeout_ms: i64, tunnel_idle_timeout_ms: i64, upstream_idle_timeout_ms: i64, upstream_response_timeout_ms: i64, connect_timeout_ms: i64, dns_timeout_ms: i64, max_connections: i64, max_connections_per_client: i64, shutdown_grace_ms: i64 });
+    partial!(PartialLimits { max_request_head_bytes: i64, max_headers: i64, header_read_timeout_ms: i64, tunnel_idle_timeout_ms: i64, upstream_idle_timeout_ms: i64, upstream_response_timeout_ms: i64, connect_timeout_ms: i64, dns_timeout_ms: i64, max_connections: i64, max_connections_per_client: i64, shutdown_grace_ms: i64 });
     partial!(PartialUpstream { mark: i64 });
     partial!(PartialPac { proxy: String, direct_networks: Vec<String>, direct_domains: Vec<String> });
 
@@ -675,7 +672,6 @@ fn validate(
         max_request_head_bytes: v.count("limits", "max_request_head_bytes", l.max_request_head_bytes, 1024, 1 << 20),
         max_headers: v.count("limits", "max_headers", l.max_headers, 8, 1000),
         header_read_timeout: v.millis("limits", "header_read_timeout_ms", l.header_read_timeout_ms, 1, 30_000),
-        client_idle_timeout: v.millis("limits", "client_idle_timeout_ms", l.client_idle_timeout_ms, 1, 86_400_000),
         tunnel_idle_timeout: v.millis("limits", "tunnel_idle_timeout_ms", l.tunnel_idle_timeout_ms, 1, 86_400_000),
         upstream_idle_timeout: v.millis("limits", "upstream_idle_timeout_ms", l.upstream_idle_timeout_ms, 1, 86_400_000),
         upstream_response_timeout: v.millis("limits", "upstream_response_timeout_ms", l.upstream_response_timeout_ms, 1, 86_400_000),

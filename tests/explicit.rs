@@ -217,11 +217,11 @@ async fn wait_record(proxy: &Proxy, pred: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-fn s(v: &Value, k: &str) -> String {
+fn field(v: &Value, k: &str) -> String {
     v.get(k).and_then(Value::as_str).unwrap_or("").to_string()
 }
 
-fn n(v: &Value, k: &str) -> u64 {
+fn num(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or_else(|| panic!("{k} is not a number in {v}"))
 }
 
@@ -373,8 +373,8 @@ async fn large_body_streams_byte_exact() {
         assert!(started.elapsed() < WAIT * 12, "64 MiB took too long ({pos} bytes so far)");
     }
     assert_eq!(pos, N, "body length");
-    let rec = wait_record(&proxy, |r| s(r, "target") == url && r.get("bytes_down").and_then(Value::as_u64) == Some(N as u64)).await;
-    assert_eq!(n(&rec, "status"), 200);
+    let rec = wait_record(&proxy, |r| field(r, "target") == url && r.get("bytes_down").and_then(Value::as_u64) == Some(N as u64)).await;
+    assert_eq!(num(&rec, "status"), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,7 +409,7 @@ async fn keep_alive_survives_a_block_on_the_same_connection() {
     let recs = proxy.wait_log(3).await;
     assert_eq!(recs.len(), 3, "{recs:?}");
     for r in &recs {
-        assert_eq!(s(r, "client"), local.to_string(), "{r}");
+        assert_eq!(field(r, "client"), local.to_string(), "{r}");
     }
     assert_eq!(proxy.metric("chatwall_connections_total{listener=\"explicit\"}").await, 1.0);
 }
@@ -487,13 +487,15 @@ async fn connect_carries_a_real_tls_handshake() {
     let body = &out[head_end..];
     assert_eq!(body.len(), N);
     assert!(body.iter().enumerate().all(|(i, &b)| b == pattern_byte(i)), "tunnelled bytes differ");
+    // The tunnel's record is written when both sides have closed.
+    drop(tls);
 
-    let rec = wait_record(&proxy, |r| s(r, "method") == "CONNECT").await;
-    assert_eq!(s(&rec, "sni"), "localhost", "{rec}");
-    assert_eq!(s(&rec, "verdict"), "allow");
-    assert_eq!(n(&rec, "status"), 200);
-    assert!(n(&rec, "bytes_down") >= N as u64, "{rec}");
-    assert!(n(&rec, "bytes_up") > 0, "{rec}");
+    let rec = wait_record(&proxy, |r| field(r, "method") == "CONNECT").await;
+    assert_eq!(field(&rec, "sni"), "localhost", "{rec}");
+    assert_eq!(field(&rec, "verdict"), "allow");
+    assert_eq!(num(&rec, "status"), 200);
+    assert!(num(&rec, "bytes_down") >= N as u64, "{rec}");
+    assert!(num(&rec, "bytes_up") > 0, "{rec}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,9 +554,34 @@ async fn connect_tunnel_keeps_flowing_after_the_client_half_closes() {
     tokio::time::timeout(WAIT, t.read_to_end(&mut back)).await.expect("reply in time").expect("read");
     assert_eq!(String::from_utf8_lossy(&back), "got 10 bytes");
 
-    let rec = wait_record(&proxy, |r| s(r, "target") == after_eof.to_string()).await;
-    assert_eq!(n(&rec, "bytes_up"), 10, "{rec}");
-    assert_eq!(n(&rec, "bytes_down"), 12, "{rec}");
+    let rec = wait_record(&proxy, |r| field(r, "target") == after_eof.to_string()).await;
+    assert_eq!(num(&rec, "status"), 200, "{rec}");
+    assert!(rec["error"].is_null(), "a clean half-close is no error: {rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_log_counts_bytes_both_ways() {
+    // A non-TLS, non-HTTP tunnel: the client's first bytes go through the
+    // payload inspector before they are relayed, and count all the same.
+    let proxy = Proxy::start_open().await;
+    let echo = RawOrigin::start(None, true).await;
+    let mut t = connect_tunnel(proxy.addr, &echo.addr.to_string()).await.expect("CONNECT 200");
+    let first = b"hello, first bytes\n";
+    t.write_all(first).await.expect("write");
+    let mut back = vec![0u8; first.len()];
+    tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+    let more = vec![b'z'; 40_000];
+    t.write_all(&more).await.expect("write");
+    let mut back = vec![0u8; more.len()];
+    tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+    drop(t);
+    let total = (first.len() + more.len()) as u64;
+    assert_eq!(echo.connection_bytes(0).len() as u64, total);
+    let rec = wait_record(&proxy, |r| field(r, "target") == echo.addr.to_string()).await;
+    assert_eq!(num(&rec, "bytes_down"), total, "{rec}");
+    assert_eq!(num(&rec, "bytes_up"), total, "bytes up the tunnel: {rec}");
+    let m = proxy.metrics().await;
+    assert_eq!(sample(&m, "chatwall_bytes_total", &[("direction", "up")]), total as f64, "{m}");
 }
 
 // ---------------------------------------------------------------------------
@@ -601,12 +628,12 @@ async fn refusals_name_the_app_without_contacting_anything() {
         assert_eq!(header_of(&head, "x-chatwall-block").as_deref(), Some(*app), "{method} {target}: {head}");
         assert!(String::from_utf8_lossy(&body).contains(app), "{method} {target}: the page names {app}");
         assert!(started.elapsed() < Duration::from_secs(3), "{method} {target}: refusal took {:?}", started.elapsed());
-        let rec = wait_record(&proxy, |r| s(r, "method") == *method && s(r, "target").contains(target.trim_start_matches("http://").split('/').next().unwrap_or(""))
-            && s(r, "app") == *app && s(r, "reason") == *reason)
+        let rec = wait_record(&proxy, |r| field(r, "method") == *method && field(r, "target").contains(target.trim_start_matches("http://").split('/').next().unwrap_or(""))
+            && field(r, "app") == *app && field(r, "reason") == *reason)
         .await;
-        assert_eq!(s(&rec, "verdict"), "block", "{rec}");
-        assert_eq!(n(&rec, "status"), 403, "{rec}");
-        assert!(rec.get("upstream").is_none_or(Value::is_null), "{method} {target}: an upstream was contacted: {rec}");
+        assert_eq!(field(&rec, "verdict"), "block", "{rec}");
+        assert_eq!(num(&rec, "status"), 403, "{rec}");
+        assert!(rec.get("upstream").map_or(true, Value::is_null), "{method} {target}: an upstream was contacted: {rec}");
     }
     let m = proxy.metrics().await;
     for kind in ["dns", "connect_refused", "connect_timeout", "connect", "reset", "timeout"] {
@@ -669,9 +696,9 @@ async fn name_resolving_into_an_im_range_is_refused_by_ip() {
     let (r, _) = connect(proxy.addr, &format!("localhost:{port}")).await;
     assert_eq!(r.status, 403, "{}", r.head);
     assert_eq!(r.header("x-chatwall-block").as_deref(), Some("loopnet"));
-    let rec = wait_record(&proxy, |r| s(r, "method") == "CONNECT").await;
-    assert_eq!(s(&rec, "reason"), "ip", "{rec}");
-    assert_eq!(s(&rec, "host"), "localhost", "{rec}");
+    let rec = wait_record(&proxy, |r| field(r, "method") == "CONNECT").await;
+    assert_eq!(field(&rec, "reason"), "ip", "{rec}");
+    assert_eq!(field(&rec, "host"), "localhost", "{rec}");
 
     // The literal address too, and plain HTTP by name.
     let (r, _) = connect(proxy.addr, &format!("127.0.0.1:{port}")).await;
@@ -756,11 +783,11 @@ async fn monitor_mode_passes_logs_and_counts() {
     assert!(r.header("x-chatwall-block").is_none());
     assert_eq!(r.text(), "hello from origin\n");
     assert_eq!(origin.requests().len(), 1, "monitor passes the request on");
-    let rec = wait_record(&proxy, |r| s(r, "target") == url).await;
-    assert_eq!(s(&rec, "verdict"), "monitor", "{rec}");
-    assert_eq!(s(&rec, "app"), "localim", "{rec}");
-    assert_eq!(s(&rec, "reason"), "host", "{rec}");
-    assert_eq!(n(&rec, "status"), 200);
+    let rec = wait_record(&proxy, |r| field(r, "target") == url).await;
+    assert_eq!(field(&rec, "verdict"), "monitor", "{rec}");
+    assert_eq!(field(&rec, "app"), "localim", "{rec}");
+    assert_eq!(field(&rec, "reason"), "host", "{rec}");
+    assert_eq!(num(&rec, "status"), 200);
 
     // A tunnel too.
     let mut t = connect_tunnel(proxy.addr, &format!("localhost:{}", echo.addr.port())).await.expect("monitor tunnel is 200");
@@ -769,9 +796,9 @@ async fn monitor_mode_passes_logs_and_counts() {
     tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
     assert_eq!(&back, b"ping");
     drop(t);
-    let rec = wait_record(&proxy, |r| s(r, "method") == "CONNECT").await;
-    assert_eq!(s(&rec, "verdict"), "monitor", "{rec}");
-    assert_eq!(s(&rec, "app"), "localim", "{rec}");
+    let rec = wait_record(&proxy, |r| field(r, "method") == "CONNECT").await;
+    assert_eq!(field(&rec, "verdict"), "monitor", "{rec}");
+    assert_eq!(field(&rec, "app"), "localim", "{rec}");
 
     let m = proxy.metrics().await;
     assert_eq!(sample(&m, "chatwall_detections_total", &[("action", "monitor"), ("app", "localim")]), 2.0, "{m}");
@@ -809,8 +836,8 @@ async fn client_exceptions_apply_to_matching_clients_only() {
         if *status == 403 {
             assert_eq!(r.header("x-chatwall-block").as_deref(), Some("localim"));
         }
-        let rec = wait_record(&proxy, |r| s(r, "target") == url).await;
-        assert_eq!(s(&rec, "verdict"), *verdict, "{policy}: {rec}");
+        let rec = wait_record(&proxy, |r| field(r, "target") == url).await;
+        assert_eq!(field(&rec, "verdict"), *verdict, "{policy}: {rec}");
     }
 }
 
@@ -971,9 +998,9 @@ async fn dns_failure_is_502() {
     assert!(String::from_utf8_lossy(&r.body).contains("DNS"));
     let m = proxy.metrics().await;
     assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "dns")]), 2.0, "{m}");
-    let rec = wait_record(&proxy, |r| s(r, "target") == "http://no-such-host.invalid/").await;
-    assert_eq!(n(&rec, "status"), 502);
-    assert!(s(&rec, "error").contains("DNS"), "{rec}");
+    let rec = wait_record(&proxy, |r| field(r, "target") == "http://no-such-host.invalid/").await;
+    assert_eq!(num(&rec, "status"), 502);
+    assert!(field(&rec, "error").contains("DNS"), "{rec}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1108,30 +1135,30 @@ async fn access_log_records_every_field() {
         for field in ["ts", "client", "user", "listener", "method", "target", "host", "sni", "app", "verdict", "reason", "status", "bytes_up", "bytes_down", "duration_ms"] {
             assert!(r.get(field).is_some(), "no {field} in {r}");
         }
-        let ts = s(r, "ts");
+        let ts = field(r, "ts");
         assert!(ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T') && ts.ends_with('Z'), "ts {ts:?} is not RFC 3339 UTC");
-        assert_eq!(s(r, "client"), client);
-        assert_eq!(s(r, "listener"), "explicit");
-        n(r, "duration_ms");
-        n(r, "bytes_up");
+        assert_eq!(field(r, "client"), client);
+        assert_eq!(field(r, "listener"), "explicit");
+        num(r, "duration_ms");
+        num(r, "bytes_up");
     }
-    let post = recs.iter().find(|r| s(r, "method") == "POST").expect("POST record");
-    assert_eq!(s(post, "target"), format!("http://{a}/echo"));
-    assert_eq!(s(post, "host"), "127.0.0.1");
+    let post = recs.iter().find(|r| field(r, "method") == "POST").expect("POST record");
+    assert_eq!(field(post, "target"), format!("http://{a}/echo"));
+    assert_eq!(field(post, "host"), "127.0.0.1");
     assert!(post["app"].is_null(), "{post}");
     assert!(post["reason"].is_null(), "{post}");
-    assert_eq!(s(post, "verdict"), "allow");
-    assert_eq!(n(post, "status"), 200);
-    assert_eq!(n(post, "bytes_down"), 11);
+    assert_eq!(field(post, "verdict"), "allow");
+    assert_eq!(num(post, "status"), 200);
+    assert_eq!(num(post, "bytes_down"), 11);
 
-    let get = recs.iter().find(|r| s(r, "method") == "GET").expect("GET record");
-    assert_eq!(s(get, "target"), "http://web.whatsapp.com/x");
-    assert_eq!(s(get, "host"), "web.whatsapp.com");
-    assert_eq!(s(get, "app"), "whatsapp");
-    assert_eq!(s(get, "verdict"), "block");
-    assert_eq!(s(get, "reason"), "host");
-    assert_eq!(n(get, "status"), 403);
-    assert_eq!(n(get, "bytes_up"), 0);
+    let get = recs.iter().find(|r| field(r, "method") == "GET").expect("GET record");
+    assert_eq!(field(get, "target"), "http://web.whatsapp.com/x");
+    assert_eq!(field(get, "host"), "web.whatsapp.com");
+    assert_eq!(field(get, "app"), "whatsapp");
+    assert_eq!(field(get, "verdict"), "block");
+    assert_eq!(field(get, "reason"), "host");
+    assert_eq!(num(get, "status"), 403);
+    assert_eq!(num(get, "bytes_up"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1143,9 +1170,9 @@ async fn access_log_counts_request_body_bytes_up() {
     let r = one(proxy.addr, &format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
     assert_eq!(r.status, 200);
     assert_eq!(origin.requests()[0].body_len, 5000);
-    let rec = wait_record(&proxy, |r| s(r, "method") == "POST").await;
-    assert_eq!(n(&rec, "bytes_down"), 5000, "{rec}");
-    assert_eq!(n(&rec, "bytes_up"), 5000, "the request body sent upstream is not counted: {rec}");
+    let rec = wait_record(&proxy, |r| field(r, "method") == "POST").await;
+    assert_eq!(num(&rec, "bytes_down"), 5000, "{rec}");
+    assert_eq!(num(&rec, "bytes_up"), 5000, "the request body sent upstream is not counted: {rec}");
     let m = proxy.metrics().await;
     assert!(sample(&m, "chatwall_bytes_total", &[("direction", "up")]) >= 5000.0, "{m}");
 }

@@ -4,4 +4,5 @@ mod support;
 mod cli;
 mod explicit;
 mod inspect;
+mod ops;
 mod transparent;

@@ -31,7 +31,15 @@
 //! the handshake message, the extensions block, an extension's data); a
 //! mismatch anywhere makes the stream [`Hello::NotTls`]. Contents that are
 //! consistently encoded but semantically odd (an empty host name, an empty
-//! list) are accepted.
+//! list) are accepted. Duplicate extensions are accepted; the first of each
+//! kind is the one used. SSL 2.0-compatible hellos (first byte 0x80) are
+//! `NotTls`.
+//!
+//! JA4 follows the text of the specification where the reference
+//! implementations have differed: GREASE is dropped from signature_algorithms
+//! too, a one-character first ALPN value gives that character twice, and a
+//! first ALPN value that starts or ends with a non-alphanumeric byte gives
+//! the first and last characters of its hex form.
 //!
 //! Limits: a ClientHello whose handshake length exceeds [`MAX_CLIENT_HELLO`]
 //! is `NotTls`, so at most `MAX_CLIENT_HELLO` + 4 handshake bytes are ever
@@ -73,6 +81,8 @@ pub struct ClientHello {
     /// Number of bytes of `buf` consumed by the records carrying the ClientHello.
     pub len: usize,
     /// legacy_version and the highest supported_versions value (GREASE excluded).
+    /// That is: the highest non-GREASE supported_versions value if the client
+    /// offers one (RFC 8446 §4.2.1), else legacy_version; the version JA4 reports.
     pub version: u16,
 }
 

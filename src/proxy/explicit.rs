@@ -250,6 +250,7 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, FlowError> {
     let (mut parts, body) = req.into_parts();
     let client_ip = ctx.client.addr.ip();
+    validate_framing(&parts)?;
 
     // Where to: the absolute URI (explicit), or the original destination
     // with the Host header as the name (fixed).
@@ -409,6 +410,19 @@ async fn forward(
     };
     let body = LoggedBody::new(rbody, log, true).boxed();
     Ok(Response::from_parts(rparts, body))
+}
+
+/// Refuse ambiguity hyper's parser lets through. hyper already rejects
+/// Transfer-Encoding not ending in chunked, Transfer-Encoding on HTTP/1.0,
+/// differing or invalid Content-Length values, obs-fold and bad chunk sizes,
+/// and it drops Content-Length when Transfer-Encoding is present and closes
+/// that connection after the response (RFC 9112 §6.3). What is left: more
+/// than one Host field (RFC 9110 §7.2).
+fn validate_framing(parts: &http::request::Parts) -> Result<(), FlowError> {
+    if parts.headers.get_all(header::HOST).iter().count() > 1 {
+        return Err(FlowError::BadRequest("more than one Host field"));
+    }
+    Ok(())
 }
 
 /// The Host header's name part (no port), if present and sane.

@@ -325,6 +325,12 @@ async fn first_bytes(
             Sniff::Other => return other_protocol(engine, client_ip, flow, buf),
         }
         if buf.len() >= window {
+            if matches!(sniff(&buf), Sniff::Tls) {
+                // A ClientHello that does not fit the window (spread over
+                // tiny records, say) is an evasion, not a hello: whatever
+                // the port, the TLS checks could not run.
+                non_tls(engine, client_ip, flow, &buf)?;
+            }
             return other_protocol(engine, client_ip, flow, buf);
         }
         let server_first = async {
@@ -360,7 +366,9 @@ async fn first_bytes(
                     non_tls(engine, client_ip, flow, &buf)?;
                 }
                 if !buf.is_empty() && matches!(sniff(&buf), Sniff::Tls) {
-                    // A partial ClientHello that stalled: inspect as payload.
+                    // A ClientHello that started but never completed: the
+                    // TLS checks could not run, whatever the port.
+                    non_tls(engine, client_ip, flow, &buf)?;
                     return other_protocol(engine, client_ip, flow, buf);
                 }
                 return Ok((First::Payload, buf));
