@@ -1,8 +1,10 @@
-//! The command line: `run` (the default), `check-config`, `signatures list`,
-//! `classify host|url`. Exit codes: 0 success, 1 bad configuration or
-//! signatures, 2 bad usage, 3 runtime failure.
+//! The command line: `run` (the default), `check-config`, `signatures
+//! list|diff`, `classify host|url|pcap`, `export`. Exit codes: 0 success,
+//! 1 bad configuration, signatures or capture, 2 bad usage, 3 runtime
+//! failure.
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -10,7 +12,9 @@ use clap::{Parser, Subcommand};
 use crate::classify::Detection;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::export::Format;
 use crate::policy::Verdict;
+use crate::signatures::SignatureSet;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_CONFIG: u8 = 1;
@@ -46,6 +50,14 @@ pub enum Command {
         #[command(subcommand)]
         command: ClassifyCommand,
     },
+    /// The active signature set under the active policy as DNS-sinkhole or
+    /// firewall rules, on standard output (only apps whose action is block).
+    Export {
+        #[arg(long, value_enum)]
+        format: Format,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,6 +68,16 @@ pub enum SignaturesCommand {
         config: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Apps and rules added and removed between two signature directories.
+    Diff {
+        #[arg(value_name = "DIR_A")]
+        a: PathBuf,
+        #[arg(value_name = "DIR_B")]
+        b: PathBuf,
+        /// For the inspection window the sets are compiled with.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -72,6 +94,17 @@ pub enum ClassifyCommand {
     /// A URL (as in an absolute-form request).
     Url {
         url: String,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Every TCP flow of a pcap or pcapng capture, replayed through the
+    /// proxy's decisions: one verdict per flow.
+    Pcap {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -106,7 +139,14 @@ pub fn main() -> ExitCode {
         Command::Signatures {
             command: SignaturesCommand::List { config, json },
         } => signatures_list(config, json),
+        Command::Signatures {
+            command: SignaturesCommand::Diff { a, b, config },
+        } => signatures_diff(&a, &b, config.as_deref()),
+        Command::Classify {
+            command: ClassifyCommand::Pcap { file, json, config },
+        } => classify_pcap(&file, json, config.as_deref()),
         Command::Classify { command } => classify(command),
+        Command::Export { format, config } => export(format, config.as_deref()),
     };
     ExitCode::from(code)
 }
@@ -268,6 +308,7 @@ pub fn explain(engine: &Engine, d: &Detection) -> String {
 
 fn classify(cmd: ClassifyCommand) -> u8 {
     let (config, host, port, path) = match &cmd {
+        ClassifyCommand::Pcap { file, json, config } => return classify_pcap(file, *json, config.as_deref()),
         ClassifyCommand::Host { name, port, config } => (config.clone(), name.clone(), *port, None),
         ClassifyCommand::Url { url, config } => {
             let uri: http::Uri = match url.parse() {
@@ -337,5 +378,144 @@ fn classify(cmd: ClassifyCommand) -> u8 {
     if findings.is_empty() && !allowlisted {
         println!("  no signature matches the name, address or port; addresses a name resolves to are checked when the proxy connects");
     }
+    EXIT_OK
+}
+
+/// `classify pcap`: one line (or JSON object) per TCP flow on standard
+/// output; warnings and a summary on standard error.
+fn classify_pcap(file: &Path, json: bool, config: Option<&Path>) -> u8 {
+    let engine = match load_engine(config) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let replay = match crate::replay::replay_file(&engine, file) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            return EXIT_CONFIG;
+        }
+    };
+    for w in &replay.warnings {
+        eprintln!("{}: warning: {w}", file.display());
+    }
+    let mut counts = [0usize; 3];
+    for flow in &replay.flows {
+        if json {
+            println!("{}", flow.to_json(&engine));
+        } else {
+            println!("{}", flow.to_line(&engine));
+        }
+        counts[match flow.verdict {
+            Verdict::Block(_) => 0,
+            Verdict::Monitor(_) => 1,
+            Verdict::Allow => 2,
+        }] += 1;
+    }
+    eprintln!(
+        "{}: {} TCP flows ({} block, {} monitor, {} allow) from {} TCP segments; {} other frames skipped",
+        file.display(),
+        replay.flows.len(),
+        counts[0],
+        counts[1],
+        counts[2],
+        replay.packets,
+        replay.skipped
+    );
+    EXIT_OK
+}
+
+/// `export --format F`: the rules on standard output.
+fn export(format: Format, config: Option<&Path>) -> u8 {
+    let engine = match load_engine(config) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    print!("{}", crate::export::export(&engine, format));
+    EXIT_OK
+}
+
+/// The rules of one app, by kind and text, with how often each occurs and
+/// where it is written.
+fn rule_table(set: &SignatureSet, app: usize) -> BTreeMap<(&'static str, &str), (usize, usize)> {
+    let mut table = BTreeMap::new();
+    for r in set.rules().iter().filter(|r| r.app as usize == app) {
+        let e = table.entry((r.kind.as_str(), r.text.as_str())).or_insert((0, r.line));
+        e.0 += 1;
+    }
+    table
+}
+
+/// `signatures diff A B`: apps added and removed, and for each app in both,
+/// the rules (by kind and text) added and removed. Exit 1 if either
+/// directory does not load.
+fn signatures_diff(a: &Path, b: &Path, config: Option<&Path>) -> u8 {
+    let window = match Config::load(config) {
+        Ok(c) => c.inspect_bytes,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let mut sets = Vec::new();
+    for dir in [a, b] {
+        match SignatureSet::from_dir(dir, window) {
+            Ok(s) => sets.push(s),
+            Err(errs) => {
+                for e in errs {
+                    eprintln!("{e}");
+                }
+                return EXIT_CONFIG;
+            }
+        }
+    }
+    let (old, new) = (&sets[0], &sets[1]);
+    let (mut added, mut removed, mut changed) = (0, 0, 0);
+    for app in old.apps() {
+        if new.app_index(&app.id).is_none() {
+            removed += 1;
+            println!("- app {} ({}, {} rules)", app.id, app.file, app.counts.values().sum::<usize>());
+        }
+    }
+    for app in new.apps() {
+        if old.app_index(&app.id).is_none() {
+            added += 1;
+            println!("+ app {} ({}, {} rules)", app.id, app.file, app.counts.values().sum::<usize>());
+        }
+    }
+    for (ni, app) in new.apps().iter().enumerate() {
+        let Some(oi) = old.app_index(&app.id) else { continue };
+        let Some(before) = old.app(oi) else { continue };
+        let (was, is) = (rule_table(old, oi as usize), rule_table(new, ni));
+        let mut lines = Vec::new();
+        if before.category != app.category {
+            lines.push(format!("  ~ category {} -> {}", before.category, app.category));
+        }
+        if before.name != app.name {
+            lines.push(format!("  ~ name {:?} -> {:?}", before.name, app.name));
+        }
+        for ((kind, text), &(n, line)) in &was {
+            let left = is.get(&(*kind, *text)).map_or(0, |e| e.0);
+            for _ in left..n {
+                lines.push(format!("  - {kind} {text:?} ({}:{line})", before.file));
+            }
+        }
+        for ((kind, text), &(n, line)) in &is {
+            let had = was.get(&(*kind, *text)).map_or(0, |e| e.0);
+            for _ in had..n {
+                lines.push(format!("  + {kind} {text:?} ({}:{line})", app.file));
+            }
+        }
+        if !lines.is_empty() {
+            changed += 1;
+            println!("~ app {}", app.id);
+            for l in lines {
+                println!("{l}");
+            }
+        }
+    }
+    println!(
+        "{added} apps added, {removed} removed, {changed} changed ({} -> {})",
+        old.origin, new.origin
+    );
     EXIT_OK
 }

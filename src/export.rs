@@ -48,7 +48,7 @@ pub enum Format {
     Rpz,
     /// iptables-restore input (IPv4 `filter` table, chain CHATWALL).
     Iptables,
-    /// An nftables ruleset (`table inet chatwall`), IPv4 and IPv6.
+    /// An nftables ruleset (`table inet chatwall_block`), IPv4 and IPv6.
     Nftables,
 }
 
@@ -501,9 +501,11 @@ impl<'a> Plan<'a> {
         out.push_str(
             "# Replaces the whole table on every load: nft -f this-file\n\
              # The first two lines make the delete succeed when the table is new.\n\
-             table inet chatwall\n\
-             delete table inet chatwall\n\
-             table inet chatwall {\n",
+             # Its own table: `inet chatwall` is the transparent-mode redirect\n\
+             # table of docker/nftables.sh, which this must not replace.\n\
+             table inet chatwall_block\n\
+             delete table inet chatwall_block\n\
+             table inet chatwall_block {\n",
         );
         for b in &self.blocked {
             if !(b.v4.is_empty() && b.v6.is_empty() && b.ports.is_empty()) {

@@ -498,3 +498,31 @@ async fn http_inside_a_connect_tunnel_is_decided_request_by_request() {
     let paths: Vec<String> = origin.requests().iter().map(|r| r.uri.clone()).collect();
     assert_eq!(paths, ["/ok"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_hellos_in_tiny_records_are_decided_or_refused_never_passed_blind() {
+    let origin = RawOrigin::start(None, false).await;
+    let proxy = Proxy::start("[access]\ndeny_destinations = []\n[inspect]\nclient_bytes = 4096\nfirst_bytes_timeout_ms = 1500\n").await;
+    // Fits the window even at six bytes on the wire per hello byte: decided on SNI.
+    let hello = client_hello("web.whatsapp.com", &[], &[]);
+    let tiny = records(&handshake_of(&hello), 1);
+    assert!(tiny.len() < 4096);
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    s.write_all(&tiny).await.expect("write");
+    assert!(is_refused(&mut s).await);
+    // Does not fit: an ordinary name, but the hello cannot be checked.
+    let big = client_hello("www.example.org", &["h2"], &[(0x0015, vec![0; 1000])]);
+    let tiny = records(&handshake_of(&big), 1);
+    assert!(tiny.len() > 4096);
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let _ = s.write_all(&tiny).await;
+    assert!(is_refused(&mut s).await);
+    // A hello that starts and stalls.
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    s.write_all(&big[..100]).await.expect("write");
+    assert!(is_refused(&mut s).await);
+    let log = proxy.wait_log(3).await;
+    let reasons: Vec<_> = log.iter().map(|r| r["reason"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(reasons, ["sni", "non_tls", "non_tls"], "{log:?}");
+    assert_eq!(origin.total_received(), 0);
+}
