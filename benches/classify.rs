@@ -1,1 +1,295 @@
-fn main() {}
+//! Classification micro-benchmarks: what deciding one flow costs in CPU.
+//!
+//! - `host`: `SignatureSet::classify_host` per name, cycling through a list
+//!   of realistic names (blocked exact and wildcard names, allowed names,
+//!   deep CDN-style subdomains, IDN in Unicode and punycode form). One
+//!   iteration is one name, so the reported time is the time per name.
+//! - `client_hello`: `inspect_client_hello` on a 517-byte browser hello and
+//!   a ~1.8 KB post-quantum one (X25519MLKEM768 key share), in bytes/s.
+//! - `payload`: the bundled payload automaton, `payload().classify(Client,
+//!   buf)`, on realistic first windows (a TLS hello, an HTTP request head,
+//!   an SSH banner, 16 KiB of random bytes) and on 1 MiB of random bytes,
+//!   in bytes/s. `classify` only looks at the first `reach()` bytes (the
+//!   furthest any client rule can match, printed at start-up), so a longer
+//!   buffer would measure nothing more: the 1 MiB figure is `classify` on
+//!   each of the 64 distinct 16 KiB windows of the buffer, which is the scan
+//!   rate of the automaton over fresh data (what 64 tunnels' first windows
+//!   cost), not one call on 1 MiB.
+//! - `verdict`: one whole flow decision as a CONNECT tunnel makes it: the
+//!   destination name (allow-list, host and port rules, policy), then the
+//!   ClientHello (parse, allow-list, `classify_hello`, ECH, policy), with
+//!   the engine `Engine::build(Config::load_default())`.
+//! - `signatures`: compiling the bundled set (`SignatureSet::bundled`).
+//!
+//! Run: `cargo bench --bench classify -- --measurement-time 3 --warm-up-time 1`
+//! (add a filter such as `payload` to run one group).
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+use chatwall::classify::payload::Direction;
+use chatwall::classify::tls::{inspect_client_hello, Hello};
+use chatwall::classify::{Detection, Reason, UNIDENTIFIED};
+use chatwall::config::Config;
+use chatwall::engine::Engine;
+use chatwall::policy::Verdict;
+use chatwall::signatures::SignatureSet;
+
+#[allow(dead_code)]
+#[path = "../fuzz/src/fixtures.rs"]
+mod fixtures;
+
+use fixtures::XorShift;
+
+/// The default inspection window (`[inspect] client_bytes`).
+const WINDOW: usize = 16 * 1024;
+
+/// Host names by kind; each kind is one benchmark.
+const HOSTS: &[(&str, &[&str])] = &[
+    (
+        "blocked",
+        &[
+            "web.whatsapp.com",
+            "whatsapp.com",
+            "mmg.whatsapp.net",
+            "telegram.org",
+            "web.telegram.org",
+            "discord.com",
+            "gateway.discord.gg",
+            "teams.microsoft.com",
+            "matrix.org",
+            "line.me",
+        ],
+    ),
+    (
+        "allowed",
+        &[
+            "www.google.com",
+            "github.com",
+            "en.wikipedia.org",
+            "www.example.org",
+            "login.microsoftonline.com",
+            "cdn.jsdelivr.net",
+            "fonts.gstatic.com",
+            "www.bbc.co.uk",
+            "api.stripe.com",
+            "registry.npmjs.org",
+        ],
+    ),
+    (
+        "deep",
+        &[
+            "rr3---sn-4g5e6nsz.googlevideo.com",
+            "e12345.dscb.akamaiedge.net",
+            "a.b.c.d.e.f.g.h.example.co.uk",
+            "s3.dualstack.eu-west-1.amazonaws.com",
+            "media-ams4-1.cdn.whatsapp.net",
+            "x.y.z.static.web.telegram.org",
+            "ip-10-0-0-1.eu-central-1.compute.internal",
+            "WWW.Very.Deep.Sub.Domain.Example.COM.",
+        ],
+    ),
+    (
+        "idn",
+        &[
+            "bücher.example",
+            "xn--bcher-kva.example",
+            "пример.рф",
+            "例え.テスト",
+            "münchen.de",
+            "www.аррӏе.com",
+        ],
+    ),
+];
+
+fn bench_hosts(c: &mut Criterion) {
+    let set = bundled();
+    let mut group = c.benchmark_group("host");
+    group.throughput(Throughput::Elements(1));
+    for (kind, names) in HOSTS {
+        let mut next = 0;
+        group.bench_function(BenchmarkId::new("classify_host", kind), |b| {
+            b.iter(|| {
+                let name = names[next % names.len()];
+                next += 1;
+                set.classify_host(black_box(name))
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_client_hello(c: &mut Criterion) {
+    let mut group = c.benchmark_group("client_hello");
+    for (name, hello) in hellos() {
+        group.throughput(Throughput::Bytes(hello.len() as u64));
+        group.bench_function(BenchmarkId::new("inspect", name), |b| {
+            b.iter(|| inspect_client_hello(black_box(&hello)))
+        });
+    }
+    group.finish();
+}
+
+/// The two hellos of the `client_hello` group, named with their size.
+fn hellos() -> [(String, Vec<u8>); 2] {
+    [false, true].map(|post_quantum| {
+        let hello = fixtures::browser_hello("www.example.org", post_quantum);
+        let kind = if post_quantum { "post_quantum" } else { "browser" };
+        (format!("{kind}_{}B", hello.len()), hello)
+    })
+}
+
+fn bench_payload(c: &mut Criterion) {
+    let set = bundled();
+    let matcher = set.payload();
+    eprintln!(
+        "payload: {} rules, client reach {} bytes, server reach {} bytes",
+        matcher.rule_count(),
+        matcher.reach(Direction::Client),
+        matcher.reach(Direction::Server)
+    );
+    let mut rng = XorShift(0x5eed_1234_abcd_ef01);
+    let windows: [(&str, Vec<u8>); 4] = [
+        ("tls_hello", fixtures::browser_hello("www.example.org", false)),
+        ("http_head", fixtures::http_request_head()),
+        ("ssh_banner", fixtures::ssh_banner()),
+        ("random_16KiB", rng.bytes(WINDOW)),
+    ];
+    let mut group = c.benchmark_group("payload");
+    for (name, buf) in &windows {
+        group.throughput(Throughput::Bytes(buf.len() as u64));
+        group.bench_function(BenchmarkId::new("classify_client", name), |b| {
+            b.iter(|| matcher.classify(Direction::Client, black_box(buf)))
+        });
+    }
+    let big = rng.bytes(1 << 20);
+    group.throughput(Throughput::Bytes(big.len() as u64));
+    group.bench_function(
+        BenchmarkId::new("classify_client", "random_1MiB_as_16KiB_windows"),
+        |b| {
+            b.iter(|| {
+                for window in black_box(&big).chunks(WINDOW) {
+                    black_box(matcher.classify(Direction::Client, window));
+                }
+            })
+        },
+    );
+    group.finish();
+}
+
+/// One CONNECT flow: `host` is the authority, `hello` the first bytes.
+struct Flow {
+    name: &'static str,
+    host: &'static str,
+    hello: Vec<u8>,
+}
+
+fn bench_verdict(c: &mut Criterion) {
+    let engine = match Config::load_default().map_err(|e| e.to_string()) {
+        Ok(cfg) => Engine::build(cfg).unwrap_or_else(|e| panic!("engine: {e:?}")),
+        Err(e) => panic!("default configuration: {e}"),
+    };
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let flows = [
+        Flow {
+            name: "allowed_tls",
+            host: "www.example.org",
+            hello: fixtures::browser_hello("www.example.org", false),
+        },
+        Flow {
+            name: "allowed_tls_post_quantum",
+            host: "www.example.org",
+            hello: fixtures::browser_hello("www.example.org", true),
+        },
+        Flow {
+            name: "blocked_by_sni",
+            host: "front.example.net",
+            hello: fixtures::browser_hello("web.whatsapp.com", false),
+        },
+        Flow {
+            name: "blocked_by_host",
+            host: "web.whatsapp.com",
+            hello: fixtures::browser_hello("web.whatsapp.com", false),
+        },
+    ];
+    let mut group = c.benchmark_group("verdict");
+    group.throughput(Throughput::Elements(1));
+    for flow in &flows {
+        let expected = decide(&engine, client, flow).as_str();
+        eprintln!("verdict/{}: {expected}", flow.name);
+        group.bench_function(BenchmarkId::new("connect_tls", flow.name), |b| {
+            b.iter(|| decide(&engine, client, black_box(flow)))
+        });
+    }
+    group.finish();
+}
+
+/// The decision a CONNECT to `flow.host:443` whose first bytes are
+/// `flow.hello` gets: the steps of `proxy::explicit::decide_name` (name)
+/// and `proxy::tunnel::decide_hello` (ClientHello), through the public
+/// classifier and policy calls they are made of.
+fn decide(engine: &Engine, client: IpAddr, flow: &Flow) -> Verdict {
+    let sigs = &engine.signatures;
+    let policy = &engine.policy;
+    let mut monitor = None;
+    if !policy.allows_name(flow.host) {
+        for found in [sigs.classify_host(flow.host), sigs.classify_port(443)] {
+            match policy.decide(client, found) {
+                Verdict::Allow => {}
+                block @ Verdict::Block(_) => return block,
+                seen @ Verdict::Monitor(_) => {
+                    monitor.get_or_insert(seen);
+                }
+            }
+        }
+    }
+    let Hello::Complete(hello) = inspect_client_hello(&flow.hello) else {
+        panic!("{}: the hello must parse", flow.name);
+    };
+    let mut found = Vec::with_capacity(2);
+    if !hello.sni.as_deref().is_some_and(|s| policy.allows_name(s)) {
+        found.push(sigs.classify_hello(&hello));
+    }
+    if hello.ech || hello.esni {
+        found.push(Some(Detection {
+            app: UNIDENTIFIED,
+            rule: None,
+            reason: Reason::Ech,
+            offset: None,
+        }));
+    }
+    for d in found {
+        match policy.decide(client, d) {
+            Verdict::Allow => {}
+            block @ Verdict::Block(_) => return block,
+            seen @ Verdict::Monitor(_) => {
+                monitor.get_or_insert(seen);
+            }
+        }
+    }
+    monitor.unwrap_or(Verdict::Allow)
+}
+
+fn bench_compile(c: &mut Criterion) {
+    let mut group = c.benchmark_group("signatures");
+    group.sample_size(10);
+    group.bench_function("compile_bundled", |b| {
+        b.iter(|| SignatureSet::bundled(black_box(WINDOW)))
+    });
+    group.finish();
+}
+
+fn bundled() -> SignatureSet {
+    SignatureSet::bundled(WINDOW).unwrap_or_else(|e| panic!("bundled set: {e:?}"))
+}
+
+criterion_group!(
+    benches,
+    bench_hosts,
+    bench_client_hello,
+    bench_payload,
+    bench_verdict,
+    bench_compile
+);
+criterion_main!(benches);

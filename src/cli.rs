@@ -22,7 +22,11 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_RUNTIME: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "chatwall", version, about = "A forward and transparent proxy that keeps instant messaging off the network")]
+#[command(
+    name = "chatwall",
+    version,
+    about = "A forward and transparent proxy that keeps instant messaging off the network"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -167,7 +171,10 @@ fn run(config: Option<PathBuf>) -> u8 {
         Err(code) => return code,
     };
     init_tracing(&engine.config.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -211,16 +218,35 @@ fn check_config(config: Option<PathBuf>) -> u8 {
         Err(code) => return code,
     };
     let c = &engine.config;
-    println!("configuration: {}", c.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in defaults>".into()));
+    println!(
+        "configuration: {}",
+        c.path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<built-in defaults>".into())
+    );
     println!("explicit listeners: {:?}", c.listen.explicit);
-    println!("transparent listeners: http {:?} tls {:?} other {:?}", c.listen.transparent_http, c.listen.transparent_tls, c.listen.transparent);
-    println!("admin: {}", c.listen.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into()));
+    println!(
+        "transparent listeners: http {:?} tls {:?} other {:?}",
+        c.listen.transparent_http, c.listen.transparent_tls, c.listen.transparent
+    );
+    println!(
+        "admin: {}",
+        c.listen
+            .admin
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into())
+    );
     println!(
         "signatures: {} apps, {} rules from {} (version {})",
         engine.signatures.apps().len(),
         engine.signatures.rules().len(),
         engine.signatures.origin,
-        if engine.signatures.version.is_empty() { "-" } else { &engine.signatures.version }
+        if engine.signatures.version.is_empty() {
+            "-"
+        } else {
+            &engine.signatures.version
+        }
     );
     println!(
         "policy: default {}, non_tls_on_443 {}, non_http_on_80 {}, ech {}, {} app and {} category overrides, {} exceptions",
@@ -248,22 +274,41 @@ fn signatures_list(config: Option<PathBuf>, json: bool) -> u8 {
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                let counts: serde_json::Map<String, serde_json::Value> = crate::signatures::RuleKind::ALL
-                    .iter()
-                    .map(|k| (k.as_str().to_string(), a.counts.get(k).copied().unwrap_or(0).into()))
-                    .collect();
+                let counts: serde_json::Map<String, serde_json::Value> =
+                    crate::signatures::RuleKind::ALL
+                        .iter()
+                        .map(|k| {
+                            (
+                                k.as_str().to_string(),
+                                a.counts.get(k).copied().unwrap_or(0).into(),
+                            )
+                        })
+                        .collect();
                 serde_json::json!({
                     "id": a.id, "name": a.name, "vendor": a.vendor, "category": a.category,
                     "action": engine.policy.app_action(i).as_str(), "rules": counts, "file": a.file,
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&apps).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&apps).unwrap_or_default()
+        );
         return EXIT_OK;
     }
     println!(
         "{:<18} {:<16} {:<8} {:>5} {:>5} {:>5} {:>4} {:>5} {:>4} {:>7} {:>5}",
-        "APP", "CATEGORY", "ACTION", "HOSTS", "PORTS", "CIDRS", "TLS", "HTTP", "PAY", "DOWNLD", "TOTAL"
+        "APP",
+        "CATEGORY",
+        "ACTION",
+        "HOSTS",
+        "PORTS",
+        "CIDRS",
+        "TLS",
+        "HTTP",
+        "PAY",
+        "DOWNLD",
+        "TOTAL"
     );
     for (i, a) in set.apps().iter().enumerate() {
         use crate::signatures::RuleKind as K;
@@ -285,7 +330,12 @@ fn signatures_list(config: Option<PathBuf>, json: bool) -> u8 {
             total
         );
     }
-    println!("{} apps, {} rules ({})", set.apps().len(), set.rules().len(), set.origin);
+    println!(
+        "{} apps, {} rules ({})",
+        set.apps().len(),
+        set.rules().len(),
+        set.origin
+    );
     EXIT_OK
 }
 
@@ -308,7 +358,9 @@ pub fn explain(engine: &Engine, d: &Detection) -> String {
 
 fn classify(cmd: ClassifyCommand) -> u8 {
     let (config, host, port, path) = match &cmd {
-        ClassifyCommand::Pcap { file, json, config } => return classify_pcap(file, *json, config.as_deref()),
+        ClassifyCommand::Pcap { file, json, config } => {
+            return classify_pcap(file, *json, config.as_deref())
+        }
         ClassifyCommand::Host { name, port, config } => (config.clone(), name.clone(), *port, None),
         ClassifyCommand::Url { url, config } => {
             let uri: http::Uri = match url.parse() {
@@ -322,7 +374,13 @@ fn classify(cmd: ClassifyCommand) -> u8 {
                 eprintln!("the URL has no host");
                 return EXIT_USAGE;
             };
-            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
             (config.clone(), host.to_string(), port, Some(uri))
         }
     };
@@ -351,7 +409,9 @@ fn classify(cmd: ClassifyCommand) -> u8 {
             if uri.scheme_str() != Some("https") {
                 if let Ok(req) = http::Request::get(uri.clone()).body(()) {
                     let (parts, _) = req.into_parts();
-                    if let crate::classify::http::HeadOutcome::Match(rule) = set.http().classify_head(&parts, false) {
+                    if let crate::classify::http::HeadOutcome::Match(rule) =
+                        set.http().classify_head(&parts, false)
+                    {
                         findings.push(set.http_detection(rule));
                     }
                 }
@@ -373,7 +433,11 @@ fn classify(cmd: ClassifyCommand) -> u8 {
         println!("  on the allow-list (policy.allow)");
     }
     for d in &findings {
-        println!("  {} -> {}", explain(&engine, d), policy.decide(client, Some(*d)).as_str());
+        println!(
+            "  {} -> {}",
+            explain(&engine, d),
+            policy.decide(client, Some(*d)).as_str()
+        );
     }
     if findings.is_empty() && !allowlisted {
         println!("  no signature matches the name, address or port; addresses a name resolves to are checked when the proxy connects");
@@ -439,7 +503,9 @@ fn export(format: Format, config: Option<&Path>) -> u8 {
 fn rule_table(set: &SignatureSet, app: usize) -> BTreeMap<(&'static str, &str), (usize, usize)> {
     let mut table = BTreeMap::new();
     for r in set.rules().iter().filter(|r| r.app as usize == app) {
-        let e = table.entry((r.kind.as_str(), r.text.as_str())).or_insert((0, r.line));
+        let e = table
+            .entry((r.kind.as_str(), r.text.as_str()))
+            .or_insert((0, r.line));
         e.0 += 1;
     }
     table
@@ -473,22 +539,37 @@ fn signatures_diff(a: &Path, b: &Path, config: Option<&Path>) -> u8 {
     for app in old.apps() {
         if new.app_index(&app.id).is_none() {
             removed += 1;
-            println!("- app {} ({}, {} rules)", app.id, app.file, app.counts.values().sum::<usize>());
+            println!(
+                "- app {} ({}, {} rules)",
+                app.id,
+                app.file,
+                app.counts.values().sum::<usize>()
+            );
         }
     }
     for app in new.apps() {
         if old.app_index(&app.id).is_none() {
             added += 1;
-            println!("+ app {} ({}, {} rules)", app.id, app.file, app.counts.values().sum::<usize>());
+            println!(
+                "+ app {} ({}, {} rules)",
+                app.id,
+                app.file,
+                app.counts.values().sum::<usize>()
+            );
         }
     }
     for (ni, app) in new.apps().iter().enumerate() {
-        let Some(oi) = old.app_index(&app.id) else { continue };
+        let Some(oi) = old.app_index(&app.id) else {
+            continue;
+        };
         let Some(before) = old.app(oi) else { continue };
         let (was, is) = (rule_table(old, oi as usize), rule_table(new, ni));
         let mut lines = Vec::new();
         if before.category != app.category {
-            lines.push(format!("  ~ category {} -> {}", before.category, app.category));
+            lines.push(format!(
+                "  ~ category {} -> {}",
+                before.category, app.category
+            ));
         }
         if before.name != app.name {
             lines.push(format!("  ~ name {:?} -> {:?}", before.name, app.name));

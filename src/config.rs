@@ -73,6 +73,10 @@ mark = 0
 proxy = ""
 direct_networks = []
 direct_domains = []
+
+[auth]
+users_file = ""
+realm = "chatwall"
 "#;
 
 /// Where a value came from, for error messages.
@@ -123,6 +127,14 @@ struct RawConfig {
     limits: RawLimits,
     upstream: RawUpstream,
     pac: RawPac,
+    auth: RawAuth,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    users_file: String,
+    realm: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +171,8 @@ struct RawPolicy {
 struct RawException {
     #[serde(default)]
     clients: Vec<String>,
+    #[serde(default)]
+    users: Vec<String>,
     #[serde(default)]
     apps: Vec<String>,
     #[serde(default)]
@@ -257,6 +271,7 @@ impl Action {
 #[derive(Debug, Clone)]
 pub struct Exception {
     pub clients: NetSet,
+    pub users: Vec<String>,
     pub apps: Vec<String>,
     pub categories: Vec<String>,
     pub action: Action,
@@ -321,6 +336,58 @@ pub struct Pac {
     pub direct_domains: Vec<String>,
 }
 
+/// Proxy authentication (Basic over `Proxy-Authorization`).
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub realm: String,
+    pub users_file: PathBuf,
+    /// User name → Argon2 PHC hash string.
+    pub users: std::collections::HashMap<String, String>,
+}
+
+/// Read a users file: `name:$argon2id$...` lines, `#` comments.
+pub fn load_users(path: &Path) -> Result<std::collections::HashMap<String, String>, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: file.clone(),
+            line: None,
+            field: "auth.users_file".into(),
+            message: format!("cannot read: {e}"),
+        }]
+    })?;
+    let mut users = std::collections::HashMap::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let err = |m: &str| ConfigError {
+            file: file.clone(),
+            line: Some(i + 1),
+            field: "user".into(),
+            message: m.to_string(),
+        };
+        let Some((name, hash)) = line.split_once(':') else {
+            errors.push(err("expected `name:hash`"));
+            continue;
+        };
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            errors.push(err("invalid user name"));
+        } else if argon2::PasswordHash::new(hash).is_err() {
+            errors.push(err("not an Argon2 PHC hash (make one with `chatwall passwd NAME`)"));
+        } else if users.insert(name.to_string(), hash.to_string()).is_some() {
+            errors.push(err("user listed twice"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(users)
+    } else {
+        Err(errors)
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -339,6 +406,7 @@ pub struct Config {
     pub limits: Limits,
     pub upstream_mark: u32,
     pub pac: Pac,
+    pub auth: Option<Auth>,
 }
 
 impl Config {
@@ -417,6 +485,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         limits: Option<PartialLimits>,
         upstream: Option<PartialUpstream>,
         pac: Option<PartialPac>,
+        auth: Option<PartialAuth>,
     }
     macro_rules! partial {
         ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -435,6 +504,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialLimits { max_request_head_bytes: i64, max_headers: i64, header_read_timeout_ms: i64, tunnel_idle_timeout_ms: i64, upstream_idle_timeout_ms: i64, upstream_response_timeout_ms: i64, connect_timeout_ms: i64, dns_timeout_ms: i64, max_connections: i64, max_connections_per_client: i64, shutdown_grace_ms: i64 });
     partial!(PartialUpstream { mark: i64 });
     partial!(PartialPac { proxy: String, direct_networks: Vec<String>, direct_domains: Vec<String> });
+    partial!(PartialAuth { users_file: String, realm: String });
 
     match toml::from_str::<Partial>(text) {
         Ok(_) => Ok(()),
@@ -601,6 +671,7 @@ fn validate(
         }
         exceptions.push(Exception {
             clients: NetSet::from_nets(clients),
+            users: e.users.clone(),
             apps: e.apps.iter().map(|a| a.to_ascii_lowercase()).collect(),
             categories: e.categories.iter().map(|c| c.to_ascii_lowercase()).collect(),
             action,
@@ -722,6 +793,30 @@ fn validate(
         })
     };
 
+    let auth = if raw.auth.users_file.is_empty() {
+        None
+    } else {
+        let p = PathBuf::from(&raw.auth.users_file);
+        let p = match (p.is_relative(), path.and_then(Path::parent)) {
+            (true, Some(parent)) if !parent.as_os_str().is_empty() => parent.join(p),
+            _ => p,
+        };
+        if raw.auth.realm.is_empty() || raw.auth.realm.contains('"') {
+            v.err("auth", "realm", "must be non-empty and without quotes");
+        }
+        match load_users(&p) {
+            Ok(users) => Some(Auth {
+                realm: raw.auth.realm.clone(),
+                users_file: p,
+                users,
+            }),
+            Err(mut e) => {
+                v.errors.append(&mut e);
+                None
+            }
+        }
+    };
+
     if !v.errors.is_empty() {
         return Err(ConfigErrors(v.errors));
     }
@@ -740,6 +835,7 @@ fn validate(
         limits,
         upstream_mark,
         pac,
+        auth,
     })
 }
 

@@ -21,6 +21,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod classify;
 pub mod cli;
 pub mod config;

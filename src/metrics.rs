@@ -72,6 +72,7 @@ pub struct Metrics {
     pub reloads_failed: IntCounter,
     pub refused_clients: IntCounter,
     pub limit_refusals: IntCounterVec,
+    pub auth_failures: IntCounter,
 }
 
 impl Metrics {
@@ -157,6 +158,11 @@ impl Metrics {
             "Connections from clients outside access.allow_clients.",
         )
         .expect("valid metric");
+        let auth_failures = IntCounter::new(
+            "chatwall_auth_failures_total",
+            "Requests without valid proxy credentials (answered 407).",
+        )
+        .expect("valid metric");
         let limit_refusals = IntCounterVec::new(
             Opts::new(
                 "chatwall_limit_refusals_total",
@@ -179,6 +185,7 @@ impl Metrics {
         reg(Box::new(build_info.clone()));
         reg(Box::new(refused_clients.clone()));
         reg(Box::new(limit_refusals.clone()));
+        reg(Box::new(auth_failures.clone()));
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -213,6 +220,7 @@ impl Metrics {
             signatures_loaded,
             refused_clients,
             limit_refusals,
+            auth_failures,
         }
     }
 

@@ -12,6 +12,20 @@ use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::config::{Action, PolicyConfig};
 use crate::signatures::SignatureSet;
 
+/// Who a flow is for: the client address and, with proxy authentication,
+/// the user name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    pub ip: IpAddr,
+    pub user: Option<std::sync::Arc<str>>,
+}
+
+impl Who {
+    pub fn ip(ip: IpAddr) -> Who {
+        Who { ip, user: None }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
@@ -43,6 +57,7 @@ impl Verdict {
 
 struct Exception {
     clients: crate::classify::NetSet,
+    users: Vec<String>,
     apps: Vec<bool>,
     action: Action,
 }
@@ -95,6 +110,7 @@ impl Policy {
             }
             exceptions.push(Exception {
                 clients: e.clients.clone(),
+                users: e.users.clone(),
                 apps: set
                     .apps()
                     .iter()
@@ -131,6 +147,11 @@ impl Policy {
 
     /// The action for a detection from this client.
     pub fn action(&self, client: IpAddr, d: &Detection) -> Action {
+        self.action_for(client, None, d)
+    }
+
+    /// The action for a detection from this client and user.
+    pub fn action_for(&self, client: IpAddr, user: Option<&str>, d: &Detection) -> Action {
         match d.reason {
             Reason::NonTls => return self.cfg.non_tls_on_443,
             Reason::NonHttp => return self.cfg.non_http_on_80,
@@ -144,6 +165,7 @@ impl Policy {
         for e in &self.exceptions {
             if e.apps.get(i).copied().unwrap_or(false)
                 && (e.clients.is_empty() || e.clients.contains(client))
+                && (e.users.is_empty() || user.is_some_and(|u| e.users.iter().any(|x| x == u)))
             {
                 return e.action;
             }
@@ -152,9 +174,13 @@ impl Policy {
     }
 
     pub fn decide(&self, client: IpAddr, d: Option<Detection>) -> Verdict {
+        self.decide_for(&Who::ip(client), d)
+    }
+
+    pub fn decide_for(&self, who: &Who, d: Option<Detection>) -> Verdict {
         match d {
             None => Verdict::Allow,
-            Some(d) => match self.action(client, &d) {
+            Some(d) => match self.action_for(who.ip, who.user.as_deref(), &d) {
                 Action::Allow => Verdict::Allow,
                 Action::Monitor => Verdict::Monitor(d),
                 Action::Block => Verdict::Block(d),

@@ -63,7 +63,15 @@ const SLL2_HEADER: usize = 20;
 const NULL_HEADER: usize = 4;
 /// Request methods that start an HTTP/1.x request (tunnel.rs `METHODS`).
 const METHODS: &[&[u8]] = &[
-    b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"HEAD ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
 ];
 
 // ---------------------------------------------------------------------------
@@ -93,7 +101,12 @@ pub struct Findings {
 
 impl Findings {
     /// Decide one finding (or its absence) for `client`.
-    pub fn decide(&mut self, engine: &Engine, client: IpAddr, found: Option<Detection>) -> Result<(), Refusal> {
+    pub fn decide(
+        &mut self,
+        engine: &Engine,
+        client: IpAddr,
+        found: Option<Detection>,
+    ) -> Result<(), Refusal> {
         match engine.policy.decide(client, found) {
             Verdict::Block(d) => Err(Refusal::Blocked(d)),
             m @ Verdict::Monitor(_) => {
@@ -178,7 +191,12 @@ pub enum Cue {
 /// ranges, the allow-list, then the CIDR and port rules (transparent.rs:
 /// `decide_name` on the address, then `upstream::check_addr`). `Ok(true)`:
 /// the address is on the allow-list.
-pub fn decide_destination(engine: &Engine, client: IpAddr, dst: SocketAddr, findings: &mut Findings) -> Result<bool, Refusal> {
+pub fn decide_destination(
+    engine: &Engine,
+    client: IpAddr,
+    dst: SocketAddr,
+    findings: &mut Findings,
+) -> Result<bool, Refusal> {
     let allowlisted = decide_name(engine, client, &dst.ip().to_string(), dst.port(), findings)?;
     check_addr(engine, client, dst, allowlisted, findings)?;
     Ok(allowlisted)
@@ -186,7 +204,13 @@ pub fn decide_destination(engine: &Engine, client: IpAddr, dst: SocketAddr, find
 
 /// What a name (or address literal) and port say, before any lookup
 /// (explicit.rs `decide_name`). `Ok(true)`: on the allow-list.
-pub fn decide_name(engine: &Engine, client: IpAddr, host: &str, port: u16, findings: &mut Findings) -> Result<bool, Refusal> {
+pub fn decide_name(
+    engine: &Engine,
+    client: IpAddr,
+    host: &str,
+    port: u16,
+    findings: &mut Findings,
+) -> Result<bool, Refusal> {
     let sigs = &engine.signatures;
     let policy = &engine.policy;
     let literal = host
@@ -212,7 +236,13 @@ pub fn decide_name(engine: &Engine, client: IpAddr, host: &str, port: u16, findi
 
 /// The address actually connected to (upstream.rs `check_addr`, without
 /// chatwall's own listeners, which a capture cannot know).
-pub fn check_addr(engine: &Engine, client: IpAddr, dst: SocketAddr, name_allowlisted: bool, findings: &mut Findings) -> Result<(), Refusal> {
+pub fn check_addr(
+    engine: &Engine,
+    client: IpAddr,
+    dst: SocketAddr,
+    name_allowlisted: bool,
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
     let ip = crate::classify::addr::canonical(dst.ip());
     if engine.config.deny_destinations.contains(ip) || ip.is_unspecified() {
         return Err(Refusal::DeniedDestination);
@@ -239,7 +269,13 @@ pub struct FirstBytesCheck<'e, 'f> {
 }
 
 impl<'e, 'f> FirstBytesCheck<'e, 'f> {
-    pub fn new(engine: &'e Engine, client: IpAddr, port: u16, allowlisted: bool, findings: &'f mut Findings) -> Self {
+    pub fn new(
+        engine: &'e Engine,
+        client: IpAddr,
+        port: u16,
+        allowlisted: bool,
+        findings: &'f mut Findings,
+    ) -> Self {
         FirstBytesCheck {
             engine,
             client,
@@ -340,8 +376,16 @@ impl<'e, 'f> FirstBytesCheck<'e, 'f> {
 }
 
 /// SNI, ALPN, JA4 and ECH of a ClientHello (tunnel.rs `decide_hello`).
-pub fn decide_hello(engine: &Engine, client: IpAddr, findings: &mut Findings, hello: &ClientHello) -> Result<(), Refusal> {
-    let sni_allowlisted = hello.sni.as_deref().is_some_and(|s| engine.policy.allows_name(s));
+pub fn decide_hello(
+    engine: &Engine,
+    client: IpAddr,
+    findings: &mut Findings,
+    hello: &ClientHello,
+) -> Result<(), Refusal> {
+    let sni_allowlisted = hello
+        .sni
+        .as_deref()
+        .is_some_and(|s| engine.policy.allows_name(s));
     if !sni_allowlisted {
         findings.decide(engine, client, engine.signatures.classify_hello(hello))?;
     }
@@ -360,16 +404,33 @@ pub fn decide_hello(engine: &Engine, client: IpAddr, findings: &mut Findings, he
 /// A payload match in the first bytes of one direction, if any.
 fn payload_detection(engine: &Engine, dir: Direction, buf: &[u8]) -> Option<Detection> {
     let window = engine.config.inspect_bytes;
-    let outcome = engine.signatures.payload().classify(dir, &buf[..buf.len().min(window)]);
+    let outcome = engine
+        .signatures
+        .payload()
+        .classify(dir, &buf[..buf.len().min(window)]);
     engine.signatures.payload_detection(outcome)
 }
 
 /// Payload signatures on the first bytes of both directions of a relayed
 /// tunnel (relay.rs `inspect_step`): the client's, then the upstream's.
-pub fn decide_payload(engine: &Engine, client: IpAddr, up: &[u8], down: &[u8], findings: &mut Findings) -> Result<(), Refusal> {
-    findings.decide(engine, client, payload_detection(engine, Direction::Client, up))?;
+pub fn decide_payload(
+    engine: &Engine,
+    client: IpAddr,
+    up: &[u8],
+    down: &[u8],
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    findings.decide(
+        engine,
+        client,
+        payload_detection(engine, Direction::Client, up),
+    )?;
     if engine.signatures.payload().reach(Direction::Server) > 0 {
-        findings.decide(engine, client, payload_detection(engine, Direction::Server, down))?;
+        findings.decide(
+            engine,
+            client,
+            payload_detection(engine, Direction::Server, down),
+        )?;
     }
     Ok(())
 }
@@ -416,7 +477,12 @@ pub fn request_host(req: &httparse::Request<'_, '_>, dst: SocketAddr) -> String 
         .find(|h| h.name.eq_ignore_ascii_case("host"))
         .and_then(|h| std::str::from_utf8(h.value).ok())
         .and_then(|v| v.trim().parse::<http::uri::Authority>().ok())
-        .map(|a| a.host().trim_start_matches('[').trim_end_matches(']').to_string())
+        .map(|a| {
+            a.host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        })
         .filter(|h| !h.is_empty());
     let from_target = || {
         req.path
@@ -450,7 +516,9 @@ pub fn decide_request(
     let sigs = &engine.signatures;
     findings.decide(engine, client, sigs.classify_download(host, req.path()))?;
     match sigs.http().classify_head(req, body.is_some()) {
-        HeadOutcome::Match(rule) => findings.decide(engine, client, Some(sigs.http_detection(rule))),
+        HeadOutcome::Match(rule) => {
+            findings.decide(engine, client, Some(sigs.http_detection(rule)))
+        }
         HeadOutcome::NeedBody { window } => {
             let (bytes, complete) = body.unwrap_or((&[], true));
             let prefix = &bytes[..bytes.len().min(window)];
@@ -539,7 +607,13 @@ fn dechunk(buf: &[u8]) -> (Vec<u8>, Option<usize>) {
 /// refusal, at a head that is incomplete or malformed, and after a request
 /// whose end cannot be found (CONNECT, an upgrade, a body past the capture).
 /// Returns the host of the first request.
-pub fn decide_requests(engine: &Engine, client: IpAddr, dst: SocketAddr, bytes: &[u8], findings: &mut Findings) -> (Option<String>, Result<(), Refusal>) {
+pub fn decide_requests(
+    engine: &Engine,
+    client: IpAddr,
+    dst: SocketAddr,
+    bytes: &[u8],
+    findings: &mut Findings,
+) -> (Option<String>, Result<(), Refusal>) {
     let mut first_host = None;
     let mut at = 0;
     let mut headers = vec![httparse::EMPTY_HEADER; engine.config.limits.max_headers.max(1)];
@@ -556,18 +630,26 @@ pub fn decide_requests(engine: &Engine, client: IpAddr, dst: SocketAddr, bytes: 
             Framing::None => (None, Some(0)),
             Framing::Length(n) => {
                 let have = rest.len().min(n);
-                (Some((rest[..have].to_vec(), have == n)), (have == n).then_some(n))
+                (
+                    Some((rest[..have].to_vec(), have == n)),
+                    (have == n).then_some(n),
+                )
             }
             Framing::Chunked => {
                 let (data, len) = dechunk(rest);
                 (Some((data, len.is_some())), len)
             }
         };
-        let body = decoded.as_ref().map(|(b, complete)| (b.as_slice(), *complete));
+        let body = decoded
+            .as_ref()
+            .map(|(b, complete)| (b.as_slice(), *complete));
         if let Err(r) = decide_request(engine, client, dst, &host, &req, body, findings) {
             return (first_host, Err(r));
         }
-        let upgrade = req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+        let upgrade = req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
         match body_len {
             Some(n) if !upgrade && req.method != Some("CONNECT") => at += head_len + n,
             _ => break,
@@ -617,7 +699,9 @@ fn decode(link: DataLink, frame: &[u8]) -> Option<Segment<'_>> {
     let sliced = match link {
         DataLink::ETHERNET => LaxSlicedPacket::from_ethernet(frame).ok()?,
         DataLink::RAW | DataLink::IPV4 | DataLink::IPV6 => LaxSlicedPacket::from_ip(frame).ok()?,
-        DataLink::NULL | DataLink::LOOP => LaxSlicedPacket::from_ip(frame.get(NULL_HEADER..)?).ok()?,
+        DataLink::NULL | DataLink::LOOP => {
+            LaxSlicedPacket::from_ip(frame.get(NULL_HEADER..)?).ok()?
+        }
         DataLink::LINUX_SLL => {
             let proto = u16::from_be_bytes([*frame.get(14)?, *frame.get(15)?]);
             LaxSlicedPacket::from_ether_type(EtherType(proto), frame.get(SLL_HEADER..)?)
@@ -629,8 +713,14 @@ fn decode(link: DataLink, frame: &[u8]) -> Option<Segment<'_>> {
         _ => return None,
     };
     let (src, dst): (IpAddr, IpAddr) = match sliced.net.as_ref()? {
-        LaxNetSlice::Ipv4(v4) => (v4.header().source_addr().into(), v4.header().destination_addr().into()),
-        LaxNetSlice::Ipv6(v6) => (v6.header().source_addr().into(), v6.header().destination_addr().into()),
+        LaxNetSlice::Ipv4(v4) => (
+            v4.header().source_addr().into(),
+            v4.header().destination_addr().into(),
+        ),
+        LaxNetSlice::Ipv6(v6) => (
+            v6.header().source_addr().into(),
+            v6.header().destination_addr().into(),
+        ),
     };
     let TransportSlice::Tcp(tcp) = sliced.transport.as_ref()? else {
         return None;
@@ -650,7 +740,11 @@ fn decode(link: DataLink, frame: &[u8]) -> Option<Segment<'_>> {
 /// Call `f` with the link type and bytes of every frame of a pcap or
 /// pcapng capture. A capture cut off inside its last packet is read up to
 /// there, with a warning.
-fn for_each_frame<R: Read>(reader: R, warnings: &mut Vec<String>, mut f: impl FnMut(DataLink, &[u8])) -> Result<(), ReplayError> {
+fn for_each_frame<R: Read>(
+    reader: R,
+    warnings: &mut Vec<String>,
+    mut f: impl FnMut(DataLink, &[u8]),
+) -> Result<(), ReplayError> {
     let mut reader = BufReader::new(reader);
     let head = reader.fill_buf().map_err(ReplayError::Io)?;
     if head.is_empty() {
@@ -680,7 +774,12 @@ fn for_each_frame<R: Read>(reader: R, warnings: &mut Vec<String>, mut f: impl Fn
                 Block::InterfaceDescription(idb) => links.push(idb.linktype),
                 Block::EnhancedPacket(epb) => match links.get(epb.interface_id as usize) {
                     Some(&link) => f(link, &epb.data),
-                    None => return Err(ReplayError::Format(format!("packet on undeclared interface {}", epb.interface_id))),
+                    None => {
+                        return Err(ReplayError::Format(format!(
+                            "packet on undeclared interface {}",
+                            epb.interface_id
+                        )))
+                    }
                 },
                 Block::SimplePacket(spb) => match links.first() {
                     Some(&link) => f(link, &spb.data),
@@ -688,7 +787,12 @@ fn for_each_frame<R: Read>(reader: R, warnings: &mut Vec<String>, mut f: impl Fn
                 },
                 Block::Packet(pb) => match links.get(usize::from(pb.interface_id)) {
                     Some(&link) => f(link, &pb.data),
-                    None => return Err(ReplayError::Format(format!("packet on undeclared interface {}", pb.interface_id))),
+                    None => {
+                        return Err(ReplayError::Format(format!(
+                            "packet on undeclared interface {}",
+                            pb.interface_id
+                        )))
+                    }
                 },
                 _ => {}
             }
@@ -963,7 +1067,11 @@ impl Reassembly {
             }
             // The SYN's sender is the client, the SYN-ACK's receiver too;
             // without either, the first sender.
-            let (client, server) = if s.syn && s.ack { (s.dst, s.src) } else { (s.src, s.dst) };
+            let (client, server) = if s.syn && s.ack {
+                (s.dst, s.src)
+            } else {
+                (s.src, s.dst)
+            };
             let order = self.next_order;
             self.next_order += 1;
             self.open.insert(
@@ -979,7 +1087,9 @@ impl Reassembly {
                 },
             );
         }
-        let Some(conn) = self.open.get_mut(&k) else { return };
+        let Some(conn) = self.open.get_mut(&k) else {
+            return;
+        };
         let from_client = s.src == conn.client;
         let (half, cap) = if from_client {
             (&mut conn.up, self.up_cap)
@@ -1078,7 +1188,12 @@ pub fn decide_flow(engine: &Engine, flow: &TcpFlow) -> FlowReport {
     report
 }
 
-fn replay_flow(engine: &Engine, flow: &TcpFlow, findings: &mut Findings, report: &mut FlowReport) -> Result<(), Refusal> {
+fn replay_flow(
+    engine: &Engine,
+    flow: &TcpFlow,
+    findings: &mut Findings,
+    report: &mut FlowReport,
+) -> Result<(), Refusal> {
     let client = flow.client.ip();
     let port = flow.server.port();
     let allowlisted = decide_destination(engine, client, flow.server, findings)?;
@@ -1099,11 +1214,18 @@ fn replay_flow(engine: &Engine, flow: &TcpFlow, findings: &mut Findings, report:
     match result? {
         FirstBytes::Tls => Ok(()),
         FirstBytes::Http => {
-            let (host, result) = decide_requests(engine, client, flow.server, &flow.client_bytes, findings);
+            let (host, result) =
+                decide_requests(engine, client, flow.server, &flow.client_bytes, findings);
             report.host = host;
             result
         }
-        FirstBytes::Payload => decide_payload(engine, client, &flow.client_bytes, &flow.server_bytes, findings),
+        FirstBytes::Payload => decide_payload(
+            engine,
+            client,
+            &flow.client_bytes,
+            &flow.server_bytes,
+            findings,
+        ),
     }
 }
 
@@ -1113,7 +1235,11 @@ fn first_bytes(check: &mut FirstBytesCheck<'_, '_>, flow: &TcpFlow) -> Result<Fi
     // that speaks first there is never heard, and the client waits.
     let lazy = matches!(flow.server.port(), 80 | 443);
     if flow.upstream_first {
-        let cue = if lazy { Cue::Deadline } else { Cue::UpstreamFirst };
+        let cue = if lazy {
+            Cue::Deadline
+        } else {
+            Cue::UpstreamFirst
+        };
         if let Some(first) = check.step(&[], cue)? {
             return Ok(first);
         }
@@ -1123,7 +1249,11 @@ fn first_bytes(check: &mut FirstBytesCheck<'_, '_>, flow: &TcpFlow) -> Result<Fi
             return Ok(first);
         }
     }
-    let end = if flow.client_ended && !flow.partial { Cue::ClientEnded } else { Cue::Deadline };
+    let end = if flow.client_ended && !flow.partial {
+        Cue::ClientEnded
+    } else {
+        Cue::Deadline
+    };
     match check.step(&flow.client_bytes, end)? {
         Some(first) => Ok(first),
         // Every cue but `Bytes` answers; keep the proxy's fallback anyway.
@@ -1146,15 +1276,21 @@ pub struct Replay {
 /// Replay every TCP flow of a pcap or pcapng stream.
 pub fn replay<R: Read>(engine: &Engine, reader: R) -> Result<Replay, ReplayError> {
     let window = engine.config.inspect_bytes;
-    let server_cap = engine.signatures.payload().reach(Direction::Server).min(window);
+    let server_cap = engine
+        .signatures
+        .payload()
+        .reach(Direction::Server)
+        .min(window);
     let mut reassembly = Reassembly::new(window, server_cap);
     let mut out = Replay::default();
     let mut reports: Vec<(usize, FlowReport)> = Vec::new();
     let mut done = |order: usize, flow: TcpFlow| reports.push((order, decide_flow(engine, &flow)));
     let mut skipped = 0u64;
-    for_each_frame(reader, &mut out.warnings, |link, frame| match decode(link, frame) {
-        Some(seg) => reassembly.push(&seg, &mut done),
-        None => skipped += 1,
+    for_each_frame(reader, &mut out.warnings, |link, frame| {
+        match decode(link, frame) {
+            Some(seg) => reassembly.push(&seg, &mut done),
+            None => skipped += 1,
+        }
     })?;
     out.packets = reassembly.packets;
     reassembly.finish(&mut done);
@@ -1195,10 +1331,16 @@ impl FlowReport {
     /// The rule's text and its `file:line`.
     fn rule(&self, engine: &Engine) -> (Option<String>, Option<String>) {
         let set = &engine.signatures;
-        let Some(rule) = self.detection().and_then(|d| d.rule).and_then(|r| set.rule(r)) else {
+        let Some(rule) = self
+            .detection()
+            .and_then(|d| d.rule)
+            .and_then(|r| set.rule(r))
+        else {
             return (None, None);
         };
-        let at = set.app(rule.app).map(|a| format!("{}:{}", a.file, rule.line));
+        let at = set
+            .app(rule.app)
+            .map(|a| format!("{}:{}", a.file, rule.line));
         (Some(rule.text.clone()), at)
     }
 
@@ -1215,7 +1357,11 @@ impl FlowReport {
         if let Some(o) = self.detection().and_then(|d| d.offset) {
             evidence.push(format!("offset={o}"));
         }
-        for (k, v) in [("sni", &self.sni), ("host", &self.host), ("alpn", &self.alpn)] {
+        for (k, v) in [
+            ("sni", &self.sni),
+            ("host", &self.host),
+            ("alpn", &self.alpn),
+        ] {
             if let Some(v) = v {
                 evidence.push(format!("{k}={v}"));
             }
@@ -1233,7 +1379,11 @@ impl FlowReport {
             self.verdict.as_str(),
             self.app(engine).unwrap_or("-"),
             self.reason().unwrap_or("-"),
-            if evidence.is_empty() { "-".to_string() } else { evidence.join(" ") }
+            if evidence.is_empty() {
+                "-".to_string()
+            } else {
+                evidence.join(" ")
+            }
         )
     }
 
@@ -1295,12 +1445,23 @@ mod tests {
             }
         }
 
-        fn frame(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, flags: &str, payload: &[u8]) -> Vec<u8> {
+        fn frame(
+            from: SocketAddr,
+            to: SocketAddr,
+            seq: u32,
+            ack: u32,
+            flags: &str,
+            payload: &[u8],
+        ) -> Vec<u8> {
             let base = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
             let (sport, dport) = (from.port(), to.port());
             let mut t = match (from.ip(), to.ip()) {
-                (IpAddr::V4(a), IpAddr::V4(b)) => base.ipv4(a.octets(), b.octets(), 64).tcp(sport, dport, seq, 64240),
-                (IpAddr::V6(a), IpAddr::V6(b)) => base.ipv6(a.octets(), b.octets(), 64).tcp(sport, dport, seq, 64240),
+                (IpAddr::V4(a), IpAddr::V4(b)) => base
+                    .ipv4(a.octets(), b.octets(), 64)
+                    .tcp(sport, dport, seq, 64240),
+                (IpAddr::V6(a), IpAddr::V6(b)) => base
+                    .ipv6(a.octets(), b.octets(), 64)
+                    .tcp(sport, dport, seq, 64240),
                 _ => panic!("mixed families"),
             };
             if flags.contains('S') {
@@ -1326,8 +1487,22 @@ mod tests {
         fn handshake(&mut self) -> Vec<Vec<u8>> {
             let v = vec![
                 Self::frame(self.client, self.server, self.cseq, 0, "S", b""),
-                Self::frame(self.server, self.client, self.sseq, self.cseq + 1, "SA", b""),
-                Self::frame(self.client, self.server, self.cseq + 1, self.sseq.wrapping_add(1), "A", b""),
+                Self::frame(
+                    self.server,
+                    self.client,
+                    self.sseq,
+                    self.cseq + 1,
+                    "SA",
+                    b"",
+                ),
+                Self::frame(
+                    self.client,
+                    self.server,
+                    self.cseq + 1,
+                    self.sseq.wrapping_add(1),
+                    "A",
+                    b"",
+                ),
             ];
             self.cseq = self.cseq.wrapping_add(1);
             self.sseq = self.sseq.wrapping_add(1);
@@ -1349,7 +1524,14 @@ mod tests {
         fn close(&mut self) -> Vec<Vec<u8>> {
             vec![
                 Self::frame(self.client, self.server, self.cseq, self.sseq, "FA", b""),
-                Self::frame(self.server, self.client, self.sseq, self.cseq + 1, "FA", b""),
+                Self::frame(
+                    self.server,
+                    self.client,
+                    self.sseq,
+                    self.cseq + 1,
+                    "FA",
+                    b"",
+                ),
             ]
         }
     }
@@ -1435,7 +1617,11 @@ mod tests {
         let f = &r.flows[0];
         assert_eq!(summary(&e, f), s(("block", "whatsapp", "sni")));
         assert_eq!(f.sni.as_deref(), Some("web.whatsapp.com"));
-        assert!(f.ja4.as_deref().is_some_and(|j| j.starts_with("t13d")), "{:?}", f.ja4);
+        assert!(
+            f.ja4.as_deref().is_some_and(|j| j.starts_with("t13d")),
+            "{:?}",
+            f.ja4
+        );
         assert!(!f.partial);
         let line = f.to_line(&e);
         assert!(line.starts_with("10.0.0.2:50000 -> 157.240.1.53:443 block whatsapp sni rule=\"*.whatsapp.com\" at=signatures/whatsapp.toml:"), "{line}");
@@ -1486,7 +1672,8 @@ mod tests {
                 s(("block", "xmpp", "payload")),
                 s(("allow", "-", "-")),
                 s(("block", "telegram", "ip")),
-                s(("block", "whatsapp", "non_tls")),
+                // Not TLS on 443, but the payload names the app first.
+                s(("block", "whatsapp", "payload")),
                 s(("block", "-", "non_tls")),
             ]
         );
@@ -1495,7 +1682,9 @@ mod tests {
         let json = r.flows[1].to_json(&e);
         assert_eq!(json["app"], "xmpp");
         assert_eq!(json["reason"], "payload");
-        assert!(json["rule_at"].as_str().is_some_and(|a| a.starts_with("signatures/xmpp.toml:")));
+        assert!(json["rule_at"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("signatures/xmpp.toml:")));
         assert!(json["offset"].is_u64());
     }
 
@@ -1511,7 +1700,13 @@ mod tests {
         frames.push(b.up(&client_hello("example.org")));
         let r = run(&e, &frames);
         let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
-        assert_eq!(got, vec![s(("allow", "whatsapp", "sni")), s(("monitor", "telegram", "ip"))]);
+        assert_eq!(
+            got,
+            vec![
+                s(("allow", "whatsapp", "sni")),
+                s(("monitor", "telegram", "ip"))
+            ]
+        );
     }
 
     #[test]
@@ -1523,15 +1718,29 @@ mod tests {
         // A harmless request, then an XMPP BOSH body in a second request.
         let body = b"<body rid='1' xmlns='http://jabber.org/protocol/httpbind' to='example.com'/>";
         let mut reqs = b"GET /index.html HTTP/1.1\r\nHost: www.example.net\r\n\r\n".to_vec();
-        reqs.extend_from_slice(format!("POST /http-bind HTTP/1.1\r\nHost: www.example.net\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+        reqs.extend_from_slice(
+            format!(
+                "POST /http-bind HTTP/1.1\r\nHost: www.example.net\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
         reqs.extend_from_slice(body);
         frames.push(t.up(&reqs));
         let mut d = Tcp::new("10.0.0.2:50021", "198.51.100.21:80");
         frames.extend(d.handshake());
-        frames.push(d.up(b"GET /download/WhatsAppSetup.exe HTTP/1.1\r\nHost: cdn.example.com\r\n\r\n"));
+        frames.push(
+            d.up(b"GET /download/WhatsAppSetup.exe HTTP/1.1\r\nHost: cdn.example.com\r\n\r\n"),
+        );
         let r = run(&e, &frames);
         let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
-        assert_eq!(got, vec![s(("block", "xmpp", "http")), s(("block", "whatsapp", "download"))]);
+        assert_eq!(
+            got,
+            vec![
+                s(("block", "xmpp", "http")),
+                s(("block", "whatsapp", "download"))
+            ]
+        );
         assert_eq!(r.flows[0].host.as_deref(), Some("www.example.net"));
     }
 
@@ -1539,7 +1748,8 @@ mod tests {
     fn chunked_bodies_are_decoded_for_body_rules() {
         let e = engine("");
         let body = b"<body xmlns='http://jabber.org/protocol/httpbind'/>";
-        let mut req = b"POST /x HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut req =
+            b"POST /x HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         let (a, b) = body.split_at(20);
         for part in [a, b] {
             req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
@@ -1547,7 +1757,8 @@ mod tests {
             req.extend_from_slice(b"\r\n");
         }
         req.extend_from_slice(b"0\r\n\r\n");
-        let (data, len) = dechunk(&req[req.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4..]);
+        let (data, len) =
+            dechunk(&req[req.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4..]);
         assert_eq!(data, body);
         assert!(len.is_some());
         let mut t = Tcp::new("10.0.0.2:50030", "198.51.100.30:80");
@@ -1577,14 +1788,20 @@ mod tests {
         let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
         assert_eq!(
             got,
-            vec![s(("allow", "-", "-")), s(("block", "-", "non_tls")), s(("allow", "-", "-"))]
+            vec![
+                s(("allow", "-", "-")),
+                s(("block", "-", "non_tls")),
+                s(("allow", "-", "-"))
+            ]
         );
         assert_eq!(r.flows[2].note, Some("no payload"));
     }
 
     #[test]
     fn denied_destinations_and_allow_list() {
-        let e = engine("[[policy.allow]]\nhosts = [\"web.whatsapp.com\"]\ncidrs = [\"149.154.167.0/24\"]\n");
+        let e = engine(
+            "[[policy.allow]]\nhosts = [\"web.whatsapp.com\"]\ncidrs = [\"149.154.167.0/24\"]\n",
+        );
         let mut frames = Vec::new();
         let mut lo = Tcp::new("127.0.0.1:50050", "127.0.0.1:8080");
         frames.extend(lo.handshake());
@@ -1601,7 +1818,11 @@ mod tests {
         // tunnel whose address is on the allow-list; `non_tls_on_443` does not.
         assert_eq!(
             got,
-            vec![s(("block", "-", "destination")), s(("allow", "-", "-")), s(("block", "whatsapp", "payload"))]
+            vec![
+                s(("block", "-", "destination")),
+                s(("allow", "-", "-")),
+                s(("block", "whatsapp", "payload"))
+            ]
         );
         assert_eq!(r.flows[2].note, Some("allowlist"));
     }
@@ -1643,7 +1864,8 @@ mod tests {
             out
         };
         let mut t = Tcp::new("10.0.0.3:40000", "157.240.1.60:443");
-        let mut frames: Vec<(u32, Vec<u8>)> = t.handshake().into_iter().map(|f| (0, strip(f))).collect();
+        let mut frames: Vec<(u32, Vec<u8>)> =
+            t.handshake().into_iter().map(|f| (0, strip(f))).collect();
         frames.push((0, strip(t.up(&client_hello("web.whatsapp.com")))));
         let mut x = Tcp::new("10.0.0.3:40001", "198.51.100.50:5222");
         frames.extend(x.handshake().into_iter().map(|f| (1, sll(f))));
@@ -1660,14 +1882,23 @@ mod tests {
         let bytes = w.into_inner();
         let r = replay(&e, &bytes[..]).expect("replay");
         let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
-        assert_eq!(got, vec![s(("block", "whatsapp", "sni")), s(("block", "xmpp", "port"))]);
+        assert_eq!(
+            got,
+            vec![
+                s(("block", "whatsapp", "sni")),
+                s(("block", "xmpp", "port"))
+            ]
+        );
     }
 
     #[test]
     fn broken_captures_are_errors_and_cut_ones_warnings() {
         let e = engine("");
         assert!(matches!(replay(&e, &b""[..]), Err(ReplayError::Format(_))));
-        assert!(matches!(replay(&e, &b"not a capture at all, really"[..]), Err(ReplayError::Format(_))));
+        assert!(matches!(
+            replay(&e, &b"not a capture at all, really"[..]),
+            Err(ReplayError::Format(_))
+        ));
         let mut t = Tcp::new("10.0.0.2:50070", "203.0.113.70:5050");
         let mut frames = t.handshake();
         frames.push(t.up(b"YMSG"));

@@ -188,3 +188,63 @@ async fn ambiguous_framing_is_refused_and_never_forwarded() {
     assert!(cl_te[0].headers.iter().all(|(k, _)| k != "content-length" || true));
     assert!(seen.iter().all(|r| r.uri != "/smuggled"), "a request after CL+TE was served: {seen:?}");
 }
+
+fn basic(creds: &str) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_authentication_asks_checks_and_never_forwards_credentials() {
+    let origin = HttpOrigin::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    let line = chatwall::auth::hash_line("alice", "correct horse").expect("hash");
+    std::fs::write(&users, format!("# users\n{line}\n")).expect("write users");
+    // A per-user exception: alice may use the loopback test app.
+    let sigs = dir.path().join("sigs");
+    std::fs::create_dir_all(&sigs).expect("mkdir");
+    std::fs::write(
+        sigs.join("loopback.toml"),
+        "id = \"loopback\"\nname = \"Loopback\"\ncategory = \"consumer-im\"\n[[hosts]]\nnames = [\"localhost\"]\nsource = \"test fixture\"\n",
+    )
+    .expect("write sig");
+    let proxy = Proxy::start(&format!(
+        "[access]\ndeny_destinations = []\n[auth]\nusers_file = {:?}\nrealm = \"corp\"\n[signatures]\ndir = {:?}\n[[policy.exceptions]]\nusers = [\"alice\"]\napps = [\"loopback\"]\naction = \"allow\"\n",
+        users.display().to_string(),
+        sigs.display().to_string()
+    ))
+    .await;
+    let o = origin.addr;
+    let get = |auth: Option<String>, host: String| {
+        let extra = auth.map(|a| format!("Proxy-Authorization: {a}\r\n")).unwrap_or_default();
+        format!("GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n")
+    };
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(get(None, o.to_string()).as_bytes()).await.expect("write");
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 407);
+    assert!(head.to_ascii_lowercase().contains("proxy-authenticate: basic realm=\"corp\""), "{head}");
+    let (status, _) = support::raw_http(proxy.addr, &get(Some(basic("alice:wrong")), o.to_string())).await;
+    assert_eq!(status, 407);
+    let (status, _) = support::raw_http(proxy.addr, &get(Some(basic("mallory:correct horse")), o.to_string())).await;
+    assert_eq!(status, 407);
+    assert_eq!(origin.requests().len(), 0);
+    let (status, body) = support::raw_http(proxy.addr, &get(Some(basic("alice:correct horse")), o.to_string())).await;
+    assert_eq!((status, body.as_str()), (200, "hello from origin\n"));
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].headers.iter().all(|(k, _)| k != "proxy-authorization"), "{seen:?}");
+    // The exception names alice: `localhost` (the test app) passes for her.
+    let local = format!("localhost:{}", o.port());
+    let (status, _) = support::raw_http(proxy.addr, &get(Some(basic("alice:correct horse")), local.clone())).await;
+    assert_eq!(status, 200);
+    // CONNECT needs credentials too.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes()).await.expect("write");
+    assert_eq!(read_response(&mut s).await.0, 407);
+    let log = proxy.wait_log(6).await;
+    let users: Vec<_> = log.iter().map(|r| r["user"].clone()).collect();
+    assert_eq!(users[3], "alice", "{log:?}");
+    assert_eq!(proxy.metric("chatwall_auth_failures_total").await, 4.0);
+}

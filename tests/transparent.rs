@@ -294,7 +294,10 @@ const XMPP_PARTS: [&[u8]; 2] = [
 ];
 /// A YMSG login header: "YMSG", version 16, length 0, service 0x57, in two
 /// segments.
-const YMSG_PARTS: [&[u8]; 2] = [b"YMSG", b"\x00\x10\x00\x00\x00\x00\x00\x57\x00\x00\x00\x00\x00\x00\x00\x00"];
+const YMSG_PARTS: [&[u8]; 2] = [
+    b"YMSG",
+    b"\x00\x10\x00\x00\x00\x00\x00\x57\x00\x00\x00\x00\x00\x00\x00\x00",
+];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fw {
@@ -308,7 +311,9 @@ impl Fw {
             Fw::Iptables => "iptables.sh",
             Fw::Nftables => "nftables.sh",
         };
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("docker").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docker")
+            .join(name)
     }
 }
 
@@ -334,7 +339,9 @@ impl Fetch {
     fn header(&self, name: &str) -> Option<String> {
         self.headers.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 
@@ -474,7 +481,9 @@ fn sweep_stale() {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
         let Some(pid) = name
             .strip_prefix("cwt")
             .and_then(|r| r.split('-').next())
@@ -531,7 +540,10 @@ impl Lab {
     /// by `limit`: killed and reported past it.
     fn exec(&self, ns: Option<&str>, args: &[&str], limit: Duration) -> Done {
         let n = self.next();
-        let (out_path, err_path) = (self.path(&format!("cmd-{n}.out")), self.path(&format!("cmd-{n}.err")));
+        let (out_path, err_path) = (
+            self.path(&format!("cmd-{n}.out")),
+            self.path(&format!("cmd-{n}.err")),
+        );
         let mut cmd = match ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -572,12 +584,22 @@ impl Lab {
     /// A setup command that must succeed.
     fn must(&self, ns: Option<&str>, args: &[&str]) -> String {
         let d = self.exec(ns, args, WAIT);
-        assert_eq!(d.code, Some(0), "{args:?} in {ns:?} failed: {}{}", d.stdout, d.stderr);
+        assert_eq!(
+            d.code,
+            Some(0),
+            "{args:?} in {ns:?} failed: {}{}",
+            d.stdout,
+            d.stderr
+        );
         d.stdout
     }
 
     fn build_network(&self) {
-        let (c, r, o) = (self.client.as_str(), self.router.as_str(), self.origin.as_str());
+        let (c, r, o) = (
+            self.client.as_str(),
+            self.router.as_str(),
+            self.origin.as_str(),
+        );
         for ns in [c, r, o] {
             quick("ip", &["netns", "del", ns]);
             self.must(None, &["ip", "netns", "add", ns]);
@@ -585,8 +607,20 @@ impl Lab {
         }
         // The veths are created inside the namespaces: nothing appears in
         // the host's namespace, and deleting a namespace deletes its ends.
-        self.must(None, &["ip", "-n", r, "link", "add", "rc", "type", "veth", "peer", "name", "c0", "netns", c]);
-        self.must(None, &["ip", "-n", r, "link", "add", "ro", "type", "veth", "peer", "name", "o0", "netns", o]);
+        self.must(
+            None,
+            &[
+                "ip", "-n", r, "link", "add", "rc", "type", "veth", "peer", "name", "c0", "netns",
+                c,
+            ],
+        );
+        self.must(
+            None,
+            &[
+                "ip", "-n", r, "link", "add", "ro", "type", "veth", "peer", "name", "o0", "netns",
+                o,
+            ],
+        );
         let addrs: &[(&str, &str, &str)] = &[
             (c, "c0", "10.200.1.2/24"),
             (c, "c0", "fd00:c4a7::1:2/112"),
@@ -609,13 +643,50 @@ impl Lab {
         for (ns, dev) in [(c, "c0"), (r, "rc"), (r, "ro"), (o, "o0")] {
             self.must(None, &["ip", "-n", ns, "link", "set", dev, "up"]);
         }
-        self.must(None, &["ip", "-n", c, "route", "add", "default", "via", ROUTER_LAN4]);
-        self.must(None, &["ip", "-n", c, "-6", "route", "add", "default", "via", ROUTER_LAN6]);
-        self.must(None, &["ip", "-n", o, "route", "add", "default", "via", ROUTER_WAN4]);
-        self.must(None, &["ip", "-n", o, "-6", "route", "add", "default", "via", ROUTER_WAN6]);
+        self.must(
+            None,
+            &["ip", "-n", c, "route", "add", "default", "via", ROUTER_LAN4],
+        );
+        self.must(
+            None,
+            &[
+                "ip",
+                "-n",
+                c,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                ROUTER_LAN6,
+            ],
+        );
+        self.must(
+            None,
+            &["ip", "-n", o, "route", "add", "default", "via", ROUTER_WAN4],
+        );
+        self.must(
+            None,
+            &[
+                "ip",
+                "-n",
+                o,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                ROUTER_WAN6,
+            ],
+        );
         self.must(
             Some(r),
-            &["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ],
         );
     }
 
@@ -683,10 +754,20 @@ impl Lab {
         self.origin_proc = Some(child);
         let deadline = Instant::now() + WAIT;
         while !ready.exists() {
-            if let Some(s) = self.origin_proc.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("origin exited ({s}): {}", fs::read_to_string(self.path("origin.err")).unwrap_or_default());
+            if let Some(s) = self
+                .origin_proc
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "origin exited ({s}): {}",
+                    fs::read_to_string(self.path("origin.err")).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "origin not ready within {WAIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "origin not ready within {WAIT:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -703,7 +784,13 @@ impl Lab {
         let mut all = args.to_vec();
         all.push("apply");
         let d = self.recipe(fw, &all);
-        assert_eq!(d.code, Some(0), "{fw:?} recipe {all:?} failed: {}{}", d.stdout, d.stderr);
+        assert_eq!(
+            d.code,
+            Some(0),
+            "{fw:?} recipe {all:?} failed: {}{}",
+            d.stdout,
+            d.stderr
+        );
     }
 
     /// chatwall in the router namespace, the real binary; waits for /readyz.
@@ -714,7 +801,10 @@ impl Lab {
         if !sigs.exists() {
             fs::create_dir_all(&sigs).expect("signatures dir");
             let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("signatures");
-            for e in fs::read_dir(&bundled).expect("bundled signatures").flatten() {
+            for e in fs::read_dir(&bundled)
+                .expect("bundled signatures")
+                .flatten()
+            {
                 fs::copy(e.path(), sigs.join(e.file_name())).expect("copy signature");
             }
             fs::write(sigs.join("lab-im.toml"), LAB_IM_TOML).expect("lab-im.toml");
@@ -746,38 +836,67 @@ impl Lab {
         if opts.uid.is_some() {
             // Everything chatwall reads or writes, readable by its user.
             use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
+            fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755))
+                .expect("chmod dir");
             fs::set_permissions(&log, fs::Permissions::from_mode(0o666)).expect("chmod log");
         }
         let bin = env!("CARGO_BIN_EXE_chatwall");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.router]);
         if let Some(uid) = opts.uid {
-            cmd.args(["setpriv", &format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "--"]);
+            cmd.args([
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--",
+            ]);
         }
         cmd.arg(bin).arg("run").arg("-c").arg(&config_path);
         let err_path = self.path(&format!("chatwall-{}.err", self.runs));
         let child = cmd
             .stdin(Stdio::null())
-            .stdout(fs::File::create(self.path(&format!("chatwall-{}.out", self.runs))).expect("out"))
+            .stdout(
+                fs::File::create(self.path(&format!("chatwall-{}.out", self.runs))).expect("out"),
+            )
             .stderr(fs::File::create(&err_path).expect("err"))
             .spawn()
             .expect("start chatwall");
         self.chatwall = Some(child);
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some(s) = self.chatwall.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("chatwall exited ({s}): {}", fs::read_to_string(&err_path).unwrap_or_default());
+            if let Some(s) = self
+                .chatwall
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "chatwall exited ({s}): {}",
+                    fs::read_to_string(&err_path).unwrap_or_default()
+                );
             }
             let d = self.exec(
                 Some(&self.router),
-                &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", "http://127.0.0.1:9128/readyz"],
+                &[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "2",
+                    "http://127.0.0.1:9128/readyz",
+                ],
                 Duration::from_secs(5),
             );
             if d.stdout == "200" {
                 return;
             }
-            assert!(Instant::now() < deadline, "chatwall not ready within {WAIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "chatwall not ready within {WAIT:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -792,10 +911,24 @@ impl Lab {
     /// curl in a namespace; `--noproxy '*'` so no proxy variable interferes.
     fn curl(&self, ns: &str, args: &[&str]) -> Fetch {
         let n = self.next();
-        let (h, b) = (self.path(&format!("curl-{n}.head")), self.path(&format!("curl-{n}.body")));
+        let (h, b) = (
+            self.path(&format!("curl-{n}.head")),
+            self.path(&format!("curl-{n}.body")),
+        );
         let (hs, bs) = (h.to_str().expect("utf-8"), b.to_str().expect("utf-8"));
         let mut all = vec![
-            "curl", "-sS", "--noproxy", "*", "--max-time", "20", "-D", hs, "-o", bs, "-w", "%{http_code}",
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "-D",
+            hs,
+            "-o",
+            bs,
+            "-w",
+            "%{http_code}",
         ];
         all.extend_from_slice(args);
         let d = self.exec(Some(ns), &all, Duration::from_secs(30));
@@ -818,17 +951,39 @@ impl Lab {
         };
         let cert = self.path("cert.pem");
         let url = format!("{scheme}://{name}{path}");
-        self.curl(ns, &["--cacert", cert.to_str().expect("utf-8"), "--resolve", &pin, &url])
+        self.curl(
+            ns,
+            &[
+                "--cacert",
+                cert.to_str().expect("utf-8"),
+                "--resolve",
+                &pin,
+                &url,
+            ],
+        )
     }
 
     /// One raw TCP exchange from the client namespace.
     fn tcp(&self, ip: &str, port: u16, parts: &[&[u8]], wait: f64, expect: Option<usize>) -> Raw {
         let parts: Vec<String> = parts.iter().map(|p| hex(p)).collect();
-        let (port, wait, expect) = (port.to_string(), wait.to_string(), expect.map_or(-1, |e| e as i64).to_string());
+        let (port, wait, expect) = (
+            port.to_string(),
+            wait.to_string(),
+            expect.map_or(-1, |e| e as i64).to_string(),
+        );
         let script = self.path("client.py");
         let d = self.exec(
             Some(&self.client),
-            &["python3", script.to_str().expect("utf-8"), "tcp", ip, &port, &parts.join(","), &wait, &expect],
+            &[
+                "python3",
+                script.to_str().expect("utf-8"),
+                "tcp",
+                ip,
+                &port,
+                &parts.join(","),
+                &wait,
+                &expect,
+            ],
             Duration::from_secs(30),
         );
         let v: Value = serde_json::from_str(d.stdout.trim())
@@ -844,7 +999,14 @@ impl Lab {
         let script = self.path("client.py");
         self.must(
             Some(&self.client),
-            &["python3", script.to_str().expect("utf-8"), "udp", ip, &port.to_string(), &hex(payload)],
+            &[
+                "python3",
+                script.to_str().expect("utf-8"),
+                "udp",
+                ip,
+                &port.to_string(),
+                &hex(payload),
+            ],
         );
     }
 
@@ -906,7 +1068,13 @@ impl Lab {
     fn metrics(&self) -> String {
         self.must(
             Some(&self.router),
-            &["curl", "-s", "--max-time", "5", "http://127.0.0.1:9128/metrics"],
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9128/metrics",
+            ],
         )
     }
 
@@ -924,16 +1092,35 @@ impl Drop for Lab {
                 let start = t.len().saturating_sub(6000);
                 t.get(start..).unwrap_or_default().to_string()
             };
-            eprintln!("---- lab {} failed; chatwall stderr (last run):\n{}", self.name, tail(&format!("chatwall-{}.err", self.runs)));
+            eprintln!(
+                "---- lab {} failed; chatwall stderr (last run):\n{}",
+                self.name,
+                tail(&format!("chatwall-{}.err", self.runs))
+            );
             eprintln!("---- access log:\n{}", tail("access.log"));
             eprintln!("---- origin log:\n{}", tail("origin.jsonl"));
-            for args in [["iptables-save"].as_slice(), &["ip6tables-save"], &["nft", "list", "ruleset"]] {
-                if let Ok(o) = Command::new("ip").args(["netns", "exec", &self.router]).args(args).output() {
-                    eprintln!("---- router {}:\n{}", args.join(" "), String::from_utf8_lossy(&o.stdout));
+            for args in [
+                ["iptables-save"].as_slice(),
+                &["ip6tables-save"],
+                &["nft", "list", "ruleset"],
+            ] {
+                if let Ok(o) = Command::new("ip")
+                    .args(["netns", "exec", &self.router])
+                    .args(args)
+                    .output()
+                {
+                    eprintln!(
+                        "---- router {}:\n{}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stdout)
+                    );
                 }
             }
         }
-        for mut c in [self.chatwall.take(), self.origin_proc.take()].into_iter().flatten() {
+        for mut c in [self.chatwall.take(), self.origin_proc.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -958,7 +1145,13 @@ fn n(v: &Value, k: &str) -> u64 {
 }
 
 /// verdict, app, reason and listener of a record.
-fn assert_record(r: &Value, verdict: &str, app: Option<&str>, reason: Option<&str>, listener: &str) {
+fn assert_record(
+    r: &Value,
+    verdict: &str,
+    app: Option<&str>,
+    reason: Option<&str>,
+    listener: &str,
+) {
     assert_eq!(s(r, "verdict"), verdict, "verdict of {r}");
     assert_eq!(r["app"].as_str(), app, "app of {r}");
     assert_eq!(r["reason"].as_str(), reason, "reason of {r}");
@@ -1024,27 +1217,52 @@ fn case_http_passes(lab: &Lab, f: &Family, large: bool) {
     let seen = lab.origin_requests(&path, 1);
     assert_eq!(seen.len(), 1, "the origin saw the request once: {seen:#?}");
     assert_eq!(s(&seen[0], "host"), "www.example.test", "Host header kept");
-    assert_eq!(s(&seen[0], "local"), format!("{}:80", bracket(f.origin)), "sent to the original destination");
+    assert_eq!(
+        s(&seen[0], "local"),
+        format!("{}:80", bracket(f.origin)),
+        "sent to the original destination"
+    );
     assert!(
         s(&seen[0], "peer").starts_with(&bracket(f.router_wan)),
         "came from chatwall on the router, not straight from the client: {}",
         seen[0]
     );
-    let rec = lab.record(since, "allowed GET", |r| r["method"] == "GET" && s(r, "target") == path);
+    let rec = lab.record(since, "allowed GET", |r| {
+        r["method"] == "GET" && s(r, "target") == path
+    });
     assert_record(&rec, "allow", None, None, "transparent_http");
     assert_eq!(n(&rec, "status"), 200);
     assert_eq!(s(&rec, "host"), "www.example.test");
-    assert!(s(&rec, "client").starts_with(&bracket(f.client)), "client of {rec}");
-    assert_eq!(n(&rec, "bytes_down"), SMALL.len() as u64, "bytes_down of {rec}");
+    assert!(
+        s(&rec, "client").starts_with(&bracket(f.client)),
+        "client of {rec}"
+    );
+    assert_eq!(
+        n(&rec, "bytes_down"),
+        SMALL.len() as u64,
+        "bytes_down of {rec}"
+    );
 
     if large {
         let since = lab.records().len();
-        let r = lab.get(&lab.client, "http", "www.example.test", f.origin, "/files/large.bin?http");
+        let r = lab.get(
+            &lab.client,
+            "http",
+            "www.example.test",
+            f.origin,
+            "/files/large.bin?http",
+        );
         assert_eq!((r.exit, r.status), (Some(0), 200), "{}", r.stderr);
         assert_eq!(r.body.len(), LARGE_LEN, "large body length");
         assert_eq!(sha256(&r.body), lab.large_sha, "large body byte-exact");
-        let rec = lab.record(since, "large GET", |r| r["method"] == "GET" && n(r, "status") == 200);
-        assert_eq!(n(&rec, "bytes_down"), LARGE_LEN as u64, "bytes_down of {rec}");
+        let rec = lab.record(since, "large GET", |r| {
+            r["method"] == "GET" && n(r, "status") == 200
+        });
+        assert_eq!(
+            n(&rec, "bytes_down"),
+            LARGE_LEN as u64,
+            "bytes_down of {rec}"
+        );
     }
 }
 
@@ -1054,10 +1272,25 @@ fn case_http_im_host(lab: &Lab, f: &Family) {
     let (since, events) = (lab.records().len(), lab.origin_events().len());
     let r = lab.get(&lab.client, "http", "web.whatsapp.com", f.origin, "/");
     assert_eq!((r.exit, r.status), (Some(0), 403), "{r:?}");
-    assert_eq!(r.header("x-chatwall-block").as_deref(), Some("whatsapp"), "{}", r.headers);
-    assert!(r.text().to_lowercase().contains("whatsapp"), "the page names the app: {}", r.text());
+    assert_eq!(
+        r.header("x-chatwall-block").as_deref(),
+        Some("whatsapp"),
+        "{}",
+        r.headers
+    );
+    assert!(
+        r.text().to_lowercase().contains("whatsapp"),
+        "the page names the app: {}",
+        r.text()
+    );
     let rec = lab.record(since, "Host refusal", |r| r["method"] == "GET");
-    assert_record(&rec, "block", Some("whatsapp"), Some("host"), "transparent_http");
+    assert_record(
+        &rec,
+        "block",
+        Some("whatsapp"),
+        Some("host"),
+        "transparent_http",
+    );
     assert_eq!(n(&rec, "status"), 403);
     assert_eq!(s(&rec, "host"), "web.whatsapp.com");
     lab.settle();
@@ -1067,22 +1300,42 @@ fn case_http_im_host(lab: &Lab, f: &Family) {
 /// Ordinary HTTPS: byte-exact through the TLS listener, ClientHello replayed.
 fn case_tls_passes(lab: &Lab, f: &Family, large: bool) {
     let since = lab.records().len();
-    let r = lab.get(&lab.client, "https", "www.example.test", f.origin, "/hello?tls");
+    let r = lab.get(
+        &lab.client,
+        "https",
+        "www.example.test",
+        f.origin,
+        "/hello?tls",
+    );
     assert_eq!((r.exit, r.status), (Some(0), 200), "{r:?}");
     assert_eq!(r.text(), "hello from origin port 443\n");
     let seen = lab.origin_requests("/hello?tls", 1);
     assert_eq!(seen.len(), 1, "{seen:#?}");
-    assert!(s(&seen[0], "peer").starts_with(&bracket(f.router_wan)), "{}", seen[0]);
+    assert!(
+        s(&seen[0], "peer").starts_with(&bracket(f.router_wan)),
+        "{}",
+        seen[0]
+    );
     assert_eq!(s(&seen[0], "local"), format!("{}:443", bracket(f.origin)));
     let rec = lab.record(since, "allowed TLS", |r| r["listener"] == "transparent_tls");
     assert_record(&rec, "allow", None, None, "transparent_tls");
     assert_eq!(s(&rec, "sni"), "www.example.test");
     assert_eq!(s(&rec, "target"), format!("{}:443", bracket(f.origin)));
     if large {
-        let r = lab.get(&lab.client, "https", "www.example.test", f.origin, "/files/large.bin?tls");
+        let r = lab.get(
+            &lab.client,
+            "https",
+            "www.example.test",
+            f.origin,
+            "/files/large.bin?tls",
+        );
         assert_eq!((r.exit, r.status), (Some(0), 200), "{}", r.stderr);
         assert_eq!(r.body.len(), LARGE_LEN);
-        assert_eq!(sha256(&r.body), lab.large_sha, "large body byte-exact over TLS");
+        assert_eq!(
+            sha256(&r.body),
+            lab.large_sha,
+            "large body byte-exact over TLS"
+        );
     }
 }
 
@@ -1093,11 +1346,21 @@ fn case_tls_im_sni(lab: &Lab, f: &Family) {
     assert_ne!(r.exit, Some(0), "the handshake must fail: {r:?}");
     assert_eq!(r.status, 0, "{r:?}");
     let rec = lab.record(since, "SNI refusal", |r| r["listener"] == "transparent_tls");
-    assert_record(&rec, "block", Some("whatsapp"), Some("sni"), "transparent_tls");
+    assert_record(
+        &rec,
+        "block",
+        Some("whatsapp"),
+        Some("sni"),
+        "transparent_tls",
+    );
     assert_eq!(s(&rec, "sni"), "web.whatsapp.com");
     assert_eq!(n(&rec, "bytes_up"), 0, "{rec}");
     lab.settle();
-    assert_untouched(&lab.origin_since(events), 443, "SNI refusal (not even a TCP connection)");
+    assert_untouched(
+        &lab.origin_since(events),
+        443,
+        "SNI refusal (not even a TCP connection)",
+    );
 }
 
 /// IM ports: refused on the port rule before any upstream connection.
@@ -1128,11 +1391,21 @@ fn case_payloads(lab: &Lab, f: &Family) {
         let rec = lab.record(since, "payload refusal", |r| r["listener"] == "transparent");
         assert_record(&rec, "block", Some(app), Some("payload"), "transparent");
         lab.settle();
-        assert_no_data(&lab.origin_since(events), LAB_PORT, &format!("{app} payload refusal"));
+        assert_no_data(
+            &lab.origin_since(events),
+            LAB_PORT,
+            &format!("{app} payload refusal"),
+        );
     }
     let (since, events) = (lab.records().len(), lab.origin_events().len());
     let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-    let raw = lab.tcp(f.origin, LAB_PORT, &[b"HELO lab\r\n", &payload], 5.0, Some(payload.len() + 10));
+    let raw = lab.tcp(
+        f.origin,
+        LAB_PORT,
+        &[b"HELO lab\r\n", &payload],
+        5.0,
+        Some(payload.len() + 10),
+    );
     let mut sent = b"HELO lab\r\n".to_vec();
     sent.extend_from_slice(&payload);
     assert_eq!(raw.end, "complete", "{}", raw.connect);
@@ -1157,13 +1430,22 @@ fn case_self_connect(lab: &Lab, f: &Family) {
         (OTHER_PORT, "transparent"),
     ] {
         let (since, events) = (lab.records().len(), lab.origin_events().len());
-        let raw = lab.tcp(f.router_lan, port, &[b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n"], 3.0, None);
+        let raw = lab.tcp(
+            f.router_lan,
+            port,
+            &[b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n"],
+            3.0,
+            None,
+        );
         assert!(raw.refused(), "direct connection to {port}: {raw:?}");
         let target = format!("{}:{port}", bracket(f.router_lan));
         let rec = lab.record(since, "self refusal", |r| s(r, "target") == target);
         assert_record(&rec, "block", None, Some("destination"), listener);
         lab.settle();
-        assert!(lab.origin_since(events).is_empty(), "nothing reached the origin");
+        assert!(
+            lab.origin_since(events).is_empty(),
+            "nothing reached the origin"
+        );
     }
 }
 
@@ -1180,7 +1462,10 @@ fn case_quic_dropped(lab: &Lab, f: &Family) {
         .iter()
         .any(|e| e["ev"] == "udp" && e["port"] == 9999)
     {
-        assert!(Instant::now() < deadline, "UDP 9999 never arrived: the lab is broken");
+        assert!(
+            Instant::now() < deadline,
+            "UDP 9999 never arrived: the lab is broken"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     lab.settle();
@@ -1200,9 +1485,14 @@ fn case_local_client(lab: &Lab, f: &Family) {
     let r = lab.get(&lab.router, "http", "www.example.test", f.origin, &path);
     assert_eq!((r.exit, r.status), (Some(0), 200), "{r:?}");
     assert_eq!(r.body, SMALL);
-    let rec = lab.record(since, "local GET", |r| r["method"] == "GET" && s(r, "target") == path);
+    let rec = lab.record(since, "local GET", |r| {
+        r["method"] == "GET" && s(r, "target") == path
+    });
     assert_record(&rec, "allow", None, None, "transparent_http");
-    assert!(s(&rec, "client").starts_with(&bracket(f.router_wan)), "a local client: {rec}");
+    assert!(
+        s(&rec, "client").starts_with(&bracket(f.router_wan)),
+        "a local client: {rec}"
+    );
     lab.settle();
     let gets: Vec<Value> = lab
         .records()
@@ -1210,16 +1500,36 @@ fn case_local_client(lab: &Lab, f: &Family) {
         .skip(since)
         .filter(|r| r["method"] == "GET")
         .collect();
-    assert_eq!(gets.len(), 1, "one request, one record (no loop through chatwall): {gets:#?}");
-    assert_eq!(lab.origin_requests(&path, 1).len(), 1, "the origin saw it once");
+    assert_eq!(
+        gets.len(),
+        1,
+        "one request, one record (no loop through chatwall): {gets:#?}"
+    );
+    assert_eq!(
+        lab.origin_requests(&path, 1).len(),
+        1,
+        "the origin saw it once"
+    );
 
     let since = lab.records().len();
     let r = lab.get(&lab.router, "http", "web.whatsapp.com", f.origin, "/?local");
     assert_eq!(r.status, 403, "{r:?}");
     let rec = lab.record(since, "local refusal", |r| r["method"] == "GET");
-    assert_record(&rec, "block", Some("whatsapp"), Some("host"), "transparent_http");
+    assert_record(
+        &rec,
+        "block",
+        Some("whatsapp"),
+        Some("host"),
+        "transparent_http",
+    );
 
-    let r = lab.get(&lab.router, "https", "www.example.test", f.origin, "/hello?local-tls");
+    let r = lab.get(
+        &lab.router,
+        "https",
+        "www.example.test",
+        f.origin,
+        "/hello?local-tls",
+    );
     assert_eq!((r.exit, r.status), (Some(0), 200), "{r:?}");
     assert_eq!(r.text(), "hello from origin port 443\n");
 }
@@ -1228,7 +1538,9 @@ fn case_local_client(lab: &Lab, f: &Family) {
 
 #[test]
 fn http_passes_byte_exact_to_the_original_destination() {
-    let Some(mut lab) = Lab::new("http-pass", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("http-pass", Fw::Iptables) else {
+        return;
+    };
     lab.apply(Fw::Iptables, &base_args());
     lab.start_chatwall(ChatwallOpts::default());
     case_http_passes(&lab, &V4, true);
@@ -1236,7 +1548,14 @@ fn http_passes_byte_exact_to_the_original_destination() {
     // The Host header names the site, the original destination is where
     // the request goes: "localhost" would resolve to a denied address.
     let events = lab.origin_events().len();
-    let r = lab.curl(&lab.client, &["-H", "Host: localhost", &format!("http://{ORIGIN4}/hello?host")]);
+    let r = lab.curl(
+        &lab.client,
+        &[
+            "-H",
+            "Host: localhost",
+            &format!("http://{ORIGIN4}/hello?host"),
+        ],
+    );
     assert_eq!((r.exit, r.status), (Some(0), 200), "{r:?}");
     assert_eq!(r.text(), "hello from origin port 80\n");
     let seen: Vec<Value> = lab
@@ -1256,7 +1575,10 @@ GET /hello?second HTTP/1.1\r\nHost: web.whatsapp.com\r\nConnection: close\r\n\r\
     let raw = lab.tcp(ORIGIN4, 80, &[pipelined], 5.0, None);
     let text = String::from_utf8_lossy(&raw.received).to_lowercase();
     let (ok, refused) = (text.find("http/1.1 200"), text.find("http/1.1 403"));
-    assert!(ok.is_some() && refused.is_some() && ok < refused, "200 then 403: {text}");
+    assert!(
+        ok.is_some() && refused.is_some() && ok < refused,
+        "200 then 403: {text}"
+    );
     assert!(text.contains("hello from origin port 80"), "{text}");
     assert!(text.contains("x-chatwall-block: whatsapp"), "{text}");
     let seen: Vec<Value> = lab
@@ -1264,25 +1586,52 @@ GET /hello?second HTTP/1.1\r\nHost: web.whatsapp.com\r\nConnection: close\r\n\r\
         .into_iter()
         .filter(|e| e["ev"] == "request")
         .collect();
-    assert_eq!(seen.len(), 1, "only the first request reached the origin: {seen:#?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the first request reached the origin: {seen:#?}"
+    );
     assert_eq!(s(&seen[0], "path"), "/hello?first");
 }
 
 #[test]
 fn http_im_host_and_non_http_on_80_are_refused() {
-    let Some(mut lab) = Lab::new("http-refuse", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("http-refuse", Fw::Iptables) else {
+        return;
+    };
     lab.apply(Fw::Iptables, &base_args());
     lab.start_chatwall(ChatwallOpts::default());
     case_http_im_host(&lab, &V4);
     let m = lab.metrics();
-    assert_eq!(metric_value(&m, "chatwall_blocked_total{app=\"whatsapp\",reason=\"host\"}"), 1.0, "{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "chatwall_blocked_total{app=\"whatsapp\",reason=\"host\"}"
+        ),
+        1.0,
+        "{m}"
+    );
 
     // Not HTTP on port 80: non_http_on_80 = block (the default).
     let (since, events) = (lab.records().len(), lab.origin_events().len());
-    let raw = lab.tcp(ORIGIN4, 80, &[b"\x00\x01\x02\x03 not http at all\r\n"], 3.0, None);
+    let raw = lab.tcp(
+        ORIGIN4,
+        80,
+        &[b"\x00\x01\x02\x03 not http at all\r\n"],
+        3.0,
+        None,
+    );
     assert!(raw.refused(), "{raw:?}");
-    let rec = lab.record(since, "non-HTTP refusal", |r| r["listener"] == "transparent_http");
-    assert_record(&rec, "block", Some("unidentified"), Some("non_http"), "transparent_http");
+    let rec = lab.record(since, "non-HTTP refusal", |r| {
+        r["listener"] == "transparent_http"
+    });
+    assert_record(
+        &rec,
+        "block",
+        Some("unidentified"),
+        Some("non_http"),
+        "transparent_http",
+    );
     lab.settle();
     assert_untouched(&lab.origin_since(events), 80, "non-HTTP on 80");
 }
@@ -1292,12 +1641,16 @@ fn http_im_host_and_non_http_on_80_are_refused() {
 /// service's.
 #[test]
 fn http_to_an_im_address_gets_the_403_page() {
-    let Some(mut lab) = Lab::new("http-imaddr", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("http-imaddr", Fw::Iptables) else {
+        return;
+    };
     lab.apply(Fw::Iptables, &base_args());
     lab.start_chatwall(ChatwallOpts::default());
     let (since, events) = (lab.records().len(), lab.origin_events().len());
     let r = lab.get(&lab.client, "http", "www.example.test", IM_ORIGIN4, "/");
-    let rec = lab.record(since, "address refusal", |r| r["listener"] == "transparent_http");
+    let rec = lab.record(since, "address refusal", |r| {
+        r["listener"] == "transparent_http"
+    });
     assert_eq!(s(&rec, "verdict"), "block", "{rec}");
     assert_eq!(s(&rec, "app"), "lab-im", "{rec}");
     assert_eq!(s(&rec, "reason"), "ip", "{rec}");
@@ -1316,7 +1669,9 @@ fn http_to_an_im_address_gets_the_403_page() {
 
 #[test]
 fn tls_passes_byte_exact_and_im_sni_is_reset_before_the_upstream() {
-    let Some(mut lab) = Lab::new("tls", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("tls", Fw::Iptables) else {
+        return;
+    };
     lab.apply(Fw::Iptables, &base_args());
     lab.start_chatwall(ChatwallOpts::default());
     case_tls_passes(&lab, &V4, true);
@@ -1324,10 +1679,24 @@ fn tls_passes_byte_exact_and_im_sni_is_reset_before_the_upstream() {
 
     // Not TLS on 443: non_tls_on_443 = block (the default).
     let (since, events) = (lab.records().len(), lab.origin_events().len());
-    let raw = lab.tcp(ORIGIN4, 443, &[b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n"], 3.0, None);
+    let raw = lab.tcp(
+        ORIGIN4,
+        443,
+        &[b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n"],
+        3.0,
+        None,
+    );
     assert!(raw.refused(), "{raw:?}");
-    let rec = lab.record(since, "non-TLS refusal", |r| r["listener"] == "transparent_tls");
-    assert_record(&rec, "block", Some("unidentified"), Some("non_tls"), "transparent_tls");
+    let rec = lab.record(since, "non-TLS refusal", |r| {
+        r["listener"] == "transparent_tls"
+    });
+    assert_record(
+        &rec,
+        "block",
+        Some("unidentified"),
+        Some("non_tls"),
+        "transparent_tls",
+    );
     lab.settle();
     assert_untouched(&lab.origin_since(events), 443, "non-TLS on 443");
 
@@ -1335,25 +1704,43 @@ fn tls_passes_byte_exact_and_im_sni_is_reset_before_the_upstream() {
     let (since, events) = (lab.records().len(), lab.origin_events().len());
     let r = lab.get(&lab.client, "https", "www.example.test", IM_ORIGIN4, "/");
     assert_ne!(r.exit, Some(0), "{r:?}");
-    let rec = lab.record(since, "address refusal", |r| r["listener"] == "transparent_tls");
+    let rec = lab.record(since, "address refusal", |r| {
+        r["listener"] == "transparent_tls"
+    });
     assert_record(&rec, "block", Some("lab-im"), Some("ip"), "transparent_tls");
     lab.settle();
     assert_untouched(&lab.origin_since(events), 443, "TLS to an IM address");
     let m = lab.metrics();
-    assert_eq!(metric_value(&m, "chatwall_blocked_total{app=\"whatsapp\",reason=\"sni\"}"), 1.0, "{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "chatwall_blocked_total{app=\"whatsapp\",reason=\"sni\"}"
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 #[test]
 fn im_ports_are_refused_by_port_rules_and_payload_signatures() {
-    let Some(mut lab) = Lab::new("imports", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("imports", Fw::Iptables) else {
+        return;
+    };
     lab.apply(Fw::Iptables, &base_args());
     lab.start_chatwall(ChatwallOpts::default());
     case_im_ports(&lab, &V4);
     case_payloads(&lab, &V4);
     let m = lab.metrics();
-    assert_eq!(metric_value(&m, "chatwall_blocked_total{app=\"xmpp\",reason=\"port\"}"), 1.0, "{m}");
     assert_eq!(
-        metric_value(&m, "chatwall_blocked_total{app=\"yahoo-messenger\",reason=\"payload\"}"),
+        metric_value(&m, "chatwall_blocked_total{app=\"xmpp\",reason=\"port\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "chatwall_blocked_total{app=\"yahoo-messenger\",reason=\"payload\"}"
+        ),
         1.0,
         "{m}"
     );
@@ -1361,7 +1748,9 @@ fn im_ports_are_refused_by_port_rules_and_payload_signatures() {
 
 #[test]
 fn connections_to_chatwall_own_listeners_are_refused() {
-    let Some(mut lab) = Lab::new("selfconn", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("selfconn", Fw::Iptables) else {
+        return;
+    };
     lab.apply(Fw::Iptables, &base_args());
     lab.start_chatwall(ChatwallOpts::default());
     case_self_connect(&lab, &V4);
@@ -1373,7 +1762,9 @@ fn connections_to_chatwall_own_listeners_are_refused() {
 /// to itself, which the negative control shows.
 #[test]
 fn gateway_local_clients_with_the_mark_exemption() {
-    let Some(mut lab) = Lab::new("gw-mark", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("gw-mark", Fw::Iptables) else {
+        return;
+    };
     let mut args = base_args();
     args.push("--local");
     lab.apply(Fw::Iptables, &args);
@@ -1394,13 +1785,21 @@ fn gateway_local_clients_with_the_mark_exemption() {
         ..ChatwallOpts::default()
     });
     let (since, events) = (lab.records().len(), lab.origin_events().len());
-    let r = lab.get(&lab.client, "http", "www.example.test", ORIGIN4, "/hello?unmarked");
+    let r = lab.get(
+        &lab.client,
+        "http",
+        "www.example.test",
+        ORIGIN4,
+        "/hello?unmarked",
+    );
     assert_eq!(r.status, 502, "{r:?}");
     let rec = lab.record(since, "unmarked upstream", |r| r["method"] == "GET");
     assert_eq!(n(&rec, "status"), 502, "{rec}");
     lab.settle();
     assert!(
-        lab.origin_since(events).iter().all(|e| e["ev"] != "request"),
+        lab.origin_since(events)
+            .iter()
+            .all(|e| e["ev"] != "request"),
         "{:#?}",
         lab.origin_since(events)
     );
@@ -1410,8 +1809,13 @@ fn gateway_local_clients_with_the_mark_exemption() {
 /// exempted by the owner match (no mark).
 #[test]
 fn gateway_local_clients_with_the_owner_exemption() {
-    let Some(mut lab) = Lab::new("gw-owner", Fw::Iptables) else { return };
-    lab.apply(Fw::Iptables, &["--im-ports", IM_PORTS, "--owner", CHATWALL_UID, "--local"]);
+    let Some(mut lab) = Lab::new("gw-owner", Fw::Iptables) else {
+        return;
+    };
+    lab.apply(
+        Fw::Iptables,
+        &["--im-ports", IM_PORTS, "--owner", CHATWALL_UID, "--local"],
+    );
     lab.start_chatwall(ChatwallOpts {
         mark: 0,
         extra_clients: &[ROUTER_WAN4, ROUTER_WAN6],
@@ -1425,7 +1829,9 @@ fn gateway_local_clients_with_the_owner_exemption() {
 
 #[test]
 fn ipv6_key_cases_with_ip6tables() {
-    let Some(mut lab) = Lab::new("ipv6", Fw::Iptables) else { return };
+    let Some(mut lab) = Lab::new("ipv6", Fw::Iptables) else {
+        return;
+    };
     lab.apply(Fw::Iptables, &base_args());
     lab.start_chatwall(ChatwallOpts::default());
     case_http_passes(&lab, &V6, true);
@@ -1440,7 +1846,9 @@ fn ipv6_key_cases_with_ip6tables() {
     let (since, events) = (lab.records().len(), lab.origin_events().len());
     let r = lab.get(&lab.client, "https", "www.example.test", IM_ORIGIN6, "/");
     assert_ne!(r.exit, Some(0), "{r:?}");
-    let rec = lab.record(since, "address refusal", |r| r["listener"] == "transparent_tls");
+    let rec = lab.record(since, "address refusal", |r| {
+        r["listener"] == "transparent_tls"
+    });
     assert_record(&rec, "block", Some("lab-im"), Some("ip"), "transparent_tls");
     lab.settle();
     assert_untouched(&lab.origin_since(events), 443, "TLS to an IM address");
@@ -1448,15 +1856,28 @@ fn ipv6_key_cases_with_ip6tables() {
 
 #[test]
 fn nftables_key_cases() {
-    let Some(mut lab) = Lab::new("nft", Fw::Nftables) else { return };
+    let Some(mut lab) = Lab::new("nft", Fw::Nftables) else {
+        return;
+    };
     let mut args = base_args();
     args.push("--local");
     lab.apply(Fw::Nftables, &args);
-    let first = lab.must(Some(&lab.router), &["nft", "list", "table", "inet", "chatwall"]);
+    let first = lab.must(
+        Some(&lab.router),
+        &["nft", "list", "table", "inet", "chatwall"],
+    );
     lab.apply(Fw::Nftables, &args);
-    let second = lab.must(Some(&lab.router), &["nft", "list", "table", "inet", "chatwall"]);
+    let second = lab.must(
+        Some(&lab.router),
+        &["nft", "list", "table", "inet", "chatwall"],
+    );
     assert_eq!(first, second, "apply is idempotent");
-    for want in ["redirect to :3129", "redirect to :3130", "redirect to :3131", "meta mark 0x0000002a return"] {
+    for want in [
+        "redirect to :3129",
+        "redirect to :3130",
+        "redirect to :3131",
+        "meta mark 0x0000002a return",
+    ] {
         assert!(first.contains(want), "{want:?} in {first}");
     }
     lab.start_chatwall(ChatwallOpts {
@@ -1482,7 +1903,13 @@ fn nftables_key_cases() {
     let tables = lab.must(Some(&lab.router), &["nft", "list", "tables"]);
     assert!(!tables.contains("chatwall"), "{tables}");
     let (since, events) = (lab.records().len(), lab.origin_events().len());
-    let r = lab.get(&lab.client, "http", "www.example.test", ORIGIN4, "/hello?direct");
+    let r = lab.get(
+        &lab.client,
+        "http",
+        "www.example.test",
+        ORIGIN4,
+        "/hello?direct",
+    );
     assert_eq!(r.status, 200, "{r:?}");
     let seen: Vec<Value> = lab
         .origin_since(events)
@@ -1490,9 +1917,17 @@ fn nftables_key_cases() {
         .filter(|e| e["ev"] == "request")
         .collect();
     assert_eq!(seen.len(), 1, "{seen:#?}");
-    assert!(s(&seen[0], "peer").starts_with(CLIENT4), "not redirected any more: {}", seen[0]);
+    assert!(
+        s(&seen[0], "peer").starts_with(CLIENT4),
+        "not redirected any more: {}",
+        seen[0]
+    );
     lab.settle();
-    assert_eq!(lab.records().len(), since, "chatwall saw nothing after remove");
+    assert_eq!(
+        lab.records().len(),
+        since,
+        "chatwall saw nothing after remove"
+    );
 }
 
 /// The iptables recipe on its own: rules in place, UDP 80/443 dropped,
@@ -1500,12 +1935,20 @@ fn nftables_key_cases() {
 /// refused without an exemption, `print` shows the commands.
 #[test]
 fn iptables_recipe_drops_quic_and_applies_idempotently() {
-    let Some(lab) = Lab::new("ipt-recipe", Fw::Iptables) else { return };
+    let Some(lab) = Lab::new("ipt-recipe", Fw::Iptables) else {
+        return;
+    };
     let save = || {
         let strip = |t: String| {
             t.lines()
                 .filter(|l| !l.starts_with('#'))
-                .map(|l| if l.starts_with(':') { l.split(' ').next().unwrap_or(l) } else { l })
+                .map(|l| {
+                    if l.starts_with(':') {
+                        l.split(' ').next().unwrap_or(l)
+                    } else {
+                        l
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("\n")
         };
@@ -1532,7 +1975,10 @@ fn iptables_recipe_drops_quic_and_applies_idempotently() {
         ] {
             assert!(table.contains(want), "{want:?} in\n{table}");
         }
-        assert!(!table.contains("CHATWALL_OUT"), "no OUTPUT rules without --local:\n{table}");
+        assert!(
+            !table.contains("CHATWALL_OUT"),
+            "no OUTPUT rules without --local:\n{table}"
+        );
     }
     lab.apply(Fw::Iptables, &args);
     assert_eq!(save(), applied, "apply is idempotent");
@@ -1540,10 +1986,17 @@ fn iptables_recipe_drops_quic_and_applies_idempotently() {
     case_quic_dropped(&lab, &V6);
 
     let d = lab.recipe(Fw::Iptables, &["--local", "apply"]);
-    assert_eq!(d.code, Some(2), "--local without --mark/--owner is refused: {d:?}");
+    assert_eq!(
+        d.code,
+        Some(2),
+        "--local without --mark/--owner is refused: {d:?}"
+    );
     assert!(d.stderr.contains("--mark or --owner"), "{}", d.stderr);
 
-    let d = lab.recipe(Fw::Iptables, &["--mark", "42", "--local", "--owner", "chatwall", "print"]);
+    let d = lab.recipe(
+        Fw::Iptables,
+        &["--mark", "42", "--local", "--owner", "chatwall", "print"],
+    );
     assert_eq!(d.code, Some(0), "{d:?}");
     for want in [
         "iptables -t nat -A CHATWALL_OUT -m owner --uid-owner chatwall -j RETURN",
@@ -1560,8 +2013,15 @@ fn iptables_recipe_drops_quic_and_applies_idempotently() {
     let events = lab.origin_events().len();
     lab.udp(ORIGIN4, 443, b"after remove");
     let deadline = Instant::now() + WAIT;
-    while !lab.origin_since(events).iter().any(|e| e["ev"] == "udp" && e["port"] == 443) {
-        assert!(Instant::now() < deadline, "UDP 443 still dropped after remove");
+    while !lab
+        .origin_since(events)
+        .iter()
+        .any(|e| e["ev"] == "udp" && e["port"] == 443)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "UDP 443 still dropped after remove"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -29,7 +29,7 @@ use crate::access_log::Record;
 use crate::classify::http::HeadOutcome;
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
-use crate::policy::Verdict;
+use crate::policy::{Verdict, Who};
 
 /// The body type sent upstream.
 pub type UpstreamBody = CountedBody<PrefixedBody>;
@@ -109,7 +109,7 @@ pub struct FixedDest {
 }
 
 /// One client connection's context.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnCtx {
     pub client: ClientInfo,
     pub listener: ListenerKind,
@@ -123,8 +123,10 @@ where
 {
     let limits = shared.engine.load().config.limits.clone();
     let svc_shared = Arc::clone(&shared);
+    let addr = ctx.client.addr;
     let svc = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
+        let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(shared, ctx, req).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -141,7 +143,7 @@ where
     tokio::select! {
         r = &mut conn => {
             if let Err(e) = r {
-                tracing::debug!(client = %ctx.client.addr, error = %e, "client connection ended");
+                tracing::debug!(client = %addr, error = %e, "client connection ended");
             }
         }
         _ = super::shutdown_requested(&mut shutdown) => {
@@ -163,26 +165,49 @@ fn new_record(ctx: &ConnCtx, req: &Request<Incoming>) -> Record {
     }
 }
 
-async fn handle(shared: Arc<Shared>, ctx: ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(shared: Arc<Shared>, mut ctx: ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     let engine = shared.engine.load_full();
     let mut rec = new_record(&ctx, &req);
+    if ctx.fixed.is_none() {
+        if let Some(auth) = &engine.config.auth {
+            let header = req.headers().get(header::PROXY_AUTHORIZATION).map(|v| v.as_bytes());
+            match shared.auth.check(auth, engine.generation, header) {
+                crate::auth::AuthOutcome::User(u) => {
+                    rec.user = Some(u.to_string());
+                    ctx.client.user = Some(u);
+                }
+                outcome => {
+                    shared.metrics.auth_failures.inc();
+                    if outcome == crate::auth::AuthOutcome::Wrong {
+                        tracing::warn!(client = %ctx.client.addr, "proxy authentication failed");
+                    }
+                    let resp = refuse::proxy_auth_required(&auth.realm);
+                    rec.status = resp.status().as_u16();
+                    rec.verdict = "block";
+                    rec.reason = Some("auth");
+                    shared.access_log.write(rec);
+                    return resp;
+                }
+            }
+        }
+    }
     let result = if req.method() == Method::CONNECT {
         if ctx.fixed.is_some() {
             Err(FlowError::BadRequest("CONNECT is only accepted on the explicit listener"))
         } else {
-            super::tunnel::connect(&shared, &engine, ctx, req, &mut rec).await
+            super::tunnel::connect(&shared, &engine, ctx.clone(), req, &mut rec).await
         }
     } else {
-        forward(&shared, &engine, ctx, req, &mut rec).await
+        forward(&shared, &engine, &ctx, req, &mut rec).await
     };
     match result {
         Ok(resp) => resp,
-        Err(e) => refusal(&shared, &engine, ctx, e, rec),
+        Err(e) => refusal(&shared, &engine, &ctx, e, rec),
     }
 }
 
 /// Count, log and render a refusal or failure.
-pub fn refusal(shared: &Arc<Shared>, engine: &Engine, ctx: ConnCtx, e: FlowError, mut rec: Record) -> Response<ProxyBody> {
+pub fn refusal(shared: &Arc<Shared>, engine: &Engine, ctx: &ConnCtx, e: FlowError, mut rec: Record) -> Response<ProxyBody> {
     if let FlowError::Blocked(d) = &e {
         shared.record_verdict(ctx.listener, engine, &Verdict::Block(*d), &mut rec);
     } else if let FlowError::DeniedDestination(_) = &e {
@@ -217,7 +242,7 @@ pub fn apply(verdict: Verdict, monitor: &mut Option<Verdict>) -> Result<(), Flow
 }
 
 /// What the name alone (or the literal address) says, before any lookup.
-pub fn decide_name(engine: &Engine, client: IpAddr, host: &str, port: u16, monitor: &mut Option<Verdict>) -> Result<bool, FlowError> {
+pub fn decide_name(engine: &Engine, who: &Who, host: &str, port: u16, monitor: &mut Option<Verdict>) -> Result<bool, FlowError> {
     let sigs = &engine.signatures;
     let policy = &engine.policy;
     let literal = host
@@ -236,20 +261,20 @@ pub fn decide_name(engine: &Engine, client: IpAddr, host: &str, port: u16, monit
         Some(ip) => sigs.classify_ip(ip),
         None => sigs.classify_host(host),
     };
-    apply(policy.decide(client, by_name), monitor)?;
-    apply(policy.decide(client, sigs.classify_port(port)), monitor)?;
+    apply(policy.decide_for(who, by_name), monitor)?;
+    apply(policy.decide_for(who, sigs.classify_port(port)), monitor)?;
     Ok(false)
 }
 
 async fn forward(
     shared: &Arc<Shared>,
     engine: &Arc<Engine>,
-    ctx: ConnCtx,
+    ctx: &ConnCtx,
     req: Request<Incoming>,
     rec: &mut Record,
 ) -> Result<Response<ProxyBody>, FlowError> {
     let (mut parts, body) = req.into_parts();
-    let client_ip = ctx.client.addr.ip();
+    let who = ctx.client.who();
     validate_framing(&parts)?;
 
     // Where to: the absolute URI (explicit), or the original destination
@@ -294,7 +319,7 @@ async fn forward(
     rec.host = Some(host.clone());
 
     let mut monitor = None;
-    let allowlisted = decide_name(engine, client_ip, &host, port, &mut monitor)?;
+    let allowlisted = decide_name(engine, &who, &host, port, &mut monitor)?;
     let sigs = &engine.signatures;
     let policy = &engine.policy;
     if let Some(fixed) = ctx.fixed {
@@ -306,10 +331,10 @@ async fn forward(
     // Request rules: downloads, then HTTP head rules, then body rules.
     let mut body_prefix = (Bytes::new(), None, Some(body));
     if !allowlisted {
-        apply(policy.decide(client_ip, sigs.classify_download(&host, parts.uri.path())), &mut monitor)?;
+        apply(policy.decide_for(&who, sigs.classify_download(&host, parts.uri.path())), &mut monitor)?;
         let has_body = !body_prefix.2.as_ref().is_some_and(|b| http_body::Body::is_end_stream(b));
         match sigs.http().classify_head(&parts, has_body) {
-            HeadOutcome::Match(rule) => apply(policy.decide(client_ip, Some(sigs.http_detection(rule))), &mut monitor)?,
+            HeadOutcome::Match(rule) => apply(policy.decide_for(&who, Some(sigs.http_detection(rule))), &mut monitor)?,
             HeadOutcome::NeedBody { window } => {
                 if let (_, _, Some(b)) = body_prefix {
                     body_prefix = read_prefix(b, window, engine.config.first_bytes_timeout)
@@ -317,7 +342,7 @@ async fn forward(
                         .map_err(|_| FlowError::BadRequest("request body aborted"))?;
                     let complete = body_prefix.2.is_none();
                     let hit = sigs.http().classify_body(&parts, &body_prefix.0, complete);
-                    apply(policy.decide(client_ip, hit.map(|r| sigs.http_detection(r))), &mut monitor)?;
+                    apply(policy.decide_for(&who, hit.map(|r| sigs.http_detection(r))), &mut monitor)?;
                 }
             }
             HeadOutcome::NoMatch => {}

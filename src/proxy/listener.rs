@@ -79,7 +79,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
     m.connections_active.inc();
     let _ = stream.set_nodelay(true);
     let ctx = ConnCtx {
-        client: ClientInfo { addr: peer },
+        client: ClientInfo { addr: peer, user: None },
         listener: kind,
         fixed: None,
     };

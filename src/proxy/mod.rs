@@ -45,6 +45,7 @@ pub struct Shared {
     pub resolver: Arc<upstream::Resolver>,
     /// chatwall's own listeners, never a destination.
     pub guard: Arc<upstream::DestGuard>,
+    pub auth: crate::auth::AuthCache,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
     conns_total: AtomicUsize,
@@ -70,6 +71,7 @@ impl Shared {
             http,
             resolver,
             guard,
+            auth: crate::auth::AuthCache::default(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             conns_total: AtomicUsize::new(0),

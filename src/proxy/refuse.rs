@@ -171,6 +171,18 @@ pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
     resp
 }
 
+/// 407 asking for Basic credentials.
+pub fn proxy_auth_required(realm: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(full("proxy authentication required\n"));
+    *resp.status_mut() = StatusCode::PROXY_AUTHENTICATION_REQUIRED;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
+        h.insert(header::PROXY_AUTHENTICATE, v);
+    }
+    resp
+}
+
 /// A raw HTTP/1.1 response for paths that do not go through hyper's server
 /// (client refused before HTTP parsing, connection caps).
 pub fn raw_response(status: StatusCode, message: &str) -> Vec<u8> {

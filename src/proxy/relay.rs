@@ -20,7 +20,7 @@ use crate::access_log::Record;
 use crate::classify::payload::{Direction, Outcome};
 use crate::classify::Detection;
 use crate::engine::Engine;
-use crate::policy::Verdict;
+use crate::policy::{Verdict, Who};
 
 /// Size of one copy buffer.
 pub const COPY_BUF: usize = 16 * 1024;
@@ -86,7 +86,7 @@ impl Inspector {
 pub struct RelayCtx<'a> {
     pub shared: &'a Shared,
     pub engine: &'a Engine,
-    pub client_ip: std::net::IpAddr,
+    pub who: Who,
     pub idle: Duration,
     /// How long held bytes (a possible signature split across reads) wait
     /// for the rest before they are forwarded and inspection goes on.
@@ -99,11 +99,11 @@ pub struct RelayCtx<'a> {
 }
 
 impl<'a> RelayCtx<'a> {
-    pub fn new(shared: &'a Shared, engine: &'a Engine, client_ip: std::net::IpAddr) -> Self {
+    pub fn new(shared: &'a Shared, engine: &'a Engine, who: Who) -> Self {
         RelayCtx {
             shared,
             engine,
-            client_ip,
+            who,
             idle: engine.config.limits.tunnel_idle_timeout,
             hold_timeout: engine.config.first_bytes_timeout,
             monitor: Mutex::new(None),
@@ -127,7 +127,7 @@ impl<'a> RelayCtx<'a> {
     /// Decide on a payload finding; `Some` ends the flow.
     fn decide(&self, outcome: Outcome) -> Option<Detection> {
         let d = self.engine.signatures.payload_detection(outcome)?;
-        match self.engine.policy.decide(self.client_ip, Some(d)) {
+        match self.engine.policy.decide_for(&self.who, Some(d)) {
             Verdict::Block(d) => Some(d),
             m @ Verdict::Monitor(_) => {
                 let mut slot = self.monitor.lock().unwrap_or_else(|e| e.into_inner());

@@ -32,10 +32,10 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
     let checked = if shared.guard.is_self(dst) || client.local_addr().ok() == Some(dst) {
         Err(FlowError::DeniedDestination(dst.ip()))
     } else {
-        let client_ip = ctx.client.addr.ip();
-        decide_name(&engine, client_ip, &dst.ip().to_string(), dst.port(), &mut flow.monitor).and_then(|allowlisted| {
+        let who = flow.ctx.client.who();
+        decide_name(&engine, &who, &dst.ip().to_string(), dst.port(), &mut flow.monitor).and_then(|allowlisted| {
             flow.allowlisted = allowlisted;
-            upstream::check_addr(&shared.guard, &engine, &ctx.client, dst, allowlisted).map(|m| {
+            upstream::check_addr(&shared.guard, &engine, &flow.ctx.client, dst, allowlisted).map(|m| {
                 if let Some(m) = m {
                     flow.monitor.get_or_insert(m);
                 }

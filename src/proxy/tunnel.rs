@@ -41,7 +41,7 @@ use crate::classify::tls::{inspect_client_hello, Hello};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
-use crate::policy::Verdict;
+use crate::policy::{Verdict, Who};
 
 /// The upstream of a tunnel: connected already (CONNECT, so that a failure
 /// is a 502; generic redirected ports, so a server that speaks first is
@@ -90,7 +90,7 @@ pub async fn connect(
     rec.target = format!("{}:{port}", auth.host());
 
     let mut monitor = None;
-    let allowlisted = decide_name(engine, ctx.client.addr.ip(), &host, port, &mut monitor)?;
+    let allowlisted = decide_name(engine, &ctx.client.who(), &host, port, &mut monitor)?;
     let addrs = upstream::resolve_checked(shared, engine, &ctx.client, &host, port, allowlisted, &mut monitor).await?;
     let limits = &engine.config.limits;
     let up = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
@@ -199,7 +199,7 @@ pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, clien
         shared.access_log.write(rec);
         let ctx = ConnCtx {
             fixed: Some(FixedDest { addr: flow.dst }),
-            ..flow.ctx
+            ..flow.ctx.clone()
         };
         drop(upstream);
         serve_http(shared, Prefixed::new(buf.freeze(), client), ctx).await;
@@ -227,7 +227,7 @@ pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, clien
     };
     flow.rec.upstream = Some(up.peer_addr().map(|a| a.to_string()).unwrap_or_default());
 
-    let cx = RelayCtx::new(&shared, &engine, flow.ctx.client.addr.ip());
+    let cx = RelayCtx::new(&shared, &engine, flow.ctx.client.who());
     let window = engine.config.inspect_bytes;
     let (c2s, s2c) = match first {
         First::Payload => (
@@ -296,7 +296,8 @@ async fn first_bytes(
     let window = cfg.inspect_bytes;
     let deadline = tokio::time::Instant::now() + cfg.first_bytes_timeout;
     let port = flow.dst.port();
-    let client_ip = flow.ctx.client.addr.ip();
+    let who = flow.ctx.client.who();
+    let who = &who;
     let mut buf = BytesMut::from(&initial[..]);
     loop {
         match sniff(&buf) {
@@ -308,30 +309,30 @@ async fn first_bytes(
                     flow.rec.ja4 = Some(hello.ja4.clone());
                     flow.rec.alpn = (!hello.alpn.is_empty()).then(|| hello.alpn.join(","));
                     tracing::trace!(sni = ?hello.sni, ja4 = %hello.ja4, "ClientHello");
-                    decide_hello(engine, client_ip, flow, &hello)?;
+                    decide_hello(engine, who, flow, &hello)?;
                     if port == 80 {
-                        non_http(engine, client_ip, flow, &buf)?;
+                        non_http(engine, who, flow, &buf)?;
                     }
                     return Ok((First::Tls, buf));
                 }
-                Hello::NotTls => return other_protocol(engine, client_ip, flow, buf),
+                Hello::NotTls => return other_protocol(engine, who, flow, buf),
             },
             Sniff::Http => {
                 if port == 443 {
-                    non_tls(engine, client_ip, flow, &buf)?;
+                    non_tls(engine, who, flow, &buf)?;
                 }
                 return Ok((First::Http, buf));
             }
-            Sniff::Other => return other_protocol(engine, client_ip, flow, buf),
+            Sniff::Other => return other_protocol(engine, who, flow, buf),
         }
         if buf.len() >= window {
             if matches!(sniff(&buf), Sniff::Tls) {
                 // A ClientHello that does not fit the window (spread over
                 // tiny records, say) is an evasion, not a hello: whatever
                 // the port, the TLS checks could not run.
-                non_tls(engine, client_ip, flow, &buf)?;
+                non_tls(engine, who, flow, &buf)?;
             }
-            return other_protocol(engine, client_ip, flow, buf);
+            return other_protocol(engine, who, flow, buf);
         }
         let server_first = async {
             match upstream {
@@ -347,7 +348,7 @@ async fn first_bytes(
                 }
                 Ok(0) | Err(_) => {
                     // Ended mid-way: decide on what came.
-                    return other_protocol(engine, client_ip, flow, buf);
+                    return other_protocol(engine, who, flow, buf);
                 }
                 Ok(_) => {}
             },
@@ -355,7 +356,7 @@ async fn first_bytes(
                 // The server speaks first (SMTP, IRC, POP3...). TLS and HTTP
                 // servers never do.
                 if port == 443 {
-                    non_tls(engine, client_ip, flow, &buf)?;
+                    non_tls(engine, who, flow, &buf)?;
                 }
                 return Ok((First::Payload, buf));
             }
@@ -363,13 +364,13 @@ async fn first_bytes(
                 if port == 443 {
                     // TLS clients speak first: silence (or a hello that never
                     // completes) is not TLS.
-                    non_tls(engine, client_ip, flow, &buf)?;
+                    non_tls(engine, who, flow, &buf)?;
                 }
                 if !buf.is_empty() && matches!(sniff(&buf), Sniff::Tls) {
                     // A ClientHello that started but never completed: the
                     // TLS checks could not run, whatever the port.
-                    non_tls(engine, client_ip, flow, &buf)?;
-                    return other_protocol(engine, client_ip, flow, buf);
+                    non_tls(engine, who, flow, &buf)?;
+                    return other_protocol(engine, who, flow, buf);
                 }
                 return Ok((First::Payload, buf));
             }
@@ -378,11 +379,11 @@ async fn first_bytes(
 }
 
 /// SNI, ALPN, JA4 and ECH of an allowed destination's ClientHello.
-fn decide_hello(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, hello: &crate::classify::tls::ClientHello) -> Result<(), FlowError> {
+fn decide_hello(engine: &Engine, who: &Who, flow: &mut Flow, hello: &crate::classify::tls::ClientHello) -> Result<(), FlowError> {
     let policy = &engine.policy;
     let sni_allowlisted = hello.sni.as_deref().is_some_and(|s| policy.allows_name(s));
     if !sni_allowlisted {
-        apply(policy.decide(client_ip, engine.signatures.classify_hello(hello)), &mut flow.monitor)?;
+        apply(policy.decide_for(who, engine.signatures.classify_hello(hello)), &mut flow.monitor)?;
     }
     if hello.ech || hello.esni {
         let d = Detection {
@@ -391,42 +392,42 @@ fn decide_hello(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, h
             reason: Reason::Ech,
             offset: None,
         };
-        apply(policy.decide(client_ip, Some(d)), &mut flow.monitor)?;
+        apply(policy.decide_for(who, Some(d)), &mut flow.monitor)?;
     }
     Ok(())
 }
 
 /// A payload detection of the bytes so far, decided by the app's policy.
-fn payload_verdict(engine: &Engine, client_ip: std::net::IpAddr, buf: &[u8]) -> (Option<Detection>, Verdict) {
+fn payload_verdict(engine: &Engine, who: &Who, buf: &[u8]) -> (Option<Detection>, Verdict) {
     let outcome = engine.signatures.payload().classify(Direction::Client, buf);
     let d = engine.signatures.payload_detection(outcome);
-    (d, engine.policy.decide(client_ip, d))
+    (d, engine.policy.decide_for(who, d))
 }
 
 /// Not TLS on port 443: a payload match names the app; the knob decides.
-fn non_tls(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
-    generic(engine, client_ip, flow, buf, Reason::NonTls)
+fn non_tls(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
+    generic(engine, who, flow, buf, Reason::NonTls)
 }
 
 /// Not HTTP on port 80.
-fn non_http(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
-    generic(engine, client_ip, flow, buf, Reason::NonHttp)
+fn non_http(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
+    generic(engine, who, flow, buf, Reason::NonHttp)
 }
 
-fn generic(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &[u8], reason: Reason) -> Result<(), FlowError> {
+fn generic(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8], reason: Reason) -> Result<(), FlowError> {
     if flow.allowlisted {
         return Ok(());
     }
     // The knob decides; a payload signature only names the app. An app
     // whose own policy is stricter than the knob is still refused.
-    let (found, app_verdict) = payload_verdict(engine, client_ip, buf);
+    let (found, app_verdict) = payload_verdict(engine, who, buf);
     let d = Detection {
         app: found.map_or(UNIDENTIFIED, |d| d.app),
         rule: found.and_then(|d| d.rule),
         reason,
         offset: found.and_then(|d| d.offset),
     };
-    let knob = engine.policy.decide(client_ip, Some(d));
+    let knob = engine.policy.decide_for(who, Some(d));
     if knob.is_block() {
         return apply(knob, &mut flow.monitor);
     }
@@ -435,10 +436,10 @@ fn generic(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: &
 }
 
 /// Neither TLS nor HTTP.
-fn other_protocol(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow, buf: BytesMut) -> Result<(First, BytesMut), FlowError> {
+fn other_protocol(engine: &Engine, who: &Who, flow: &mut Flow, buf: BytesMut) -> Result<(First, BytesMut), FlowError> {
     match flow.dst.port() {
-        443 => non_tls(engine, client_ip, flow, &buf)?,
-        80 => non_http(engine, client_ip, flow, &buf)?,
+        443 => non_tls(engine, who, flow, &buf)?,
+        80 => non_http(engine, who, flow, &buf)?,
         _ => {}
     }
     Ok((First::Payload, buf))
@@ -446,6 +447,7 @@ fn other_protocol(engine: &Engine, client_ip: std::net::IpAddr, flow: &mut Flow,
 
 /// A tunnel set up by a transparent listener.
 pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
+    let client = ctx.client.addr.to_string();
     Flow {
         ctx,
         dst,
@@ -454,7 +456,7 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
         monitor: None,
         rec: Record {
             start: Some(SystemTime::now()),
-            client: ctx.client.addr.to_string(),
+            client,
             listener: listener.as_str(),
             method: "TUNNEL".into(),
             target: dst.to_string(),

@@ -14,12 +14,23 @@ use super::refuse::FlowError;
 use super::Shared;
 use crate::classify::addr::canonical;
 use crate::engine::Engine;
-use crate::policy::Verdict;
+use crate::policy::{Verdict, Who};
 
 /// What is known about the client of a flow.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub addr: SocketAddr,
+    /// The authenticated user, with proxy authentication.
+    pub user: Option<Arc<str>>,
+}
+
+impl ClientInfo {
+    pub fn who(&self) -> Who {
+        Who {
+            ip: self.addr.ip(),
+            user: self.user.clone(),
+        }
+    }
 }
 
 /// What the proxy must never connect to besides the configured denied
@@ -70,7 +81,7 @@ pub fn check_addr(
     }
     match engine
         .policy
-        .decide(client.addr.ip(), engine.signatures.classify_ip(dst.ip()))
+        .decide_for(&client.who(), engine.signatures.classify_ip(dst.ip()))
     {
         Verdict::Allow => Ok(None),
         Verdict::Block(d) => Err(FlowError::Blocked(d)),
