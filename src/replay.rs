@@ -59,6 +59,8 @@ const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
 const SLL_HEADER: usize = 16;
 /// Linux cooked capture v2 header length (the protocol is at 0..2).
 const SLL2_HEADER: usize = 20;
+/// The warning for a capture cut off inside a packet.
+const CUT: &str = "the capture ends inside a packet (cut off?); replayed up to there";
 /// BSD loopback header: a 4-byte address family.
 const NULL_HEADER: usize = 4;
 /// Request methods that start an HTTP/1.x request (tunnel.rs `METHODS`).
@@ -619,9 +621,8 @@ pub fn decide_requests(
     let mut headers = vec![httparse::EMPTY_HEADER; engine.config.limits.max_headers.max(1)];
     while at < bytes.len() {
         let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(&bytes[at..]) {
-            Ok(httparse::Status::Complete(n)) => n,
-            _ => break,
+        let Ok(httparse::Status::Complete(head_len)) = req.parse(&bytes[at..]) else {
+            break;
         };
         let host = request_host(&req, dst);
         first_host.get_or_insert_with(|| host.clone());
@@ -755,7 +756,6 @@ fn for_each_frame<R: Read>(
         PcapError::IoError(io) => ReplayError::Io(io),
         other => ReplayError::Format(other.to_string()),
     };
-    const CUT: &str = "the capture ends inside a packet (cut off?); replayed up to there";
     if head.starts_with(&PCAPNG_MAGIC) {
         let mut ng = PcapNgReader::new(reader).map_err(format_error)?;
         // Link types of the current section's interfaces, by interface id.

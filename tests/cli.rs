@@ -29,7 +29,9 @@ fn chatwall() -> Command {
             cmd.env_remove(k);
         }
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 
@@ -58,7 +60,10 @@ fn wait_bounded(mut child: Child, limit: Duration) -> Out {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("chatwall did not exit within {limit:?}; stderr: {}", err.join().unwrap_or_default());
+            panic!(
+                "chatwall did not exit within {limit:?}; stderr: {}",
+                err.join().unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -151,8 +156,15 @@ fn check_invalid_configs(cases: &[(&str, usize, &str)]) -> Vec<String> {
         assert_eq!(o.code, Some(1), "{file}: {o:?}");
         assert!(!o.stdout.contains("\nok"), "{file}: printed ok");
         let at = format!("{path}:{line}:");
-        if !o.stderr.lines().any(|l| l.starts_with(&at) && l.contains(field)) {
-            failures.push(format!("{file}: want a line `{at} ...{field}...`, got:\n{}", o.stderr));
+        if !o
+            .stderr
+            .lines()
+            .any(|l| l.starts_with(&at) && l.contains(field))
+        {
+            failures.push(format!(
+                "{file}: want a line `{at} ...{field}...`, got:\n{}",
+                o.stderr
+            ));
         }
     }
     failures
@@ -162,10 +174,25 @@ fn check_invalid_configs(cases: &[(&str, usize, &str)]) -> Vec<String> {
 fn check_config_names_file_line_and_field_for_each_invalid_fixture() {
     let dir = fixtures().join("config/invalid");
     let files = toml_files(&dir);
-    let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()).collect();
-    let mut expected: Vec<&str> = INVALID_CONFIGS.iter().chain(TYPE_ERROR_CONFIGS).map(|c| c.0).collect();
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string()
+        })
+        .collect();
+    let mut expected: Vec<&str> = INVALID_CONFIGS
+        .iter()
+        .chain(TYPE_ERROR_CONFIGS)
+        .map(|c| c.0)
+        .collect();
     expected.sort_unstable();
-    assert_eq!(names, expected, "every invalid fixture needs an expectation here");
+    assert_eq!(
+        names, expected,
+        "every invalid fixture needs an expectation here"
+    );
     let failures = check_invalid_configs(INVALID_CONFIGS);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -186,13 +213,29 @@ fn check_config_accepts_each_valid_fixture() {
         ("relative_signatures.toml", "signatures: 2 apps"),
     ];
     let dir = fixtures().join("config/valid");
-    let names: Vec<String> = toml_files(&dir).iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()).collect();
-    assert_eq!(names, cases.iter().map(|c| c.0).collect::<Vec<_>>(), "every valid fixture needs an expectation here");
+    let names: Vec<String> = toml_files(&dir)
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        cases.iter().map(|c| c.0).collect::<Vec<_>>(),
+        "every valid fixture needs an expectation here"
+    );
     for (file, want) in cases {
         let path = dir.join(file).display().to_string();
         let o = run(&["check-config", "-c", &path]);
         assert_eq!(o.code, Some(0), "{file}: {o:?}");
-        assert!(o.stdout.lines().any(|l| l.starts_with(want)), "{file}: no `{want}` in\n{}", o.stdout);
+        assert!(
+            o.stdout.lines().any(|l| l.starts_with(want)),
+            "{file}: no `{want}` in\n{}",
+            o.stdout
+        );
         assert_eq!(o.stdout.lines().last(), Some("ok"), "{file}");
     }
     // The shipped example documents every key and must stay valid.
@@ -203,11 +246,19 @@ fn check_config_accepts_each_valid_fixture() {
 
 #[test]
 fn check_config_unknown_key_names_the_line() {
-    let (_d, path) = temp_config("[policy]\ndefault = \"block\"\n\n[log]\nlevel = \"info\"\nfromat = \"json\"\n");
+    let (_d, path) = temp_config(
+        "[policy]\ndefault = \"block\"\n\n[log]\nlevel = \"info\"\nfromat = \"json\"\n",
+    );
     let o = run(&["check-config", "-c", &path.display().to_string()]);
     assert_eq!(o.code, Some(1), "{o:?}");
     let at = format!("{}:6:", path.display());
-    assert!(o.stderr.lines().any(|l| l.starts_with(&at) && l.contains("fromat")), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .lines()
+            .any(|l| l.starts_with(&at) && l.contains("fromat")),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
@@ -216,10 +267,17 @@ fn check_config_policy_naming_an_unknown_app_exits_1() {
     let file = path.display().to_string();
     let o = run(&["check-config", "-c", &file]);
     assert_eq!(o.code, Some(1), "{o:?}");
-    let line = o.stderr.lines().find(|l| l.contains("nosuchapp")).unwrap_or_else(|| panic!("no error names the app: {}", o.stderr));
+    let line = o
+        .stderr
+        .lines()
+        .find(|l| l.contains("nosuchapp"))
+        .unwrap_or_else(|| panic!("no error names the app: {}", o.stderr));
     assert!(line.starts_with(&file), "{line}");
     assert!(line.contains("policy.apps"), "{line}");
-    assert!(line.starts_with(&format!("{file}:6:")), "the error names no line: {line}");
+    assert!(
+        line.starts_with(&format!("{file}:6:")),
+        "the error names no line: {line}"
+    );
 }
 
 #[test]
@@ -227,14 +285,22 @@ fn check_config_exception_naming_an_unknown_app_exits_1() {
     let (_d, path) = temp_config("[[policy.exceptions]]\nclients = [\"10.0.0.0/8\"]\napps = [\"nosuchapp\"]\naction = \"allow\"\n");
     let o = run(&["check-config", "-c", &path.display().to_string()]);
     assert_eq!(o.code, Some(1), "{o:?}");
-    assert!(o.stderr.contains("nosuchapp") && o.stderr.contains("policy.exceptions"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("nosuchapp") && o.stderr.contains("policy.exceptions"),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
 fn check_config_missing_file_exits_1() {
     let o = run(&["check-config", "-c", "/nonexistent/chatwall.toml"]);
     assert_eq!(o.code, Some(1), "{o:?}");
-    assert!(o.stderr.contains("/nonexistent/chatwall.toml"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("/nonexistent/chatwall.toml"),
+        "{}",
+        o.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -243,25 +309,49 @@ fn check_config_missing_file_exits_1() {
 
 #[test]
 fn environment_variables_override_defaults_and_file() {
-    let o = run_with(&["check-config"], &[("CHATWALL__POLICY__DEFAULT", "monitor")]);
+    let o = run_with(
+        &["check-config"],
+        &[("CHATWALL__POLICY__DEFAULT", "monitor")],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(o.stdout.contains("default monitor"), "{}", o.stdout);
 
     // Over a file that says block.
     let (_d, path) = temp_config("[policy]\ndefault = \"block\"\n");
-    let o = run_with(&["check-config", "-c", &path.display().to_string()], &[("CHATWALL__POLICY__DEFAULT", "monitor")]);
+    let o = run_with(
+        &["check-config", "-c", &path.display().to_string()],
+        &[("CHATWALL__POLICY__DEFAULT", "monitor")],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(o.stdout.contains("default monitor"), "{}", o.stdout);
 
     // Lists, comma-separated.
-    let o = run_with(&["check-config"], &[("CHATWALL__LISTEN__EXPLICIT", "127.0.0.1:13128,127.0.0.1:13129")]);
+    let o = run_with(
+        &["check-config"],
+        &[(
+            "CHATWALL__LISTEN__EXPLICIT",
+            "127.0.0.1:13128,127.0.0.1:13129",
+        )],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
-    assert!(o.stdout.contains("explicit listeners: [127.0.0.1:13128, 127.0.0.1:13129]"), "{}", o.stdout);
+    assert!(
+        o.stdout
+            .contains("explicit listeners: [127.0.0.1:13128, 127.0.0.1:13129]"),
+        "{}",
+        o.stdout
+    );
 
     // A bad value from the environment is a configuration error.
-    let o = run_with(&["check-config"], &[("CHATWALL__POLICY__DEFAULT", "sometimes")]);
+    let o = run_with(
+        &["check-config"],
+        &[("CHATWALL__POLICY__DEFAULT", "sometimes")],
+    );
     assert_eq!(o.code, Some(1), "{o:?}");
-    assert!(o.stderr.contains("policy.default") && o.stderr.contains("sometimes"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("policy.default") && o.stderr.contains("sometimes"),
+        "{}",
+        o.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -283,14 +373,32 @@ fn signatures_list_shows_the_bundled_apps() {
     // One row per app between the header and the summary.
     let rows = o.stdout.lines().count() - 2;
     assert_eq!(rows, count, "{}", o.stdout);
-    for app in ["whatsapp", "telegram", "aim", "yahoo-messenger", "msn-messenger"] {
-        assert!(o.stdout.lines().any(|l| l.split_whitespace().next() == Some(app)), "no {app} row");
+    for app in [
+        "whatsapp",
+        "telegram",
+        "aim",
+        "yahoo-messenger",
+        "msn-messenger",
+    ] {
+        assert!(
+            o.stdout
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(app)),
+            "no {app} row"
+        );
     }
 }
 
 #[test]
 fn signatures_list_json_has_id_and_category() {
-    const CATEGORIES: &[&str] = &["consumer-im", "enterprise-im", "legacy-im", "open-protocol", "self-hosted-im", "im-gateway"];
+    const CATEGORIES: &[&str] = &[
+        "consumer-im",
+        "enterprise-im",
+        "legacy-im",
+        "open-protocol",
+        "self-hosted-im",
+        "im-gateway",
+    ];
     let o = run(&["signatures", "list", "--json"]);
     assert_eq!(o.code, Some(0), "{o:?}");
     let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("valid JSON");
@@ -301,10 +409,15 @@ fn signatures_list_json_has_id_and_category() {
         let id = a["id"].as_str().unwrap_or_else(|| panic!("no id in {a}"));
         assert!(!id.is_empty());
         assert!(ids.insert(id.to_string()), "duplicate id {id}");
-        let cat = a["category"].as_str().unwrap_or_else(|| panic!("no category in {a}"));
+        let cat = a["category"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no category in {a}"));
         assert!(CATEGORIES.contains(&cat), "{id}: category {cat}");
     }
-    let wa = apps.iter().find(|a| a["id"] == "whatsapp").expect("whatsapp");
+    let wa = apps
+        .iter()
+        .find(|a| a["id"] == "whatsapp")
+        .expect("whatsapp");
     assert!(wa["rules"]["hosts"].as_u64().unwrap_or(0) > 0, "{wa}");
     let aim = apps.iter().find(|a| a["id"] == "aim").expect("aim");
     assert!(aim["rules"]["ports"].as_u64().unwrap_or(0) >= 1, "{aim}");
@@ -313,10 +426,21 @@ fn signatures_list_json_has_id_and_category() {
 #[test]
 fn signatures_list_follows_the_configured_directory() {
     let dir = fixtures().join("signatures/valid/localhost-host");
-    let (_d, path) = temp_config(&format!("[signatures]\ndir = {:?}\n", dir.display().to_string()));
+    let (_d, path) = temp_config(&format!(
+        "[signatures]\ndir = {:?}\n",
+        dir.display().to_string()
+    ));
     let o = run(&["signatures", "list", "-c", &path.display().to_string()]);
     assert_eq!(o.code, Some(0), "{o:?}");
-    assert!(o.stdout.lines().last().unwrap_or_default().starts_with("2 apps"), "{}", o.stdout);
+    assert!(
+        o.stdout
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .starts_with("2 apps"),
+        "{}",
+        o.stdout
+    );
 }
 
 /// (fixture dir under signatures/invalid, expected errors as (file, line, field))
@@ -331,16 +455,27 @@ const INVALID_SIGNATURES: &[(&str, &[(&str, usize, &str)])] = &[
     ("short-payload", &[("kappa.toml", 8, "payload.match")]),
     (
         "three-errors",
-        &[("alpha.toml", 6, "ports.tcp"), ("alpha.toml", 10, "cidrs.nets"), ("beta.toml", 3, "category")],
+        &[
+            ("alpha.toml", 6, "ports.tcp"),
+            ("alpha.toml", 10, "cidrs.nets"),
+            ("beta.toml", 3, "category"),
+        ],
     ),
     ("unknown-field", &[("mu.toml", 8, "weight")]),
 ];
 
 /// check-config with `[signatures] dir` set to a fixture directory.
 fn check_signatures(name: &str) -> (String, Out) {
-    let dir = fixtures().join("signatures/invalid").join(name).display().to_string();
+    let dir = fixtures()
+        .join("signatures/invalid")
+        .join(name)
+        .display()
+        .to_string();
     let (_d, path) = temp_config(&format!("[signatures]\ndir = {dir:?}\n"));
-    (dir, run(&["check-config", "-c", &path.display().to_string()]))
+    (
+        dir,
+        run(&["check-config", "-c", &path.display().to_string()]),
+    )
 }
 
 #[test]
@@ -353,14 +488,20 @@ fn invalid_signature_dirs_name_file_line_and_field() {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
     dirs.sort();
-    assert_eq!(dirs, INVALID_SIGNATURES.iter().map(|c| c.0).collect::<Vec<_>>(), "every fixture dir needs an expectation here");
+    assert_eq!(
+        dirs,
+        INVALID_SIGNATURES.iter().map(|c| c.0).collect::<Vec<_>>(),
+        "every fixture dir needs an expectation here"
+    );
     for (name, errors) in INVALID_SIGNATURES {
         let (dir, o) = check_signatures(name);
         assert_eq!(o.code, Some(1), "{name}: {o:?}");
         for (file, line, field) in errors.iter() {
             let at = format!("{dir}/{file}:{line}:");
             assert!(
-                o.stderr.lines().any(|l| l.starts_with(&at) && l.contains(field)),
+                o.stderr
+                    .lines()
+                    .any(|l| l.starts_with(&at) && l.contains(field)),
                 "{name}: want `{at} ...{field}...` in\n{}",
                 o.stderr
             );
@@ -373,9 +514,20 @@ fn every_bad_rule_is_reported_not_just_the_first() {
     let (dir, o) = check_signatures("three-errors");
     assert_eq!(o.code, Some(1), "{o:?}");
     let lines = error_lines(&o.stderr, &dir);
-    assert_eq!(lines.len(), 3, "three bad rules in two files:\n{}", o.stderr);
-    assert_eq!(lines.iter().filter(|l| l.contains("/alpha.toml:")).count(), 2);
-    assert_eq!(lines.iter().filter(|l| l.contains("/beta.toml:")).count(), 1);
+    assert_eq!(
+        lines.len(),
+        3,
+        "three bad rules in two files:\n{}",
+        o.stderr
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("/alpha.toml:")).count(),
+        2
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("/beta.toml:")).count(),
+        1
+    );
 }
 
 #[test]
@@ -387,7 +539,12 @@ fn signature_errors_come_without_spurious_follow_ups() {
         let (dir, o) = check_signatures(name);
         let lines = error_lines(&o.stderr, &dir);
         if lines.len() != errors.len() {
-            extra.push(format!("{name}: {} errors reported for {} bad rules:\n{}", lines.len(), errors.len(), lines.join("\n")));
+            extra.push(format!(
+                "{name}: {} errors reported for {} bad rules:\n{}",
+                lines.len(),
+                errors.len(),
+                lines.join("\n")
+            ));
         }
     }
     assert!(extra.is_empty(), "{}", extra.join("\n"));
@@ -401,28 +558,95 @@ fn signature_errors_come_without_spurious_follow_ups() {
 fn classify_explains_the_verdict() {
     // (arguments, first word of the first line, text the output must hold)
     let cases: &[(&[&str], &str, &str)] = &[
-        (&["classify", "host", "web.whatsapp.com"], "block", "whatsapp"),
-        (&["classify", "host", "WEB.WhatsApp.COM."], "block", "whatsapp"),
-        (&["classify", "host", "x.y.telegram.org"], "block", "telegram"),
-        (&["classify", "host", "149.154.167.51"], "block", "reason=ip"),
-        (&["classify", "host", "example.com", "--port", "5190"], "block", "aim"),
-        (&["classify", "host", "example.com", "--port", "5050"], "block", "yahoo-messenger"),
-        (&["classify", "host", "example.com", "--port", "1863"], "block", "msn-messenger"),
-        (&["classify", "host", "example.com"], "allow", "example.com:443"),
-        (&["classify", "url", "http://example.com/"], "allow", "example.com:80"),
-        (&["classify", "url", "http://gateway.messenger.hotmail.com/gateway/gateway.dll?Action=open"], "block", "msn-messenger"),
-        (&["classify", "url", "http://example.com/gateway/gateway.dll?Action=open"], "block", "reason=http"),
+        (
+            &["classify", "host", "web.whatsapp.com"],
+            "block",
+            "whatsapp",
+        ),
+        (
+            &["classify", "host", "WEB.WhatsApp.COM."],
+            "block",
+            "whatsapp",
+        ),
+        (
+            &["classify", "host", "x.y.telegram.org"],
+            "block",
+            "telegram",
+        ),
+        (
+            &["classify", "host", "149.154.167.51"],
+            "block",
+            "reason=ip",
+        ),
+        (
+            &["classify", "host", "example.com", "--port", "5190"],
+            "block",
+            "aim",
+        ),
+        (
+            &["classify", "host", "example.com", "--port", "5050"],
+            "block",
+            "yahoo-messenger",
+        ),
+        (
+            &["classify", "host", "example.com", "--port", "1863"],
+            "block",
+            "msn-messenger",
+        ),
+        (
+            &["classify", "host", "example.com"],
+            "allow",
+            "example.com:443",
+        ),
+        (
+            &["classify", "url", "http://example.com/"],
+            "allow",
+            "example.com:80",
+        ),
+        (
+            &[
+                "classify",
+                "url",
+                "http://gateway.messenger.hotmail.com/gateway/gateway.dll?Action=open",
+            ],
+            "block",
+            "msn-messenger",
+        ),
+        (
+            &[
+                "classify",
+                "url",
+                "http://example.com/gateway/gateway.dll?Action=open",
+            ],
+            "block",
+            "reason=http",
+        ),
     ];
     for (args, verdict, text) in cases {
         let o = run(args);
         assert_eq!(o.code, Some(0), "{args:?}: {o:?}");
         let first = o.stdout.lines().next().unwrap_or_default();
-        assert_eq!(first.split_whitespace().next(), Some(*verdict), "{args:?}: {}", o.stdout);
-        assert!(o.stdout.contains(text), "{args:?}: no {text:?} in {}", o.stdout);
+        assert_eq!(
+            first.split_whitespace().next(),
+            Some(*verdict),
+            "{args:?}: {}",
+            o.stdout
+        );
+        assert!(
+            o.stdout.contains(text),
+            "{args:?}: no {text:?} in {}",
+            o.stdout
+        );
     }
     // Policy from a file: monitor instead of block.
     let (_d, path) = temp_config("[policy.apps]\nwhatsapp = \"monitor\"\n");
-    let o = run(&["classify", "host", "web.whatsapp.com", "-c", &path.display().to_string()]);
+    let o = run(&[
+        "classify",
+        "host",
+        "web.whatsapp.com",
+        "-c",
+        &path.display().to_string(),
+    ]);
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(o.stdout.starts_with("monitor"), "{}", o.stdout);
 }
@@ -456,15 +680,27 @@ fn bad_usage_exits_2() {
 fn run_on_an_address_in_use_exits_3_naming_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr");
-    let (_d, path) = temp_config(&format!("[listen]\nexplicit = [\"{addr}\"]\nadmin = \"\"\n\n[log]\naccess = \"off\"\n"));
+    let (_d, path) = temp_config(&format!(
+        "[listen]\nexplicit = [\"{addr}\"]\nadmin = \"\"\n\n[log]\naccess = \"off\"\n"
+    ));
     let o = run(&["run", "-c", &path.display().to_string()]);
     assert_eq!(o.code, Some(3), "{o:?}");
-    assert!(o.stderr.contains(&addr.to_string()), "the address is not named: {}", o.stderr);
+    assert!(
+        o.stderr.contains(&addr.to_string()),
+        "the address is not named: {}",
+        o.stderr
+    );
     // The admin listener too.
-    let (_d, path) = temp_config(&format!("[listen]\nexplicit = [\"127.0.0.1:0\"]\nadmin = \"{addr}\"\n\n[log]\naccess = \"off\"\n"));
+    let (_d, path) = temp_config(&format!(
+        "[listen]\nexplicit = [\"127.0.0.1:0\"]\nadmin = \"{addr}\"\n\n[log]\naccess = \"off\"\n"
+    ));
     let o = run(&["run", "-c", &path.display().to_string()]);
     assert_eq!(o.code, Some(3), "{o:?}");
-    assert!(o.stderr.contains(&addr.to_string()), "the address is not named: {}", o.stderr);
+    assert!(
+        o.stderr.contains(&addr.to_string()),
+        "the address is not named: {}",
+        o.stderr
+    );
     drop(taken);
 }
 
@@ -499,7 +735,8 @@ fn http_status(addr: SocketAddr, path: &str) -> u16 {
     use std::io::Write;
     let mut s = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
     s.set_read_timeout(Some(WAIT)).expect("timeout");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).expect("write");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .expect("write");
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     crate::support::parse_response(&out).0
@@ -518,7 +755,10 @@ fn run_serves_and_stops_on_sigterm() {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(strip_ansi(&line)).is_err() {
                 break;
             }
@@ -535,7 +775,10 @@ fn run_serves_and_stops_on_sigterm() {
         };
         let found = line
             .contains("admin listening")
-            .then(|| line.split_whitespace().find_map(|w| w.strip_prefix("addr=")?.parse().ok()))
+            .then(|| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr=")?.parse().ok())
+            })
             .flatten();
         seen.push(line);
         if let Some(a) = found {
@@ -548,7 +791,10 @@ fn run_serves_and_stops_on_sigterm() {
         assert!(Instant::now() < ready, "never ready");
         std::thread::sleep(Duration::from_millis(25));
     }
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
     assert!(killed.success());
     let deadline = Instant::now() + WAIT;
     let status = loop {

@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{
-    self, connect_tunnel, pattern_byte, proxy_request, raw_exchange, read_response, HttpOrigin, Proxy, RawOrigin,
-    TlsOrigin, OPEN, WAIT,
+    self, connect_tunnel, pattern_byte, proxy_request, raw_exchange, read_response, HttpOrigin,
+    Proxy, RawOrigin, TlsOrigin, OPEN, WAIT,
 };
 
 // ---------------------------------------------------------------------------
@@ -23,7 +23,10 @@ use crate::support::{
 
 /// A signature fixture directory (absolute).
 fn sig_dir(name: &str) -> String {
-    format!("{}/tests/fixtures/signatures/valid/{name}", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/tests/fixtures/signatures/valid/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 /// `[access]` open to loopback plus `[signatures] dir` of a fixture.
@@ -52,7 +55,9 @@ impl Resp {
 fn header_of(head: &str, name: &str) -> Option<String> {
     head.lines().skip(1).find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
     })
 }
 
@@ -60,7 +65,10 @@ fn header_of(head: &str, name: &str) -> Option<String> {
 async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) {
     let mut tmp = [0u8; 16384];
     while buf.len() < n {
-        let r = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("bytes in time").expect("read");
+        let r = tokio::time::timeout(WAIT, s.read(&mut tmp))
+            .await
+            .expect("bytes in time")
+            .expect("read");
         assert!(r > 0, "closed early: have {} of {n} bytes", buf.len());
         buf.extend_from_slice(&tmp[..r]);
     }
@@ -76,17 +84,33 @@ async fn read_full(s: &mut TcpStream, no_body: bool) -> Resp {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break p + 4;
         }
-        let n = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("head in time").expect("read");
-        assert!(n > 0, "closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+        let n = tokio::time::timeout(WAIT, s.read(&mut tmp))
+            .await
+            .expect("head in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&tmp[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut rest = buf[head_end..].to_vec();
     if no_body || status == 204 || status == 304 || (100..200).contains(&status) {
-        return Resp { status, head, body: rest };
+        return Resp {
+            status,
+            head,
+            body: rest,
+        };
     }
-    let chunked = header_of(&head, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let chunked = header_of(&head, "transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     if chunked {
         let mut body = Vec::new();
         let mut pos = 0;
@@ -130,12 +154,22 @@ async fn read_full(s: &mut TcpStream, no_body: bool) -> Resp {
     match header_of(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
         Some(len) => {
             fill(s, &mut rest, len).await;
-            Resp { status, head, body: rest }
+            Resp {
+                status,
+                head,
+                body: rest,
+            }
         }
         None => {
             // Close-delimited.
-            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await.expect("close-delimited body in time");
-            Resp { status, head, body: rest }
+            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+                .await
+                .expect("close-delimited body in time");
+            Resp {
+                status,
+                head,
+                body: rest,
+            }
         }
     }
 }
@@ -149,8 +183,16 @@ async fn one(proxy: SocketAddr, raw: &str) -> Resp {
 
 /// `GET url` in absolute form on a fresh connection.
 async fn get(proxy: SocketAddr, url: &str) -> Resp {
-    let host = url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or("");
-    one(proxy, &format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n")).await
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("");
+    one(
+        proxy,
+        &format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+    )
+    .await
 }
 
 /// `CONNECT authority` on a fresh connection; returns the response and the
@@ -192,7 +234,11 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if n != name {
                 return None;
             }
-            let have: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split("\",").collect() };
+            let have: Vec<&str> = if rest.is_empty() {
+                Vec::new()
+            } else {
+                rest.split("\",").collect()
+            };
             if have.len() != labels.len() {
                 return None;
             }
@@ -212,7 +258,11 @@ async fn wait_record(proxy: &Proxy, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(r) = proxy.log().into_iter().find(&pred) {
             return r;
         }
-        assert!(Instant::now() < deadline, "no matching access-log record in {:?}", proxy.log());
+        assert!(
+            Instant::now() < deadline,
+            "no matching access-log record in {:?}",
+            proxy.log()
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -222,7 +272,9 @@ fn field(v: &Value, k: &str) -> String {
 }
 
 fn num(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or_else(|| panic!("{k} is not a number in {v}"))
+    v.get(k)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{k} is not a number in {v}"))
 }
 
 /// A port on loopback that nothing listens on.
@@ -268,13 +320,31 @@ async fn get_is_forwarded_in_origin_form() {
     let proxy = Proxy::start_open().await;
     let origin = HttpOrigin::start().await;
     let url = format!("http://{}/hello?x=1", origin.addr);
-    let req = Request::get(&url).header("host", origin.addr.to_string()).body(Full::new(Bytes::new())).expect("request");
+    let req = Request::get(&url)
+        .header("host", origin.addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .expect("request");
     let resp = proxy_request(proxy.addr, req).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers().get("x-origin").map(|v| v.as_bytes()), Some(&b"1"[..]));
-    let via: Vec<_> = resp.headers().get_all("via").iter().filter_map(|v| v.to_str().ok()).collect();
-    assert!(via.iter().any(|v| v.contains("chatwall")), "no Via on the response: {via:?}");
-    let body = tokio::time::timeout(WAIT, resp.into_body().collect()).await.expect("in time").expect("body").to_bytes();
+    assert_eq!(
+        resp.headers().get("x-origin").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let via: Vec<_> = resp
+        .headers()
+        .get_all("via")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert!(
+        via.iter().any(|v| v.contains("chatwall")),
+        "no Via on the response: {via:?}"
+    );
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("in time")
+        .expect("body")
+        .to_bytes();
     assert_eq!(&body[..], b"hello from origin\n");
     let seen = origin.requests();
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -287,14 +357,24 @@ async fn head_returns_headers_without_a_body() {
     let proxy = Proxy::start_open().await;
     let origin = HttpOrigin::start().await;
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    let raw = format!("HEAD http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n", a = origin.addr);
+    let raw = format!(
+        "HEAD http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n",
+        a = origin.addr
+    );
     s.write_all(raw.as_bytes()).await.expect("write");
     let r = read_full(&mut s, true).await;
     assert_eq!(r.status, 200, "{}", r.head);
-    assert!(r.body.is_empty(), "HEAD response carried {} body bytes", r.body.len());
+    assert!(
+        r.body.is_empty(),
+        "HEAD response carried {} body bytes",
+        r.body.len()
+    );
     assert_eq!(r.header("x-origin").as_deref(), Some("1"));
     // The connection is still in step: a GET on it gets its own full body.
-    let raw = format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n", a = origin.addr);
+    let raw = format!(
+        "GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n",
+        a = origin.addr
+    );
     s.write_all(raw.as_bytes()).await.expect("write");
     let r = read_full(&mut s, false).await;
     assert_eq!(r.status, 200);
@@ -344,7 +424,10 @@ async fn post_bodies_reach_the_origin_whole() {
         let seen = origin.requests();
         assert_eq!(seen.len(), i + 1, "{name}");
         assert_eq!(seen[i].method, "POST", "{name}");
-        assert_eq!(seen[i].body_len, *len, "{name}: the origin saw a different body length");
+        assert_eq!(
+            seen[i].body_len, *len,
+            "{name}: the origin saw a different body length"
+        );
     }
 }
 
@@ -354,13 +437,19 @@ async fn large_body_streams_byte_exact() {
     let proxy = Proxy::start_open().await;
     let origin = HttpOrigin::start().await;
     let url = format!("http://{}/bytes/{N}", origin.addr);
-    let req = Request::get(&url).header("host", origin.addr.to_string()).body(Full::new(Bytes::new())).expect("request");
+    let req = Request::get(&url)
+        .header("host", origin.addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .expect("request");
     let resp = proxy_request(proxy.addr, req).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut pos = 0usize;
     let started = Instant::now();
-    while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.expect("frame in time") {
+    while let Some(frame) = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("frame in time")
+    {
         let frame = frame.expect("body frame");
         if let Some(d) = frame.data_ref() {
             for (i, &b) in d.iter().enumerate() {
@@ -370,10 +459,16 @@ async fn large_body_streams_byte_exact() {
             }
             pos += d.len();
         }
-        assert!(started.elapsed() < WAIT * 12, "64 MiB took too long ({pos} bytes so far)");
+        assert!(
+            started.elapsed() < WAIT * 12,
+            "64 MiB took too long ({pos} bytes so far)"
+        );
     }
     assert_eq!(pos, N, "body length");
-    let rec = wait_record(&proxy, |r| field(r, "target") == url && r.get("bytes_down").and_then(Value::as_u64) == Some(N as u64)).await;
+    let rec = wait_record(&proxy, |r| {
+        field(r, "target") == url && r.get("bytes_down").and_then(Value::as_u64) == Some(N as u64)
+    })
+    .await;
     assert_eq!(num(&rec, "status"), 200);
 }
 
@@ -385,20 +480,33 @@ async fn keep_alive_survives_a_block_on_the_same_connection() {
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
     let local = s.local_addr().expect("local addr");
 
-    s.write_all(format!("GET http://{a}/one HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes()).await.expect("write");
+    s.write_all(format!("GET http://{a}/one HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let (status, _, body) = read_response(&mut s).await;
     assert_eq!(status, 200);
     assert_eq!(body, b"hello from origin\n");
 
-    s.write_all(b"GET http://web.whatsapp.com/ HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n").await.expect("write");
+    s.write_all(b"GET http://web.whatsapp.com/ HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n")
+        .await
+        .expect("write");
     let (status, head, body) = read_response(&mut s).await;
     assert_eq!(status, 403, "{head}");
-    assert_eq!(header_of(&head, "x-chatwall-block").as_deref(), Some("whatsapp"), "{head}");
+    assert_eq!(
+        header_of(&head, "x-chatwall-block").as_deref(),
+        Some("whatsapp"),
+        "{head}"
+    );
     let page = String::from_utf8_lossy(&body);
     assert!(page.contains("WhatsApp"), "the page names the app: {page}");
-    assert!(!header_of(&head, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close")), "a block must keep the connection: {head}");
+    assert!(
+        !header_of(&head, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close")),
+        "a block must keep the connection: {head}"
+    );
 
-    s.write_all(format!("GET http://{a}/three HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes()).await.expect("write");
+    s.write_all(format!("GET http://{a}/three HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let (status, _, body) = read_response(&mut s).await;
     assert_eq!(status, 200);
     assert_eq!(body, b"hello from origin\n");
@@ -411,7 +519,12 @@ async fn keep_alive_survives_a_block_on_the_same_connection() {
     for r in &recs {
         assert_eq!(field(r, "client"), local.to_string(), "{r}");
     }
-    assert_eq!(proxy.metric("chatwall_connections_total{listener=\"explicit\"}").await, 1.0);
+    assert_eq!(
+        proxy
+            .metric("chatwall_connections_total{listener=\"explicit\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,20 +546,47 @@ async fn hop_by_hop_headers_are_removed_via_added_host_rewritten() {
     );
     let r = one(proxy.addr, &raw).await;
     assert_eq!(r.status, 200, "{}", r.head);
-    assert!(r.header("via").is_some_and(|v| v.contains("chatwall")), "response Via: {}", r.head);
+    assert!(
+        r.header("via").is_some_and(|v| v.contains("chatwall")),
+        "response Via: {}",
+        r.head
+    );
 
     let seen = origin.requests();
     assert_eq!(seen.len(), 1);
     let h = &seen[0].headers;
-    let get = |name: &str| h.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect::<Vec<_>>();
-    for gone in ["x-secret", "proxy-connection", "keep-alive", "te", "proxy-authorization"] {
+    let get = |name: &str| {
+        h.iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    for gone in [
+        "x-secret",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+    ] {
         assert!(get(gone).is_empty(), "{gone} reached the origin: {h:?}");
     }
-    assert!(!get("connection").iter().any(|v| v.to_ascii_lowercase().contains("x-secret")), "{h:?}");
+    assert!(
+        !get("connection")
+            .iter()
+            .any(|v| v.to_ascii_lowercase().contains("x-secret")),
+        "{h:?}"
+    );
     assert_eq!(get("x-keep"), ["kept"], "end-to-end headers pass");
-    assert_eq!(get("host"), [a.to_string()], "Host comes from the absolute URI");
+    assert_eq!(
+        get("host"),
+        [a.to_string()],
+        "Host comes from the absolute URI"
+    );
     let via = get("via").join(", ");
-    assert!(via.contains("1.0 first-hop") && via.contains("1.1 chatwall"), "Via: {via}");
+    assert!(
+        via.contains("1.0 first-hop") && via.contains("1.1 chatwall"),
+        "Via: {via}"
+    );
     assert_eq!(seen[0].uri, "/hop?x=1");
 }
 
@@ -468,25 +608,38 @@ async fn connect_carries_a_real_tls_handshake() {
         .await
         .expect("handshake in time")
         .expect("TLS handshake through the tunnel");
-    tls.write_all(format!("GET /bytes/{N} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
+    tls.write_all(
+        format!("GET /bytes/{N} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
     let mut out = Vec::new();
     let mut tmp = vec![0u8; 65536];
     loop {
-        match tokio::time::timeout(WAIT, tls.read(&mut tmp)).await.expect("read in time") {
+        match tokio::time::timeout(WAIT, tls.read(&mut tmp))
+            .await
+            .expect("read in time")
+        {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&tmp[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => panic!("TLS read: {e}"),
         }
     }
-    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    let head_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head")
+        + 4;
     let head = String::from_utf8_lossy(&out[..head_end]).to_string();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let body = &out[head_end..];
     assert_eq!(body.len(), N);
-    assert!(body.iter().enumerate().all(|(i, &b)| b == pattern_byte(i)), "tunnelled bytes differ");
+    assert!(
+        body.iter().enumerate().all(|(i, &b)| b == pattern_byte(i)),
+        "tunnelled bytes differ"
+    );
     // The tunnel's record is written when both sides have closed.
     drop(tls);
 
@@ -512,14 +665,37 @@ async fn curl_https_through_the_proxy_is_byte_exact() {
     let resolve = format!("localhost:{port}:127.0.0.1");
     let url = format!("https://localhost:{port}/bytes/{N}");
     let proxy_url = proxy.proxy_url();
-    let (code, out, err) = support::curl(&["-p", "-x", &proxy_url, "--cacert", &cacert, "--resolve", &resolve, &url]).await;
+    let (code, out, err) = support::curl(&[
+        "-p",
+        "-x",
+        &proxy_url,
+        "--cacert",
+        &cacert,
+        "--resolve",
+        &resolve,
+        &url,
+    ])
+    .await;
     assert_eq!(code, 0, "curl failed: {err}");
     assert_eq!(out.len(), N);
-    assert!(out.iter().enumerate().all(|(i, &b)| b == pattern_byte(i)), "bytes differ");
+    assert!(
+        out.iter().enumerate().all(|(i, &b)| b == pattern_byte(i)),
+        "bytes differ"
+    );
     // Also with --connect-to, and plain text through the same proxy.
     let connect_to = format!("localhost:{port}:127.0.0.1:{port}");
     let url = format!("https://localhost:{port}/");
-    let (code, out, err) = support::curl(&["-p", "-x", &proxy_url, "--cacert", &cacert, "--connect-to", &connect_to, &url]).await;
+    let (code, out, err) = support::curl(&[
+        "-p",
+        "-x",
+        &proxy_url,
+        "--cacert",
+        &cacert,
+        "--connect-to",
+        &connect_to,
+        &url,
+    ])
+    .await;
     assert_eq!(code, 0, "curl failed: {err}");
     assert_eq!(out, b"hello over tls\n");
 }
@@ -530,12 +706,17 @@ async fn connect_tunnel_keeps_flowing_after_the_client_half_closes() {
 
     // An echo origin: what comes back after our FIN must still arrive.
     let echo = RawOrigin::start(None, true).await;
-    let mut t = connect_tunnel(proxy.addr, &echo.addr.to_string()).await.expect("CONNECT 200");
+    let mut t = connect_tunnel(proxy.addr, &echo.addr.to_string())
+        .await
+        .expect("CONNECT 200");
     let msg = b"half-close echo check 0123456789\n".repeat(50);
     t.write_all(&msg).await.expect("write");
     t.shutdown().await.expect("shutdown write");
     let mut back = Vec::new();
-    tokio::time::timeout(WAIT, t.read_to_end(&mut back)).await.expect("echo in time").expect("read");
+    tokio::time::timeout(WAIT, t.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read");
     assert_eq!(back, msg, "echoed bytes");
     assert_eq!(echo.connection_bytes(0), msg, "the origin saw every byte");
 
@@ -543,20 +724,30 @@ async fn connect_tunnel_keeps_flowing_after_the_client_half_closes() {
     let after_eof = misbehaving_upstream(|mut s| async move {
         let mut got = Vec::new();
         let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
-        let _ = s.write_all(format!("got {} bytes", got.len()).as_bytes()).await;
+        let _ = s
+            .write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await;
         let _ = s.shutdown().await;
     })
     .await;
-    let mut t = connect_tunnel(proxy.addr, &after_eof.to_string()).await.expect("CONNECT 200");
+    let mut t = connect_tunnel(proxy.addr, &after_eof.to_string())
+        .await
+        .expect("CONNECT 200");
     t.write_all(b"abcdefghij").await.expect("write");
     t.shutdown().await.expect("shutdown write");
     let mut back = Vec::new();
-    tokio::time::timeout(WAIT, t.read_to_end(&mut back)).await.expect("reply in time").expect("read");
+    tokio::time::timeout(WAIT, t.read_to_end(&mut back))
+        .await
+        .expect("reply in time")
+        .expect("read");
     assert_eq!(String::from_utf8_lossy(&back), "got 10 bytes");
 
     let rec = wait_record(&proxy, |r| field(r, "target") == after_eof.to_string()).await;
     assert_eq!(num(&rec, "status"), 200, "{rec}");
-    assert!(rec["error"].is_null(), "a clean half-close is no error: {rec}");
+    assert!(
+        rec["error"].is_null(),
+        "a clean half-close is no error: {rec}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,15 +756,23 @@ async fn tunnel_log_counts_bytes_both_ways() {
     // payload inspector before they are relayed, and count all the same.
     let proxy = Proxy::start_open().await;
     let echo = RawOrigin::start(None, true).await;
-    let mut t = connect_tunnel(proxy.addr, &echo.addr.to_string()).await.expect("CONNECT 200");
+    let mut t = connect_tunnel(proxy.addr, &echo.addr.to_string())
+        .await
+        .expect("CONNECT 200");
     let first = b"hello, first bytes\n";
     t.write_all(first).await.expect("write");
     let mut back = vec![0u8; first.len()];
-    tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+    tokio::time::timeout(WAIT, t.read_exact(&mut back))
+        .await
+        .expect("in time")
+        .expect("read");
     let more = vec![b'z'; 40_000];
     t.write_all(&more).await.expect("write");
     let mut back = vec![0u8; more.len()];
-    tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+    tokio::time::timeout(WAIT, t.read_exact(&mut back))
+        .await
+        .expect("in time")
+        .expect("read");
     drop(t);
     let total = (first.len() + more.len()) as u64;
     assert_eq!(echo.connection_bytes(0).len() as u64, total);
@@ -581,7 +780,11 @@ async fn tunnel_log_counts_bytes_both_ways() {
     assert_eq!(num(&rec, "bytes_down"), total, "{rec}");
     assert_eq!(num(&rec, "bytes_up"), total, "bytes up the tunnel: {rec}");
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_bytes_total", &[("direction", "up")]), total as f64, "{m}");
+    assert_eq!(
+        sample(&m, "chatwall_bytes_total", &[("direction", "up")]),
+        total as f64,
+        "{m}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -609,15 +812,29 @@ async fn refusals_name_the_app_without_contacting_anything() {
         ("CONNECT", "example.invalid:5050", "yahoo-messenger", "port"),
         ("CONNECT", "example.invalid:1863", "msn-messenger", "port"),
         ("GET", "http://example.invalid:5190/", "aim", "port"),
-        ("GET", "http://gateway.messenger.hotmail.com/gateway/gateway.dll?Action=open", "msn-messenger", "host"),
+        (
+            "GET",
+            "http://gateway.messenger.hotmail.com/gateway/gateway.dll?Action=open",
+            "msn-messenger",
+            "host",
+        ),
         // The path rule alone, on a name no rule lists (no DNS needed).
-        ("GET", "http://example.invalid/gateway/gateway.dll?Action=open", "msn-messenger", "http"),
+        (
+            "GET",
+            "http://example.invalid/gateway/gateway.dll?Action=open",
+            "msn-messenger",
+            "http",
+        ),
     ];
     for (method, target, app, reason) in cases {
         let raw = if *method == "CONNECT" {
             format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")
         } else {
-            let host = target.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or("");
+            let host = target
+                .split("://")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .unwrap_or("");
             format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n")
         };
         let started = Instant::now();
@@ -625,25 +842,95 @@ async fn refusals_name_the_app_without_contacting_anything() {
         s.write_all(raw.as_bytes()).await.expect("write");
         let (status, head, body) = read_response(&mut s).await;
         assert_eq!(status, 403, "{method} {target}: {head}");
-        assert_eq!(header_of(&head, "x-chatwall-block").as_deref(), Some(*app), "{method} {target}: {head}");
-        assert!(String::from_utf8_lossy(&body).contains(app), "{method} {target}: the page names {app}");
-        assert!(started.elapsed() < Duration::from_secs(3), "{method} {target}: refusal took {:?}", started.elapsed());
-        let rec = wait_record(&proxy, |r| field(r, "method") == *method && field(r, "target").contains(target.trim_start_matches("http://").split('/').next().unwrap_or(""))
-            && field(r, "app") == *app && field(r, "reason") == *reason)
+        assert_eq!(
+            header_of(&head, "x-chatwall-block").as_deref(),
+            Some(*app),
+            "{method} {target}: {head}"
+        );
+        assert!(
+            String::from_utf8_lossy(&body).contains(app),
+            "{method} {target}: the page names {app}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{method} {target}: refusal took {:?}",
+            started.elapsed()
+        );
+        let rec = wait_record(&proxy, |r| {
+            field(r, "method") == *method
+                && field(r, "target").contains(
+                    target
+                        .trim_start_matches("http://")
+                        .split('/')
+                        .next()
+                        .unwrap_or(""),
+                )
+                && field(r, "app") == *app
+                && field(r, "reason") == *reason
+        })
         .await;
         assert_eq!(field(&rec, "verdict"), "block", "{rec}");
         assert_eq!(num(&rec, "status"), 403, "{rec}");
-        assert!(rec.get("upstream").map_or(true, Value::is_null), "{method} {target}: an upstream was contacted: {rec}");
+        assert!(
+            rec.get("upstream").map_or(true, Value::is_null),
+            "{method} {target}: an upstream was contacted: {rec}"
+        );
     }
     let m = proxy.metrics().await;
-    for kind in ["dns", "connect_refused", "connect_timeout", "connect", "reset", "timeout"] {
-        assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", kind)]), 0.0, "{kind}");
+    for kind in [
+        "dns",
+        "connect_refused",
+        "connect_timeout",
+        "connect",
+        "reset",
+        "timeout",
+    ] {
+        assert_eq!(
+            sample(&m, "chatwall_upstream_errors_total", &[("kind", kind)]),
+            0.0,
+            "{kind}"
+        );
     }
-    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "whatsapp"), ("reason", "host")]), 6.0);
-    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "telegram"), ("reason", "ip")]), 4.0);
-    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "aim"), ("reason", "port")]), 2.0);
-    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "msn-messenger"), ("reason", "http")]), 1.0);
-    assert_eq!(sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "block")]), cases.len() as f64);
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "whatsapp"), ("reason", "host")]
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "telegram"), ("reason", "ip")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "aim"), ("reason", "port")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "msn-messenger"), ("reason", "http")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_requests_total",
+            &[("listener", "explicit"), ("verdict", "block")]
+        ),
+        cases.len() as f64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -651,9 +938,19 @@ async fn refused_http_rule_never_reaches_a_loopback_origin() {
     // The MSN gateway path rule of the bundled set, on a reachable origin.
     let proxy = Proxy::start_open().await;
     let origin = HttpOrigin::start().await;
-    let r = get(proxy.addr, &format!("http://{}/gateway/gateway.dll?Action=open&Server=NS", origin.addr)).await;
+    let r = get(
+        proxy.addr,
+        &format!(
+            "http://{}/gateway/gateway.dll?Action=open&Server=NS",
+            origin.addr
+        ),
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.head);
-    assert_eq!(r.header("x-chatwall-block").as_deref(), Some("msn-messenger"));
+    assert_eq!(
+        r.header("x-chatwall-block").as_deref(),
+        Some("msn-messenger")
+    );
     let r = one(
         proxy.addr,
         &format!(
@@ -663,8 +960,15 @@ async fn refused_http_rule_never_reaches_a_loopback_origin() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.head);
-    assert_eq!(r.header("x-chatwall-block").as_deref(), Some("msn-messenger"));
-    assert!(origin.requests().is_empty(), "the origin was contacted: {:?}", origin.requests());
+    assert_eq!(
+        r.header("x-chatwall-block").as_deref(),
+        Some("msn-messenger")
+    );
+    assert!(
+        origin.requests().is_empty(),
+        "the origin was contacted: {:?}",
+        origin.requests()
+    );
     // An ordinary path on the same origin passes.
     let r = get(proxy.addr, &format!("http://{}/gateway/other", origin.addr)).await;
     assert_eq!(r.status, 200);
@@ -673,7 +977,11 @@ async fn refused_http_rule_never_reaches_a_loopback_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn im_ports_are_refused_before_any_connection() {
     let proxy = Proxy::start_open().await;
-    for (port, app) in [(5190u16, "aim"), (5050, "yahoo-messenger"), (1863, "msn-messenger")] {
+    for (port, app) in [
+        (5190u16, "aim"),
+        (5050, "yahoo-messenger"),
+        (1863, "msn-messenger"),
+    ] {
         // Listen there when the port is free, to see that nothing connects.
         let listener = TcpListener::bind(("127.0.0.1", port)).await.ok();
         let (r, _) = connect(proxy.addr, &format!("127.0.0.1:{port}")).await;
@@ -681,7 +989,10 @@ async fn im_ports_are_refused_before_any_connection() {
         assert_eq!(r.header("x-chatwall-block").as_deref(), Some(app), "{port}");
         if let Some(l) = listener {
             let accepted = tokio::time::timeout(Duration::from_millis(200), l.accept()).await;
-            assert!(accepted.is_err(), "port {port}: the proxy connected to the IM port");
+            assert!(
+                accepted.is_err(),
+                "port {port}: the proxy connected to the IM port"
+            );
         }
     }
 }
@@ -703,14 +1014,30 @@ async fn name_resolving_into_an_im_range_is_refused_by_ip() {
     // The literal address too, and plain HTTP by name.
     let (r, _) = connect(proxy.addr, &format!("127.0.0.1:{port}")).await;
     assert_eq!(r.status, 403);
-    let r = get(proxy.addr, &format!("http://localhost:{}/", http.addr.port())).await;
+    let r = get(
+        proxy.addr,
+        &format!("http://localhost:{}/", http.addr.port()),
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.head);
     assert_eq!(r.header("x-chatwall-block").as_deref(), Some("loopnet"));
 
-    assert_eq!(origin.accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "the IM address was contacted");
+    assert_eq!(
+        origin.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the IM address was contacted"
+    );
     assert!(http.requests().is_empty());
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "loopnet"), ("reason", "ip")]), 3.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "loopnet"), ("reason", "ip")]
+        ),
+        3.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,9 +1051,17 @@ async fn idn_names_compare_in_punycode() {
         ("GET", "http://xn--bcher-kva.example/"),
         ("CONNECT", "www.xn--e1afmkfd.example:443"),
     ] {
-        let r = if method == "CONNECT" { connect(proxy.addr, target).await.0 } else { get(proxy.addr, target).await };
+        let r = if method == "CONNECT" {
+            connect(proxy.addr, target).await.0
+        } else {
+            get(proxy.addr, target).await
+        };
         assert_eq!(r.status, 403, "{method} {target}: {}", r.head);
-        assert_eq!(r.header("x-chatwall-block").as_deref(), Some("idnim"), "{method} {target}");
+        assert_eq!(
+            r.header("x-chatwall-block").as_deref(),
+            Some("idnim"),
+            "{method} {target}"
+        );
     }
     // Raw UTF-8 in the request line: refused (400 or 403), never forwarded,
     // never a crash.
@@ -747,7 +1082,10 @@ async fn idn_names_compare_in_punycode() {
 async fn idn_names_in_the_allow_list() {
     // Without the allow-list the IDN app is refused; with the Unicode name
     // on the allow-list the name passes (and then fails DNS: 502, no block).
-    let base = format!("{}\n[limits]\ndns_timeout_ms = 3000\n", open_with_sigs("localhost-host"));
+    let base = format!(
+        "{}\n[limits]\ndns_timeout_ms = 3000\n",
+        open_with_sigs("localhost-host")
+    );
     let cases: &[(&str, u16)] = &[
         ("", 403),
         ("[[policy.allow]]\nhosts = [\"bücher.example\"]\n", 502),
@@ -763,19 +1101,33 @@ async fn idn_names_in_the_allow_list() {
         }
         if *allow == cases[3].0 {
             let r = connect(proxy.addr, "www.xn--e1afmkfd.example:443").await.0;
-            assert_eq!(r.status, 502, "a Unicode wildcard on the allow-list: {}", r.head);
+            assert_eq!(
+                r.status, 502,
+                "a Unicode wildcard on the allow-list: {}",
+                r.head
+            );
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_mode_passes_logs_and_counts() {
-    let extra = format!("{}\n[policy]\ndefault = \"monitor\"\n", open_with_sigs("localhost-host"));
+    let extra = format!(
+        "{}\n[policy]\ndefault = \"monitor\"\n",
+        open_with_sigs("localhost-host")
+    );
     let proxy = Proxy::start(&extra).await;
     let origin = HttpOrigin::start().await;
     let echo = RawOrigin::start(None, true).await;
     let before = proxy.metrics().await;
-    assert_eq!(sample(&before, "chatwall_detections_total", &[("action", "monitor"), ("app", "localim")]), 0.0);
+    assert_eq!(
+        sample(
+            &before,
+            "chatwall_detections_total",
+            &[("action", "monitor"), ("app", "localim")]
+        ),
+        0.0
+    );
 
     let url = format!("http://localhost:{}/watched", origin.addr.port());
     let r = get(proxy.addr, &url).await;
@@ -790,10 +1142,15 @@ async fn monitor_mode_passes_logs_and_counts() {
     assert_eq!(num(&rec, "status"), 200);
 
     // A tunnel too.
-    let mut t = connect_tunnel(proxy.addr, &format!("localhost:{}", echo.addr.port())).await.expect("monitor tunnel is 200");
+    let mut t = connect_tunnel(proxy.addr, &format!("localhost:{}", echo.addr.port()))
+        .await
+        .expect("monitor tunnel is 200");
     t.write_all(b"ping").await.expect("write");
     let mut back = [0u8; 4];
-    tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+    tokio::time::timeout(WAIT, t.read_exact(&mut back))
+        .await
+        .expect("in time")
+        .expect("read");
     assert_eq!(&back, b"ping");
     drop(t);
     let rec = wait_record(&proxy, |r| field(r, "method") == "CONNECT").await;
@@ -801,9 +1158,31 @@ async fn monitor_mode_passes_logs_and_counts() {
     assert_eq!(field(&rec, "app"), "localim", "{rec}");
 
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_detections_total", &[("action", "monitor"), ("app", "localim")]), 2.0, "{m}");
-    assert_eq!(sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "monitor")]), 2.0);
-    assert_eq!(sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "block")]), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_detections_total",
+            &[("action", "monitor"), ("app", "localim")]
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_requests_total",
+            &[("listener", "explicit"), ("verdict", "monitor")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_requests_total",
+            &[("listener", "explicit"), ("verdict", "block")]
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -832,7 +1211,11 @@ async fn client_exceptions_apply_to_matching_clients_only() {
         let url = format!("http://localhost:{}/", origin.addr.port());
         let r = get(proxy.addr, &url).await;
         assert_eq!(r.status, *status, "{policy}: {}", r.head);
-        assert_eq!(origin.requests().len(), usize::from(*status == 200), "{policy}");
+        assert_eq!(
+            origin.requests().len(),
+            usize::from(*status == 200),
+            "{policy}"
+        );
         if *status == 403 {
             assert_eq!(r.header("x-chatwall-block").as_deref(), Some("localim"));
         }
@@ -846,26 +1229,53 @@ async fn allow_list_overrides_signatures() {
     // (signature fixture, allow-list, expected status)
     let cases: &[(&str, &str, u16)] = &[
         ("localhost-host", "", 403),
-        ("localhost-host", "[[policy.allow]]\nhosts = [\"localhost\"]\n", 200),
-        ("localhost-host", "[[policy.allow]]\nhosts = [\"LOCALHOST.\"]\n", 200),
+        (
+            "localhost-host",
+            "[[policy.allow]]\nhosts = [\"localhost\"]\n",
+            200,
+        ),
+        (
+            "localhost-host",
+            "[[policy.allow]]\nhosts = [\"LOCALHOST.\"]\n",
+            200,
+        ),
         // A wildcard never covers the apex.
-        ("localhost-host", "[[policy.allow]]\nhosts = [\"*.localhost\"]\n", 403),
+        (
+            "localhost-host",
+            "[[policy.allow]]\nhosts = [\"*.localhost\"]\n",
+            403,
+        ),
         ("loopback-cidr", "", 403),
-        ("loopback-cidr", "[[policy.allow]]\ncidrs = [\"127.0.0.0/8\", \"::1\"]\n", 200),
-        ("loopback-cidr", "[[policy.allow]]\nhosts = [\"localhost\"]\n", 200),
+        (
+            "loopback-cidr",
+            "[[policy.allow]]\ncidrs = [\"127.0.0.0/8\", \"::1\"]\n",
+            200,
+        ),
+        (
+            "loopback-cidr",
+            "[[policy.allow]]\nhosts = [\"localhost\"]\n",
+            200,
+        ),
     ];
     for (sigs, allow, want) in cases {
         let proxy = Proxy::start(&format!("{}\n{allow}", open_with_sigs(sigs))).await;
         let origin = HttpOrigin::start().await;
         let echo = RawOrigin::start(None, true).await;
-        let r = get(proxy.addr, &format!("http://localhost:{}/", origin.addr.port())).await;
+        let r = get(
+            proxy.addr,
+            &format!("http://localhost:{}/", origin.addr.port()),
+        )
+        .await;
         assert_eq!(r.status, *want, "{sigs} {allow:?}: {}", r.head);
         let (r, mut t) = connect(proxy.addr, &format!("localhost:{}", echo.addr.port())).await;
         assert_eq!(r.status, *want, "CONNECT {sigs} {allow:?}: {}", r.head);
         if *want == 200 {
             t.write_all(b"allowed").await.expect("write");
             let mut back = [0u8; 7];
-            tokio::time::timeout(WAIT, t.read_exact(&mut back)).await.expect("in time").expect("read");
+            tokio::time::timeout(WAIT, t.read_exact(&mut back))
+                .await
+                .expect("in time")
+                .expect("read");
             assert_eq!(&back, b"allowed");
             assert_eq!(origin.requests().len(), 1);
         } else {
@@ -877,20 +1287,45 @@ async fn allow_list_overrides_signatures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_outside_allow_clients_get_403_and_close() {
-    let proxy = Proxy::start("[access]\nallow_clients = [\"10.0.0.0/8\"]\ndeny_destinations = []\n").await;
+    let proxy =
+        Proxy::start("[access]\nallow_clients = [\"10.0.0.0/8\"]\ndeny_destinations = []\n").await;
     let origin = HttpOrigin::start().await;
     // Saying nothing, and sending a request at once.
     let (out, closed) = until_close(proxy.addr, b"").await;
     assert!(closed, "the connection stays open");
-    assert_eq!(support::parse_response(&out).0, 403, "{}", String::from_utf8_lossy(&out));
-    let raw = format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n", a = origin.addr);
+    assert_eq!(
+        support::parse_response(&out).0,
+        403,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let raw = format!(
+        "GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n",
+        a = origin.addr
+    );
     let (out, closed) = until_close(proxy.addr, raw.as_bytes()).await;
     assert!(closed, "the connection stays open");
-    assert_eq!(support::parse_response(&out).0, 403, "{}", String::from_utf8_lossy(&out));
+    assert_eq!(
+        support::parse_response(&out).0,
+        403,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     assert!(origin.requests().is_empty());
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_refused_clients_total", &[]), 2.0, "{m}");
-    assert_eq!(sample(&m, "chatwall_connections_total", &[("listener", "explicit")]), 0.0);
+    assert_eq!(
+        sample(&m, "chatwall_refused_clients_total", &[]),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_connections_total",
+            &[("listener", "explicit")]
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -906,20 +1341,46 @@ async fn loopback_destinations_are_refused_by_default() {
     ] {
         let r = get(proxy.addr, &url).await;
         assert_eq!(r.status, 403, "{url}: {}", r.head);
-        assert_eq!(r.header("x-chatwall-block").as_deref(), Some("destination"), "{url}");
+        assert_eq!(
+            r.header("x-chatwall-block").as_deref(),
+            Some("destination"),
+            "{url}"
+        );
     }
-    assert!(origin.requests().is_empty(), "a denied destination was contacted");
+    assert!(
+        origin.requests().is_empty(),
+        "a denied destination was contacted"
+    );
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "denied_destination")]), 4.0);
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_upstream_errors_total",
+            &[("kind", "denied_destination")]
+        ),
+        4.0
+    );
 }
 
 /// CONNECT to the proxy's own ports under different spellings.
 async fn own_port_spellings(proxy: &Proxy, open: bool) {
     for port in [proxy.addr.port(), proxy.admin.port()] {
-        for host in ["127.0.0.1", "localhost", "[::1]", "0.0.0.0", "0x7f000001", "127.1", "[::ffff:127.0.0.1]", "[::]"] {
+        for host in [
+            "127.0.0.1",
+            "localhost",
+            "[::1]",
+            "0.0.0.0",
+            "0x7f000001",
+            "127.1",
+            "[::ffff:127.0.0.1]",
+            "[::]",
+        ] {
             let authority = format!("{host}:{port}");
             let (r, _) = connect(proxy.addr, &authority).await;
-            assert_ne!(r.status, 200, "CONNECT {authority} (open={open}) reached the proxy itself");
+            assert_ne!(
+                r.status, 200,
+                "CONNECT {authority} (open={open}) reached the proxy itself"
+            );
             let allowed: &[u16] = match (host, open) {
                 // Nothing listens on ::1 here: with the loopback ranges open,
                 // the attempt fails upstream (it is not this proxy).
@@ -927,7 +1388,11 @@ async fn own_port_spellings(proxy: &Proxy, open: bool) {
                 ("0x7f000001", _) => &[400, 403],
                 _ => &[403],
             };
-            assert!(allowed.contains(&r.status), "CONNECT {authority} (open={open}) -> {}", r.head);
+            assert!(
+                allowed.contains(&r.status),
+                "CONNECT {authority} (open={open}) -> {}",
+                r.head
+            );
         }
     }
 }
@@ -939,9 +1404,17 @@ async fn connect_to_own_ports_is_refused() {
     let proxy = Proxy::start_open().await;
     own_port_spellings(&proxy, true).await;
     // Plain HTTP to the admin port through the proxy, with the loopback open.
-    let r = get(proxy.addr, &format!("http://127.0.0.1:{}/metrics", proxy.admin.port())).await;
+    let r = get(
+        proxy.addr,
+        &format!("http://127.0.0.1:{}/metrics", proxy.admin.port()),
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.head);
-    let r = get(proxy.addr, &format!("http://localhost:{}/healthz", proxy.admin.port())).await;
+    let r = get(
+        proxy.addr,
+        &format!("http://localhost:{}/healthz", proxy.admin.port()),
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.head);
 }
 
@@ -949,13 +1422,28 @@ async fn connect_to_own_ports_is_refused() {
 async fn malformed_requests_get_400_and_close() {
     let proxy = Proxy::start_open().await;
     let cases: &[(&str, &[u8])] = &[
-        ("origin-form", b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+        (
+            "origin-form",
+            b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        ),
         ("ftp scheme", b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n"),
-        ("https scheme", b"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+        (
+            "https scheme",
+            b"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        ),
         ("garbage", b"\x00\x01\x02 garbage \xff\xfe\r\n\r\n"),
-        ("CONNECT without port", b"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n"),
-        ("CONNECT port 0", b"CONNECT example.com:0 HTTP/1.1\r\nHost: example.com:0\r\n\r\n"),
-        ("CONNECT bad name", b"CONNECT exa_mple..com:443 HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (
+            "CONNECT without port",
+            b"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        ),
+        (
+            "CONNECT port 0",
+            b"CONNECT example.com:0 HTTP/1.1\r\nHost: example.com:0\r\n\r\n",
+        ),
+        (
+            "CONNECT bad name",
+            b"CONNECT exa_mple..com:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
         ("no host", b"GET http:///x HTTP/1.1\r\nHost: x\r\n\r\n"),
     ];
     for (name, raw) in cases {
@@ -966,7 +1454,12 @@ async fn malformed_requests_get_400_and_close() {
     }
     // Still serving.
     let origin = HttpOrigin::start().await;
-    assert_eq!(get(proxy.addr, &format!("http://{}/", origin.addr)).await.status, 200);
+    assert_eq!(
+        get(proxy.addr, &format!("http://{}/", origin.addr))
+            .await
+            .status,
+        200
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -982,9 +1475,19 @@ async fn refused_upstream_is_502_naming_the_cause() {
     assert!(r.text().to_lowercase().contains("refused"), "{}", r.text());
     let (r, _) = connect(proxy.addr, &format!("127.0.0.1:{port}")).await;
     assert_eq!(r.status, 502, "{}", r.head);
-    assert!(String::from_utf8_lossy(&r.body).to_lowercase().contains("refused"));
+    assert!(String::from_utf8_lossy(&r.body)
+        .to_lowercase()
+        .contains("refused"));
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "connect_refused")]), 2.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_upstream_errors_total",
+            &[("kind", "connect_refused")]
+        ),
+        2.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -997,8 +1500,15 @@ async fn dns_failure_is_502() {
     assert_eq!(r.status, 502, "{}", r.head);
     assert!(String::from_utf8_lossy(&r.body).contains("DNS"));
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "dns")]), 2.0, "{m}");
-    let rec = wait_record(&proxy, |r| field(r, "target") == "http://no-such-host.invalid/").await;
+    assert_eq!(
+        sample(&m, "chatwall_upstream_errors_total", &[("kind", "dns")]),
+        2.0,
+        "{m}"
+    );
+    let rec = wait_record(&proxy, |r| {
+        field(r, "target") == "http://no-such-host.invalid/"
+    })
+    .await;
     assert_eq!(num(&rec, "status"), 502);
     assert!(field(&rec, "error").contains("DNS"), "{rec}");
 }
@@ -1027,17 +1537,28 @@ async fn upstream_that_closes_or_resets_without_answering_is_502() {
         let started = Instant::now();
         let r = get(proxy.addr, &format!("http://{addr}/")).await;
         assert_eq!(r.status, 502, "{name}: {}", r.head);
-        assert!(started.elapsed() < Duration::from_secs(5), "{name}: took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
     }
     let m = proxy.metrics().await;
     let errors = sample(&m, "chatwall_upstream_errors_total", &[("kind", "reset")])
-        + sample(&m, "chatwall_upstream_errors_total", &[("kind", "protocol")]);
+        + sample(
+            &m,
+            "chatwall_upstream_errors_total",
+            &[("kind", "protocol")],
+        );
     assert_eq!(errors, 3.0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_that_never_answers_is_504() {
-    let proxy = Proxy::start(&format!("{OPEN}\n[limits]\nupstream_response_timeout_ms = 500\n")).await;
+    let proxy = Proxy::start(&format!(
+        "{OPEN}\n[limits]\nupstream_response_timeout_ms = 500\n"
+    ))
+    .await;
     let (hold_tx, hold_rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
     let silent = misbehaving_upstream(move |mut s| {
         let hold = hold_tx.clone();
@@ -1051,9 +1572,16 @@ async fn upstream_that_never_answers_is_504() {
     let r = get(proxy.addr, &format!("http://{silent}/")).await;
     assert_eq!(r.status, 504, "{}", r.head);
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
     let m = proxy.metrics().await;
-    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "timeout")]), 1.0, "{m}");
+    assert_eq!(
+        sample(&m, "chatwall_upstream_errors_total", &[("kind", "timeout")]),
+        1.0,
+        "{m}"
+    );
     drop(hold_rx);
 }
 
@@ -1065,9 +1593,20 @@ async fn upstream_that_never_answers_is_504() {
 async fn metrics_text_counts_what_happened() {
     let proxy = Proxy::start_open().await;
     let origin = HttpOrigin::start().await;
-    assert_eq!(get(proxy.addr, &format!("http://{}/", origin.addr)).await.status, 200);
-    assert_eq!(get(proxy.addr, "http://web.whatsapp.com/").await.status, 403);
-    assert_eq!(get(proxy.addr, "http://no-such-host.invalid/").await.status, 502);
+    assert_eq!(
+        get(proxy.addr, &format!("http://{}/", origin.addr))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(proxy.addr, "http://web.whatsapp.com/").await.status,
+        403
+    );
+    assert_eq!(
+        get(proxy.addr, "http://no-such-host.invalid/").await.status,
+        502
+    );
 
     let (status, m) = proxy.admin_get("/metrics").await;
     assert_eq!(status, 200);
@@ -1083,17 +1622,66 @@ async fn metrics_text_counts_what_happened() {
         "chatwall_signatures_loaded",
         "chatwall_build_info",
     ] {
-        assert!(m.contains(&format!("# TYPE {family} ")), "no {family} in\n{m}");
+        assert!(
+            m.contains(&format!("# TYPE {family} ")),
+            "no {family} in\n{m}"
+        );
     }
-    let allow = sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "allow")]);
-    let block = sample(&m, "chatwall_requests_total", &[("listener", "explicit"), ("verdict", "block")]);
+    let allow = sample(
+        &m,
+        "chatwall_requests_total",
+        &[("listener", "explicit"), ("verdict", "allow")],
+    );
+    let block = sample(
+        &m,
+        "chatwall_requests_total",
+        &[("listener", "explicit"), ("verdict", "block")],
+    );
     assert_eq!((allow, block), (1.0, 1.0), "{m}");
-    assert_eq!(sample(&m, "chatwall_blocked_total", &[("app", "whatsapp"), ("reason", "host")]), 1.0);
-    assert_eq!(sample(&m, "chatwall_detections_total", &[("action", "block"), ("app", "whatsapp")]), 1.0);
-    assert_eq!(sample(&m, "chatwall_connections_total", &[("listener", "explicit")]), 3.0);
-    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "dns")]), 1.0);
-    assert_eq!(sample(&m, "chatwall_upstream_errors_total", &[("kind", "connect_refused")]), 0.0);
-    assert_eq!(sample(&m, "chatwall_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "whatsapp"), ("reason", "host")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_detections_total",
+            &[("action", "block"), ("app", "whatsapp")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_connections_total",
+            &[("listener", "explicit")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(&m, "chatwall_upstream_errors_total", &[("kind", "dns")]),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_upstream_errors_total",
+            &[("kind", "connect_refused")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
     assert!(sample(&m, "chatwall_bytes_total", &[("direction", "down")]) >= 18.0);
     assert!(sample(&m, "chatwall_signatures_loaded", &[("app", "whatsapp")]) > 0.0);
     // Labels are bounded: no label value taken from traffic.
@@ -1102,11 +1690,18 @@ async fn metrics_text_counts_what_happened() {
     // Connections end: the gauge returns to 0.
     let deadline = Instant::now() + WAIT;
     loop {
-        let active = sample(&proxy.metrics().await, "chatwall_connections_active", &[("listener", "explicit")]);
+        let active = sample(
+            &proxy.metrics().await,
+            "chatwall_connections_active",
+            &[("listener", "explicit")],
+        );
         if active == 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "connections_active stuck at {active}");
+        assert!(
+            Instant::now() < deadline,
+            "connections_active stuck at {active}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -1118,13 +1713,20 @@ async fn access_log_records_every_field() {
     let a = origin.addr;
     let mut c = TcpStream::connect(proxy.addr).await.expect("connect");
     let client = c.local_addr().expect("local").to_string();
-    c.write_all(format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: 11\r\n\r\nhello world").as_bytes())
-        .await
-        .expect("write");
+    c.write_all(
+        format!(
+            "POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: 11\r\n\r\nhello world"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
     let r = read_full(&mut c, false).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "hello world");
-    c.write_all(b"GET http://web.whatsapp.com/x HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n").await.expect("write");
+    c.write_all(b"GET http://web.whatsapp.com/x HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n")
+        .await
+        .expect("write");
     let blocked = read_full(&mut c, false).await;
     assert_eq!(blocked.status, 403);
     drop(c);
@@ -1132,17 +1734,39 @@ async fn access_log_records_every_field() {
     let recs = proxy.wait_log(2).await;
     assert_eq!(recs.len(), 2, "{recs:?}");
     for r in &recs {
-        for field in ["ts", "client", "user", "listener", "method", "target", "host", "sni", "app", "verdict", "reason", "status", "bytes_up", "bytes_down", "duration_ms"] {
+        for field in [
+            "ts",
+            "client",
+            "user",
+            "listener",
+            "method",
+            "target",
+            "host",
+            "sni",
+            "app",
+            "verdict",
+            "reason",
+            "status",
+            "bytes_up",
+            "bytes_down",
+            "duration_ms",
+        ] {
             assert!(r.get(field).is_some(), "no {field} in {r}");
         }
         let ts = field(r, "ts");
-        assert!(ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T') && ts.ends_with('Z'), "ts {ts:?} is not RFC 3339 UTC");
+        assert!(
+            ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T') && ts.ends_with('Z'),
+            "ts {ts:?} is not RFC 3339 UTC"
+        );
         assert_eq!(field(r, "client"), client);
         assert_eq!(field(r, "listener"), "explicit");
         num(r, "duration_ms");
         num(r, "bytes_up");
     }
-    let post = recs.iter().find(|r| field(r, "method") == "POST").expect("POST record");
+    let post = recs
+        .iter()
+        .find(|r| field(r, "method") == "POST")
+        .expect("POST record");
     assert_eq!(field(post, "target"), format!("http://{a}/echo"));
     assert_eq!(field(post, "host"), "127.0.0.1");
     assert!(post["app"].is_null(), "{post}");
@@ -1151,7 +1775,10 @@ async fn access_log_records_every_field() {
     assert_eq!(num(post, "status"), 200);
     assert_eq!(num(post, "bytes_down"), 11);
 
-    let get = recs.iter().find(|r| field(r, "method") == "GET").expect("GET record");
+    let get = recs
+        .iter()
+        .find(|r| field(r, "method") == "GET")
+        .expect("GET record");
     assert_eq!(field(get, "target"), "http://web.whatsapp.com/x");
     assert_eq!(field(get, "host"), "web.whatsapp.com");
     assert_eq!(field(get, "app"), "whatsapp");
@@ -1167,14 +1794,28 @@ async fn access_log_counts_request_body_bytes_up() {
     let origin = HttpOrigin::start().await;
     let a = origin.addr;
     let body = "x".repeat(5000);
-    let r = one(proxy.addr, &format!("POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n{body}", body.len())).await;
+    let r = one(
+        proxy.addr,
+        &format!(
+            "POST http://{a}/echo HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(origin.requests()[0].body_len, 5000);
     let rec = wait_record(&proxy, |r| field(r, "method") == "POST").await;
     assert_eq!(num(&rec, "bytes_down"), 5000, "{rec}");
-    assert_eq!(num(&rec, "bytes_up"), 5000, "the request body sent upstream is not counted: {rec}");
+    assert_eq!(
+        num(&rec, "bytes_up"),
+        5000,
+        "the request body sent upstream is not counted: {rec}"
+    );
     let m = proxy.metrics().await;
-    assert!(sample(&m, "chatwall_bytes_total", &[("direction", "up")]) >= 5000.0, "{m}");
+    assert!(
+        sample(&m, "chatwall_bytes_total", &[("direction", "up")]) >= 5000.0,
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1189,8 +1830,16 @@ async fn squid_log_format_has_ten_fields() {
     std::fs::write(&config_path, text).expect("write config");
     let proxy = Proxy::start_file(dir, config_path, log_path.clone()).await;
     let origin = HttpOrigin::start().await;
-    assert_eq!(get(proxy.addr, &format!("http://{}/", origin.addr)).await.status, 200);
-    assert_eq!(get(proxy.addr, "http://web.whatsapp.com/").await.status, 403);
+    assert_eq!(
+        get(proxy.addr, &format!("http://{}/", origin.addr))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(proxy.addr, "http://web.whatsapp.com/").await.status,
+        403
+    );
 
     let deadline = Instant::now() + WAIT;
     let lines = loop {
@@ -1207,7 +1856,10 @@ async fn squid_log_format_has_ten_fields() {
         let f: Vec<&str> = l.split_whitespace().collect();
         assert_eq!(f.len(), 10, "{l}");
         let (secs, millis) = f[0].split_once('.').expect("ts.ms");
-        assert!(secs.parse::<u64>().is_ok() && millis.len() == 3 && millis.parse::<u32>().is_ok(), "{l}");
+        assert!(
+            secs.parse::<u64>().is_ok() && millis.len() == 3 && millis.parse::<u32>().is_ok(),
+            "{l}"
+        );
         assert!(f[1].parse::<u64>().is_ok(), "elapsed: {l}");
         assert_eq!(f[2], "127.0.0.1", "{l}");
         assert_eq!(f[5], "GET", "{l}");
@@ -1244,6 +1896,10 @@ async fn admin_health_and_readiness() {
     assert_eq!(status, 200);
     assert!(pac.contains("FindProxyForURL"), "{pac}");
     // The admin port does not proxy.
-    let out = raw_exchange(proxy.admin, b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n").await;
+    let out = raw_exchange(
+        proxy.admin,
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_ne!(support::parse_response(&out).0, 200);
 }

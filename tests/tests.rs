@@ -3,6 +3,7 @@ mod support;
 
 mod cli;
 mod explicit;
+mod hardening;
 mod inspect;
 mod ops;
 mod transparent;

@@ -157,8 +157,7 @@ pub fn signature_file(data: &[u8]) {
     };
     assert!(!set.rules().is_empty(), "a loaded file has rules");
     for rule in set.rules() {
-        let (pattern, lookup): (&str, fn(&SignatureSet, &str) -> Option<Detection>) =
-            match rule.kind {
+        let (pattern, lookup): (&str, NameLookup) = match rule.kind {
                 RuleKind::Host => (&rule.text, SignatureSet::classify_host),
                 RuleKind::Sni => (
                     rule.text.strip_prefix("sni ").unwrap_or(&rule.text),
@@ -174,6 +173,9 @@ pub fn signature_file(data: &[u8]) {
     }
     check_payload(&set, data);
 }
+
+/// `SignatureSet::classify_host` or `classify_sni`.
+type NameLookup = fn(&SignatureSet, &str) -> Option<Detection>;
 
 /// A name that host pattern `pattern` covers: itself, or for `*.suffix`
 /// a name one label deeper.

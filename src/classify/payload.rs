@@ -6,12 +6,13 @@
 //!   byte string that must occur either at a fixed offset ([`Anchor::At`]) or anywhere
 //!   so that it ends within the first `n` bytes ([`Anchor::Within`]), optionally with
 //!   ASCII case folding. A rule applies to one [`Direction`] of a tunnel.
-//! * **The matcher.** [`PayloadMatcher::compile`] turns all rules into one
-//!   Aho-Corasick automaton per direction holding every floating (`Within`) atom;
-//!   anchored (`At`) atoms are plain slice comparisons at their offset, which costs
-//!   less than finding them with the automaton and filtering hits by offset.
-//!   [`PayloadMatcher::classify`] runs on the bytes of one direction received so far
-//!   and never allocates: its per-call state is a fixed array on the stack.
+//! * **The matcher.** [`PayloadMatcher::compile`] turns the floating (`Within`) atoms
+//!   of all rules of a direction into one Aho-Corasick automaton (a DFA from the
+//!   `aho-corasick` crate); anchored (`At`) atoms are plain slice comparisons at their
+//!   offset, cheaper than finding them anywhere and filtering hits by offset.
+//!   [`PayloadMatcher::classify`] never allocates: its per-call state (a bitset of
+//!   candidate rules, the end of the first occurrence of each pattern) is a fixed array
+//!   on the stack.
 //! * **The hold/forward contract.** While some rule could still match,
 //!   [`Outcome::Pending`] says how many leading bytes may already go to the other side
 //!   without any atom of a later match ever having been sent, so ordinary protocols
@@ -44,14 +45,28 @@
 //! forwards `buf[sent..forward_upto]` only when `forward_upto > sent`. With that
 //! reading, no byte of an atom that takes part in a later match has been forwarded.
 //!
+//! # Search
+//!
+//! Only the part of the buffer that rules still in play can reach is searched
+//! (`min(buf.len(), max Within bound)` over the rules whose anchored atoms agree), so
+//! a TLS stream, say, costs the first kilobyte and not the whole window. Walking a DFA
+//! over every byte, as `find_overlapping_iter` does, is a chain of dependent table
+//! loads (0.37 GB/s with 60 rules on the development machine); so when every floating
+//! pattern has at least 2 bytes a q-gram filter (see `SearchMode::Grams`) tests only
+//! every few positions, independently of each other, and the DFA, started anchored,
+//! checks just the positions where a pattern may start. A direction with a one-byte
+//! floating pattern falls back to the plain overlapping walk. Either way every
+//! occurrence is found, and only the earliest end of each pattern is kept.
+//!
 //! # Case folding
 //!
-//! `nocase` atoms need an ASCII case-insensitive search, and the automaton builder
-//! applies that setting to all of its patterns. Rather than keep two automata (and
-//! scan the buffer twice), a direction with any `nocase` floating atom gets one
-//! case-insensitive automaton, and hits of case-sensitive patterns are checked
-//! byte for byte afterwards. Such extra hits only come from case variants of a
-//! case-sensitive pattern, which are rare, and the check is a short comparison.
+//! `nocase` atoms need an ASCII case-insensitive automaton, and the builder applies
+//! that setting to all of its patterns. Rather than keep two automata (two searches
+//! over the buffer), a direction with any `nocase` floating atom gets one
+//! case-insensitive automaton, and hits of case-sensitive patterns are compared byte
+//! for byte afterwards. The extra hits only come from case variants of a
+//! case-sensitive pattern, which are rare, and the check is a short comparison. The
+//! q-gram table holds every case variant of a `nocase` pattern's q-grams.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -109,7 +124,7 @@ pub enum Outcome {
     NoMatch,
 }
 
-/// Most atoms one rule may have.
+/// Most atoms one rule may have (a sanity bound: completion checks are per atom).
 const MAX_ATOMS_PER_RULE: usize = 64;
 /// Most rules one direction may have (size of the per-call rule bitset).
 const MAX_RULES_PER_DIRECTION: usize = 4096;
@@ -143,7 +158,7 @@ struct DirectionMatcher {
 /// The automaton over the floating patterns of a direction, and how to drive it.
 struct PatternSearch {
     dfa: DFA,
-    /// Start state: anchored for [`SearchMode::Bigrams`], unanchored for
+    /// Start state: anchored for [`SearchMode::Grams`], unanchored for
     /// [`SearchMode::Walk`].
     start: StateID,
     mode: SearchMode,
@@ -151,9 +166,9 @@ struct PatternSearch {
 
 /// How [`DirectionMatcher::scan`] finds occurrences of the floating patterns.
 ///
-/// A DFA walk over every byte is a chain of dependent table loads (about 0.4 GB/s
-/// on the development machine); a q-gram filter tests positions independently and
-/// skips most of them, sending the DFA only where a pattern may start.
+/// A DFA walk over every byte is a chain of dependent table loads; a q-gram filter
+/// tests positions independently and skips most of them, sending the DFA only where a
+/// pattern may start.
 enum SearchMode {
     /// Every pattern has more than `gram` bytes (`gram` is 2 or 3). Only the positions
     /// `0, step, 2 * step, ...` are tested, `step` being at most the shortest pattern
@@ -224,7 +239,9 @@ impl PayloadMatcher {
     /// `n > window` is an error; `At(o)` with `o + len > window` too).
     pub fn compile(rules: &[PayloadRule], window: usize) -> Result<Self, String> {
         if u32::try_from(window).is_err() {
-            return Err(format!("inspection window {window} does not fit in 32 bits"));
+            return Err(format!(
+                "inspection window {window} does not fit in 32 bits"
+            ));
         }
         for rule in rules {
             validate(rule, window)?;
@@ -526,7 +543,7 @@ impl DirectionMatcher {
                             state = search.start;
                             continue;
                         }
-                        self.record(state, haystack, None, i + 1, first_end);
+                        self.record(state, haystack, i + 1, first_end);
                     }
                 }
             }
@@ -581,23 +598,16 @@ impl DirectionMatcher {
                     if search.dfa.is_dead(state) {
                         break;
                     }
-                    self.record(state, haystack, Some(start), i + 1, first_end);
+                    self.record(state, haystack, i + 1, first_end);
                 }
             }
         }
     }
 
-    /// Record the patterns of match state `state` that end at `end` (and start at
-    /// `start`, for an anchored walk: the match list of a state also holds the
-    /// patterns that are suffixes of its own).
-    fn record(
-        &self,
-        state: StateID,
-        haystack: &[u8],
-        start: Option<usize>,
-        end: usize,
-        first_end: &mut [u32],
-    ) {
+    /// Record the patterns of match state `state`, which all end at `end`. (After an
+    /// anchored walk from some start, the list also holds the patterns that are
+    /// suffixes of the one found: they occur too, so recording them is right.)
+    fn record(&self, state: StateID, haystack: &[u8], end: usize, first_end: &mut [u32]) {
         let Some(search) = &self.search else {
             return;
         };
@@ -614,10 +624,10 @@ impl DirectionMatcher {
             let (Some(slot), Some(pattern)) = (first_end.get_mut(id), self.patterns.get(id)) else {
                 continue;
             };
-            let begin = end.saturating_sub(pattern.bytes.len());
-            if end32 >= *slot || start.is_some_and(|s| s != begin) {
+            if end32 >= *slot {
                 continue;
             }
+            let begin = end.saturating_sub(pattern.bytes.len());
             if pattern.verify && haystack.get(begin..end) != Some(&pattern.bytes[..]) {
                 continue;
             }
@@ -663,7 +673,7 @@ impl PatternSearch {
             // 3-grams give far fewer false candidates on text than bigrams, but need
             // longer patterns for the same step.
             let gram = if shortest >= 4 { 3 } else { 2 };
-            let step = (shortest + 2 - gram).min(8);
+            let step = (shortest + 1 - gram).min(8);
             let mut offsets: Box<[u8; 65536]> = vec![0u8; 65536]
                 .into_boxed_slice()
                 .try_into()
@@ -934,10 +944,13 @@ fn sample_rules() -> Vec<PayloadRule> {
 /// small fixed rule set, and panics if an invariant of the contract breaks.
 pub fn fuzz_logic(data: &[u8]) {
     static MATCHER: OnceLock<PayloadMatcher> = OnceLock::new();
-    let matcher = MATCHER.get_or_init(|| match PayloadMatcher::compile(&sample_rules(), SAMPLE_WINDOW) {
-        Ok(matcher) => matcher,
-        Err(e) => panic!("the sample rule set must compile: {e}"),
-    });
+    let matcher =
+        MATCHER.get_or_init(
+            || match PayloadMatcher::compile(&sample_rules(), SAMPLE_WINDOW) {
+                Ok(matcher) => matcher,
+                Err(e) => panic!("the sample rule set must compile: {e}"),
+            },
+        );
     for dir in [Direction::Client, Direction::Server] {
         check_prefixes(matcher, dir, data);
     }
@@ -951,7 +964,9 @@ fn check_prefixes(matcher: &PayloadMatcher, dir: Direction, data: &[u8]) {
     let reach = matcher.reach(dir);
     let mut forwarded = 0;
     let mut previous: Option<Outcome> = None;
-    let lengths = (0..=data.len().min(512)).chain((513..data.len()).step_by(61)).chain([data.len()]);
+    let lengths = (0..=data.len().min(512))
+        .chain((513..data.len()).step_by(61))
+        .chain([data.len()]);
     for len in lengths {
         let Some(prefix) = data.get(..len) else {
             continue;
@@ -959,10 +974,18 @@ fn check_prefixes(matcher: &PayloadMatcher, dir: Direction, data: &[u8]) {
         let outcome = matcher.classify(dir, prefix);
         match (previous, outcome) {
             (Some(Outcome::Match { .. }), now) => {
-                assert_eq!(previous, Some(now), "a match must be stable ({dir:?}, {len} bytes)");
+                assert_eq!(
+                    previous,
+                    Some(now),
+                    "a match must be stable ({dir:?}, {len} bytes)"
+                );
             }
             (Some(Outcome::NoMatch), now) => {
-                assert_eq!(now, Outcome::NoMatch, "no-match must be final ({dir:?}, {len} bytes)");
+                assert_eq!(
+                    now,
+                    Outcome::NoMatch,
+                    "no-match must be final ({dir:?}, {len} bytes)"
+                );
             }
             (_, Outcome::Match { offset, .. }) => {
                 assert!(
@@ -972,7 +995,10 @@ fn check_prefixes(matcher: &PayloadMatcher, dir: Direction, data: &[u8]) {
             }
             (_, Outcome::Pending { forward_upto }) => {
                 assert!(forward_upto <= len, "forward_upto {forward_upto} > {len}");
-                assert!(len < reach, "pending at {len} bytes, past the reach {reach}");
+                assert!(
+                    len < reach,
+                    "pending at {len} bytes, past the reach {reach}"
+                );
                 forwarded = forwarded.max(forward_upto);
             }
             (_, Outcome::NoMatch) => {}
@@ -1087,7 +1113,8 @@ mod tests {
         xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
     const XMPP_BARE_DOUBLE: &[u8] = b"<stream:stream xmlns=\"jabber:client\" \
         xmlns:stream=\"http://etherx.jabber.org/streams\" to=\"example.com\" version=\"1.0\">";
-    const XMPP_PROLOG_DOUBLE: &[u8] = b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<stream:stream \
+    const XMPP_PROLOG_DOUBLE: &[u8] =
+        b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<stream:stream \
         xml:lang=\"en\" to=\"example.com\" version=\"1.0\" xmlns=\"jabber:client\" \
         xmlns:stream=\"http://etherx.jabber.org/streams\">";
     const XMPP_SERVER_REPLY: &[u8] = b"<?xml version='1.0'?><stream:stream \
@@ -1107,7 +1134,13 @@ mod tests {
         first_atom: usize,
     }
 
-    fn positive(name: &'static str, tag: u32, bytes: Vec<u8>, at: usize, offset: usize) -> Positive {
+    fn positive(
+        name: &'static str,
+        tag: u32,
+        bytes: Vec<u8>,
+        at: usize,
+        offset: usize,
+    ) -> Positive {
         Positive {
             name,
             dir: Direction::Client,
@@ -1144,14 +1177,41 @@ mod tests {
             // " MSNP" at 5..10 after "VER 1".
             positive("MSNP8 VER", MSNP, b"VER 1 MSNP8 CVR0\r\n".to_vec(), 10, 5),
             // " MSNP" at 6..11 after "VER 12".
-            positive("MSNP15 VER", MSNP, b"VER 12 MSNP15 MSNP14 CVR0\r\n".to_vec(), 11, 6),
-            xmpp("XMPP, prolog, single quotes", Client, XMPP, XMPP_PROLOG_SINGLE),
-            xmpp("XMPP, no prolog, double quotes", Client, XMPP, XMPP_BARE_DOUBLE),
-            xmpp("XMPP, prolog, double quotes", Client, XMPP, XMPP_PROLOG_DOUBLE),
+            positive(
+                "MSNP15 VER",
+                MSNP,
+                b"VER 12 MSNP15 MSNP14 CVR0\r\n".to_vec(),
+                11,
+                6,
+            ),
+            xmpp(
+                "XMPP, prolog, single quotes",
+                Client,
+                XMPP,
+                XMPP_PROLOG_SINGLE,
+            ),
+            xmpp(
+                "XMPP, no prolog, double quotes",
+                Client,
+                XMPP,
+                XMPP_BARE_DOUBLE,
+            ),
+            xmpp(
+                "XMPP, prolog, double quotes",
+                Client,
+                XMPP,
+                XMPP_PROLOG_DOUBLE,
+            ),
             xmpp("XMPP after 100 benign bytes", Client, XMPP, &padded),
             xmpp("XMPP server reply", Server, XMPP_SERVER, XMPP_SERVER_REPLY),
             // "\nUSER " at 9..15, after "NICK foo\r".
-            positive("IRC registration", IRC, b"NICK foo\r\nUSER foo 0 * :Foo\r\n".to_vec(), 15, 9),
+            positive(
+                "IRC registration",
+                IRC,
+                b"NICK foo\r\nUSER foo 0 * :Foo\r\n".to_vec(),
+                15,
+                9,
+            ),
             // auth_key_id zeros at 2..10.
             positive("MTProto abridged", MTPROTO, mtproto_abridged(), 10, 2),
             positive("WhatsApp prologue", WHATSAPP, whatsapp_hello(), 4, 0),
@@ -1202,13 +1262,19 @@ mod tests {
 
     fn negatives() -> Vec<(&'static str, Vec<u8>)> {
         vec![
-            ("SSH banner", b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n".to_vec()),
+            (
+                "SSH banner",
+                b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n".to_vec(),
+            ),
             ("SMTP EHLO", b"EHLO mail.example.com\r\n".to_vec()),
             ("IMAP LOGIN", b"a001 LOGIN user pass\r\n".to_vec()),
             ("FTP USER", b"USER anonymous\r\n".to_vec()),
             ("MySQL handshake response", mysql_handshake_response()),
             ("Redis PING", b"*1\r\n$4\r\nPING\r\n".to_vec()),
-            ("HTTP GET", b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n".to_vec()),
+            (
+                "HTTP GET",
+                b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n".to_vec(),
+            ),
             ("TLS ClientHello", tls_client_hello()),
         ]
     }
@@ -1217,7 +1283,11 @@ mod tests {
     /// a stream that matches nothing may be held back by.
     fn allowed_hold(rules: &[PayloadRule], dir: Direction, buf: &[u8]) -> usize {
         let mut hold = 0;
-        for atom in rules.iter().filter(|r| r.direction == dir).flat_map(|r| &r.atoms) {
+        for atom in rules
+            .iter()
+            .filter(|r| r.direction == dir)
+            .flat_map(|r| &r.atoms)
+        {
             for k in 1..atom.bytes.len().min(buf.len() + 1) {
                 if bytes_eq(&buf[buf.len() - k..], &atom.bytes[..k], atom.nocase) {
                     hold = hold.max(k);
@@ -1335,7 +1405,10 @@ mod tests {
             let mut longer = p.bytes.clone();
             longer.extend(rng.bytes(3000));
             assert_eq!(m.classify(p.dir, &longer), expected, "{} + noise", p.name);
-            assert_eq!(m.classify(p.dir, &p.bytes), reference(&sample_rules(), p.dir, &p.bytes));
+            assert_eq!(
+                m.classify(p.dir, &p.bytes),
+                reference(&sample_rules(), p.dir, &p.bytes)
+            );
         }
     }
 
@@ -1351,7 +1424,10 @@ mod tests {
                 loop {
                     len = (len + 1 + rng.below(if round == 0 { 1 } else { 24 })).min(p.bytes.len());
                     match m.classify(p.dir, &p.bytes[..len]) {
-                        Outcome::Pending { forward_upto } => sent = sent.max(forward_upto),
+                        Outcome::Pending { forward_upto } => {
+                            assert!(len < p.bytes.len(), "{}: no match at the end", p.name);
+                            sent = sent.max(forward_upto);
+                        }
                         Outcome::Match { tag, .. } => {
                             assert_eq!(tag, p.tag, "{}", p.name);
                             break;
@@ -1368,13 +1444,22 @@ mod tests {
     fn benign_prefix_is_forwarded_until_the_floating_signature_starts() {
         let m = sample_matcher();
         let mut buf = vec![b'x'; 100];
-        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 100 });
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Pending { forward_upto: 100 }
+        );
         buf.extend_from_slice(b"<stre");
         // "<stre" could be the start of "<stream:stream": held back.
-        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 100 });
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Pending { forward_upto: 100 }
+        );
         buf.extend_from_slice(b"am:stream xmlns='jabber:cl");
         // The stream header is seen: the stream looks like XMPP, hold everything.
-        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 0 });
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Pending { forward_upto: 0 }
+        );
         buf.extend_from_slice(b"ient'>");
         assert_eq!(
             m.classify(Direction::Client, &buf),
@@ -1389,17 +1474,29 @@ mod tests {
     fn split_floating_pattern_is_held_only_while_it_can_still_fit() {
         let m = sample_matcher();
         let mut buf = b"hello jabber:cl".to_vec();
-        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 6 });
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Pending { forward_upto: 6 }
+        );
         // "<STR" may begin "<stream:stream" (nocase): held.
         buf = b"hello <STR".to_vec();
-        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 6 });
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Pending { forward_upto: 6 }
+        );
         // A "<stre" starting at 247 would end at 261 > 256: it cannot count, so flows.
         buf = vec![b'.'; 247];
         buf.extend_from_slice(b"<stre");
-        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 252 });
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Pending { forward_upto: 252 }
+        );
         buf = vec![b'.'; 242];
         buf.extend_from_slice(b"<stre");
-        assert_eq!(m.classify(Direction::Client, &buf), Outcome::Pending { forward_upto: 242 });
+        assert_eq!(
+            m.classify(Direction::Client, &buf),
+            Outcome::Pending { forward_upto: 242 }
+        );
     }
 
     #[test]
@@ -1434,9 +1531,17 @@ mod tests {
             let reach = m.reach(dir);
             for (name, mut bytes) in negatives() {
                 bytes.resize(reach.max(bytes.len()), b'.');
-                assert_eq!(m.classify(dir, &bytes), Outcome::NoMatch, "{name} ({dir:?})");
+                assert_eq!(
+                    m.classify(dir, &bytes),
+                    Outcome::NoMatch,
+                    "{name} ({dir:?})"
+                );
                 bytes.resize(WINDOW + 100, b'.');
-                assert_eq!(m.classify(dir, &bytes), Outcome::NoMatch, "{name} ({dir:?})");
+                assert_eq!(
+                    m.classify(dir, &bytes),
+                    Outcome::NoMatch,
+                    "{name} ({dir:?})"
+                );
             }
         }
     }
@@ -1454,7 +1559,10 @@ mod tests {
         let m = PayloadMatcher::compile(&rules, WINDOW).expect("compiles");
         let ftp = b"USER anonymous\r\n";
         for len in 1..=ftp.len() {
-            assert_eq!(m.classify(Direction::Client, &ftp[..len]), Outcome::Pending { forward_upto: 0 });
+            assert_eq!(
+                m.classify(Direction::Client, &ftp[..len]),
+                Outcome::Pending { forward_upto: 0 }
+            );
         }
         let mut ftp = ftp.to_vec();
         ftp.extend_from_slice(b"PASS guest@\r\n");
@@ -1463,7 +1571,10 @@ mod tests {
         let irc = b"USER foo 0 * :Foo\r\nNICK foo\r\n";
         assert_eq!(
             m.classify(Direction::Client, irc),
-            Outcome::Match { tag: 20, offset: 18 }
+            Outcome::Match {
+                tag: 20,
+                offset: 18
+            }
         );
     }
 
@@ -1486,7 +1597,10 @@ mod tests {
         // The server's stream header matches the server rule, not the client one.
         assert!(matches!(
             m.classify(Direction::Server, XMPP_SERVER_REPLY),
-            Outcome::Match { tag: XMPP_SERVER, .. }
+            Outcome::Match {
+                tag: XMPP_SERVER,
+                ..
+            }
         ));
         assert!(matches!(
             m.classify(Direction::Client, XMPP_SERVER_REPLY),
@@ -1505,7 +1619,10 @@ mod tests {
         // "jabber:client" is case-sensitive: the automaton is case-insensitive for the
         // whole direction, so this checks the exact re-verification of hits.
         let mut wrong = b"<stream:stream xmlns='JABBER:CLIENT'>".to_vec();
-        assert_eq!(m.classify(Direction::Client, &wrong), Outcome::Pending { forward_upto: 0 });
+        assert_eq!(
+            m.classify(Direction::Client, &wrong),
+            Outcome::Pending { forward_upto: 0 }
+        );
         wrong.resize(1024, b' ');
         assert_eq!(m.classify(Direction::Client, &wrong), Outcome::NoMatch);
         // Anchored nocase atoms fold too.
@@ -1589,7 +1706,10 @@ mod tests {
         assert_eq!(m.classify(Direction::Server, b""), Outcome::NoMatch);
         let empty = PayloadMatcher::compile(&[], 64).expect("compiles");
         assert_eq!(empty.rule_count(), 0);
-        assert_eq!(empty.classify(Direction::Client, b"anything"), Outcome::NoMatch);
+        assert_eq!(
+            empty.classify(Direction::Client, b"anything"),
+            Outcome::NoMatch
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::body::{read_prefix, CountedBody, FlowLog, LoggedBody, PrefixedBody};
+use super::body::{read_prefix, CountedBody, FlowLog, IdleTimeoutBody, LoggedBody, PrefixedBody};
 use super::refuse::{self, empty, FlowError, ProxyBody};
 use super::upstream::{self, ClientInfo, DestGuard, Resolver};
 use super::Shared;
@@ -433,7 +433,8 @@ async fn forward(
         shared: Arc::clone(shared),
         record: std::mem::take(rec),
     };
-    let body = LoggedBody::new(rbody, log, true).boxed();
+    let idle = engine.config.limits.upstream_response_timeout;
+    let body = IdleTimeoutBody::new(LoggedBody::new(rbody, log, true), idle).boxed();
     Ok(Response::from_parts(rparts, body))
 }
 

@@ -13,7 +13,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use crate::classify::Detection;
 use crate::signatures::SignatureSet;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Whose side a failure is on.
 #[derive(Debug)]
@@ -105,9 +105,7 @@ impl fmt::Display for FlowError {
 impl std::error::Error for FlowError {}
 
 pub fn full(body: impl Into<Bytes>) -> ProxyBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(body.into()).map_err(|never| match never {}).boxed()
 }
 
 pub fn empty() -> ProxyBody {
