@@ -135,7 +135,11 @@ fn bench_client_hello(c: &mut Criterion) {
 fn hellos() -> [(String, Vec<u8>); 2] {
     [false, true].map(|post_quantum| {
         let hello = fixtures::browser_hello("www.example.org", post_quantum);
-        let kind = if post_quantum { "post_quantum" } else { "browser" };
+        let kind = if post_quantum {
+            "post_quantum"
+        } else {
+            "browser"
+        };
         (format!("{kind}_{}B", hello.len()), hello)
     })
 }
@@ -151,7 +155,10 @@ fn bench_payload(c: &mut Criterion) {
     );
     let mut rng = XorShift(0x5eed_1234_abcd_ef01);
     let windows: [(&str, Vec<u8>); 4] = [
-        ("tls_hello", fixtures::browser_hello("www.example.org", false)),
+        (
+            "tls_hello",
+            fixtures::browser_hello("www.example.org", false),
+        ),
         ("http_head", fixtures::http_request_head()),
         ("ssh_banner", fixtures::ssh_banner()),
         ("random_16KiB", rng.bytes(WINDOW)),

@@ -102,7 +102,9 @@ async fn start_http_origin() -> SocketAddr {
 /// A raw TCP origin: per connection, read `first_flight` bytes, answer
 /// `REPLY_LEN` bytes, then read until the client closes.
 async fn start_responder(first_flight: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind responder");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind responder");
     let addr = listener.local_addr().expect("responder address");
     let reply = Bytes::from(fixtures::XorShift(0xfeed_f00d).bytes(REPLY_LEN));
     tokio::spawn(async move {
@@ -206,7 +208,8 @@ async fn get(
 
 fn bench_http(c: &mut Criterion) {
     let rt = runtime();
-    let (origin, proxy) = rt.block_on(async { (start_http_origin().await, start_proxy(None).await) });
+    let (origin, proxy) =
+        rt.block_on(async { (start_http_origin().await, start_proxy(None).await) });
     let host = origin.to_string();
     let absolute = format!("http://{origin}/1k");
     let mut group = c.benchmark_group("http_get_1KiB");
@@ -272,17 +275,28 @@ async fn read_connect_reply(stream: &mut TcpStream) {
         assert!(n > 0, "proxy closed during CONNECT");
         head.extend_from_slice(&buf[..n]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
 }
 
 fn bench_tunnels(c: &mut Criterion) {
     let rt = runtime();
     let first_flights = [
-        ("connect_tls", fixtures::browser_hello("www.example.org", false)),
+        (
+            "connect_tls",
+            fixtures::browser_hello("www.example.org", false),
+        ),
         ("connect_plain", fixtures::ssh_banner()),
     ];
-    let (bundled, minimal) =
-        rt.block_on(async { (start_proxy(None).await, start_proxy(Some(MINIMAL_SIGNATURES)).await) });
+    let (bundled, minimal) = rt.block_on(async {
+        (
+            start_proxy(None).await,
+            start_proxy(Some(MINIMAL_SIGNATURES)).await,
+        )
+    });
     for (group_name, first) in &first_flights {
         let origin = rt.block_on(start_responder(first.len()));
         let connect = format!("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n").into_bytes();

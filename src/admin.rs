@@ -48,12 +48,18 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, reloader: Arc<Reloa
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
-async fn route(shared: &Arc<Shared>, reloader: &Reloader, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn route(
+    shared: &Arc<Shared>,
+    reloader: &Reloader,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
@@ -65,12 +71,24 @@ async fn route(shared: &Arc<Shared>, reloader: &Reloader, req: Request<Incoming>
             if shared.ready.load(Ordering::Acquire) && !shared.draining.load(Ordering::Acquire) {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                )
             }
         }
         (&Method::POST, "/-/reload") => match reloader.reload(shared) {
-            Ok(summary) => text(StatusCode::OK, "text/plain", format!("reloaded: {summary}\n")),
-            Err(e) => text(StatusCode::UNPROCESSABLE_ENTITY, "text/plain", format!("reload refused, old policy kept:\n{e}\n")),
+            Ok(summary) => text(
+                StatusCode::OK,
+                "text/plain",
+                format!("reloaded: {summary}\n"),
+            ),
+            Err(e) => text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "text/plain",
+                format!("reload refused, old policy kept:\n{e}\n"),
+            ),
         },
         (&Method::GET, "/proxy.pac") | (&Method::GET, "/wpad.dat") => {
             let engine = shared.engine.load();

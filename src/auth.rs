@@ -15,10 +15,12 @@ use crate::config::Auth;
 /// Remembered credentials per snapshot; the cache is cleared when full.
 const CACHE_ENTRIES: usize = 4096;
 
+/// (engine generation, SHA-256 of the header value) → user.
+type Entries = HashMap<(u64, [u8; 32]), Arc<str>>;
+
 #[derive(Default)]
 pub struct AuthCache {
-    /// (engine generation, SHA-256 of the header value) → user.
-    entries: Mutex<HashMap<(u64, [u8; 32]), Arc<str>>>,
+    entries: Mutex<Entries>,
 }
 
 /// What a request's credentials say.
@@ -60,19 +62,24 @@ impl AuthCache {
         AuthOutcome::User(user)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, [u8; 32]), Arc<str>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// A fixed hash of a random password, verified against for unknown users.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$DDVfE0E2J6KZwlWQIRy4pMNm8AGUvrQrjHu6UxGH4BA";
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$DDVfE0E2J6KZwlWQIRy4pMNm8AGUvrQrjHu6UxGH4BA";
 
 /// Constant-time comparison is argon2's (the digests are compared with
 /// `subtle`).
 fn verify(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -83,7 +90,9 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, String)> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':')?;
     Some((user.to_string(), password.to_string()))
@@ -122,7 +131,11 @@ mod tests {
     }
 
     fn basic(creds: &str) -> Vec<u8> {
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds)).into_bytes()
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(creds)
+        )
+        .into_bytes()
     }
 
     #[test]
@@ -130,12 +143,30 @@ mod tests {
         let auth = auth_with("alice", "s3cret:with colon");
         let cache = AuthCache::default();
         let good = basic("alice:s3cret:with colon");
-        assert_eq!(cache.check(&auth, 1, Some(&good)), AuthOutcome::User("alice".into()));
-        assert_eq!(cache.check(&auth, 1, Some(&good)), AuthOutcome::User("alice".into()));
-        assert_eq!(cache.check(&auth, 1, Some(&basic("alice:wrong"))), AuthOutcome::Wrong);
-        assert_eq!(cache.check(&auth, 1, Some(&basic("bob:s3cret"))), AuthOutcome::Wrong);
-        assert_eq!(cache.check(&auth, 1, Some(b"Bearer xyz")), AuthOutcome::Wrong);
-        assert_eq!(cache.check(&auth, 1, Some(b"Basic !!!")), AuthOutcome::Wrong);
+        assert_eq!(
+            cache.check(&auth, 1, Some(&good)),
+            AuthOutcome::User("alice".into())
+        );
+        assert_eq!(
+            cache.check(&auth, 1, Some(&good)),
+            AuthOutcome::User("alice".into())
+        );
+        assert_eq!(
+            cache.check(&auth, 1, Some(&basic("alice:wrong"))),
+            AuthOutcome::Wrong
+        );
+        assert_eq!(
+            cache.check(&auth, 1, Some(&basic("bob:s3cret"))),
+            AuthOutcome::Wrong
+        );
+        assert_eq!(
+            cache.check(&auth, 1, Some(b"Bearer xyz")),
+            AuthOutcome::Wrong
+        );
+        assert_eq!(
+            cache.check(&auth, 1, Some(b"Basic !!!")),
+            AuthOutcome::Wrong
+        );
         assert_eq!(cache.check(&auth, 1, None), AuthOutcome::Missing);
     }
 

@@ -91,7 +91,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
-            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.field, self.message),
+            Some(line) => write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, line, self.field, self.message
+            ),
             None => write!(f, "{}: {}: {}", self.file, self.field, self.message),
         }
     }
@@ -346,7 +350,9 @@ pub struct Auth {
 }
 
 /// Read a users file: `name:$argon2id$...` lines, `#` comments.
-pub fn load_users(path: &Path) -> Result<std::collections::HashMap<String, String>, Vec<ConfigError>> {
+pub fn load_users(
+    path: &Path,
+) -> Result<std::collections::HashMap<String, String>, Vec<ConfigError>> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
@@ -376,7 +382,9 @@ pub fn load_users(path: &Path) -> Result<std::collections::HashMap<String, Strin
         if name.is_empty() || name.contains(char::is_whitespace) {
             errors.push(err("invalid user name"));
         } else if argon2::PasswordHash::new(hash).is_err() {
-            errors.push(err("not an Argon2 PHC hash (make one with `chatwall passwd NAME`)"));
+            errors.push(err(
+                "not an Argon2 PHC hash (make one with `chatwall passwd NAME`)",
+            ));
         } else if users.insert(name.to_string(), hash.to_string()).is_some() {
             errors.push(err("user listed twice"));
         }
@@ -432,10 +440,8 @@ impl Config {
             })?;
             check_file_syntax(&file_name, &text)?;
         }
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULTS,
-            config::FileFormat::Toml,
-        ));
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if path.is_some() {
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
@@ -499,12 +505,34 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialSignatures { dir: String });
     partial!(PartialPolicy { default: String, non_tls_on_443: String, non_http_on_80: String, ech: String, apps: BTreeMap<String, String>, categories: BTreeMap<String, String>, exceptions: Vec<RawException>, allow: Vec<RawAllow> });
     partial!(PartialAccess { allow_clients: Vec<String>, deny_destinations: Vec<String> });
-    partial!(PartialInspect { client_bytes: i64, first_bytes_timeout_ms: i64 });
-    partial!(PartialLog { access: String, format: String, level: String });
-    partial!(PartialLimits { max_request_head_bytes: i64, max_headers: i64, header_read_timeout_ms: i64, tunnel_idle_timeout_ms: i64, upstream_idle_timeout_ms: i64, upstream_response_timeout_ms: i64, connect_timeout_ms: i64, dns_timeout_ms: i64, max_connections: i64, max_connections_per_client: i64, shutdown_grace_ms: i64 });
+    partial!(PartialInspect {
+        client_bytes: i64,
+        first_bytes_timeout_ms: i64
+    });
+    partial!(PartialLog {
+        access: String,
+        format: String,
+        level: String
+    });
+    partial!(PartialLimits {
+        max_request_head_bytes: i64,
+        max_headers: i64,
+        header_read_timeout_ms: i64,
+        tunnel_idle_timeout_ms: i64,
+        upstream_idle_timeout_ms: i64,
+        upstream_response_timeout_ms: i64,
+        connect_timeout_ms: i64,
+        dns_timeout_ms: i64,
+        max_connections: i64,
+        max_connections_per_client: i64,
+        shutdown_grace_ms: i64
+    });
     partial!(PartialUpstream { mark: i64 });
     partial!(PartialPac { proxy: String, direct_networks: Vec<String>, direct_domains: Vec<String> });
-    partial!(PartialAuth { users_file: String, realm: String });
+    partial!(PartialAuth {
+        users_file: String,
+        realm: String
+    });
 
     match toml::from_str::<Partial>(text) {
         Ok(_) => Ok(()),
@@ -523,7 +551,11 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
 /// 1-based line of a byte offset.
 pub fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Best-effort line of `key` inside `[section]` of a TOML text.
@@ -592,7 +624,11 @@ impl Validator<'_> {
         for v in values {
             match parse_net(v) {
                 Some(n) => out.push(n),
-                None => self.err(section, key, format!("`{v}` is not a CIDR prefix or address")),
+                None => self.err(
+                    section,
+                    key,
+                    format!("`{v}` is not a CIDR prefix or address"),
+                ),
             }
         }
         out
@@ -673,7 +709,11 @@ fn validate(
             clients: NetSet::from_nets(clients),
             users: e.users.clone(),
             apps: e.apps.iter().map(|a| a.to_ascii_lowercase()).collect(),
-            categories: e.categories.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            categories: e
+                .categories
+                .iter()
+                .map(|c| c.to_ascii_lowercase())
+                .collect(),
             action,
         });
     }
@@ -705,14 +745,18 @@ fn validate(
         allow_nets: NetSet::from_nets(allow_nets),
     };
 
-    let allow_clients = NetSet::from_nets(v.nets("access", "allow_clients", &raw.access.allow_clients));
-    let deny_destinations = NetSet::from_nets(v.nets(
-        "access",
-        "deny_destinations",
-        &raw.access.deny_destinations,
-    ));
+    let allow_clients =
+        NetSet::from_nets(v.nets("access", "allow_clients", &raw.access.allow_clients));
+    let deny_destinations =
+        NetSet::from_nets(v.nets("access", "deny_destinations", &raw.access.deny_destinations));
 
-    let inspect_bytes = v.count("inspect", "client_bytes", raw.inspect.client_bytes, 512, 1 << 20);
+    let inspect_bytes = v.count(
+        "inspect",
+        "client_bytes",
+        raw.inspect.client_bytes,
+        512,
+        1 << 20,
+    );
     let first_bytes_timeout = v.millis(
         "inspect",
         "first_bytes_timeout_ms",
@@ -730,27 +774,89 @@ fn validate(
         "json" => LogFormat::Json,
         "squid" => LogFormat::Squid,
         other => {
-            v.err("log", "format", format!("`{other}` is not one of json, squid"));
+            v.err(
+                "log",
+                "format",
+                format!("`{other}` is not one of json, squid"),
+            );
             LogFormat::Json
         }
     };
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
-        v.err("log", "level", format!("`{}` is not a log level or filter", raw.log.level));
+        v.err(
+            "log",
+            "level",
+            format!("`{}` is not a log level or filter", raw.log.level),
+        );
     }
 
     let l = &raw.limits;
     let limits = Limits {
-        max_request_head_bytes: v.count("limits", "max_request_head_bytes", l.max_request_head_bytes, 1024, 1 << 20),
+        max_request_head_bytes: v.count(
+            "limits",
+            "max_request_head_bytes",
+            l.max_request_head_bytes,
+            1024,
+            1 << 20,
+        ),
         max_headers: v.count("limits", "max_headers", l.max_headers, 8, 1000),
-        header_read_timeout: v.millis("limits", "header_read_timeout_ms", l.header_read_timeout_ms, 1, 30_000),
-        tunnel_idle_timeout: v.millis("limits", "tunnel_idle_timeout_ms", l.tunnel_idle_timeout_ms, 1, 86_400_000),
-        upstream_idle_timeout: v.millis("limits", "upstream_idle_timeout_ms", l.upstream_idle_timeout_ms, 1, 86_400_000),
-        upstream_response_timeout: v.millis("limits", "upstream_response_timeout_ms", l.upstream_response_timeout_ms, 1, 86_400_000),
-        connect_timeout: v.millis("limits", "connect_timeout_ms", l.connect_timeout_ms, 1, 600_000),
+        header_read_timeout: v.millis(
+            "limits",
+            "header_read_timeout_ms",
+            l.header_read_timeout_ms,
+            1,
+            30_000,
+        ),
+        tunnel_idle_timeout: v.millis(
+            "limits",
+            "tunnel_idle_timeout_ms",
+            l.tunnel_idle_timeout_ms,
+            1,
+            86_400_000,
+        ),
+        upstream_idle_timeout: v.millis(
+            "limits",
+            "upstream_idle_timeout_ms",
+            l.upstream_idle_timeout_ms,
+            1,
+            86_400_000,
+        ),
+        upstream_response_timeout: v.millis(
+            "limits",
+            "upstream_response_timeout_ms",
+            l.upstream_response_timeout_ms,
+            1,
+            86_400_000,
+        ),
+        connect_timeout: v.millis(
+            "limits",
+            "connect_timeout_ms",
+            l.connect_timeout_ms,
+            1,
+            600_000,
+        ),
         dns_timeout: v.millis("limits", "dns_timeout_ms", l.dns_timeout_ms, 1, 600_000),
-        max_connections: v.count("limits", "max_connections", l.max_connections, 1, 10_000_000),
-        max_connections_per_client: v.count("limits", "max_connections_per_client", l.max_connections_per_client, 1, 10_000_000),
-        shutdown_grace: v.millis("limits", "shutdown_grace_ms", l.shutdown_grace_ms, 0, 3_600_000),
+        max_connections: v.count(
+            "limits",
+            "max_connections",
+            l.max_connections,
+            1,
+            10_000_000,
+        ),
+        max_connections_per_client: v.count(
+            "limits",
+            "max_connections_per_client",
+            l.max_connections_per_client,
+            1,
+            10_000_000,
+        ),
+        shutdown_grace: v.millis(
+            "limits",
+            "shutdown_grace_ms",
+            l.shutdown_grace_ms,
+            0,
+            3_600_000,
+        ),
     };
 
     let upstream_mark = if (0..=u32::MAX as i64).contains(&raw.upstream.mark) {
@@ -864,7 +970,8 @@ mod tests {
 
     #[test]
     fn locate_finds_keys_in_sections() {
-        let text = "[listen]\nexplicit = []\n\n[policy]\ndefault = \"x\"\n[policy.apps]\nteams = \"y\"\n";
+        let text =
+            "[listen]\nexplicit = []\n\n[policy]\ndefault = \"x\"\n[policy.apps]\nteams = \"y\"\n";
         assert_eq!(locate(text, "listen", "explicit"), Some(2));
         assert_eq!(locate(text, "policy", "default"), Some(5));
         assert_eq!(locate(text, "policy.apps", "teams"), Some(7));

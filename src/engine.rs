@@ -42,7 +42,9 @@ impl Engine {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "<defaults>".into());
-            errs.into_iter().map(|e| format!("{file}: {e}")).collect::<Vec<_>>()
+            errs.into_iter()
+                .map(|e| format!("{file}: {e}"))
+                .collect::<Vec<_>>()
         })?;
         Ok(Engine {
             config: Arc::new(config),

@@ -81,15 +81,23 @@ impl Metrics {
         // a programming error caught by the first test run.
         let registry = Registry::new();
         let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("metric names are unique and valid");
+            registry
+                .register(c)
+                .expect("metric names are unique and valid");
         };
         let connections_total = IntCounterVec::new(
-            Opts::new("chatwall_connections_total", "Client connections accepted, by listener."),
+            Opts::new(
+                "chatwall_connections_total",
+                "Client connections accepted, by listener.",
+            ),
             &["listener"],
         )
         .expect("valid metric");
         let connections_active = IntGaugeVec::new(
-            Opts::new("chatwall_connections_active", "Client connections open now, by listener."),
+            Opts::new(
+                "chatwall_connections_active",
+                "Client connections open now, by listener.",
+            ),
             &["listener"],
         )
         .expect("valid metric");
@@ -102,7 +110,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let blocked_total = IntCounterVec::new(
-            Opts::new("chatwall_blocked_total", "Flows refused, by app and reason."),
+            Opts::new(
+                "chatwall_blocked_total",
+                "Flows refused, by app and reason.",
+            ),
             &["app", "reason"],
         )
         .expect("valid metric");
@@ -123,7 +134,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let upstream_errors = IntCounterVec::new(
-            Opts::new("chatwall_upstream_errors_total", "Upstream failures, by kind."),
+            Opts::new(
+                "chatwall_upstream_errors_total",
+                "Upstream failures, by kind.",
+            ),
             &["kind"],
         )
         .expect("valid metric");
@@ -133,8 +147,7 @@ impl Metrics {
                 "Time from a flow's first byte to its verdict.",
             )
             .buckets(vec![
-                0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
-                5.0,
+                0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
             ]),
         )
         .expect("valid metric");

@@ -76,13 +76,17 @@ impl Policy {
         let mut errors = Vec::new();
         for app in cfg.apps.keys() {
             if set.app_index(app).is_none() {
-                errors.push(format!("policy.apps: `{app}` is not an app of the signature set"));
+                errors.push(format!(
+                    "policy.apps: `{app}` is not an app of the signature set"
+                ));
             }
         }
         let known_category = |c: &str| set.apps().iter().any(|a| a.category == c);
         for c in cfg.categories.keys() {
             if !known_category(c) {
-                errors.push(format!("policy.categories: `{c}` is not a category of the signature set"));
+                errors.push(format!(
+                    "policy.categories: `{c}` is not a category of the signature set"
+                ));
             }
         }
         let actions = set
@@ -100,12 +104,16 @@ impl Policy {
         for e in &cfg.exceptions {
             for app in &e.apps {
                 if set.app_index(app).is_none() {
-                    errors.push(format!("policy.exceptions: `{app}` is not an app of the signature set"));
+                    errors.push(format!(
+                        "policy.exceptions: `{app}` is not an app of the signature set"
+                    ));
                 }
             }
             for c in &e.categories {
                 if !known_category(c) {
-                    errors.push(format!("policy.exceptions: `{c}` is not a category of the signature set"));
+                    errors.push(format!(
+                        "policy.exceptions: `{c}` is not a category of the signature set"
+                    ));
                 }
             }
             exceptions.push(Exception {

@@ -17,6 +17,14 @@ use crate::engine::Engine;
 use crate::metrics::{ListenerKind, Metrics};
 use crate::proxy::{listener, Shared};
 
+/// Tell systemd (Type=notify) about the service's state; a no-op when not
+/// started by systemd.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
 /// A listener that could not be bound, with its address.
 #[derive(Debug)]
 pub struct BindError {
@@ -41,6 +49,13 @@ pub struct Reloader {
 impl Reloader {
     pub fn reload(&self, shared: &Shared) -> Result<String, String> {
         let started = Instant::now();
+        notify(&[sd_notify::NotifyState::Reloading]);
+        let result = self.reload_inner(shared, started);
+        notify(&[sd_notify::NotifyState::Ready]);
+        result
+    }
+
+    fn reload_inner(&self, shared: &Shared, started: Instant) -> Result<String, String> {
         let result = Config::load(self.path.as_deref())
             .map_err(|e| e.to_string())
             .and_then(|cfg| Engine::build(cfg).map_err(|e| e.join("\n")));
@@ -125,10 +140,11 @@ impl Server {
             }
             None => None,
         };
-        let access_log = AccessLog::open(&cfg.access_log, cfg.log_format).map_err(|error| BindError {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            error,
-        })?;
+        let access_log =
+            AccessLog::open(&cfg.access_log, cfg.log_format).map_err(|error| BindError {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                error,
+            })?;
         let reloader = Arc::new(Reloader {
             path: cfg.path.clone(),
             listen: Mutex::new(format!("{:?}", cfg.listen)),
@@ -169,24 +185,36 @@ impl Server {
         for (l, kind) in self.listeners {
             tasks.push(tokio::spawn(listener::run(Arc::clone(&shared), l, kind)));
         }
-        let admin_task = self
-            .admin
-            .map(|l| tokio::spawn(crate::admin::run(Arc::clone(&shared), l, Arc::clone(&self.reloader))));
+        let admin_task = self.admin.map(|l| {
+            tokio::spawn(crate::admin::run(
+                Arc::clone(&shared),
+                l,
+                Arc::clone(&self.reloader),
+            ))
+        });
         shared.ready.store(true, Ordering::Release);
+        notify(&[sd_notify::NotifyState::Ready]);
         tracing::info!("ready");
         shutdown.await;
+        notify(&[sd_notify::NotifyState::Stopping]);
 
         // Drain: unready first, stop accepting, let flows finish.
         shared.draining.store(true, Ordering::Release);
         let grace = shared.engine.load().config.limits.shutdown_grace;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down; draining connections");
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down; draining connections"
+        );
         let _ = shared.shutdown.send(true);
         let deadline = Instant::now() + grace;
         while shared.open_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if shared.open_connections() > 0 {
-            tracing::warn!(open = shared.open_connections(), "grace period over; closing the remaining connections");
+            tracing::warn!(
+                open = shared.open_connections(),
+                "grace period over; closing the remaining connections"
+            );
         }
         for t in tasks {
             t.abort();

@@ -443,8 +443,11 @@ fn signatures_list_follows_the_configured_directory() {
     );
 }
 
-/// (fixture dir under signatures/invalid, expected errors as (file, line, field))
-const INVALID_SIGNATURES: &[(&str, &[(&str, usize, &str)])] = &[
+/// An expected error: (file, line, field).
+type FileError = (&'static str, usize, &'static str);
+
+/// (fixture dir under signatures/invalid, expected errors)
+const INVALID_SIGNATURES: &[(&str, &[FileError])] = &[
     ("bad-hex", &[("lambda.toml", 9, "payload.match")]),
     ("bad-port", &[("nu.toml", 6, "ports.tcp")]),
     ("bad-wildcard", &[("zeta.toml", 7, "hosts.names")]),

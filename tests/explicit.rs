@@ -811,6 +811,8 @@ async fn refusals_name_the_app_without_contacting_anything() {
         ("CONNECT", "example.invalid:5190", "aim", "port"),
         ("CONNECT", "example.invalid:5050", "yahoo-messenger", "port"),
         ("CONNECT", "example.invalid:1863", "msn-messenger", "port"),
+        // The name decides before the port does.
+        ("CONNECT", "web.whatsapp.com:5190", "whatsapp", "host"),
         ("GET", "http://example.invalid:5190/", "aim", "port"),
         (
             "GET",
@@ -897,7 +899,7 @@ async fn refusals_name_the_app_without_contacting_anything() {
             "chatwall_blocked_total",
             &[("app", "whatsapp"), ("reason", "host")]
         ),
-        6.0
+        7.0
     );
     assert_eq!(
         sample(

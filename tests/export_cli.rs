@@ -20,7 +20,9 @@ use std::time::Duration;
 use etherparse::PacketBuilder;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
 use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
-use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionBlock;
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+};
 use pcap_file::pcapng::{PcapNgBlock, PcapNgWriter};
 use pcap_file::{DataLink, Endianness};
 
@@ -111,9 +113,20 @@ fn exports(format: &str, dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// How a tool is given the file to check.
+#[derive(Clone, Copy)]
+enum Input {
+    /// The last argument.
+    Arg,
+    /// The last argument, glued to this option (`--conf-file=FILE`).
+    Option(&'static str),
+    /// Standard input.
+    Stdin,
+}
+
 /// Run `tool args.. file` on each export; first on `probe` (known good) to
 /// tell "the tool cannot run here" from "the export is wrong".
-fn check_with(format: &str, name: &str, args: &[&str], probe: &str, stdin_file: bool) {
+fn check_with(format: &str, name: &str, args: &[&str], input: Input, probe: &str) {
     let Some(bin) = tool(name) else {
         return skip(&format!(
             "{name} is not installed (export --format {format} not checked)"
@@ -123,10 +136,16 @@ fn check_with(format: &str, name: &str, args: &[&str], probe: &str, stdin_file: 
     let invoke = |file: &Path| -> Output {
         let mut cmd = Command::new(&bin);
         cmd.args(args);
-        if stdin_file {
-            cmd.stdin(fs::File::open(file).expect("open export"));
-        } else {
-            cmd.arg(file);
+        match input {
+            Input::Arg => {
+                cmd.arg(file);
+            }
+            Input::Option(opt) => {
+                cmd.arg(format!("{opt}={}", file.display()));
+            }
+            Input::Stdin => {
+                cmd.stdin(fs::File::open(file).expect("open export"));
+            }
         }
         cmd.output().expect("tool runs")
     };
@@ -159,35 +178,47 @@ fn export_dnsmasq_passes_dnsmasq_test() {
     check_with(
         "dnsmasq",
         "dnsmasq",
-        &["--test", "--conf-file"],
+        &["--test"],
+        Input::Option("--conf-file"),
         probe,
-        false,
     );
 }
 
 #[test]
 fn export_unbound_passes_unbound_checkconf() {
     let probe = "server:\n\tlocal-zone: \"example.invalid.\" always_nxdomain\n";
-    check_with("unbound", "unbound-checkconf", &[], probe, false);
+    check_with("unbound", "unbound-checkconf", &[], Input::Arg, probe);
 }
 
 #[test]
 fn export_rpz_passes_named_checkzone() {
     let probe = "$TTL 300\n@ IN SOA localhost. hostmaster.localhost. ( 1 3600 600 604800 300 )\n  IN NS localhost.\nexample.invalid CNAME .\n";
-    check_with("rpz", "named-checkzone", &["rpz.example"], probe, false);
+    check_with(
+        "rpz",
+        "named-checkzone",
+        &["rpz.example"],
+        Input::Arg,
+        probe,
+    );
 }
 
 #[test]
 fn export_nftables_passes_nft_check() {
     let probe = "table inet chatwall_probe {\n\tchain c {\n\t\ttcp dport 1 drop\n\t}\n}\n";
-    check_with("nftables", "nft", &["-c", "-f"], probe, false);
+    check_with("nftables", "nft", &["-c", "-f"], Input::Arg, probe);
 }
 
 #[test]
 fn export_iptables_passes_iptables_restore_test() {
     let probe =
         "*filter\n:CHATWALL_PROBE - [0:0]\n-A CHATWALL_PROBE -p tcp --dport 1 -j DROP\nCOMMIT\n";
-    check_with("iptables", "iptables-restore", &["--test"], probe, true);
+    check_with(
+        "iptables",
+        "iptables-restore",
+        &["--test"],
+        Input::Stdin,
+        probe,
+    );
 }
 
 /// No tool reads a bare hosts file; check its grammar (hosts(5)) here.
@@ -495,7 +526,8 @@ fn write_pcapng(frames: &[Vec<u8>]) -> Vec<u8> {
     let idb = InterfaceDescriptionBlock {
         linktype: DataLink::ETHERNET,
         snaplen: 0xffff,
-        options: vec![],
+        // pcap-file writes nanoseconds; the default resolution is 10^-6.
+        options: vec![InterfaceDescriptionOption::IfTsResol(9)],
     };
     w.write_block(&idb.into_block()).expect("interface");
     for (i, f) in frames.iter().enumerate() {

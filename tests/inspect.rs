@@ -109,28 +109,52 @@ async fn im_sni_inside_an_allowed_tunnel_is_reset_before_the_upstream_sees_a_byt
     let fragmented = records(&handshake_of(&hello), 40);
     let cases: Vec<(&str, Vec<u8>, usize, Duration)> = vec![
         ("one write", hello.clone(), usize::MAX, Duration::ZERO),
-        ("one byte per write", hello.clone(), 1, Duration::from_millis(1)),
+        (
+            "one byte per write",
+            hello.clone(),
+            1,
+            Duration::from_millis(1),
+        ),
         ("lone 0x16 first", hello.clone(), 1, Duration::ZERO),
         ("split across TLS records", fragmented, 7, Duration::ZERO),
-        ("delayed past half the timeout", hello.clone(), hello.len() / 2 + 1, Duration::from_millis(900)),
+        (
+            "delayed past half the timeout",
+            hello.clone(),
+            hello.len() / 2 + 1,
+            Duration::from_millis(900),
+        ),
         ("upper-case SNI", upper, usize::MAX, Duration::ZERO),
     ];
     for (name, bytes, step, pause) in cases {
-        let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.unwrap_or_else(|st| panic!("{name}: CONNECT got {st}"));
+        let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+            .await
+            .unwrap_or_else(|st| panic!("{name}: CONNECT got {st}"));
         send_split(&mut s, &bytes, step.min(bytes.len()), pause).await;
         assert!(is_refused(&mut s).await, "{name}: tunnel not refused");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(origin.total_received(), 0, "the upstream received bytes of a refused tunnel");
+    assert_eq!(
+        origin.total_received(),
+        0,
+        "the upstream received bytes of a refused tunnel"
+    );
     let log = proxy.wait_log(6).await;
     let blocks: Vec<_> = log.iter().filter(|r| r["verdict"] == "block").collect();
     assert_eq!(blocks.len(), 6, "{log:?}");
     for r in blocks {
         assert_eq!(r["app"], "whatsapp");
         assert_eq!(r["reason"], "sni");
-        assert!(r["ja4"].as_str().is_some_and(|j| j.starts_with("t13d")), "{r}");
+        assert!(
+            r["ja4"].as_str().is_some_and(|j| j.starts_with("t13d")),
+            "{r}"
+        );
     }
-    assert_eq!(proxy.metric("chatwall_blocked_total{app=\"whatsapp\",reason=\"sni\"}").await, 6.0);
+    assert_eq!(
+        proxy
+            .metric("chatwall_blocked_total{app=\"whatsapp\",reason=\"sni\"}")
+            .await,
+        6.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,36 +170,58 @@ async fn ordinary_client_hellos_pass_byte_exact_including_large_post_quantum_one
     ks.extend_from_slice(&share_len.to_be_bytes());
     ks.extend(std::iter::repeat_n(0x42, share_len as usize));
     // padding (RFC 7685) as browsers add it.
-    let big = client_hello("www.example.org", &["h2"], &[(0x0033, ks), (0x0015, vec![0; 300])]);
+    let big = client_hello(
+        "www.example.org",
+        &["h2"],
+        &[(0x0033, ks), (0x0015, vec![0; 300])],
+    );
     assert!(big.len() > 1460, "{}", big.len());
     let small = client_hello("localhost", &["http/1.1"], &[]);
     let mut expected = Vec::new();
     for (bytes, step) in [(&big, 700usize), (&small, 3)] {
-        let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+        let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+            .await
+            .expect("CONNECT");
         send_split(&mut s, bytes, step, Duration::ZERO).await;
         s.write_all(b"after the hello").await.expect("write");
         expected.push([bytes.as_slice(), b"after the hello"].concat());
         // Keep the tunnel open until the origin saw everything.
         for _ in 0..200 {
-            if origin.received.lock().map(|r| r.last().map(Vec::len)).ok().flatten() == Some(expected.last().map(Vec::len).unwrap_or(0)) {
+            if origin
+                .received
+                .lock()
+                .map(|r| r.last().map(Vec::len))
+                .ok()
+                .flatten()
+                == Some(expected.last().map(Vec::len).unwrap_or(0))
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     for (i, want) in expected.iter().enumerate() {
-        assert_eq!(&origin.connection_bytes(i), want, "tunnel {i} not byte-exact");
+        assert_eq!(
+            &origin.connection_bytes(i),
+            want,
+            "tunnel {i} not byte-exact"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ech_is_refused_when_policy_blocks_it_and_passes_when_monitored() {
     let origin = RawOrigin::start(None, false).await;
-    let ech_ext = (0xfe0du16, vec![0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00]);
+    let ech_ext = (
+        0xfe0du16,
+        vec![0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00],
+    );
     let hello = client_hello("public.example.net", &["h2"], &[ech_ext]);
 
     let proxy = Proxy::start(&format!("{FAST}[policy]\nech = \"block\"\n")).await;
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     s.write_all(&hello).await.expect("write");
     assert!(is_refused(&mut s).await);
     let log = proxy.wait_log(1).await;
@@ -183,7 +229,9 @@ async fn ech_is_refused_when_policy_blocks_it_and_passes_when_monitored() {
     assert_eq!(origin.total_received(), 0);
 
     let proxy = Proxy::start(FAST).await;
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     s.write_all(&hello).await.expect("write");
     drop(s);
     let log = proxy.wait_log(1).await;
@@ -229,22 +277,34 @@ async fn im_protocols_inside_connect_are_reset_on_any_port() {
         // Whole, and split into 3-byte writes (a signature split across reads).
         for step in [bytes.len(), 3] {
             let origin = RawOrigin::start(None, false).await;
-            let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+            let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+                .await
+                .expect("CONNECT");
             send_split(&mut s, bytes, step, Duration::from_millis(2)).await;
             assert!(is_refused(&mut s).await, "{name} (step {step}) not refused");
             let log = proxy.wait_log(1).await;
             let last = log.last().cloned().unwrap_or_default();
             assert_eq!(last["app"], *app, "{name}: {last}");
             assert_eq!(last["reason"], "payload", "{name}: {last}");
-            assert!(last["rule"].as_str().is_some(), "{name}: evidence missing: {last}");
+            assert!(
+                last["rule"].as_str().is_some(),
+                "{name}: evidence missing: {last}"
+            );
             std::fs::write(&proxy.log_path, b"").expect("truncate log");
             tokio::time::sleep(Duration::from_millis(20)).await;
             if step == bytes.len() {
-                assert_eq!(origin.total_received(), 0, "{name}: IM bytes reached the upstream");
+                assert_eq!(
+                    origin.total_received(),
+                    0,
+                    "{name}: IM bytes reached the upstream"
+                );
             } else {
                 // Bytes that cannot start a signature may pass before the
                 // signature completes; the signature itself never does.
-                assert!(origin.total_received() < bytes.len(), "{name}: the whole message reached the upstream");
+                assert!(
+                    origin.total_received() < bytes.len(),
+                    "{name}: the whole message reached the upstream"
+                );
             }
         }
     }
@@ -255,16 +315,26 @@ async fn im_after_a_benign_prefix_within_the_window_is_reset() {
     let origin = RawOrigin::start(None, false).await;
     let proxy = Proxy::start(FAST).await;
     // In one write: nothing reaches the upstream.
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
-    s.write_all(b"hello there, just some text\r\n<stream:stream xmlns='jabber:client' to='x'>").await.expect("write");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(b"hello there, just some text\r\n<stream:stream xmlns='jabber:client' to='x'>")
+        .await
+        .expect("write");
     assert!(is_refused(&mut s).await);
     assert_eq!(origin.total_received(), 0);
     // In two writes: the benign prefix may pass, the tunnel is reset when
     // the signature arrives.
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
-    s.write_all(b"hello there, just some text\r\n").await.expect("write");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(b"hello there, just some text\r\n")
+        .await
+        .expect("write");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    s.write_all(b"<stream:stream xmlns='jabber:client' to='x'>").await.expect("write");
+    s.write_all(b"<stream:stream xmlns='jabber:client' to='x'>")
+        .await
+        .expect("write");
     assert!(is_refused(&mut s).await);
     let log = proxy.wait_log(2).await;
     assert!(log.iter().all(|r| r["app"] == "xmpp"), "{log:?}");
@@ -277,17 +347,42 @@ async fn ordinary_protocols_pass_byte_exact() {
     let origin = RawOrigin::start(None, true).await;
     let proxy = Proxy::start(FAST).await;
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("ssh", b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n".to_vec()),
-        ("smtp", b"EHLO mail.example.com\r\nMAIL FROM:<a@example.com>\r\n".to_vec()),
-        ("imap", b"a001 LOGIN user pass\r\na002 SELECT INBOX\r\n".to_vec()),
+        (
+            "ssh",
+            b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n".to_vec(),
+        ),
+        (
+            "smtp",
+            b"EHLO mail.example.com\r\nMAIL FROM:<a@example.com>\r\n".to_vec(),
+        ),
+        (
+            "imap",
+            b"a001 LOGIN user pass\r\na002 SELECT INBOX\r\n".to_vec(),
+        ),
         ("ftp", b"USER anonymous\r\nPASS guest\r\n".to_vec()),
         ("redis", b"*1\r\n$4\r\nPING\r\n".to_vec()),
-        ("mysql", vec![0x20, 0x00, 0x00, 0x01, 0x85, 0xa6, 0xff, 0x01, 0x00, 0x00, 0x00, 0x01, 0x21, 0x00, 0x00, 0x00]),
-        ("postgres", vec![0x00, 0x00, 0x00, 0x08, 0x04, 0xd2, 0x16, 0x2f]),
-        ("random", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
+        (
+            "mysql",
+            vec![
+                0x20, 0x00, 0x00, 0x01, 0x85, 0xa6, 0xff, 0x01, 0x00, 0x00, 0x00, 0x01, 0x21, 0x00,
+                0x00, 0x00,
+            ],
+        ),
+        (
+            "postgres",
+            vec![0x00, 0x00, 0x00, 0x08, 0x04, 0xd2, 0x16, 0x2f],
+        ),
+        (
+            "random",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
     ];
     for (name, bytes) in &cases {
-        let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+        let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+            .await
+            .expect("CONNECT");
         s.write_all(bytes).await.expect("write");
         let mut echoed = vec![0u8; bytes.len()];
         tokio::time::timeout(WAIT, s.read_exact(&mut echoed))
@@ -304,24 +399,43 @@ async fn ordinary_protocols_pass_byte_exact() {
 async fn server_speaks_first_protocols_work_through_tunnels() {
     let origin = RawOrigin::start(Some(b"220 mail.example.com ESMTP ready\r\n"), true).await;
     let proxy = Proxy::start(FAST).await;
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     let mut banner = [0u8; 34];
-    tokio::time::timeout(WAIT, s.read_exact(&mut banner)).await.expect("banner in time").expect("banner");
+    tokio::time::timeout(WAIT, s.read_exact(&mut banner))
+        .await
+        .expect("banner in time")
+        .expect("banner");
     assert_eq!(&banner, b"220 mail.example.com ESMTP ready\r\n");
     // The client's first bytes are still inspected when they come.
     s.write_all(b"EHLO client\r\n").await.expect("write");
     let mut echo = [0u8; 13];
-    tokio::time::timeout(WAIT, s.read_exact(&mut echo)).await.expect("echo in time").expect("echo");
+    tokio::time::timeout(WAIT, s.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .expect("echo");
     assert_eq!(&echo, b"EHLO client\r\n");
-    s.write_all(b"<stream:stream xmlns='jabber:client'>").await.expect("write");
-    assert!(is_refused(&mut s).await, "IM after a server banner must still be caught");
+    s.write_all(b"<stream:stream xmlns='jabber:client'>")
+        .await
+        .expect("write");
+    assert!(
+        is_refused(&mut s).await,
+        "IM after a server banner must still be caught"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gadu_gadu_server_welcome_is_caught_server_side() {
-    let origin = RawOrigin::start(Some(&[0x01, 0, 0, 0, 0x04, 0, 0, 0, 0xaa, 0xbb, 0xcc, 0xdd]), false).await;
+    let origin = RawOrigin::start(
+        Some(&[0x01, 0, 0, 0, 0x04, 0, 0, 0, 0xaa, 0xbb, 0xcc, 0xdd]),
+        false,
+    )
+    .await;
     let proxy = Proxy::start(FAST).await;
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     assert!(is_refused(&mut s).await, "GG welcome not refused");
     let log = proxy.wait_log(1).await;
     assert_eq!(log[0]["app"], "gadu-gadu", "{log:?}");
@@ -331,18 +445,33 @@ async fn gadu_gadu_server_welcome_is_caught_server_side() {
 async fn payload_monitor_mode_passes_and_logs() {
     let origin = RawOrigin::start(None, true).await;
     let proxy = Proxy::start(&format!("{FAST}[policy]\ndefault = \"monitor\"\n")).await;
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     let xmpp = b"<stream:stream xmlns='jabber:client' to='x'>";
     s.write_all(xmpp).await.expect("write");
     let mut echo = vec![0u8; xmpp.len()];
-    tokio::time::timeout(WAIT, s.read_exact(&mut echo)).await.expect("in time").expect("echo");
+    tokio::time::timeout(WAIT, s.read_exact(&mut echo))
+        .await
+        .expect("in time")
+        .expect("echo");
     assert_eq!(&echo[..], &xmpp[..]);
     drop(s);
     let log = proxy.wait_log(1).await;
     assert_eq!(log[0]["verdict"], "monitor", "{log:?}");
     assert_eq!(log[0]["app"], "xmpp");
-    assert_eq!(proxy.metric("chatwall_detections_total{action=\"monitor\",app=\"xmpp\"}").await, 1.0);
-    assert_eq!(proxy.metric("chatwall_blocked_total{app=\"xmpp\",reason=\"payload\"}").await, 0.0);
+    assert_eq!(
+        proxy
+            .metric("chatwall_detections_total{action=\"monitor\",app=\"xmpp\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("chatwall_blocked_total{app=\"xmpp\",reason=\"payload\"}")
+            .await,
+        0.0
+    );
 }
 
 /// Bind an origin on port 443 of a loopback address, if this host allows it.
@@ -381,27 +510,51 @@ async fn non_tls_on_443_is_refused_and_tls_passes() {
     });
     let proxy = Proxy::start(FAST).await;
     // An unknown binary protocol on 443, then silence on 443.
-    let mut s = connect_tunnel(proxy.addr, &addr.to_string()).await.expect("CONNECT");
-    s.write_all(&[0x13, 0x37, 0x00, 0x42, 0x99, 0x01]).await.expect("write");
+    let mut s = connect_tunnel(proxy.addr, &addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(&[0x13, 0x37, 0x00, 0x42, 0x99, 0x01])
+        .await
+        .expect("write");
     assert!(is_refused(&mut s).await);
-    let mut s = connect_tunnel(proxy.addr, &addr.to_string()).await.expect("CONNECT");
-    assert!(is_refused(&mut s).await, "a silent client on 443 must be refused after the deadline");
+    let mut s = connect_tunnel(proxy.addr, &addr.to_string())
+        .await
+        .expect("CONNECT");
+    assert!(
+        is_refused(&mut s).await,
+        "a silent client on 443 must be refused after the deadline"
+    );
     // Telegram's MTProto on 443 is named by its payload signature.
-    let mut s = connect_tunnel(proxy.addr, &addr.to_string()).await.expect("CONNECT");
-    s.write_all(&[0xee, 0xee, 0xee, 0xee, 0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).await.expect("write");
+    let mut s = connect_tunnel(proxy.addr, &addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(&[
+        0xee, 0xee, 0xee, 0xee, 0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ])
+    .await
+    .expect("write");
     assert!(is_refused(&mut s).await);
     // Plain HTTP to port 443 is not TLS either.
-    let mut s = connect_tunnel(proxy.addr, &addr.to_string()).await.expect("CONNECT");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut s = connect_tunnel(proxy.addr, &addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
     assert!(is_refused(&mut s).await);
     assert_eq!(received.load(std::sync::atomic::Ordering::SeqCst), 0);
     let log = proxy.wait_log(4).await;
-    let reasons: Vec<_> = log.iter().map(|r| (r["reason"].clone(), r["app"].clone())).collect();
+    let reasons: Vec<_> = log
+        .iter()
+        .map(|r| (r["reason"].clone(), r["app"].clone()))
+        .collect();
     assert_eq!(reasons[0].0, "non_tls", "{log:?}");
     assert_eq!(reasons[1].0, "non_tls");
     assert_eq!(reasons[2], ("non_tls".into(), "telegram".into()), "{log:?}");
     // An ordinary TLS hello on 443 passes.
-    let mut s = connect_tunnel(proxy.addr, &addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &addr.to_string())
+        .await
+        .expect("CONNECT");
     let hello = client_hello("www.example.org", &["h2"], &[]);
     s.write_all(&hello).await.expect("write");
     for _ in 0..200 {
@@ -410,7 +563,10 @@ async fn non_tls_on_443_is_refused_and_tls_passes() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(received.load(std::sync::atomic::Ordering::SeqCst), hello.len());
+    assert_eq!(
+        received.load(std::sync::atomic::Ordering::SeqCst),
+        hello.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,21 +597,45 @@ async fn im_over_plain_http_is_refused_on_any_host() {
         s.write_all(req.as_bytes()).await.expect("write");
         let (status, head, _) = read_response(&mut s).await;
         assert_eq!(status, 403, "{app}: {head}");
-        assert!(head.to_ascii_lowercase().contains(&format!("x-chatwall-block: {app}")), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("x-chatwall-block: {app}")),
+            "{head}"
+        );
     }
-    assert!(origin.requests().is_empty(), "the origin saw a refused request: {:?}", origin.requests());
+    assert!(
+        origin.requests().is_empty(),
+        "the origin saw a refused request: {:?}",
+        origin.requests()
+    );
     // Telegram's HTTP transport: POST /api with an unencrypted MTProto body.
     let mut body = vec![0u8; 8];
     body.extend_from_slice(&[0x55; 32]);
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(format!("POST http://{o}/api HTTP/1.1\r\nHost: {o}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).await.expect("write");
+    s.write_all(
+        format!(
+            "POST http://{o}/api HTTP/1.1\r\nHost: {o}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
     s.write_all(&body).await.expect("write");
     let (status, head, _) = read_response(&mut s).await;
     assert_eq!(status, 403, "{head}");
     // ...while an ordinary POST /api with JSON passes.
     let json = b"{\"query\":\"ok\"}";
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(format!("POST http://{o}/api HTTP/1.1\r\nHost: {o}\r\nContent-Length: {}\r\n\r\n", json.len()).as_bytes()).await.expect("write");
+    s.write_all(
+        format!(
+            "POST http://{o}/api HTTP/1.1\r\nHost: {o}\r\nContent-Length: {}\r\n\r\n",
+            json.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
     s.write_all(json).await.expect("write");
     let (status, _, _) = read_response(&mut s).await;
     assert_eq!(status, 200);
@@ -487,11 +667,17 @@ async fn pipelined_requests_are_decided_one_by_one() {
 async fn http_inside_a_connect_tunnel_is_decided_request_by_request() {
     let origin = support::HttpOrigin::start().await;
     let proxy = Proxy::start(FAST).await;
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
-    s.write_all(b"GET /ok HTTP/1.1\r\nHost: www.example.org\r\n\r\n").await.expect("write");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(b"GET /ok HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
+        .await
+        .expect("write");
     let (a, _, _) = read_response(&mut s).await;
     assert_eq!(a, 200);
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n").await.expect("write");
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n")
+        .await
+        .expect("write");
     let (b, head, _) = read_response(&mut s).await;
     assert_eq!(b, 403, "{head}");
     assert!(head.contains("whatsapp"));
@@ -507,22 +693,31 @@ async fn client_hellos_in_tiny_records_are_decided_or_refused_never_passed_blind
     let hello = client_hello("web.whatsapp.com", &[], &[]);
     let tiny = records(&handshake_of(&hello), 1);
     assert!(tiny.len() < 4096);
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     s.write_all(&tiny).await.expect("write");
     assert!(is_refused(&mut s).await);
     // Does not fit: an ordinary name, but the hello cannot be checked.
     let big = client_hello("www.example.org", &["h2"], &[(0x0015, vec![0; 1000])]);
     let tiny = records(&handshake_of(&big), 1);
     assert!(tiny.len() > 4096);
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     let _ = s.write_all(&tiny).await;
     assert!(is_refused(&mut s).await);
     // A hello that starts and stalls.
-    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string()).await.expect("CONNECT");
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
     s.write_all(&big[..100]).await.expect("write");
     assert!(is_refused(&mut s).await);
     let log = proxy.wait_log(3).await;
-    let reasons: Vec<_> = log.iter().map(|r| r["reason"].as_str().unwrap_or("").to_string()).collect();
+    let reasons: Vec<_> = log
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap_or("").to_string())
+        .collect();
     assert_eq!(reasons, ["sni", "non_tls", "non_tls"], "{log:?}");
     assert_eq!(origin.total_received(), 0);
 }

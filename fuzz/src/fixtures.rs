@@ -82,24 +82,26 @@ pub fn browser_hello(sni: &str, post_quantum: bool) -> Vec<u8> {
     let mut exts: Vec<Extension> = vec![
         (0x0a0a, Vec::new()), // GREASE
         (0x0000, server_name(sni)),
-        (0x0017, Vec::new()),     // extended_master_secret
-        (0xff01, vec![0]),        // renegotiation_info
+        (0x0017, Vec::new()), // extended_master_secret
+        (0xff01, vec![0]),    // renegotiation_info
         (0x000a, u16_vector(&groups)),
-        (0x000b, vec![1, 0]),     // ec_point_formats: uncompressed
-        (0x0023, Vec::new()),     // session_ticket
+        (0x000b, vec![1, 0]), // ec_point_formats: uncompressed
+        (0x0023, Vec::new()), // session_ticket
         (0x0010, alpn_list(&["h2", "http/1.1"])),
         (0x0005, vec![1, 0, 0, 0, 0]), // status_request: OCSP
         (
             0x000d,
-            u16_vector(&[0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601]),
+            u16_vector(&[
+                0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601,
+            ]),
         ),
         (0x0012, Vec::new()), // signed_certificate_timestamp
         (0x0033, prefixed16(&key_share)),
-        (0x002d, vec![1, 1]),                     // psk_key_exchange_modes: psk_dhe_ke
+        (0x002d, vec![1, 1]), // psk_key_exchange_modes: psk_dhe_ke
         (0x002b, vec![6, 0x1a, 0x1a, 3, 4, 3, 3]), // supported_versions: GREASE, 1.3, 1.2
-        (0x001b, vec![2, 0, 2]),                   // compress_certificate: brotli
-        (0x4469, vec![0, 3, 2, b'h', b'2']),       // application_settings
-        (0x1a1a, vec![0]),                         // GREASE
+        (0x001b, vec![2, 0, 2]), // compress_certificate: brotli
+        (0x4469, vec![0, 3, 2, b'h', b'2']), // application_settings
+        (0x1a1a, vec![0]),    // GREASE
     ];
     if !post_quantum {
         // padding: the handshake message becomes exactly 512 bytes.
@@ -218,10 +220,15 @@ pub fn im_first_bytes() -> Vec<(&'static str, Vec<u8>)> {
 xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
                 .to_vec(),
         ),
-        ("whatsapp", vec![0x57, 0x41, 0x06, 0x03, 0x00, 0x00, 0x24, 0x12, 0x22]),
+        (
+            "whatsapp",
+            vec![0x57, 0x41, 0x06, 0x03, 0x00, 0x00, 0x24, 0x12, 0x22],
+        ),
         (
             "mtproto",
-            vec![0xee, 0xee, 0xee, 0xee, 0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            vec![
+                0xee, 0xee, 0xee, 0xee, 0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
         ),
         ("irc", b"NICK alice\r\nUSER alice 0 * :Alice\r\n".to_vec()),
     ]
@@ -232,10 +239,19 @@ pub fn ordinary_first_bytes() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("ssh", ssh_banner()),
         ("http", http_request_head()),
-        ("smtp", b"EHLO mail.example.com\r\nMAIL FROM:<a@example.com>\r\n".to_vec()),
-        ("imap", b"a001 LOGIN user pass\r\na002 SELECT INBOX\r\n".to_vec()),
+        (
+            "smtp",
+            b"EHLO mail.example.com\r\nMAIL FROM:<a@example.com>\r\n".to_vec(),
+        ),
+        (
+            "imap",
+            b"a001 LOGIN user pass\r\na002 SELECT INBOX\r\n".to_vec(),
+        ),
         ("redis", b"*1\r\n$4\r\nPING\r\n".to_vec()),
-        ("postgres", vec![0x00, 0x00, 0x00, 0x08, 0x04, 0xd2, 0x16, 0x2f]),
+        (
+            "postgres",
+            vec![0x00, 0x00, 0x00, 0x08, 0x04, 0xd2, 0x16, 0x2f],
+        ),
     ]
 }
 

@@ -194,9 +194,18 @@ mod tests {
 
     #[test]
     fn normalization() {
-        assert_eq!(normalize_host("WWW.Example.COM."), Some("www.example.com".into()));
-        assert_eq!(normalize_host("bücher.example"), Some("xn--bcher-kva.example".into()));
-        assert_eq!(normalize_host("XN--BCHER-KVA.example"), Some("xn--bcher-kva.example".into()));
+        assert_eq!(
+            normalize_host("WWW.Example.COM."),
+            Some("www.example.com".into())
+        );
+        assert_eq!(
+            normalize_host("bücher.example"),
+            Some("xn--bcher-kva.example".into())
+        );
+        assert_eq!(
+            normalize_host("XN--BCHER-KVA.example"),
+            Some("xn--bcher-kva.example".into())
+        );
         assert_eq!(normalize_host("a..b"), None);
         assert_eq!(normalize_host("a b.com"), None);
         assert_eq!(normalize_host(""), None);

@@ -56,7 +56,9 @@ pub enum HeadOutcome {
     Match(u32),
     /// The head satisfies these rules' head conditions; their body
     /// conditions decide. `window` bytes of body are enough to decide.
-    NeedBody { window: usize },
+    NeedBody {
+        window: usize,
+    },
     NoMatch,
 }
 
@@ -174,7 +176,8 @@ pub fn find(hay: &[u8], needle: &[u8], nocase: bool) -> Option<usize> {
     if needle.is_empty() || needle.len() > hay.len() {
         return None;
     }
-    hay.windows(needle.len()).position(|w| eq(w, needle, nocase))
+    hay.windows(needle.len())
+        .position(|w| eq(w, needle, nocase))
 }
 
 #[cfg(test)]
@@ -236,19 +239,75 @@ mod tests {
         ])
     }
 
+    type HeadCase<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        bool,
+        HeadOutcome,
+    );
+
     #[test]
     fn head_rules() {
         let m = matcher();
-        let cases: &[(&str, &str, &[(&str, &str)], bool, HeadOutcome)] = &[
-            ("POST", "http://x/gateway/gateway.dll?Action=open", &[], true, HeadOutcome::Match(1)),
+        let cases: &[HeadCase] = &[
+            (
+                "POST",
+                "http://x/gateway/gateway.dll?Action=open",
+                &[],
+                true,
+                HeadOutcome::Match(1),
+            ),
             ("GET", "http://x/gateway/", &[], false, HeadOutcome::NoMatch),
-            ("GET", "http://x/ws", &[("Sec-WebSocket-Protocol", "XMPP")], false, HeadOutcome::Match(2)),
-            ("GET", "http://x/ws", &[("Sec-WebSocket-Protocol", "xmpp2")], false, HeadOutcome::NoMatch),
-            ("POST", "http://1.2.3.4/api", &[], true, HeadOutcome::NeedBody { window: 8 }),
-            ("POST", "http://1.2.3.4/api/v4/users", &[], true, HeadOutcome::NoMatch),
-            ("GET", "http://1.2.3.4/api", &[], false, HeadOutcome::NoMatch),
-            ("GET", "http://x/", &[("User-Agent", "MSMSGS")], false, HeadOutcome::Match(4)),
-            ("GET", "http://x/", &[("User-Agent", "Mozilla/5.0 MSMSGS")], false, HeadOutcome::NoMatch),
+            (
+                "GET",
+                "http://x/ws",
+                &[("Sec-WebSocket-Protocol", "XMPP")],
+                false,
+                HeadOutcome::Match(2),
+            ),
+            (
+                "GET",
+                "http://x/ws",
+                &[("Sec-WebSocket-Protocol", "xmpp2")],
+                false,
+                HeadOutcome::NoMatch,
+            ),
+            (
+                "POST",
+                "http://1.2.3.4/api",
+                &[],
+                true,
+                HeadOutcome::NeedBody { window: 8 },
+            ),
+            (
+                "POST",
+                "http://1.2.3.4/api/v4/users",
+                &[],
+                true,
+                HeadOutcome::NoMatch,
+            ),
+            (
+                "GET",
+                "http://1.2.3.4/api",
+                &[],
+                false,
+                HeadOutcome::NoMatch,
+            ),
+            (
+                "GET",
+                "http://x/",
+                &[("User-Agent", "MSMSGS")],
+                false,
+                HeadOutcome::Match(4),
+            ),
+            (
+                "GET",
+                "http://x/",
+                &[("User-Agent", "Mozilla/5.0 MSMSGS")],
+                false,
+                HeadOutcome::NoMatch,
+            ),
         ];
         for (method, uri, headers, has_body, want) in cases {
             let p = parts(method, uri, headers);

@@ -795,12 +795,15 @@ fn keep_earliest(best: &mut Option<Completion>, done: Completion) {
     }
 }
 
+/// Byte-string equality, ASCII case-insensitive when `nocase`. A plain loop: the
+/// strings are short, where a call to `memcmp` costs more than the comparison.
 fn bytes_eq(a: &[u8], b: &[u8], nocase: bool) -> bool {
-    if nocase {
-        a.eq_ignore_ascii_case(b)
-    } else {
-        a == b
-    }
+    a.len() == b.len()
+        && if nocase {
+            a.iter().zip(b).all(|(x, y)| x.eq_ignore_ascii_case(y))
+        } else {
+            a.iter().zip(b).all(|(x, y)| x == y)
+        }
 }
 
 impl RuleBits {

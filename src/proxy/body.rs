@@ -55,12 +55,16 @@ impl Body for PrefixedBody {
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none()
             && self.trailers.is_none()
-            && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+            && self.inner.as_ref().map_or(true, |b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let inner = self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0));
+        let inner = self
+            .inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| SizeHint::with_exact(0));
         let mut h = SizeHint::new();
         if let Some(u) = inner.upper() {
             h.set_upper(u.saturating_add(extra));
@@ -165,7 +169,9 @@ where
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(log) = self.log.as_mut() {
-                    log.record.error.get_or_insert_with(|| "body aborted".into());
+                    log.record
+                        .error
+                        .get_or_insert_with(|| "body aborted".into());
                 }
                 self.log.take();
             }

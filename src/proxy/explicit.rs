@@ -43,7 +43,11 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    pub fn new(engine: &Arc<ArcSwap<Engine>>, resolver: &Arc<Resolver>, guard: &Arc<DestGuard>) -> Self {
+    pub fn new(
+        engine: &Arc<ArcSwap<Engine>>,
+        resolver: &Arc<Resolver>,
+        guard: &Arc<DestGuard>,
+    ) -> Self {
         let cfg = &engine.load().config;
         let connector = Connector {
             engine: Arc::clone(engine),
@@ -88,13 +92,17 @@ impl tower_service::Service<Uri> for Connector {
             let host = uri.host().ok_or(FlowError::BadRequest("no host"))?;
             let port = uri.port_u16().unwrap_or(80);
             let limits = &engine.config.limits;
-            let addrs = this.resolver.resolve(host, port, limits.dns_timeout).await?;
+            let addrs = this
+                .resolver
+                .resolve(host, port, limits.dns_timeout)
+                .await?;
             for a in addrs.iter() {
                 if upstream::denied_destination(&this.guard, &engine, *a) {
                     return Err(FlowError::DeniedDestination(a.ip()));
                 }
             }
-            let s = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
+            let s = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark)
+                .await?;
             Ok(TokioIo::new(s))
         })
     }
@@ -165,12 +173,19 @@ fn new_record(ctx: &ConnCtx, req: &Request<Incoming>) -> Record {
     }
 }
 
-async fn handle(shared: Arc<Shared>, mut ctx: ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    shared: Arc<Shared>,
+    mut ctx: ConnCtx,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let engine = shared.engine.load_full();
     let mut rec = new_record(&ctx, &req);
     if ctx.fixed.is_none() {
         if let Some(auth) = &engine.config.auth {
-            let header = req.headers().get(header::PROXY_AUTHORIZATION).map(|v| v.as_bytes());
+            let header = req
+                .headers()
+                .get(header::PROXY_AUTHORIZATION)
+                .map(|v| v.as_bytes());
             match shared.auth.check(auth, engine.generation, header) {
                 crate::auth::AuthOutcome::User(u) => {
                     rec.user = Some(u.to_string());
@@ -193,7 +208,9 @@ async fn handle(shared: Arc<Shared>, mut ctx: ConnCtx, req: Request<Incoming>) -
     }
     let result = if req.method() == Method::CONNECT {
         if ctx.fixed.is_some() {
-            Err(FlowError::BadRequest("CONNECT is only accepted on the explicit listener"))
+            Err(FlowError::BadRequest(
+                "CONNECT is only accepted on the explicit listener",
+            ))
         } else {
             super::tunnel::connect(&shared, &engine, ctx.clone(), req, &mut rec).await
         }
@@ -207,7 +224,13 @@ async fn handle(shared: Arc<Shared>, mut ctx: ConnCtx, req: Request<Incoming>) -
 }
 
 /// Count, log and render a refusal or failure.
-pub fn refusal(shared: &Arc<Shared>, engine: &Engine, ctx: &ConnCtx, e: FlowError, mut rec: Record) -> Response<ProxyBody> {
+pub fn refusal(
+    shared: &Arc<Shared>,
+    engine: &Engine,
+    ctx: &ConnCtx,
+    e: FlowError,
+    mut rec: Record,
+) -> Response<ProxyBody> {
     if let FlowError::Blocked(d) = &e {
         shared.record_verdict(ctx.listener, engine, &Verdict::Block(*d), &mut rec);
     } else if let FlowError::DeniedDestination(_) = &e {
@@ -242,7 +265,13 @@ pub fn apply(verdict: Verdict, monitor: &mut Option<Verdict>) -> Result<(), Flow
 }
 
 /// What the name alone (or the literal address) says, before any lookup.
-pub fn decide_name(engine: &Engine, who: &Who, host: &str, port: u16, monitor: &mut Option<Verdict>) -> Result<bool, FlowError> {
+pub fn decide_name(
+    engine: &Engine,
+    who: &Who,
+    host: &str,
+    port: u16,
+    monitor: &mut Option<Verdict>,
+) -> Result<bool, FlowError> {
     let sigs = &engine.signatures;
     let policy = &engine.policy;
     let literal = host
@@ -283,8 +312,16 @@ async fn forward(
         None => {
             match parts.uri.scheme_str() {
                 Some("http") => {}
-                Some(_) => return Err(FlowError::BadRequest("only http:// URLs are fetched; use CONNECT for others")),
-                None => return Err(FlowError::BadRequest("not a proxy request (origin-form target)")),
+                Some(_) => {
+                    return Err(FlowError::BadRequest(
+                        "only http:// URLs are fetched; use CONNECT for others",
+                    ))
+                }
+                None => {
+                    return Err(FlowError::BadRequest(
+                        "not a proxy request (origin-form target)",
+                    ))
+                }
             }
             let host = parts
                 .uri
@@ -331,10 +368,19 @@ async fn forward(
     // Request rules: downloads, then HTTP head rules, then body rules.
     let mut body_prefix = (Bytes::new(), None, Some(body));
     if !allowlisted {
-        apply(policy.decide_for(&who, sigs.classify_download(&host, parts.uri.path())), &mut monitor)?;
-        let has_body = !body_prefix.2.as_ref().is_some_and(|b| http_body::Body::is_end_stream(b));
+        apply(
+            policy.decide_for(&who, sigs.classify_download(&host, parts.uri.path())),
+            &mut monitor,
+        )?;
+        let has_body = !body_prefix
+            .2
+            .as_ref()
+            .is_some_and(http_body::Body::is_end_stream);
         match sigs.http().classify_head(&parts, has_body) {
-            HeadOutcome::Match(rule) => apply(policy.decide_for(&who, Some(sigs.http_detection(rule))), &mut monitor)?,
+            HeadOutcome::Match(rule) => apply(
+                policy.decide_for(&who, Some(sigs.http_detection(rule))),
+                &mut monitor,
+            )?,
             HeadOutcome::NeedBody { window } => {
                 if let (_, _, Some(b)) = body_prefix {
                     body_prefix = read_prefix(b, window, engine.config.first_bytes_timeout)
@@ -342,7 +388,10 @@ async fn forward(
                         .map_err(|_| FlowError::BadRequest("request body aborted"))?;
                     let complete = body_prefix.2.is_none();
                     let hit = sigs.http().classify_body(&parts, &body_prefix.0, complete);
-                    apply(policy.decide_for(&who, hit.map(|r| sigs.http_detection(r))), &mut monitor)?;
+                    apply(
+                        policy.decide_for(&who, hit.map(|r| sigs.http_detection(r))),
+                        &mut monitor,
+                    )?;
                 }
             }
             HeadOutcome::NoMatch => {}
@@ -351,7 +400,16 @@ async fn forward(
 
     // Names: every address must pass the CIDR rules and denied ranges.
     if ctx.fixed.is_none() {
-        upstream::resolve_checked(shared, engine, &ctx.client, &host, port, allowlisted, &mut monitor).await?;
+        upstream::resolve_checked(
+            shared,
+            engine,
+            &ctx.client,
+            &host,
+            port,
+            allowlisted,
+            &mut monitor,
+        )
+        .await?;
     }
 
     let verdict = monitor.unwrap_or(Verdict::Allow);
@@ -370,14 +428,18 @@ async fn forward(
     let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(proto) = upgrade_proto.filter(|_| upgrade) {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto);
     }
     let authority_host = match ctx.fixed {
-        None => parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h).to_string()),
+        None => parts.uri.authority().map(|a| {
+            a.as_str()
+                .rsplit_once('@')
+                .map_or(a.as_str(), |(_, h)| h)
+                .to_string()
+        }),
         Some(_) => parts
             .headers
             .get(header::HOST)
@@ -392,16 +454,20 @@ async fn forward(
     parts.version = Version::HTTP_11;
     let up_bytes = Arc::new(AtomicU64::new(0));
     let (prefix, trailers, rest) = body_prefix;
-    let up_body = CountedBody::new(PrefixedBody::new(prefix, trailers, rest), Arc::clone(&up_bytes));
+    let up_body = CountedBody::new(
+        PrefixedBody::new(prefix, trailers, rest),
+        Arc::clone(&up_bytes),
+    );
     let upstream_req = Request::from_parts(parts, up_body);
     rec.upstream = Some(format!("{host}:{port}"));
 
     let timeout = engine.config.limits.upstream_response_timeout;
-    let mut resp = match tokio::time::timeout(timeout, shared.http.client.request(upstream_req)).await {
-        Err(_) => return Err(FlowError::UpstreamTimeout),
-        Ok(Err(e)) => return Err(map_client_error(e)),
-        Ok(Ok(r)) => r,
-    };
+    let mut resp =
+        match tokio::time::timeout(timeout, shared.http.client.request(upstream_req)).await {
+            Err(_) => return Err(FlowError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(map_client_error(e)),
+            Ok(Ok(r)) => r,
+        };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_on) = client_upgrade {
@@ -413,7 +479,14 @@ async fn forward(
             tokio::spawn(async move {
                 match tokio::try_join!(client_on, upstream_on) {
                     Ok((c, u)) => {
-                        super::relay::relay_upgraded(&shared2, &engine2, TokioIo::new(c), TokioIo::new(u), &mut rec2).await;
+                        super::relay::relay_upgraded(
+                            &shared2,
+                            &engine2,
+                            TokioIo::new(c),
+                            TokioIo::new(u),
+                            &mut rec2,
+                        )
+                        .await;
                     }
                     Err(e) => rec2.error = Some(format!("upgrade failed: {e}")),
                 }
@@ -544,11 +617,17 @@ mod tests {
     #[test]
     fn hop_by_hop_fields_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic eDp5"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eDp5"),
+        );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));

@@ -34,7 +34,8 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, kind: ListenerKind)
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let shared = Arc::clone(&shared);
-                let span = tracing::debug_span!("conn", client.addr = %peer, listener = kind.as_str());
+                let span =
+                    tracing::debug_span!("conn", client.addr = %peer, listener = kind.as_str());
                 tokio::spawn(handle(shared, stream, peer, kind).instrument(span));
             }
             Err(e) => {
@@ -55,7 +56,10 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
         tracing::warn!(client = %peer, "client not in access.allow_clients; refused");
         if kind == ListenerKind::Explicit {
             let _ = stream
-                .write_all(&raw_response(StatusCode::FORBIDDEN, "client address not allowed\n"))
+                .write_all(&raw_response(
+                    StatusCode::FORBIDDEN,
+                    "client address not allowed\n",
+                ))
                 .await;
         }
         return;
@@ -64,11 +68,18 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
     let _guard = match shared.admit(peer.ip()) {
         Ok(g) => g,
         Err(limit) => {
-            shared.metrics.limit_refusals.with_label_values(&[limit]).inc();
+            shared
+                .metrics
+                .limit_refusals
+                .with_label_values(&[limit])
+                .inc();
             tracing::warn!(client = %peer, limit, "connection cap reached; refused");
             if kind == ListenerKind::Explicit {
                 let _ = stream
-                    .write_all(&raw_response(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"))
+                    .write_all(&raw_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many connections\n",
+                    ))
                     .await;
             }
             return;
@@ -79,12 +90,17 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
     m.connections_active.inc();
     let _ = stream.set_nodelay(true);
     let ctx = ConnCtx {
-        client: ClientInfo { addr: peer, user: None },
+        client: ClientInfo {
+            addr: peer,
+            user: None,
+        },
         listener: kind,
         fixed: None,
     };
     match kind {
-        ListenerKind::Explicit => explicit::serve(Arc::clone(&shared), TokioIo::new(stream), ctx).await,
+        ListenerKind::Explicit => {
+            explicit::serve(Arc::clone(&shared), TokioIo::new(stream), ctx).await
+        }
         _ => transparent::handle(Arc::clone(&shared), stream, ctx).await,
     }
     shared.metrics.listener(kind).connections_active.dec();

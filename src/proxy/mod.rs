@@ -54,7 +54,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(engine: Engine, metrics: Metrics, access_log: AccessLog, own_addrs: Vec<SocketAddr>) -> Arc<Shared> {
+    pub fn new(
+        engine: Engine,
+        metrics: Metrics,
+        access_log: AccessLog,
+        own_addrs: Vec<SocketAddr>,
+    ) -> Arc<Shared> {
         metrics.set_signatures(&engine.signatures);
         let guard = Arc::new(upstream::DestGuard {
             own_addrs,
@@ -81,7 +86,13 @@ impl Shared {
     }
 
     /// Count a verdict in the metrics and fill the record's verdict fields.
-    pub fn record_verdict(&self, listener: ListenerKind, engine: &Engine, verdict: &Verdict, rec: &mut Record) {
+    pub fn record_verdict(
+        &self,
+        listener: ListenerKind,
+        engine: &Engine,
+        verdict: &Verdict,
+        rec: &mut Record,
+    ) {
         let l = self.metrics.listener(listener);
         rec.verdict = verdict.as_str();
         match verdict {
@@ -124,7 +135,10 @@ impl Shared {
             self.conns_total.fetch_sub(1, Ordering::AcqRel);
             return Err("global");
         }
-        let mut map = self.conns_per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .conns_per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let n = map.entry(client).or_insert(0);
         if *n >= max_client {
             drop(map);

@@ -22,5 +22,8 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 
 #[cfg(not(target_os = "linux"))]
 pub fn original_dst(_stream: &TcpStream) -> io::Result<SocketAddr> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "transparent mode needs Linux netfilter"))
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "transparent mode needs Linux netfilter",
+    ))
 }

@@ -105,7 +105,9 @@ impl fmt::Display for FlowError {
 impl std::error::Error for FlowError {}
 
 pub fn full(body: impl Into<Bytes>) -> ProxyBody {
-    Full::new(body.into()).map_err(|never| match never {}).boxed()
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn empty() -> ProxyBody {
@@ -155,7 +157,10 @@ pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(app) = app.and_then(|a| HeaderValue::from_str(&a).ok()) {
         h.insert("x-chatwall-block", app);

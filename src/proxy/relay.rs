@@ -175,7 +175,13 @@ pub fn reset(s: &TcpStream) {
 
 /// One direction: copy `src` to `dst`, inspecting the first bytes while an
 /// inspector is present.
-async fn pump(cx: &RelayCtx<'_>, src: &TcpStream, dst: &TcpStream, mut insp: Option<Inspector>, counter: &AtomicU64) -> End {
+async fn pump(
+    cx: &RelayCtx<'_>,
+    src: &TcpStream,
+    dst: &TcpStream,
+    mut insp: Option<Inspector>,
+    counter: &AtomicU64,
+) -> End {
     // Bytes handed in before the relay started (peeked first bytes).
     if let Some(i) = insp.as_mut() {
         match inspect_step(cx, i, dst).await {
@@ -263,7 +269,11 @@ async fn pump(cx: &RelayCtx<'_>, src: &TcpStream, dst: &TcpStream, mut insp: Opt
 /// app matched).
 async fn inspect_step(cx: &RelayCtx<'_>, i: &mut Inspector, dst: &TcpStream) -> Result<bool, End> {
     let scan_len = i.buf.len().min(i.window);
-    let outcome = cx.engine.signatures.payload().classify(i.dir, &i.buf[..scan_len]);
+    let outcome = cx
+        .engine
+        .signatures
+        .payload()
+        .classify(i.dir, &i.buf[..scan_len]);
     let (upto, finished) = match outcome {
         Outcome::Match { .. } => {
             if let Some(d) = cx.decide(outcome) {
@@ -271,7 +281,9 @@ async fn inspect_step(cx: &RelayCtx<'_>, i: &mut Inspector, dst: &TcpStream) -> 
             }
             (i.buf.len(), true)
         }
-        Outcome::Pending { forward_upto } if scan_len < i.window => (forward_upto.max(i.forwarded), false),
+        Outcome::Pending { forward_upto } if scan_len < i.window => {
+            (forward_upto.max(i.forwarded), false)
+        }
         _ => (i.buf.len(), true),
     };
     if upto > i.forwarded {
@@ -298,7 +310,10 @@ pub async fn relay(
     let down = pump(cx, upstream, client, s2c, &cx.down);
     tokio::pin!(up, down);
     let (mut up_end, mut down_end): (Option<End>, Option<End>) = (None, None);
-    let tick = cx.idle.min(Duration::from_secs(5)).max(Duration::from_millis(10));
+    let tick = cx
+        .idle
+        .min(Duration::from_secs(5))
+        .max(Duration::from_millis(10));
     let end = loop {
         tokio::select! {
             e = &mut up, if up_end.is_none() => {
@@ -326,8 +341,13 @@ pub async fn relay(
 
 /// Relay two upgraded HTTP connections (WebSocket after a 101), counting
 /// bytes, under the tunnel idle timeout.
-pub async fn relay_upgraded<A, B>(shared: &Shared, engine: &Engine, mut a: A, mut b: B, rec: &mut Record)
-where
+pub async fn relay_upgraded<A, B>(
+    shared: &Shared,
+    engine: &Engine,
+    mut a: A,
+    mut b: B,
+    rec: &mut Record,
+) where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {

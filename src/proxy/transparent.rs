@@ -33,18 +33,32 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
         Err(FlowError::DeniedDestination(dst.ip()))
     } else {
         let who = flow.ctx.client.who();
-        decide_name(&engine, &who, &dst.ip().to_string(), dst.port(), &mut flow.monitor).and_then(|allowlisted| {
+        decide_name(
+            &engine,
+            &who,
+            &dst.ip().to_string(),
+            dst.port(),
+            &mut flow.monitor,
+        )
+        .and_then(|allowlisted| {
             flow.allowlisted = allowlisted;
-            upstream::check_addr(&shared.guard, &engine, &flow.ctx.client, dst, allowlisted).map(|m| {
-                if let Some(m) = m {
-                    flow.monitor.get_or_insert(m);
-                }
-            })
+            upstream::check_addr(&shared.guard, &engine, &flow.ctx.client, dst, allowlisted).map(
+                |m| {
+                    if let Some(m) = m {
+                        flow.monitor.get_or_insert(m);
+                    }
+                },
+            )
         })
     };
     if let Err(e) = checked {
         if let FlowError::Blocked(d) = &e {
-            shared.record_verdict(listener, &engine, &crate::policy::Verdict::Block(*d), &mut flow.rec);
+            shared.record_verdict(
+                listener,
+                &engine,
+                &crate::policy::Verdict::Block(*d),
+                &mut flow.rec,
+            );
         } else {
             flow.rec.verdict = "block";
             flow.rec.reason = Some("destination");
@@ -57,10 +71,14 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
     }
     let upstream = match listener {
         // HTTP and TLS clients speak first: connect once they have.
-        ListenerKind::TransparentHttp | ListenerKind::TransparentTls => Upstream::Lazy(Arc::from([dst])),
+        ListenerKind::TransparentHttp | ListenerKind::TransparentTls => {
+            Upstream::Lazy(Arc::from([dst]))
+        }
         _ => {
             let limits = &engine.config.limits;
-            match upstream::connect(&[dst], limits.connect_timeout, engine.config.upstream_mark).await {
+            match upstream::connect(&[dst], limits.connect_timeout, engine.config.upstream_mark)
+                .await
+            {
                 Ok(s) => Upstream::Connected(s),
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());

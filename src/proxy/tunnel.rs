@@ -79,7 +79,9 @@ pub async fn connect(
     let port = auth
         .port_u16()
         .filter(|&p| p != 0)
-        .ok_or(FlowError::BadRequest("CONNECT needs an explicit, non-zero port"))?;
+        .ok_or(FlowError::BadRequest(
+            "CONNECT needs an explicit, non-zero port",
+        ))?;
     let raw_host = auth.host().trim_start_matches('[').trim_end_matches(']');
     let host = if raw_host.parse::<std::net::IpAddr>().is_ok() {
         raw_host.to_string()
@@ -91,7 +93,16 @@ pub async fn connect(
 
     let mut monitor = None;
     let allowlisted = decide_name(engine, &ctx.client.who(), &host, port, &mut monitor)?;
-    let addrs = upstream::resolve_checked(shared, engine, &ctx.client, &host, port, allowlisted, &mut monitor).await?;
+    let addrs = upstream::resolve_checked(
+        shared,
+        engine,
+        &ctx.client,
+        &host,
+        port,
+        allowlisted,
+        &mut monitor,
+    )
+    .await?;
     let limits = &engine.config.limits;
     let up = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
     let dst = up.peer_addr().unwrap_or(addrs[0]);
@@ -120,7 +131,15 @@ pub async fn connect(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let client = parts.io.into_inner();
-                run(shared, engine, flow, client, parts.read_buf, Upstream::Connected(up)).await;
+                run(
+                    shared,
+                    engine,
+                    flow,
+                    client,
+                    parts.read_buf,
+                    Upstream::Connected(up),
+                )
+                .await;
             }
             Err(_) => tracing::error!("CONNECT upgrade is not a TCP stream"),
         }
@@ -139,7 +158,15 @@ enum Sniff {
 }
 
 const METHODS: &[&[u8]] = &[
-    b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"HEAD ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
 ];
 
 fn sniff(buf: &[u8]) -> Sniff {
@@ -177,7 +204,14 @@ enum First {
 }
 
 /// Inspect and relay one tunnel; writes its access-log record at the end.
-pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, client: TcpStream, initial: Bytes, upstream: Upstream) {
+pub async fn run(
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    mut flow: Flow,
+    client: TcpStream,
+    initial: Bytes,
+    upstream: Upstream,
+) {
     let started = Instant::now();
     let result = first_bytes(&engine, &mut flow, &client, initial, &upstream).await;
     shared
@@ -213,7 +247,9 @@ pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, clien
         Upstream::Connected(s) => s,
         Upstream::Lazy(addrs) => {
             let limits = &engine.config.limits;
-            match upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await {
+            match upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark)
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
@@ -232,14 +268,16 @@ pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, clien
     let (c2s, s2c) = match first {
         First::Payload => (
             Some(Inspector::new(Direction::Client, &buf, window)),
-            (engine.signatures.payload().reach(Direction::Server) > 0).then(|| Inspector::new(Direction::Server, &[], window)),
+            (engine.signatures.payload().reach(Direction::Server) > 0)
+                .then(|| Inspector::new(Direction::Server, &[], window)),
         ),
         _ => {
             // Allowed TLS: hand the ClientHello on, then relay as is.
             if let Err(e) = relay::write_all(&up, &buf).await {
                 flow.rec.error = Some(e.to_string());
             }
-            cx.up.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            cx.up
+                .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
             (None, None)
         }
     };
@@ -252,7 +290,12 @@ pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, clien
     }
     match end {
         End::Blocked(d) => {
-            shared.record_verdict(flow.ctx.listener, &engine, &Verdict::Block(d), &mut flow.rec);
+            shared.record_verdict(
+                flow.ctx.listener,
+                &engine,
+                &Verdict::Block(d),
+                &mut flow.rec,
+            );
             tracing::debug!(client = %flow.ctx.client.addr, app = engine.signatures.app_id(d.app), "tunnel reset on payload");
         }
         End::Idle => flow.rec.error = Some("idle timeout".into()),
@@ -264,15 +307,31 @@ pub async fn run(shared: Arc<Shared>, engine: Arc<Engine>, mut flow: Flow, clien
 
 /// HTTP inside a tunnel. Boxed: a tunnel can carry HTTP whose requests may
 /// open tunnels, and the boxed future's declared `Send` ends that cycle.
-fn serve_http(shared: Arc<Shared>, io: Prefixed<TcpStream>, ctx: ConnCtx) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+fn serve_http(
+    shared: Arc<Shared>,
+    io: Prefixed<TcpStream>,
+    ctx: ConnCtx,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(explicit::serve(shared, TokioIo::new(io), ctx))
 }
 
 /// Reset a tunnel refused on its first bytes; nothing reached the upstream.
-fn refuse_tunnel(shared: &Shared, engine: &Engine, mut flow: Flow, client: &TcpStream, upstream: &Upstream, e: FlowError) {
+fn refuse_tunnel(
+    shared: &Shared,
+    engine: &Engine,
+    mut flow: Flow,
+    client: &TcpStream,
+    upstream: &Upstream,
+    e: FlowError,
+) {
     match &e {
         FlowError::Blocked(d) => {
-            shared.record_verdict(flow.ctx.listener, engine, &Verdict::Block(*d), &mut flow.rec);
+            shared.record_verdict(
+                flow.ctx.listener,
+                engine,
+                &Verdict::Block(*d),
+                &mut flow.rec,
+            );
         }
         other => flow.rec.error = Some(other.to_string()),
     }
@@ -379,11 +438,19 @@ async fn first_bytes(
 }
 
 /// SNI, ALPN, JA4 and ECH of an allowed destination's ClientHello.
-fn decide_hello(engine: &Engine, who: &Who, flow: &mut Flow, hello: &crate::classify::tls::ClientHello) -> Result<(), FlowError> {
+fn decide_hello(
+    engine: &Engine,
+    who: &Who,
+    flow: &mut Flow,
+    hello: &crate::classify::tls::ClientHello,
+) -> Result<(), FlowError> {
     let policy = &engine.policy;
     let sni_allowlisted = hello.sni.as_deref().is_some_and(|s| policy.allows_name(s));
     if !sni_allowlisted {
-        apply(policy.decide_for(who, engine.signatures.classify_hello(hello)), &mut flow.monitor)?;
+        apply(
+            policy.decide_for(who, engine.signatures.classify_hello(hello)),
+            &mut flow.monitor,
+        )?;
     }
     if hello.ech || hello.esni {
         let d = Detection {
@@ -414,7 +481,13 @@ fn non_http(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8]) -> Result<(
     generic(engine, who, flow, buf, Reason::NonHttp)
 }
 
-fn generic(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8], reason: Reason) -> Result<(), FlowError> {
+fn generic(
+    engine: &Engine,
+    who: &Who,
+    flow: &mut Flow,
+    buf: &[u8],
+    reason: Reason,
+) -> Result<(), FlowError> {
     if flow.allowlisted {
         return Ok(());
     }
@@ -436,7 +509,12 @@ fn generic(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8], reason: Reas
 }
 
 /// Neither TLS nor HTTP.
-fn other_protocol(engine: &Engine, who: &Who, flow: &mut Flow, buf: BytesMut) -> Result<(First, BytesMut), FlowError> {
+fn other_protocol(
+    engine: &Engine,
+    who: &Who,
+    flow: &mut Flow,
+    buf: BytesMut,
+) -> Result<(First, BytesMut), FlowError> {
     match flow.dst.port() {
         443 => non_tls(engine, who, flow, &buf)?,
         80 => non_http(engine, who, flow, &buf)?,

@@ -94,8 +94,11 @@ pub fn check_addr(
 /// The system resolver (getaddrinfo) behind a short positive cache, shared
 /// by the per-request checks and the upstream connector so that a name is
 /// looked up once, and the addresses checked are the addresses connected to.
+/// (name, port) → (when resolved, addresses).
+type Cache = HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>;
+
 pub struct Resolver {
-    cache: Mutex<HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>>,
+    cache: Mutex<Cache>,
     ttl: Duration,
 }
 
@@ -112,7 +115,12 @@ impl Resolver {
 
     /// Resolve `host:port` under the DNS deadline. IP literals are returned
     /// as they are.
-    pub async fn resolve(&self, host: &str, port: u16, timeout: Duration) -> Result<Arc<[SocketAddr]>, FlowError> {
+    pub async fn resolve(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Arc<[SocketAddr]>, FlowError> {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = bare.parse::<IpAddr>() {
             return Ok(Arc::from([SocketAddr::new(ip, port)]));
@@ -123,11 +131,12 @@ impl Resolver {
                 return Ok(Arc::clone(addrs));
             }
         }
-        let addrs: Arc<[SocketAddr]> = match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
-            Err(_) => return Err(FlowError::Dns(format!("{host}: timed out"))),
-            Ok(Err(e)) => return Err(FlowError::Dns(format!("{host}: {e}"))),
-            Ok(Ok(addrs)) => addrs.collect(),
-        };
+        let addrs: Arc<[SocketAddr]> =
+            match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+                Err(_) => return Err(FlowError::Dns(format!("{host}: timed out"))),
+                Ok(Err(e)) => return Err(FlowError::Dns(format!("{host}: {e}"))),
+                Ok(Ok(addrs)) => addrs.collect(),
+            };
         if addrs.is_empty() {
             return Err(FlowError::Dns(format!("{host}: no addresses")));
         }
@@ -141,7 +150,7 @@ impl Resolver {
         Ok(addrs)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

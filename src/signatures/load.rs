@@ -170,12 +170,20 @@ impl Ctx<'_> {
             None => (false, raw),
         };
         if name.contains('*') {
-            self.err(s, field, format!("`{raw}`: a wildcard is only allowed as a leading `*.`"));
+            self.err(
+                s,
+                field,
+                format!("`{raw}`: a wildcard is only allowed as a leading `*.`"),
+            );
             return None;
         }
         match normalize_host(name) {
             Some(n) if wild && !n.contains('.') => {
-                self.err(s, field, format!("`{raw}`: a wildcard needs at least two labels after it"));
+                self.err(
+                    s,
+                    field,
+                    format!("`{raw}`: a wildcard needs at least two labels after it"),
+                );
                 None
             }
             Some(n) => Some(if wild { format!("*.{n}") } else { n }),
@@ -211,7 +219,11 @@ impl Ctx<'_> {
             (None, Some(w)) if w > 0 => Anchor::Within(w as usize),
             (None, None) => Anchor::Within(window),
             _ => {
-                self.err(a, field, "give at most one of `offset` (>= 0) or `within` (> 0)");
+                self.err(
+                    a,
+                    field,
+                    "give at most one of `offset` (>= 0) or `within` (> 0)",
+                );
                 return None;
             }
         };
@@ -220,7 +232,11 @@ impl Ctx<'_> {
             Anchor::Within(n) => n,
         };
         if reach > window {
-            self.err(a, field, format!("reaches byte {reach}, beyond the inspection window of {window} bytes"));
+            self.err(
+                a,
+                field,
+                format!("reaches byte {reach}, beyond the inspection window of {window} bytes"),
+            );
             return None;
         }
         if let Anchor::Within(n) = anchor {
@@ -257,11 +273,24 @@ impl Ctx<'_> {
             return None;
         }
         let (test, shown) = match (&r.equals, &r.prefix, &r.contains) {
-            (Some(v), None, None) => (HeaderTest::Equals(v.as_bytes().to_vec()), format!("{name} = {v:?}")),
-            (None, Some(v), None) => (HeaderTest::Prefix(v.as_bytes().to_vec()), format!("{name} ^= {v:?}")),
-            (None, None, Some(v)) => (HeaderTest::Contains(v.as_bytes().to_vec()), format!("{name} ~ {v:?}")),
+            (Some(v), None, None) => (
+                HeaderTest::Equals(v.as_bytes().to_vec()),
+                format!("{name} = {v:?}"),
+            ),
+            (None, Some(v), None) => (
+                HeaderTest::Prefix(v.as_bytes().to_vec()),
+                format!("{name} ^= {v:?}"),
+            ),
+            (None, None, Some(v)) => (
+                HeaderTest::Contains(v.as_bytes().to_vec()),
+                format!("{name} ~ {v:?}"),
+            ),
             _ => {
-                self.err(h, field, "give exactly one of `equals`, `prefix`, `contains`");
+                self.err(
+                    h,
+                    field,
+                    "give exactly one of `equals`, `prefix`, `contains`",
+                );
                 return None;
             }
         };
@@ -311,14 +340,22 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        cx.err(&raw.id, "id", format!("`{id}` must be lower-case letters, digits and `-`"));
+        cx.err(
+            &raw.id,
+            "id",
+            format!("`{id}` must be lower-case letters, digits and `-`"),
+        );
     }
     let stem = Path::new(&f.name)
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default();
     if stem != id {
-        cx.err(&raw.id, "id", format!("`{id}` must equal the file name `{stem}`"));
+        cx.err(
+            &raw.id,
+            "id",
+            format!("`{id}` must equal the file name `{stem}`"),
+        );
     }
     if raw.name.get_ref().trim().is_empty() {
         cx.err(&raw.name, "name", "must not be empty");
@@ -349,7 +386,12 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
         }
         for n in &h.names {
             if let Some(p) = cx.host_pattern(n, "hosts.names") {
-                push(RuleBody::Host(p.clone()), p, &source, cx.line(n.span().start));
+                push(
+                    RuleBody::Host(p.clone()),
+                    p,
+                    &source,
+                    cx.line(n.span().start),
+                );
             }
         }
     }
@@ -357,8 +399,17 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
         let source = cx.source(&p.source, "ports.source");
         for port in &p.tcp {
             match u16::try_from(*port.get_ref()) {
-                Ok(n) if n != 0 => push(RuleBody::Port(n), format!("tcp/{n}"), &source, cx.line(port.span().start)),
-                _ => cx.err(port, "ports.tcp", format!("{} is not a TCP port", port.get_ref())),
+                Ok(n) if n != 0 => push(
+                    RuleBody::Port(n),
+                    format!("tcp/{n}"),
+                    &source,
+                    cx.line(port.span().start),
+                ),
+                _ => cx.err(
+                    port,
+                    "ports.tcp",
+                    format!("{} is not a TCP port", port.get_ref()),
+                ),
             }
         }
     }
@@ -366,8 +417,17 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
         let source = cx.source(&c.source, "cidrs.source");
         for n in &c.nets {
             match parse_net(n.get_ref().trim()) {
-                Some(net) => push(RuleBody::Cidr(net), net.to_string(), &source, cx.line(n.span().start)),
-                None => cx.err(n, "cidrs.nets", format!("`{}` is not a CIDR prefix with zero host bits", n.get_ref())),
+                Some(net) => push(
+                    RuleBody::Cidr(net),
+                    net.to_string(),
+                    &source,
+                    cx.line(n.span().start),
+                ),
+                None => cx.err(
+                    n,
+                    "cidrs.nets",
+                    format!("`{}` is not a CIDR prefix with zero host bits", n.get_ref()),
+                ),
             }
         }
     }
@@ -378,7 +438,12 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
         }
         for n in &t.sni {
             if let Some(p) = cx.host_pattern(n, "tls.sni") {
-                push(RuleBody::Sni(p.clone()), format!("sni {p}"), &source, cx.line(n.span().start));
+                push(
+                    RuleBody::Sni(p.clone()),
+                    format!("sni {p}"),
+                    &source,
+                    cx.line(n.span().start),
+                );
             }
         }
         for a in &t.alpn {
@@ -386,15 +451,29 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
             if v.is_empty() || v.len() > 255 {
                 cx.err(a, "tls.alpn", "an ALPN id is 1 to 255 bytes");
             } else {
-                push(RuleBody::Alpn(v.clone()), format!("alpn {v}"), &source, cx.line(a.span().start));
+                push(
+                    RuleBody::Alpn(v.clone()),
+                    format!("alpn {v}"),
+                    &source,
+                    cx.line(a.span().start),
+                );
             }
         }
         for j in &t.ja4 {
             let v = j.get_ref().to_ascii_lowercase();
             if !valid_ja4(&v) {
-                cx.err(j, "tls.ja4", format!("`{}` is not a JA4 fingerprint (a_b_c)", j.get_ref()));
+                cx.err(
+                    j,
+                    "tls.ja4",
+                    format!("`{}` is not a JA4 fingerprint (a_b_c)", j.get_ref()),
+                );
             } else {
-                push(RuleBody::Ja4(v.clone()), format!("ja4 {v}"), &source, cx.line(j.span().start));
+                push(
+                    RuleBody::Ja4(v.clone()),
+                    format!("ja4 {v}"),
+                    &source,
+                    cx.line(j.span().start),
+                );
             }
         }
     }
@@ -405,21 +484,26 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
         let method = h.method.as_ref().map(|m| {
             let v = m.get_ref().trim().to_ascii_uppercase();
             if v.is_empty() || !v.bytes().all(|b| b.is_ascii_uppercase()) {
-                cx.err(m, "http.method", format!("`{}` is not a method", m.get_ref()));
+                cx.err(
+                    m,
+                    "http.method",
+                    format!("`{}` is not a method", m.get_ref()),
+                );
             }
             parts.push(v.clone());
             v
         });
-        let check_path = |p: &Option<Spanned<String>>, field: &str, cx: &mut Ctx, parts: &mut Vec<String>| {
-            p.as_ref().map(|s| {
-                let v = s.get_ref().clone();
-                if !v.starts_with('/') || v.bytes().any(|b| b <= b' ' || b == 0x7f) {
-                    cx.err(s, field, format!("`{v}` is not an absolute path"));
-                }
-                parts.push(format!("{} {v}", field.trim_start_matches("http.")));
-                v
-            })
-        };
+        let check_path =
+            |p: &Option<Spanned<String>>, field: &str, cx: &mut Ctx, parts: &mut Vec<String>| {
+                p.as_ref().map(|s| {
+                    let v = s.get_ref().clone();
+                    if !v.starts_with('/') || v.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                        cx.err(s, field, format!("`{v}` is not an absolute path"));
+                    }
+                    parts.push(format!("{} {v}", field.trim_start_matches("http.")));
+                    v
+                })
+            };
         let path = check_path(&h.path, "http.path", &mut cx, &mut parts);
         let path_prefix = check_path(&h.path_prefix, "http.path_prefix", &mut cx, &mut parts);
         let mut headers = Vec::new();
@@ -440,8 +524,17 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
             cx.err(&h.source, "http", "a rule needs at least one condition");
             continue;
         }
-        if method.is_some() && path.is_none() && path_prefix.is_none() && headers.is_empty() && body.is_empty() {
-            cx.err(&h.source, "http", "a method alone would match ordinary traffic");
+        if method.is_some()
+            && path.is_none()
+            && path_prefix.is_none()
+            && headers.is_empty()
+            && body.is_empty()
+        {
+            cx.err(
+                &h.source,
+                "http",
+                "a method alone would match ordinary traffic",
+            );
             continue;
         }
         push(
@@ -465,7 +558,11 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
             Some("server") => Direction::Server,
             Some(other) => {
                 if let Some(d) = &p.direction {
-                    cx.err(d, "payload.direction", format!("`{other}` is not client or server"));
+                    cx.err(
+                        d,
+                        "payload.direction",
+                        format!("`{other}` is not client or server"),
+                    );
                 }
                 continue;
             }
@@ -487,37 +584,77 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
         }
         let total: usize = atoms.iter().map(|a| a.bytes.len()).sum();
         if total < 3 {
-            cx.err(&p.source, "payload.match", "fewer than 3 fixed bytes would match ordinary traffic");
+            cx.err(
+                &p.source,
+                "payload.match",
+                "fewer than 3 fixed bytes would match ordinary traffic",
+            );
             continue;
         }
-        let dir = if direction == Direction::Server { "server: " } else { "" };
-        push(RuleBody::Payload(direction, atoms), format!("{dir}{}", parts.join(" + ")), &source, line);
+        let dir = if direction == Direction::Server {
+            "server: "
+        } else {
+            ""
+        };
+        push(
+            RuleBody::Payload(direction, atoms),
+            format!("{dir}{}", parts.join(" + ")),
+            &source,
+            line,
+        );
     }
     for d in &raw.downloads {
         let source = cx.source(&d.source, "downloads.source");
         if d.url_prefix.is_empty() && d.file_name.is_empty() && d.sha256.is_empty() {
-            cx.err(&d.source, "downloads", "give at least one of url_prefix, file_name, sha256");
+            cx.err(
+                &d.source,
+                "downloads",
+                "give at least one of url_prefix, file_name, sha256",
+            );
         }
         for u in &d.url_prefix {
             let v = u.get_ref().trim().to_ascii_lowercase();
             let host = v.split('/').next().unwrap_or("");
             if v.contains("://") || !v.contains('/') || normalize_host(host).is_none() {
-                cx.err(u, "downloads.url_prefix", format!("`{}` is not host/path (no scheme)", u.get_ref()));
+                cx.err(
+                    u,
+                    "downloads.url_prefix",
+                    format!("`{}` is not host/path (no scheme)", u.get_ref()),
+                );
             } else {
-                push(RuleBody::Download(DownloadSpec::UrlPrefix(v.clone())), format!("url {v}"), &source, cx.line(u.span().start));
+                push(
+                    RuleBody::Download(DownloadSpec::UrlPrefix(v.clone())),
+                    format!("url {v}"),
+                    &source,
+                    cx.line(u.span().start),
+                );
             }
         }
         for n in &d.file_name {
             let v = n.get_ref().trim().to_string();
             if v.is_empty() || v.contains('/') {
-                cx.err(n, "downloads.file_name", format!("`{v}` is not a file name"));
+                cx.err(
+                    n,
+                    "downloads.file_name",
+                    format!("`{v}` is not a file name"),
+                );
             } else {
-                push(RuleBody::Download(DownloadSpec::FileName(v.to_ascii_lowercase())), format!("file {v}"), &source, cx.line(n.span().start));
+                push(
+                    RuleBody::Download(DownloadSpec::FileName(v.to_ascii_lowercase())),
+                    format!("file {v}"),
+                    &source,
+                    cx.line(n.span().start),
+                );
             }
         }
         for s in &d.sha256 {
             match parse_hex(s.get_ref()).and_then(|b| <[u8; 32]>::try_from(b).ok()) {
-                Some(digest) => push(RuleBody::Download(DownloadSpec::Sha256(digest)), format!("sha256 {}", s.get_ref().to_ascii_lowercase()), &source, cx.line(s.span().start)),
+                Some(digest) => push(
+                    RuleBody::Download(DownloadSpec::Sha256(digest)),
+                    format!("sha256 {}", s.get_ref().to_ascii_lowercase()),
+                    &source,
+                    cx.line(s.span().start),
+                ),
                 None => cx.err(s, "downloads.sha256", "is not 64 hex digits"),
             }
         }

@@ -176,11 +176,17 @@ impl SignatureSet {
         if idx == UNIDENTIFIED {
             return "unidentified";
         }
-        self.apps.get(idx as usize).map(|a| a.id.as_str()).unwrap_or("unidentified")
+        self.apps
+            .get(idx as usize)
+            .map(|a| a.id.as_str())
+            .unwrap_or("unidentified")
     }
 
     pub fn app_index(&self, id: &str) -> Option<AppIdx> {
-        self.apps.iter().position(|a| a.id == id).map(|i| i as AppIdx)
+        self.apps
+            .iter()
+            .position(|a| a.id == id)
+            .map(|i| i as AppIdx)
     }
 
     pub fn rule(&self, idx: u32) -> Option<&RuleInfo> {
@@ -189,7 +195,11 @@ impl SignatureSet {
 
     fn detection(&self, rule: u32, reason: Reason, offset: Option<u32>) -> Detection {
         Detection {
-            app: self.rules.get(rule as usize).map(|r| r.app).unwrap_or(UNIDENTIFIED),
+            app: self
+                .rules
+                .get(rule as usize)
+                .map(|r| r.app)
+                .unwrap_or(UNIDENTIFIED),
             rule: Some(rule),
             reason,
             offset,
@@ -293,7 +303,9 @@ impl SignatureSet {
 
     /// Every CIDR with its app.
     pub fn cidr_list(&self) -> impl Iterator<Item = (ipnet::IpNet, AppIdx)> + '_ {
-        self.cidrs.iter().filter_map(move |(n, &rule)| self.rule(rule).map(|r| (n, r.app)))
+        self.cidrs
+            .iter()
+            .filter_map(move |(n, &rule)| self.rule(rule).map(|r| (n, r.app)))
     }
 
     /// Every IM port with its app.
@@ -405,7 +417,9 @@ fn compile(loaded: Vec<LoadedApp>, window: usize) -> Result<SignatureSet, Vec<Fi
                     direction: *dir,
                     atoms: atoms.clone(),
                 }),
-                RuleBody::Download(DownloadSpec::UrlPrefix(u)) => set.url_prefixes.push((u.clone(), idx)),
+                RuleBody::Download(DownloadSpec::UrlPrefix(u)) => {
+                    set.url_prefixes.push((u.clone(), idx))
+                }
                 RuleBody::Download(DownloadSpec::FileName(n)) => {
                     set.file_names.entry(n.clone()).or_insert(idx);
                 }
@@ -444,6 +458,7 @@ fn compile(loaded: Vec<LoadedApp>, window: usize) -> Result<SignatureSet, Vec<Fi
         }]
     })?;
     // Longest URL prefix first, so the most specific rule names the flow.
-    set.url_prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    set.url_prefixes
+        .sort_by_key(|p| std::cmp::Reverse(p.0.len()));
     Ok(set)
 }

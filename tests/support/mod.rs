@@ -61,15 +61,23 @@ impl Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let log_path = dir.path().join("access.log");
         let config_path = dir.path().join("chatwall.toml");
-        std::fs::write(&config_path, format!("{}{}", base_toml(&log_path), extra)).expect("write config");
+        std::fs::write(&config_path, format!("{}{}", base_toml(&log_path), extra))
+            .expect("write config");
         Proxy::start_file(dir, config_path, log_path).await
     }
 
     /// A proxy from a whole configuration file written by the test (which
     /// must put the explicit and admin listeners on 127.0.0.1:0).
-    pub async fn start_file(dir: tempfile::TempDir, config_path: PathBuf, log_path: PathBuf) -> Proxy {
+    pub async fn start_file(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        log_path: PathBuf,
+    ) -> Proxy {
         if let Ok(filter) = std::env::var("CHATWALL_TEST_LOG") {
-            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
         }
         let cfg = Config::load(Some(&config_path)).unwrap_or_else(|e| panic!("config: {e}"));
         let engine = Engine::build(cfg).unwrap_or_else(|e| panic!("engine: {e:?}"));
@@ -126,7 +134,11 @@ impl Proxy {
 
     /// `GET path` on the admin listener: (status, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        raw_http(self.admin, &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")).await
+        raw_http(
+            self.admin,
+            &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+        )
+        .await
     }
 
     pub async fn admin_post(&self, path: &str) -> (u16, String) {
@@ -178,7 +190,10 @@ pub fn parse_response(out: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -198,22 +213,38 @@ pub async fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, s.read(&mut byte)).await.expect("response in time").expect("read");
-        assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+        let n = tokio::time::timeout(WAIT, s.read(&mut byte))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed before a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.push(byte[0]);
         assert!(buf.len() < 64 * 1024, "response head too large");
     }
     let head = String::from_utf8_lossy(&buf).to_string();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let len = head
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
         })
         .unwrap_or(0);
     let mut body = vec![0u8; len];
-    tokio::time::timeout(WAIT, s.read_exact(&mut body)).await.expect("body in time").expect("body");
+    tokio::time::timeout(WAIT, s.read_exact(&mut body))
+        .await
+        .expect("body in time")
+        .expect("body");
     (status, head, body)
 }
 
@@ -247,10 +278,14 @@ impl HttpOrigin {
         let seen2 = Arc::clone(&seen);
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { break };
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
                 let seen = Arc::clone(&seen2);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| origin_handle(Arc::clone(&seen), req));
+                    let svc = hyper::service::service_fn(move |req| {
+                        origin_handle(Arc::clone(&seen), req)
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades()
@@ -268,9 +303,16 @@ impl HttpOrigin {
 
 type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-async fn origin_handle(seen: Arc<Mutex<Vec<Seen>>>, req: Request<Incoming>) -> Result<Response<OriginBody>, Infallible> {
+async fn origin_handle(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    req: Request<Incoming>,
+) -> Result<Response<OriginBody>, Infallible> {
     let (parts, body) = req.into_parts();
-    let collected = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let collected = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     if let Ok(mut s) = seen.lock() {
         s.push(Seen {
             method: parts.method.to_string(),
@@ -284,15 +326,23 @@ async fn origin_handle(seen: Arc<Mutex<Vec<Seen>>>, req: Request<Incoming>) -> R
         });
     }
     let path = parts.uri.path().to_string();
-    if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
-        let body = PatternBody { pos: 0, n, chunk: 64 * 1024 };
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let body = PatternBody {
+            pos: 0,
+            n,
+            chunk: 64 * 1024,
+        };
         return Ok(Response::new(BodyExt::boxed(body)));
     }
     if path == "/echo" {
         return Ok(Response::new(Full::new(collected).boxed()));
     }
     let mut r = Response::new(Full::new(Bytes::from_static(b"hello from origin\n")).boxed());
-    r.headers_mut().insert("x-origin", "1".parse().expect("static header"));
+    r.headers_mut()
+        .insert("x-origin", "1".parse().expect("static header"));
     Ok(r)
 }
 
@@ -331,14 +381,18 @@ pub struct RawOrigin {
 
 impl RawOrigin {
     pub async fn start(banner: Option<&'static [u8]>, echo: bool) -> RawOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind raw origin");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind raw origin");
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (rx2, acc2) = (Arc::clone(&received), Arc::clone(&accepted));
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { break };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    break;
+                };
                 acc2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let idx = {
                     let mut r = rx2.lock().expect("lock");
@@ -367,22 +421,40 @@ impl RawOrigin {
                 });
             }
         });
-        RawOrigin { addr, received, accepted }
+        RawOrigin {
+            addr,
+            received,
+            accepted,
+        }
     }
 
     /// All bytes received on all connections.
     pub fn total_received(&self) -> usize {
-        self.received.lock().map(|r| r.iter().map(Vec::len).sum()).unwrap_or(0)
+        self.received
+            .lock()
+            .map(|r| r.iter().map(Vec::len).sum())
+            .unwrap_or(0)
     }
 
     pub fn connection_bytes(&self, i: usize) -> Vec<u8> {
-        self.received.lock().ok().and_then(|r| r.get(i).cloned()).unwrap_or_default()
+        self.received
+            .lock()
+            .ok()
+            .and_then(|r| r.get(i).cloned())
+            .unwrap_or_default()
     }
 }
 
 /// A certificate for `names`, and the rustls server config using it.
-pub fn tls_server_config(names: &[&str]) -> (Arc<rustls::ServerConfig>, rustls::pki_types::CertificateDer<'static>) {
-    let ck = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("cert");
+pub fn tls_server_config(
+    names: &[&str],
+) -> (
+    Arc<rustls::ServerConfig>,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    let ck =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("cert");
     let cert = ck.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -415,17 +487,26 @@ impl TlsOrigin {
         let cert_pem_path = dir.path().join("origin.pem");
         std::fs::write(&cert_pem_path, pem).expect("write pem");
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls origin");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tls origin");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { break };
+                let Ok((s, _)) = listener.accept().await else {
+                    break;
+                };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(s).await else { return };
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
                     let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                         let path = req.uri().path().to_string();
-                        let body = if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                        let body = if let Some(n) = path
+                            .strip_prefix("/bytes/")
+                            .and_then(|n| n.parse::<usize>().ok())
+                        {
                             Bytes::from((0..n).map(pattern_byte).collect::<Vec<u8>>())
                         } else {
                             Bytes::from_static(b"hello over tls\n")
@@ -438,7 +519,12 @@ impl TlsOrigin {
                 });
             }
         });
-        TlsOrigin { addr, cert, cert_pem_path, _dir: dir }
+        TlsOrigin {
+            addr,
+            cert,
+            cert_pem_path,
+            _dir: dir,
+        }
     }
 
     /// A rustls client config trusting this origin.
@@ -459,12 +545,24 @@ fn base64_lines(der: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for chunk in der.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = ((b[0] as u32) << 16) | ((b[1] as u32) << 8) | b[2] as u32;
         s.push(T[(n >> 18) as usize & 63] as char);
         s.push(T[(n >> 12) as usize & 63] as char);
-        s.push(if chunk.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        s.push(if chunk.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        s.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     s.as_bytes()
         .chunks(64)
@@ -490,9 +588,14 @@ pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> Result<TcpStr
 /// A hyper client that sends absolute-form requests to the proxy.
 pub async fn proxy_request(proxy: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming> {
     let stream = TcpStream::connect(proxy).await.expect("connect proxy");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
-    tokio::time::timeout(WAIT, sender.send_request(req)).await.expect("in time").expect("response")
+    tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response")
 }
 
 pub fn executor() -> TokioExecutor {
@@ -501,7 +604,10 @@ pub fn executor() -> TokioExecutor {
 
 /// Is `curl` on this machine?
 pub fn have_curl() -> bool {
-    std::process::Command::new("curl").arg("--version").output().is_ok()
+    std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok()
 }
 
 /// Run curl with args; (exit code, stdout bytes, stderr).
