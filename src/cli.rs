@@ -3,6 +3,7 @@
 //! 1 bad configuration, signatures or capture, 2 bad usage, 3 runtime
 //! failure.
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -445,6 +446,19 @@ fn classify(cmd: ClassifyCommand) -> u8 {
     EXIT_OK
 }
 
+/// Write `text` to standard output. A reader that went away (`| head`) ends
+/// the command quietly; any other write failure is a runtime failure.
+fn write_out(out: &mut impl std::io::Write, text: &str) -> Result<(), u8> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(EXIT_OK),
+        Err(e) => {
+            eprintln!("chatwall: cannot write to standard output: {e}");
+            Err(EXIT_RUNTIME)
+        }
+    }
+}
+
 /// `classify pcap`: one line (or JSON object) per TCP flow on standard
 /// output; warnings and a summary on standard error.
 fn classify_pcap(file: &Path, json: bool, config: Option<&Path>) -> u8 {
@@ -463,11 +477,15 @@ fn classify_pcap(file: &Path, json: bool, config: Option<&Path>) -> u8 {
         eprintln!("{}: warning: {w}", file.display());
     }
     let mut counts = [0usize; 3];
+    let mut out = std::io::stdout().lock();
     for flow in &replay.flows {
-        if json {
-            println!("{}", flow.to_json(&engine));
+        let line = if json {
+            flow.to_json(&engine).to_string()
         } else {
-            println!("{}", flow.to_line(&engine));
+            flow.to_line(&engine)
+        };
+        if let Err(code) = write_out(&mut out, &(line + "\n")) {
+            return code;
         }
         counts[match flow.verdict {
             Verdict::Block(_) => 0,
@@ -494,8 +512,11 @@ fn export(format: Format, config: Option<&Path>) -> u8 {
         Ok(e) => e,
         Err(code) => return code,
     };
-    print!("{}", crate::export::export(&engine, format));
-    EXIT_OK
+    let text = crate::export::export(&engine, format);
+    match write_out(&mut std::io::stdout().lock(), &text) {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
 }
 
 /// The rules of one app, by kind and text, with how often each occurs and
@@ -536,10 +557,12 @@ fn signatures_diff(a: &Path, b: &Path, config: Option<&Path>) -> u8 {
     }
     let (old, new) = (&sets[0], &sets[1]);
     let (mut added, mut removed, mut changed) = (0, 0, 0);
+    let mut report = String::new();
     for app in old.apps() {
         if new.app_index(&app.id).is_none() {
             removed += 1;
-            println!(
+            let _ = writeln!(
+                report,
                 "- app {} ({}, {} rules)",
                 app.id,
                 app.file,
@@ -550,7 +573,8 @@ fn signatures_diff(a: &Path, b: &Path, config: Option<&Path>) -> u8 {
     for app in new.apps() {
         if old.app_index(&app.id).is_none() {
             added += 1;
-            println!(
+            let _ = writeln!(
+                report,
                 "+ app {} ({}, {} rules)",
                 app.id,
                 app.file,
@@ -588,15 +612,19 @@ fn signatures_diff(a: &Path, b: &Path, config: Option<&Path>) -> u8 {
         }
         if !lines.is_empty() {
             changed += 1;
-            println!("~ app {}", app.id);
+            let _ = writeln!(report, "~ app {}", app.id);
             for l in lines {
-                println!("{l}");
+                let _ = writeln!(report, "{l}");
             }
         }
     }
-    println!(
+    let _ = writeln!(
+        report,
         "{added} apps added, {removed} removed, {changed} changed ({} -> {})",
         old.origin, new.origin
     );
-    EXIT_OK
+    match write_out(&mut std::io::stdout().lock(), &report) {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
 }

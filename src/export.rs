@@ -480,11 +480,16 @@ impl<'a> Plan<'a> {
                 );
             }
             for chunk in b.ports.chunks(MULTIPORT_MAX) {
-                let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
+                let ports = match chunk {
+                    [one] => format!("--dport {one}"),
+                    many => {
+                        let list: Vec<String> = many.iter().map(u16::to_string).collect();
+                        format!("-m multiport --dports {}", list.join(","))
+                    }
+                };
                 let _ = writeln!(
                     out,
-                    "-A CHATWALL -p tcp -m multiport --dports {} -m comment --comment \"{id}\" -j REJECT --reject-with tcp-reset",
-                    list.join(",")
+                    "-A CHATWALL -p tcp {ports} -m comment --comment \"{id}\" -j REJECT --reject-with tcp-reset"
                 );
             }
         }

@@ -51,7 +51,7 @@ use crate::classify::payload::Direction;
 use crate::classify::tls::{inspect_client_hello, ClientHello, Hello};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::engine::Engine;
-use crate::policy::Verdict;
+use crate::policy::{Verdict, Who};
 
 /// The first four bytes of a pcapng file (Section Header Block type).
 const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
@@ -102,14 +102,14 @@ pub struct Findings {
 }
 
 impl Findings {
-    /// Decide one finding (or its absence) for `client`.
+    /// Decide one finding (or its absence) for `who`.
     pub fn decide(
         &mut self,
         engine: &Engine,
-        client: IpAddr,
+        who: &Who,
         found: Option<Detection>,
     ) -> Result<(), Refusal> {
-        match engine.policy.decide(client, found) {
+        match engine.policy.decide_for(who, found) {
             Verdict::Block(d) => Err(Refusal::Blocked(d)),
             m @ Verdict::Monitor(_) => {
                 self.monitor.get_or_insert(m);
@@ -195,12 +195,12 @@ pub enum Cue {
 /// the address is on the allow-list.
 pub fn decide_destination(
     engine: &Engine,
-    client: IpAddr,
+    who: &Who,
     dst: SocketAddr,
     findings: &mut Findings,
 ) -> Result<bool, Refusal> {
-    let allowlisted = decide_name(engine, client, &dst.ip().to_string(), dst.port(), findings)?;
-    check_addr(engine, client, dst, allowlisted, findings)?;
+    let allowlisted = decide_name(engine, who, &dst.ip().to_string(), dst.port(), findings)?;
+    check_addr(engine, who, dst, allowlisted, findings)?;
     Ok(allowlisted)
 }
 
@@ -208,7 +208,7 @@ pub fn decide_destination(
 /// (explicit.rs `decide_name`). `Ok(true)`: on the allow-list.
 pub fn decide_name(
     engine: &Engine,
-    client: IpAddr,
+    who: &Who,
     host: &str,
     port: u16,
     findings: &mut Findings,
@@ -231,8 +231,8 @@ pub fn decide_name(
         Some(ip) => sigs.classify_ip(ip),
         None => sigs.classify_host(host),
     };
-    findings.decide(engine, client, by_name)?;
-    findings.decide(engine, client, sigs.classify_port(port))?;
+    findings.decide(engine, who, by_name)?;
+    findings.decide(engine, who, sigs.classify_port(port))?;
     Ok(false)
 }
 
@@ -240,7 +240,7 @@ pub fn decide_name(
 /// chatwall's own listeners, which a capture cannot know).
 pub fn check_addr(
     engine: &Engine,
-    client: IpAddr,
+    who: &Who,
     dst: SocketAddr,
     name_allowlisted: bool,
     findings: &mut Findings,
@@ -252,7 +252,7 @@ pub fn check_addr(
     if name_allowlisted || engine.policy.allows_addr(dst.ip()) {
         return Ok(());
     }
-    findings.decide(engine, client, engine.signatures.classify_ip(dst.ip()))
+    findings.decide(engine, who, engine.signatures.classify_ip(dst.ip()))
 }
 
 /// The first-bytes inspection of one tunnel (tunnel.rs `first_bytes`),
@@ -260,7 +260,7 @@ pub fn check_addr(
 /// client has sent so far, each time something happens, until it answers.
 pub struct FirstBytesCheck<'e, 'f> {
     engine: &'e Engine,
-    client: IpAddr,
+    who: Who,
     /// The destination port: 443 and 80 have their own knobs.
     port: u16,
     /// The destination is on the allow-list: generic checks do not apply.
@@ -273,14 +273,14 @@ pub struct FirstBytesCheck<'e, 'f> {
 impl<'e, 'f> FirstBytesCheck<'e, 'f> {
     pub fn new(
         engine: &'e Engine,
-        client: IpAddr,
+        who: Who,
         port: u16,
         allowlisted: bool,
         findings: &'f mut Findings,
     ) -> Self {
         FirstBytesCheck {
             engine,
-            client,
+            who,
             port,
             allowlisted,
             findings,
@@ -301,7 +301,7 @@ impl<'e, 'f> FirstBytesCheck<'e, 'f> {
                         Hello::Complete(hello) => {
                             // Kept before deciding, so a refusal can name it.
                             let hello = &**self.hello.insert(hello);
-                            decide_hello(self.engine, self.client, self.findings, hello)?;
+                            decide_hello(self.engine, &self.who, self.findings, hello)?;
                             if self.port == 80 {
                                 self.generic(buf, Reason::NonHttp)?;
                             }
@@ -366,21 +366,21 @@ impl<'e, 'f> FirstBytesCheck<'e, 'f> {
         }
         let (engine, client) = (self.engine, self.client);
         let found = payload_detection(engine, Direction::Client, buf);
-        self.findings.decide(engine, client, found)?;
+        self.findings.decide(engine, who, found)?;
         let d = Detection {
             app: found.map_or(UNIDENTIFIED, |d| d.app),
             rule: found.and_then(|d| d.rule),
             reason,
             offset: found.and_then(|d| d.offset),
         };
-        self.findings.decide(engine, client, Some(d))
+        self.findings.decide(engine, who, Some(d))
     }
 }
 
 /// SNI, ALPN, JA4 and ECH of a ClientHello (tunnel.rs `decide_hello`).
 pub fn decide_hello(
     engine: &Engine,
-    client: IpAddr,
+    who: &Who,
     findings: &mut Findings,
     hello: &ClientHello,
 ) -> Result<(), Refusal> {
@@ -389,7 +389,7 @@ pub fn decide_hello(
         .as_deref()
         .is_some_and(|s| engine.policy.allows_name(s));
     if !sni_allowlisted {
-        findings.decide(engine, client, engine.signatures.classify_hello(hello))?;
+        findings.decide(engine, who, engine.signatures.classify_hello(hello))?;
     }
     if hello.ech || hello.esni {
         let d = Detection {
@@ -398,7 +398,7 @@ pub fn decide_hello(
             reason: Reason::Ech,
             offset: None,
         };
-        findings.decide(engine, client, Some(d))?;
+        findings.decide(engine, who, Some(d))?;
     }
     Ok(())
 }
@@ -417,20 +417,20 @@ fn payload_detection(engine: &Engine, dir: Direction, buf: &[u8]) -> Option<Dete
 /// tunnel (relay.rs `inspect_step`): the client's, then the upstream's.
 pub fn decide_payload(
     engine: &Engine,
-    client: IpAddr,
+    who: &Who,
     up: &[u8],
     down: &[u8],
     findings: &mut Findings,
 ) -> Result<(), Refusal> {
     findings.decide(
         engine,
-        client,
+        who,
         payload_detection(engine, Direction::Client, up),
     )?;
     if engine.signatures.payload().reach(Direction::Server) > 0 {
         findings.decide(
             engine,
-            client,
+            who,
             payload_detection(engine, Direction::Server, down),
         )?;
     }
@@ -503,30 +503,28 @@ pub fn request_host(req: &httparse::Request<'_, '_>, dst: SocketAddr) -> String 
 /// whether the body ends within it.
 pub fn decide_request(
     engine: &Engine,
-    client: IpAddr,
+    who: &Who,
     dst: SocketAddr,
     host: &str,
     req: &httparse::Request<'_, '_>,
     body: Option<(&[u8], bool)>,
     findings: &mut Findings,
 ) -> Result<(), Refusal> {
-    let allowlisted = decide_name(engine, client, host, dst.port(), findings)?;
-    check_addr(engine, client, dst, allowlisted, findings)?;
+    let allowlisted = decide_name(engine, who, host, dst.port(), findings)?;
+    check_addr(engine, who, dst, allowlisted, findings)?;
     if allowlisted {
         return Ok(());
     }
     let sigs = &engine.signatures;
-    findings.decide(engine, client, sigs.classify_download(host, req.path()))?;
+    findings.decide(engine, who, sigs.classify_download(host, req.path()))?;
     match sigs.http().classify_head(req, body.is_some()) {
-        HeadOutcome::Match(rule) => {
-            findings.decide(engine, client, Some(sigs.http_detection(rule)))
-        }
+        HeadOutcome::Match(rule) => findings.decide(engine, who, Some(sigs.http_detection(rule))),
         HeadOutcome::NeedBody { window } => {
             let (bytes, complete) = body.unwrap_or((&[], true));
             let prefix = &bytes[..bytes.len().min(window)];
             let complete = complete && bytes.len() <= window;
             let hit = sigs.http().classify_body(req, prefix, complete);
-            findings.decide(engine, client, hit.map(|r| sigs.http_detection(r)))
+            findings.decide(engine, who, hit.map(|r| sigs.http_detection(r)))
         }
         HeadOutcome::NoMatch => Ok(()),
     }
@@ -611,7 +609,7 @@ fn dechunk(buf: &[u8]) -> (Vec<u8>, Option<usize>) {
 /// Returns the host of the first request.
 pub fn decide_requests(
     engine: &Engine,
-    client: IpAddr,
+    who: &Who,
     dst: SocketAddr,
     bytes: &[u8],
     findings: &mut Findings,
@@ -644,7 +642,7 @@ pub fn decide_requests(
         let body = decoded
             .as_ref()
             .map(|(b, complete)| (b.as_slice(), *complete));
-        if let Err(r) = decide_request(engine, client, dst, &host, &req, body, findings) {
+        if let Err(r) = decide_request(engine, who, dst, &host, &req, body, findings) {
             return (first_host, Err(r));
         }
         let upgrade = req
@@ -1196,7 +1194,7 @@ fn replay_flow(
 ) -> Result<(), Refusal> {
     let client = flow.client.ip();
     let port = flow.server.port();
-    let allowlisted = decide_destination(engine, client, flow.server, findings)?;
+    let allowlisted = decide_destination(engine, who, flow.server, findings)?;
     if allowlisted {
         report.note = Some("allowlist");
     }
@@ -1215,13 +1213,13 @@ fn replay_flow(
         FirstBytes::Tls => Ok(()),
         FirstBytes::Http => {
             let (host, result) =
-                decide_requests(engine, client, flow.server, &flow.client_bytes, findings);
+                decide_requests(engine, who, flow.server, &flow.client_bytes, findings);
             report.host = host;
             result
         }
         FirstBytes::Payload => decide_payload(
             engine,
-            client,
+            who,
             &flow.client_bytes,
             &flow.server_bytes,
             findings,

@@ -2,6 +2,7 @@
 mod support;
 
 mod cli;
+mod deploy;
 mod explicit;
 mod hardening;
 mod inspect;

@@ -1300,16 +1300,11 @@ fn case_http_im_host(lab: &Lab, f: &Family) {
 /// Ordinary HTTPS: byte-exact through the TLS listener, ClientHello replayed.
 fn case_tls_passes(lab: &Lab, f: &Family, large: bool) {
     let since = lab.records().len();
-    let r = lab.get(
-        &lab.client,
-        "https",
-        "www.example.test",
-        f.origin,
-        "/hello?tls",
-    );
+    let path = format!("/hello?tls-{}", lab.next());
+    let r = lab.get(&lab.client, "https", "www.example.test", f.origin, &path);
     assert_eq!((r.exit, r.status), (Some(0), 200), "{r:?}");
     assert_eq!(r.text(), "hello from origin port 443\n");
-    let seen = lab.origin_requests("/hello?tls", 1);
+    let seen = lab.origin_requests(&path, 1);
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert!(
         s(&seen[0], "peer").starts_with(&bracket(f.router_wan)),
@@ -1939,15 +1934,11 @@ fn iptables_recipe_drops_quic_and_applies_idempotently() {
         return;
     };
     let save = || {
+        // The rules and the user chains: what apply adds and remove takes.
         let strip = |t: String| {
             t.lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| {
-                    if l.starts_with(':') {
-                        l.split(' ').next().unwrap_or(l)
-                    } else {
-                        l
-                    }
+                .filter(|l| {
+                    l.starts_with("-A") || (l.starts_with(':') && l.split(' ').nth(1) == Some("-"))
                 })
                 .collect::<Vec<_>>()
                 .join("\n")

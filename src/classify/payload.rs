@@ -151,8 +151,8 @@ struct DirectionMatcher {
     reach: usize,
     /// Length of the longest floating pattern.
     longest_pattern: usize,
-    /// `starts[b]`: some floating pattern can begin with byte `b`.
-    starts: [bool; 256],
+    /// `by_first_byte[b]`: the floating patterns that can begin with byte `b`.
+    by_first_byte: [Vec<usize>; 256],
 }
 
 /// The automaton over the floating patterns of a direction, and how to drive it.
@@ -192,6 +192,8 @@ struct Pattern {
     nocase: bool,
     /// The automaton is case-insensitive but this pattern is not: check hits exactly.
     verify: bool,
+    /// (rule index, bound) of each floating atom that uses this pattern.
+    users: Vec<(usize, usize)>,
 }
 
 struct CompiledRule {
@@ -221,7 +223,18 @@ struct FloatingAtom {
     bound: usize,
 }
 
-/// The rule that completes earliest so far.
+/// Where a candidate rule stands.
+enum Judgement {
+    /// All atoms hold.
+    Complete(Completion),
+    /// Some atom can no longer hold.
+    Dead,
+    /// Could still match; `progress`: an atom holds or the buffer reaches an anchored one.
+    Alive { progress: bool },
+}
+
+/// Where a rule completes: the end of its completing atom, its tag, and the start of
+/// that atom. Ordered so that the earliest completion, then the lowest tag, is least.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Completion {
     end: usize,
@@ -353,7 +366,7 @@ impl DirectionMatcher {
         let mut pattern_ids: HashMap<(Vec<u8>, bool), usize> = HashMap::new();
         let mut compiled = Vec::with_capacity(selected.len());
         let mut reach = 0;
-        for rule in &selected {
+        for (index, rule) in selected.iter().enumerate() {
             let mut anchored = Vec::new();
             let mut floating = Vec::new();
             for atom in &rule.atoms {
@@ -374,9 +387,13 @@ impl DirectionMatcher {
                                 bytes: atom.bytes.clone(),
                                 nocase: atom.nocase,
                                 verify: false,
+                                users: Vec::new(),
                             });
                             patterns.len() - 1
                         });
+                        if let Some(pattern) = patterns.get_mut(id) {
+                            pattern.users.push((index, bound));
+                        }
                         floating.push(FloatingAtom {
                             pattern: id,
                             len: atom.bytes.len(),
@@ -413,14 +430,16 @@ impl DirectionMatcher {
         }
 
         let any_nocase = patterns.iter().any(|p| p.nocase);
-        let mut starts = [false; 256];
-        for pattern in &mut patterns {
+        let mut by_first_byte: [Vec<usize>; 256] = std::array::from_fn(|_| Vec::new());
+        for (id, pattern) in patterns.iter_mut().enumerate() {
             pattern.verify = any_nocase && !pattern.nocase;
             if let Some(&first) = pattern.bytes.first() {
-                starts[usize::from(first)] = true;
-                if pattern.nocase {
-                    starts[usize::from(first.to_ascii_lowercase())] = true;
-                    starts[usize::from(first.to_ascii_uppercase())] = true;
+                let mut firsts = vec![first];
+                if pattern.nocase && first.is_ascii_alphabetic() {
+                    firsts.push(first ^ 0x20);
+                }
+                for byte in firsts {
+                    by_first_byte[usize::from(byte)].push(id);
                 }
             }
         }
@@ -436,7 +455,7 @@ impl DirectionMatcher {
             rules: compiled,
             reach,
             longest_pattern,
-            starts,
+            by_first_byte,
         })
     }
 
@@ -444,23 +463,15 @@ impl DirectionMatcher {
     fn classify<const N: usize>(&self, buf: &[u8]) -> Outcome {
         let len = buf.len();
 
-        // 1. Anchored atoms: which rules still agree with the bytes present? Rules made
-        //    of anchored atoms only are complete as soon as all of them are present.
+        // 1. Anchored atoms: which rules still agree with the bytes present, and how
+        //    far do their floating atoms reach?
         let mut candidates = RuleBits::new();
         let mut any_candidate = false;
-        let mut best: Option<Completion> = None;
         let mut scan_to = 0;
         for (index, rule) in self.rules.iter().enumerate() {
-            if !rule.anchored.iter().all(|a| a.agrees(buf)) {
-                continue;
-            }
-            candidates.insert(index);
-            any_candidate = true;
-            if rule.floating.is_empty() {
-                if let Some(done) = rule.completion(len, &[]) {
-                    keep_earliest(&mut best, done);
-                }
-            } else {
+            if rule.anchored.iter().all(|a| a.agrees(buf)) {
+                candidates.insert(index);
+                any_candidate = true;
                 scan_to = scan_to.max(rule.floating_reach.min(len));
             }
         }
@@ -469,59 +480,42 @@ impl DirectionMatcher {
         }
 
         // 2. Floating atoms: one search over the part of the buffer that the candidate
-        //    rules can reach, recording where each pattern first ends; then see which
-        //    candidates have all their atoms.
+        //    rules can reach, recording where each pattern first ends.
         let mut first_end = [NOT_FOUND; N];
         if let Some(haystack) = buf.get(..scan_to) {
             self.scan(haystack, &mut first_end);
         }
-        for (index, rule) in self.rules.iter().enumerate() {
-            if rule.floating.is_empty() || !candidates.contains(index) {
-                continue;
-            }
-            if let Some(done) = rule.completion(len, &first_end) {
-                keep_earliest(&mut best, done);
-            }
-        }
-        if let Some(done) = best {
-            return Outcome::Match {
-                tag: done.tag,
-                offset: done.offset,
-            };
-        }
 
-        // 3. No match: drop the rules whose floating atoms ran out of room; hold
-        //    everything if a living rule has made progress.
-        let mut any_alive = false;
+        // 3. Judge each candidate: complete, dead (a floating atom ran out of room) or
+        //    alive, with or without progress.
+        let mut best: Option<Completion> = None;
+        let (mut any_alive, mut progress) = (false, false);
         for (index, rule) in self.rules.iter().enumerate() {
             if !candidates.contains(index) {
                 continue;
             }
-            let mut dead = false;
-            let mut found = false;
-            for atom in &rule.floating {
-                let end = first_end.get(atom.pattern).copied().unwrap_or(NOT_FOUND);
-                if end != NOT_FOUND && end as usize <= atom.bound {
-                    found = true;
-                } else if len >= atom.bound {
-                    dead = true;
-                    break;
+            match rule.judge(len, &first_end) {
+                Judgement::Complete(done) => keep_earliest(&mut best, done),
+                Judgement::Dead => candidates.remove(index),
+                Judgement::Alive { progress: p } => {
+                    any_alive = true;
+                    progress |= p;
                 }
             }
-            if dead {
-                candidates.remove(index);
-                continue;
-            }
-            any_alive = true;
-            if found || rule.anchored_first.is_some_and(|offset| offset < len) {
-                return Outcome::Pending { forward_upto: 0 };
-            }
         }
-        if !any_alive {
-            return Outcome::NoMatch;
-        }
-        Outcome::Pending {
-            forward_upto: len - self.split_suffix(buf, &candidates),
+        if let Some(done) = best {
+            Outcome::Match {
+                tag: done.tag,
+                offset: done.offset,
+            }
+        } else if !any_alive {
+            Outcome::NoMatch
+        } else if progress {
+            Outcome::Pending { forward_upto: 0 }
+        } else {
+            Outcome::Pending {
+                forward_upto: len - self.split_suffix(buf, &candidates),
+            }
         }
     }
 
@@ -641,24 +635,20 @@ impl DirectionMatcher {
         let len = buf.len();
         let from = len.saturating_sub(self.longest_pattern.saturating_sub(1));
         for (start, &byte) in buf.iter().enumerate().skip(from) {
-            if !self.starts[usize::from(byte)] {
-                continue;
-            }
             let tail = &buf[start..];
-            for (index, rule) in self.rules.iter().enumerate() {
-                if !alive.contains(index) {
+            for &id in &self.by_first_byte[usize::from(byte)] {
+                let Some(pattern) = self.patterns.get(id) else {
                     continue;
-                }
-                for atom in &rule.floating {
-                    let Some(pattern) = self.patterns.get(atom.pattern) else {
-                        continue;
-                    };
-                    if atom.len > tail.len()
-                        && start + atom.len <= atom.bound
-                        && bytes_eq(tail, &pattern.bytes[..tail.len()], pattern.nocase)
-                    {
-                        return len - start;
-                    }
+                };
+                let n = pattern.bytes.len();
+                if n > tail.len()
+                    && bytes_eq(tail, &pattern.bytes[..tail.len()], pattern.nocase)
+                    && pattern
+                        .users
+                        .iter()
+                        .any(|&(rule, bound)| start + n <= bound && alive.contains(rule))
+                {
+                    return len - start;
                 }
             }
         }
@@ -749,31 +739,39 @@ fn gram_key(gram: &[u8]) -> usize {
 }
 
 impl CompiledRule {
-    /// If every atom holds in a buffer of `len` bytes (anchored atoms are known to
-    /// agree, floating atoms are looked up in `first_end`), where the rule completes.
-    fn completion(&self, len: usize, first_end: &[u32]) -> Option<Completion> {
-        let (mut end, mut start) = match self.anchored_last {
-            Some((end, start)) if end <= len => (end, start),
-            Some(_) => return None,
-            None => (0, 0),
-        };
+    /// The state of the rule in a buffer of `len` bytes whose anchored atoms are known
+    /// to agree with the rule, floating atoms being looked up in `first_end`.
+    fn judge(&self, len: usize, first_end: &[u32]) -> Judgement {
+        let mut complete = self.anchored_last.map_or(true, |(end, _)| end <= len);
+        let (mut end, mut start) = self.anchored_last.unwrap_or((0, 0));
+        let mut found_any = false;
         for atom in &self.floating {
-            let found = *first_end.get(atom.pattern)?;
-            if found == NOT_FOUND || found as usize > atom.bound {
-                return None;
-            }
-            let found = found as usize;
-            let found_start = found.saturating_sub(atom.len);
-            if (found, found_start) > (end, start) {
-                end = found;
-                start = found_start;
+            let found = first_end.get(atom.pattern).copied().unwrap_or(NOT_FOUND);
+            if found != NOT_FOUND && found as usize <= atom.bound {
+                found_any = true;
+                let found = found as usize;
+                let found_start = found.saturating_sub(atom.len);
+                if (found, found_start) > (end, start) {
+                    end = found;
+                    start = found_start;
+                }
+            } else if len >= atom.bound {
+                return Judgement::Dead;
+            } else {
+                complete = false;
             }
         }
-        Some(Completion {
-            end,
-            tag: self.tag,
-            offset: start,
-        })
+        if complete {
+            Judgement::Complete(Completion {
+                end,
+                tag: self.tag,
+                offset: start,
+            })
+        } else {
+            Judgement::Alive {
+                progress: found_any || self.anchored_first.is_some_and(|offset| offset < len),
+            }
+        }
     }
 }
 

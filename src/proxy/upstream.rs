@@ -94,8 +94,9 @@ pub fn check_addr(
 /// The system resolver (getaddrinfo) behind a short positive cache, shared
 /// by the per-request checks and the upstream connector so that a name is
 /// looked up once, and the addresses checked are the addresses connected to.
-/// (name, port) → (when resolved, addresses).
-type Cache = HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>;
+/// name → [(port, when resolved, addresses)]: looked up by `&str`, so a hit
+/// allocates nothing.
+type Cache = HashMap<String, Vec<(u16, Instant, Arc<[SocketAddr]>)>>;
 
 pub struct Resolver {
     cache: Mutex<Cache>,
@@ -125,10 +126,21 @@ impl Resolver {
         if let Ok(ip) = bare.parse::<IpAddr>() {
             return Ok(Arc::from([SocketAddr::new(ip, port)]));
         }
-        let key = (host.to_ascii_lowercase(), port);
-        if let Some((at, addrs)) = self.lock().get(&key) {
-            if at.elapsed() < self.ttl {
-                return Ok(Arc::clone(addrs));
+        let mut buf = [0u8; crate::classify::host::MAX_HOST_LEN];
+        let lower = buf.get_mut(..host.len()).and_then(|b| {
+            b.copy_from_slice(host.as_bytes());
+            b.make_ascii_lowercase();
+            std::str::from_utf8(b).ok()
+        });
+        if let Some(h) = lower {
+            let hit = self.lock().get(h).and_then(|entries| {
+                entries
+                    .iter()
+                    .find(|(p, at, _)| *p == port && at.elapsed() < self.ttl)
+                    .map(|(_, _, addrs)| Arc::clone(addrs))
+            });
+            if let Some(addrs) = hit {
+                return Ok(addrs);
             }
         }
         let addrs: Arc<[SocketAddr]> =
@@ -140,12 +152,14 @@ impl Resolver {
         if addrs.is_empty() {
             return Err(FlowError::Dns(format!("{host}: no addresses")));
         }
-        if !self.ttl.is_zero() {
+        if let (false, Some(key)) = (self.ttl.is_zero(), lower) {
             let mut cache = self.lock();
             if cache.len() >= RESOLVER_CACHE_ENTRIES {
                 cache.clear();
             }
-            cache.insert(key, (Instant::now(), Arc::clone(&addrs)));
+            let entries = cache.entry(key.to_string()).or_default();
+            entries.retain(|(p, _, _)| *p != port);
+            entries.push((port, Instant::now(), Arc::clone(&addrs)));
         }
         Ok(addrs)
     }

@@ -110,8 +110,9 @@ pub struct SignatureSet {
     ja4: HashMap<String, u32>,
     http: HttpMatcher,
     payload: PayloadMatcher,
-    url_prefixes: Vec<(String, u32)>,
-    file_names: HashMap<String, u32>,
+    /// host → (path prefix, rule), longest prefix first.
+    url_prefixes: HashMap<String, Vec<(String, u32)>>,
+    file_names: Vec<(String, u32)>,
     sha256: HashMap<[u8; 32], u32>,
     /// Where the set came from: "bundled" or the directory.
     pub origin: String,
@@ -268,22 +269,31 @@ impl SignatureSet {
         }
     }
 
-    /// An installer download by URL (`host` normalised, `path` without query)
-    /// or file name.
+    /// An installer download by URL (`host` and `path` without the query,
+    /// compared case-insensitively) or by file name.
     pub fn classify_download(&self, host: &str, path: &str) -> Option<Detection> {
-        let host = host.to_ascii_lowercase();
-        let path_l = path.to_ascii_lowercase();
-        for (prefix, rule) in &self.url_prefixes {
-            if let Some(rest) = prefix.strip_prefix(host.as_str()) {
-                if path_l.starts_with(rest) {
+        let mut buf = [0u8; crate::classify::host::MAX_HOST_LEN];
+        let lower = buf
+            .get_mut(..host.len())
+            .map(|b| {
+                b.copy_from_slice(host.as_bytes());
+                b.make_ascii_lowercase();
+                &*b
+            })
+            .and_then(|b| std::str::from_utf8(b).ok());
+        if let Some(prefixes) = lower.and_then(|h| self.url_prefixes.get(h)) {
+            for (prefix, rule) in prefixes {
+                let p = prefix.as_bytes();
+                if path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p) {
                     return Some(self.detection(*rule, Reason::Download, None));
                 }
             }
         }
-        let file = path_l.rsplit('/').next().unwrap_or("");
+        let file = path.rsplit('/').next().unwrap_or("");
         self.file_names
-            .get(file)
-            .map(|&rule| self.detection(rule, Reason::Download, None))
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(file))
+            .map(|&(_, rule)| self.detection(rule, Reason::Download, None))
     }
 
     /// A body digest (for `classify pcap` and offline checks).
@@ -340,8 +350,8 @@ fn compile(loaded: Vec<LoadedApp>, window: usize) -> Result<SignatureSet, Vec<Fi
                 message: e,
             }]
         })?,
-        url_prefixes: Vec::new(),
-        file_names: HashMap::new(),
+        url_prefixes: HashMap::new(),
+        file_names: Vec::new(),
         sha256: HashMap::new(),
         origin: String::new(),
         version: String::new(),
@@ -418,10 +428,15 @@ fn compile(loaded: Vec<LoadedApp>, window: usize) -> Result<SignatureSet, Vec<Fi
                     atoms: atoms.clone(),
                 }),
                 RuleBody::Download(DownloadSpec::UrlPrefix(u)) => {
-                    set.url_prefixes.push((u.clone(), idx))
+                    // Validated as host/path by the loader.
+                    let (host, path) = u.split_at(u.find('/').unwrap_or(u.len()));
+                    set.url_prefixes
+                        .entry(host.to_string())
+                        .or_default()
+                        .push((path.to_string(), idx));
                 }
                 RuleBody::Download(DownloadSpec::FileName(n)) => {
-                    set.file_names.entry(n.clone()).or_insert(idx);
+                    set.file_names.push((n.clone(), idx));
                 }
                 RuleBody::Download(DownloadSpec::Sha256(d)) => {
                     set.sha256.entry(*d).or_insert(idx);
@@ -458,7 +473,8 @@ fn compile(loaded: Vec<LoadedApp>, window: usize) -> Result<SignatureSet, Vec<Fi
         }]
     })?;
     // Longest URL prefix first, so the most specific rule names the flow.
-    set.url_prefixes
-        .sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+    for prefixes in set.url_prefixes.values_mut() {
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+    }
     Ok(set)
 }

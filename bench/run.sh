@@ -1,0 +1,504 @@
+#!/usr/bin/env bash
+# chatwall's load benchmark: chatwall against Squid and the direct path, in
+# the same run, on loopback only. See BENCHMARKS.md for what each figure
+# means.
+#
+#   bench/run.sh            # full: 3 rounds, 10 s runs, 2 GiB bulk, 9,000 idle tunnels
+#   bench/run.sh --quick    # 1 round, 5 s runs, 512 MiB bulk
+#   bench/run.sh --rounds N # full durations, N rounds
+#   bench/run.sh --profile  # no figures: perf profiles of chatwall under the
+#                           # HTTP and the tunnel-setup loads
+#
+# Needs: nginx, wrk, squid, taskset (util-linux), cargo; perf (linux-perf)
+# for --profile. It installs nothing: it names the Debian packages missing
+# and stops. Run it as root (Squid drops to the `proxy` user, nginx's worker
+# to `www-data`; the file-descriptor limit is raised for 9,000 tunnels).
+#
+# What it does:
+#   1. builds `target/release/chatwall` and `target/release/examples/loadgen`;
+#   2. starts, pinned to the load core (BENCH_LOAD_CPU, default 1): nginx
+#      (bench/nginx.conf, 127.0.0.1:18080, a 1 KiB file), and the loadgen
+#      origins (a 3 KB server flight that closes, 127.0.0.1:18443; the same
+#      that holds the connection, :18444; bulk records, :18445); pinned to
+#      the proxy core (BENCH_PROXY_CPU, default 0): Squid (bench/squid.conf,
+#      127.0.0.1:13128) and chatwall (bench/chatwall-bench.toml,
+#      127.0.0.1:13129, admin :19129);
+#   3. for each round, with freshly started proxies: figure 4 (idle tunnels,
+#      Squid then chatwall), then figures 1, 2 and 3, each alternating
+#      direct, Squid, chatwall so drift cancels; wrk and loadgen run on the
+#      load core; the proxy's CPU time is utime+stime of /proc/PID/stat
+#      before and after each run;
+#   4. chatwall's startup (exec to /readyz 200) and reload times, 10 each;
+#   5. prints a markdown table of medians and ratios and writes it, with
+#      every run's numbers, to bench/results/latest.md.
+#
+# Every process it starts is stopped on exit (trap); its files live in a
+# temporary directory that is removed (BENCH_KEEP=1 keeps it).
+set -euo pipefail
+
+# --- options ---------------------------------------------------------------
+ROUNDS=3
+SECS=10
+BULK_BYTES=$((2 << 30))
+IDLE_COUNT=9000
+MODE=full
+PROFILE=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) MODE=quick; ROUNDS=1; SECS=5; BULK_BYTES=$((512 << 20)) ;;
+        --rounds)
+            [[ $# -ge 2 && $2 =~ ^[1-9][0-9]?$ ]] || { echo "--rounds needs a number 1-99" >&2; exit 2; }
+            ROUNDS=$2; shift ;;
+        --profile) PROFILE=1 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+PROXY_CPU=${BENCH_PROXY_CPU:-0}
+LOAD_CPU=${BENCH_LOAD_CPU:-1}
+NGINX_PORT=18080
+SQUID_PORT=13128
+CW_PORT=13129
+CW_ADMIN=19129
+FLIGHT_PORT=18443
+HOLD_PORT=18444
+BULK_PORT=18445
+STARTUP_PORT=13139
+STARTUP_ADMIN=19139
+CONNS=64          # figure 1: wrk connections
+SETUP_CONC=32     # figure 3: tunnels in flight
+FLIGHT=3000       # figure 3 and 4: server flight bytes
+HOST=127.0.0.1
+
+CHATWALL="$ROOT/target/release/chatwall"
+LOADGEN="$ROOT/target/release/examples/loadgen"
+RESULTS="$ROOT/bench/results"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- tools -----------------------------------------------------------------
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+need nginx nginx
+need wrk wrk
+need squid squid
+need taskset util-linux
+need getconf libc-bin
+need pgrep procps
+[[ $PROFILE == 1 ]] && need perf linux-perf
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "missing tools; install them with:" >&2
+    echo "  apt-get install -y ${missing[*]}" >&2
+    exit 2
+fi
+command -v cargo >/dev/null 2>&1 || die "cargo is needed to build chatwall and loadgen"
+[[ $(id -u) == 0 ]] || log "warning: not root: Squid and nginx keep this user, and the fd limit may stay too low for figure 4"
+NCPU=$(nproc --all)
+(( PROXY_CPU < NCPU && LOAD_CPU < NCPU )) || die "cores $PROXY_CPU and $LOAD_CPU do not both exist ($NCPU cores); set BENCH_PROXY_CPU / BENCH_LOAD_CPU"
+[[ $PROXY_CPU != "$LOAD_CPU" ]] || log "warning: proxy and load share core $PROXY_CPU"
+CLK_TCK=$(getconf CLK_TCK)
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+if (( $(ulimit -n) < 2 * IDLE_COUNT + 1024 )); then
+    log "warning: open-file limit $(ulimit -n) is too low for $IDLE_COUNT idle tunnels"
+fi
+
+# Is something listening on this loopback port?
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+for p in $NGINX_PORT $SQUID_PORT $CW_PORT $CW_ADMIN $FLIGHT_PORT $HOLD_PORT $BULK_PORT $STARTUP_PORT $STARTUP_ADMIN; do
+    ! port_open "$p" || die "port $p on $HOST is already in use"
+done
+
+# --- processes ---------------------------------------------------------------
+RUN=$(mktemp -d /tmp/chatwall-bench.XXXXXX)
+chmod 755 "$RUN"
+PIDS=()
+LAST_PID=
+
+# Forget a PID (it ended, or is being stopped).
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# Stop one process this script started: TERM, then KILL after 5 s.
+stop_pid() {
+    local pid=$1 i
+    forget_pid "$pid"
+    kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? i
+    trap - EXIT INT TERM
+    for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_pid "${PIDS[i]}"; done
+    if [[ ${BENCH_KEEP:-0} == 1 ]]; then log "kept $RUN"; else rm -rf "$RUN"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# Start a background process pinned to a core; its PID goes to LAST_PID.
+start_bg() {
+    local name=$1 cpu=$2; shift 2
+    taskset -c "$cpu" "$@" >"$RUN/$name.out" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+wait_port() {
+    local port=$1 pid=$2 name=$3 i
+    for i in $(seq 1 200); do
+        port_open "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || { cat "$RUN/$name.out" >&2 || true; die "$name exited at start"; }
+        sleep 0.05
+    done
+    die "$name does not listen on $port after 10 s"
+}
+
+# GET a path on a loopback port; prints the status code.
+http_status() {
+    local port=$1 path=$2 line
+    exec 4<>"/dev/tcp/$HOST/$port" || { echo 000; return; }
+    printf 'GET %s HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n\r\n' "$path" "$HOST" "$port" >&4
+    IFS= read -r -t 5 line <&4 || line=
+    exec 4>&-
+    line=${line#* }
+    echo "${line%% *}"
+}
+
+# utime+stime, in ticks, of these processes.
+cpu_ticks() {
+    local t=0 p s f
+    for p in "$@"; do
+        s=$(<"/proc/$p/stat")
+        read -ra f <<<"${s##*) }"
+        t=$(( t + f[11] + f[12] ))
+    done
+    echo "$t"
+}
+
+# A process and its children (Squid keeps no kids with -N; to be sure).
+with_kids() { echo "$1"; pgrep -P "$1" || true; }
+
+start_nginx() {
+    mkdir -p "$RUN/www" "$RUN/nginx-body" "$RUN/nginx-proxy" "$RUN/nginx-fastcgi" "$RUN/nginx-uwsgi" "$RUN/nginx-scgi"
+    head -c 1024 /dev/zero | tr '\0' 'x' >"$RUN/www/1k"
+    chmod -R a+rX "$RUN/www"
+    sed -e "s#@RUN@#$RUN#g" -e "s#@PORT@#$NGINX_PORT#g" bench/nginx.conf >"$RUN/nginx.conf"
+    [[ $(id -u) == 0 ]] || sed -i '/^user /d' "$RUN/nginx.conf"
+    start_bg nginx "$LOAD_CPU" nginx -e "$RUN/nginx-error.log" -p "$RUN" -c "$RUN/nginx.conf"
+    NGINX_PID=$LAST_PID
+    wait_port "$NGINX_PORT" "$NGINX_PID" nginx
+    [[ $(http_status "$NGINX_PORT" /1k) == 200 ]] || die "nginx does not serve /1k"
+}
+
+start_origins() {
+    start_bg flight "$LOAD_CPU" "$LOADGEN" serve-flight --listen "$HOST:$FLIGHT_PORT" --bytes "$FLIGHT"
+    wait_port "$FLIGHT_PORT" "$LAST_PID" flight
+    start_bg hold "$LOAD_CPU" "$LOADGEN" serve-flight --listen "$HOST:$HOLD_PORT" --bytes "$FLIGHT" --hold
+    wait_port "$HOLD_PORT" "$LAST_PID" hold
+    start_bg bulk "$LOAD_CPU" "$LOADGEN" serve-bulk --listen "$HOST:$BULK_PORT"
+    wait_port "$BULK_PORT" "$LAST_PID" bulk
+}
+
+SQUID_PID=
+start_squid() {
+    sed -e "s#@RUN@#$RUN#g" -e "s#@PORT@#$SQUID_PORT#g" bench/squid.conf >"$RUN/squid.conf"
+    if [[ $(id -u) == 0 ]]; then
+        chown proxy:proxy "$RUN" 2>/dev/null || true
+    else
+        sed -i '/^cache_effective_/d' "$RUN/squid.conf"
+    fi
+    rm -f "$RUN/squid.pid"
+    start_bg squid "$PROXY_CPU" squid -N -f "$RUN/squid.conf"
+    SQUID_PID=$LAST_PID
+    wait_port "$SQUID_PORT" "$SQUID_PID" squid
+}
+
+CW_PID=
+start_chatwall() {
+    start_bg chatwall "$PROXY_CPU" "$CHATWALL" run -c bench/chatwall-bench.toml
+    CW_PID=$LAST_PID
+    wait_port "$CW_ADMIN" "$CW_PID" chatwall
+    local i
+    for i in $(seq 1 100); do
+        [[ $(http_status "$CW_ADMIN" /readyz) == 200 ]] && return 0
+        sleep 0.05
+    done
+    die "chatwall is not ready"
+}
+
+restart_proxies() {
+    [[ -n $SQUID_PID ]] && stop_pid "$SQUID_PID"
+    [[ -n $CW_PID ]] && stop_pid "$CW_PID"
+    start_squid
+    start_chatwall
+}
+
+# --- recording -------------------------------------------------------------
+RAW="$RUN/raw.tsv"
+: >"$RAW"
+ROUND=0
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$ROUND" "$3" "$4" >>"$RAW"; }
+# Value of key=... in a loadgen result line.
+kv() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
+
+proxy_port() { case $1 in squid) echo "$SQUID_PORT" ;; chatwall) echo "$CW_PORT" ;; *) echo "" ;; esac; }
+proxy_pids() { case $1 in squid) with_kids "$SQUID_PID" ;; chatwall) echo "$CW_PID" ;; *) ;; esac; }
+via_args() { local p; p=$(proxy_port "$1"); [[ -z $p ]] || echo "--proxy $HOST:$p"; }
+cpu_args() { local p; for p in $(proxy_pids "$1"); do echo "--cpu-pid $p"; done; }
+
+# wrk's latency ("812.00us", "1.23ms", "2.01s") in µs.
+to_us() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
+        else if (v ~ /s$/) print n * 1000000; else print "NA" }'
+}
+
+# Figure 1: HTTP/1.1 keep-alive, 64 connections, 1 KiB responses.
+fig_http() {
+    local who=$1 out url pids=() c0 c1 reqs rps p99 bad
+    url="http://$HOST:$NGINX_PORT/1k"
+    read -ra pids <<<"$(proxy_pids "$who" | tr '\n' ' ')"
+    [[ ${#pids[@]} -eq 0 ]] || c0=$(cpu_ticks "${pids[@]}")
+    if [[ $who == direct ]]; then
+        out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$url" 2>&1) || true
+    else
+        out=$(WRK_TARGET=$url taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
+            -s bench/wrk/proxy.lua "http://$HOST:$(proxy_port "$who")/" 2>&1) || true
+    fi
+    [[ ${#pids[@]} -eq 0 ]] || c1=$(cpu_ticks "${pids[@]}")
+    echo "$out" >>"$RUN/wrk-$who.log"
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    bad=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
+    if [[ -z $rps || -z $reqs || $reqs == 0 ]]; then
+        log "fig1 $who: wrk failed: $(tail -n 3 <<<"$out" | tr '\n' ' ')"
+        return 0
+    fi
+    [[ -z $bad ]] || log "fig1 $who: $bad non-2xx responses"
+    record http "$who" rps "$rps"
+    record http "$who" p99_us "$(to_us "$p99")"
+    record http "$who" errors "${bad:-0}"
+    if [[ ${#pids[@]} -gt 0 ]]; then
+        record http "$who" cpu_us "$(awk -v d=$((c1 - c0)) -v t="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d / t * 1e6 / n}')"
+    fi
+    log "fig1 $who: $rps req/s, p99 $p99"
+}
+
+# Figure 2: one tunnel, 16 KiB records, down (origin to client) and up.
+fig_bulk() {
+    local who=$1 dir=$2 out
+    # shellcheck disable=SC2046
+    if ! out=$(taskset -c "$LOAD_CPU" "$LOADGEN" bulk $(via_args "$who") --target "$HOST:$BULK_PORT" \
+        --bytes "$BULK_BYTES" --direction "$dir" $(cpu_args "$who") --clk-tck "$CLK_TCK" 2>>"$RUN/loadgen.err"); then
+        log "fig2 $who $dir: loadgen failed: $(tail -n 1 "$RUN/loadgen.err")"
+        return 0
+    fi
+    record "bulk_$dir" "$who" gbps "$(kv "$out" gbps)"
+    [[ $(kv "$out" cpu_s_per_gb) == - ]] || record "bulk_$dir" "$who" cpu_s_per_gb "$(kv "$out" cpu_s_per_gb)"
+    log "fig2 $who $dir: $out"
+}
+
+# Figure 3: new tunnels, 32 at a time.
+fig_setup() {
+    local who=$1 out
+    # shellcheck disable=SC2046
+    if ! out=$(taskset -c "$LOAD_CPU" "$LOADGEN" setup $(via_args "$who") --target "$HOST:$FLIGHT_PORT" \
+        --concurrency "$SETUP_CONC" --secs "$SECS" --flight "$FLIGHT" $(cpu_args "$who") --clk-tck "$CLK_TCK" \
+        2>>"$RUN/loadgen.err"); then
+        log "fig3 $who: loadgen failed: $(tail -n 1 "$RUN/loadgen.err")"
+        return 0
+    fi
+    record setup "$who" rate "$(kv "$out" rate)"
+    record setup "$who" p99_us "$(kv "$out" p99_us)"
+    record setup "$who" errors "$(kv "$out" errors)"
+    [[ $(kv "$out" cpu_us_per_tunnel) == - ]] || record setup "$who" cpu_us "$(kv "$out" cpu_us_per_tunnel)"
+    log "fig3 $who: $out"
+}
+
+# Figure 4: idle tunnels held open; RSS delta of the proxy per tunnel.
+fig_idle() {
+    local who=$1 out
+    # shellcheck disable=SC2046
+    if ! out=$(taskset -c "$LOAD_CPU" "$LOADGEN" idle $(via_args "$who") --target "$HOST:$HOLD_PORT" \
+        --count "$IDLE_COUNT" --flight "$FLIGHT" \
+        $(for p in $(proxy_pids "$who"); do echo "--rss-pid $p"; done) 2>>"$RUN/loadgen.err"); then
+        log "fig4 $who: loadgen failed: $(tail -n 1 "$RUN/loadgen.err")"
+        return 0
+    fi
+    record idle "$who" kib "$(kv "$out" kib_per_tunnel)"
+    record idle "$who" errors "$(kv "$out" errors)"
+    log "fig4 $who: $out"
+    # Let the proxy wind the closed tunnels down before the next run.
+    sleep 1
+}
+
+# --- build -----------------------------------------------------------------
+log "building (release)"
+cargo build --release --quiet --bin chatwall
+cargo build --release --quiet --example loadgen
+
+start_nginx
+start_origins
+restart_proxies
+log "nginx $NGINX_PID, squid $SQUID_PID, chatwall $CW_PID; proxy core $PROXY_CPU, load core $LOAD_CPU"
+
+# --- profile mode ------------------------------------------------------------
+if [[ $PROFILE == 1 ]]; then
+    PROF="$RESULTS/profile.md"
+    mkdir -p "$RESULTS"
+    report() {
+        perf report -i "$1" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | head -n 40
+    }
+    {
+        echo "# chatwall profile ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        echo
+        echo "perf record -F 1999 (cpu-clock) of the chatwall process only, self time by symbol."
+    } >"$PROF"
+    for load in http setup; do
+        taskset -c "$LOAD_CPU" perf record -q -F 1999 -p "$CW_PID" -o "$RUN/perf-$load.data" -- sleep "$SECS" 2>/dev/null &
+        perf_pid=$!
+        PIDS+=("$perf_pid")
+        sleep 0.2
+        if [[ $load == http ]]; then
+            WRK_TARGET="http://$HOST:$NGINX_PORT/1k" taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$((SECS - 1))s" \
+                -s bench/wrk/proxy.lua "http://$HOST:$CW_PORT/" >/dev/null
+        else
+            taskset -c "$LOAD_CPU" "$LOADGEN" setup --proxy "$HOST:$CW_PORT" --target "$HOST:$FLIGHT_PORT" \
+                --concurrency "$SETUP_CONC" --secs "$((SECS - 2))" >/dev/null
+        fi
+        wait "$perf_pid" || true
+        forget_pid "$perf_pid"
+        { echo; echo "## $load"; echo; echo '```'; report "$RUN/perf-$load.data"; echo '```'; } >>"$PROF"
+    done
+    cat "$PROF"
+    log "wrote $PROF"
+    exit 0
+fi
+
+# --- rounds ------------------------------------------------------------------
+START=$(date +%s)
+for (( ROUND=1; ROUND<=ROUNDS; ROUND++ )); do
+    log "round $ROUND of $ROUNDS"
+    (( ROUND == 1 )) || restart_proxies
+    for who in squid chatwall; do fig_idle "$who"; done
+    for who in direct squid chatwall; do fig_http "$who"; done
+    for who in direct squid chatwall; do fig_bulk "$who" down; done
+    for who in direct squid chatwall; do fig_bulk "$who" up; done
+    for who in direct squid chatwall; do fig_setup "$who"; done
+done
+ROUND=0
+
+log "startup and reload times"
+STARTUP=$(CHATWALL__LISTEN__EXPLICIT="$HOST:$STARTUP_PORT" CHATWALL__LISTEN__ADMIN="$HOST:$STARTUP_ADMIN" \
+    taskset -c "$PROXY_CPU" "$LOADGEN" startup --admin "$HOST:$STARTUP_ADMIN" --runs 10 -- \
+    "$CHATWALL" run -c bench/chatwall-bench.toml 2>>"$RUN/loadgen.err") || log "startup timing failed"
+RELOAD=$(taskset -c "$LOAD_CPU" "$LOADGEN" reload --admin "$HOST:$CW_ADMIN" --runs 10 2>>"$RUN/loadgen.err") \
+    || log "reload timing failed"
+[[ -z ${STARTUP:-} ]] || record startup chatwall ms "$(kv "$STARTUP" median_ms)"
+[[ -z ${RELOAD:-} ]] || record reload chatwall ms "$(kv "$RELOAD" median_ms)"
+ELAPSED=$(( $(date +%s) - START ))
+
+# --- report ------------------------------------------------------------------
+# Median of the rounds' values for (figure, who, metric); NA without any.
+med() {
+    awk -F'\t' -v f="$1" -v w="$2" -v m="$3" '$1 == f && $2 == w && $4 == m && $5 != "" && $5 != "NA" {print $5}' "$RAW" \
+        | sort -g | awk '{a[NR] = $1} END {
+            if (NR == 0) print "NA"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+fmt() { [[ $1 == NA ]] && echo "–" || printf "%.${2}f" "$1"; }
+ratio() { [[ $1 == NA || $2 == NA ]] && echo "–" || awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "–"; else printf "%.2f×", a / b }'; }
+# met VALUE OP LIMIT: yes / no / – (for a ratio target pass the ratio).
+met() { [[ $1 == NA ]] && { echo "–"; return; }; awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN {
+    ok = (op == ">=") ? v >= l : v <= l; print ok ? "**yes**" : "no" }'; }
+rawratio() { [[ $1 == NA || $2 == NA ]] && echo NA || awk -v a="$1" -v b="$2" 'BEGIN { print (b == 0) ? "NA" : a / b }'; }
+
+# One row: label, figure, metric, digits, scale (multiplier for display), target text, target check.
+row() {
+    local label=$1 f=$2 m=$3 d=$4 scale=$5 target=$6 check=$7
+    local dv sv cv
+    dv=$(med "$f" direct "$m"); sv=$(med "$f" squid "$m"); cv=$(med "$f" chatwall "$m")
+    scl() { [[ $1 == NA ]] && echo NA || awk -v v="$1" -v s="$scale" 'BEGIN { print v * s }'; }
+    local verdict="–"
+    case $check in
+        ratio\>=*) verdict=$(met "$(rawratio "$cv" "$sv")" ">=" "${check#ratio>=}") ;;
+        \<=*) verdict=$(met "$cv" "<=" "${check#<=}") ;;
+        \>=*) verdict=$(met "$cv" ">=" "${check#>=}") ;;
+    esac
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
+        "$(fmt "$(scl "$dv")" "$d")" "$(fmt "$(scl "$sv")" "$d")" "$(fmt "$(scl "$cv")" "$d")" \
+        "$(ratio "$cv" "$sv")" "$(ratio "$cv" "$dv")" "$target" "$verdict"
+}
+
+gib() { awk -v b="$1" 'BEGIN { printf "%g", b / 1073741824 }'; }
+TABLE="$RUN/table.md"
+{
+    echo "## Results: $(date -u +%Y-%m-%d) ($MODE: $ROUNDS round(s), ${SECS} s runs, $(gib "$BULK_BYTES") GiB bulk, $IDLE_COUNT idle tunnels)"
+    echo
+    echo "Medians of $ROUNDS round(s); ratios are chatwall's median over the other's."
+    echo "Proxy core $PROXY_CPU; nginx, wrk and loadgen on core $LOAD_CPU; loopback only."
+    echo "CPU is the proxy process's utime+stime over the run (direct has no proxy)."
+    echo
+    echo "| figure | direct | Squid | chatwall | chatwall / Squid | chatwall / direct | target | met |"
+    echo "|---|---:|---:|---:|---:|---:|---|---|"
+    row "1. HTTP keep-alive, $CONNS conns, 1 KiB: req/s" http rps 0 1 "≥ 3× Squid" "ratio>=3"
+    row "1. p99 latency, ms" http p99_us 2 0.001 "" ""
+    row "1. proxy CPU µs / request" http cpu_us 1 1 "≤ 20" "<=20"
+    row "2. one tunnel, 16 KiB records, down: GB/s" bulk_down gbps 2 1 "≥ 2× Squid" "ratio>=2"
+    row "2. proxy CPU s / GB, down" bulk_down cpu_s_per_gb 3 1 "≤ 0.3" "<=0.3"
+    row "2. one tunnel, 16 KiB records, up: GB/s" bulk_up gbps 2 1 "≥ 2× Squid" "ratio>=2"
+    row "2. proxy CPU s / GB, up" bulk_up cpu_s_per_gb 3 1 "≤ 0.3" "<=0.3"
+    row "3. new tunnels, $SETUP_CONC at a time: tunnels/s" setup rate 0 1 "≥ 2.5× Squid" "ratio>=2.5"
+    row "3. p99 tunnel time, ms" setup p99_us 2 0.001 "" ""
+    row "3. proxy CPU µs / tunnel" setup cpu_us 1 1 "≤ 50" "<=50"
+    row "4. $IDLE_COUNT idle tunnels: KiB / tunnel (RSS)" idle kib 2 1 "≤ 8" "<=8"
+    row "startup, exec to /readyz 200, ms (median of 10)" startup ms 1 1 "< 50" "<=50"
+    row "reload, POST /-/reload, ms (median of 10)" reload ms 1 1 "< 100" "<=100"
+    echo
+    echo "Errors (sum over rounds): HTTP non-2xx $(awk -F'\t' '$1=="http" && $4=="errors" {s+=$5} END {print s+0}' "$RAW"),"\
+        "tunnel setups $(awk -F'\t' '$1=="setup" && $4=="errors" {s+=$5} END {print s+0}' "$RAW"),"\
+        "idle tunnels not opened $(awk -F'\t' '$1=="idle" && $4=="errors" {s+=$5} END {print s+0}' "$RAW")."
+} >"$TABLE"
+
+mkdir -p "$RESULTS"
+{
+    echo "# chatwall load benchmark"
+    echo
+    echo "Machine: $(nproc --all) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1),"\
+        "Linux $(uname -r). chatwall $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ local changes)'),"\
+        "$(squid -v | head -n 1), $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}')."
+    echo "Command: \`bench/run.sh$([[ $MODE == quick ]] && echo ' --quick')$([[ $ROUNDS != 3 && $MODE == full ]] && echo " --rounds $ROUNDS")\`, ${ELAPSED} s."
+    echo
+    cat "$TABLE"
+    echo
+    echo "### Every run"
+    echo
+    echo "| figure | who | round | metric | value |"
+    echo "|---|---|---:|---|---:|"
+    awk -F'\t' '{ printf "| %s | %s | %s | %s | %s |\n", $1, $2, ($3 == 0 ? "–" : $3), $4, $5 }' "$RAW"
+    [[ -z ${STARTUP:-} ]] || echo; [[ -z ${STARTUP:-} ]] || echo "Startup: $STARTUP"
+    [[ -z ${RELOAD:-} ]] || echo; [[ -z ${RELOAD:-} ]] || echo "Reload: $RELOAD"
+} >"$RESULTS/latest.md"
+
+echo
+cat "$TABLE"
+echo
+log "wrote $RESULTS/latest.md (${ELAPSED} s)"
