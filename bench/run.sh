@@ -395,6 +395,10 @@ if [[ $PROFILE == 1 ]]; then
 fi
 
 # --- rounds ------------------------------------------------------------------
+# Anything else running on the machine skews every figure: say so.
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+awk -v l="${LOAD_BEFORE%% *}" 'BEGIN { exit !(l > 0.5) }' \
+    && log "warning: load average $LOAD_BEFORE before the runs: other work on this machine skews the figures"
 START=$(date +%s)
 for (( ROUND=1; ROUND<=ROUNDS; ROUND++ )); do
     log "round $ROUND of $ROUNDS"
@@ -416,6 +420,7 @@ RELOAD=$(taskset -c "$LOAD_CPU" "$LOADGEN" reload --admin "$HOST:$CW_ADMIN" --ru
 [[ -z ${STARTUP:-} ]] || record startup chatwall ms "$(kv "$STARTUP" median_ms)"
 [[ -z ${RELOAD:-} ]] || record reload chatwall ms "$(kv "$RELOAD" median_ms)"
 ELAPSED=$(( $(date +%s) - START ))
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- report ------------------------------------------------------------------
 # Median of the rounds' values for (figure, who, metric); NA without any.
@@ -485,6 +490,7 @@ mkdir -p "$RESULTS"
     echo "Machine: $(nproc --all) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1),"\
         "Linux $(uname -r). chatwall $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ local changes)'),"\
         "$(squid -v | head -n 1), $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}')."
+    echo "Load average before the runs: $LOAD_BEFORE; after: $LOAD_AFTER (the benchmark itself keeps about 2 busy)."
     echo "Command: \`bench/run.sh$([[ $MODE == quick ]] && echo ' --quick')$([[ $ROUNDS != 3 && $MODE == full ]] && echo " --rounds $ROUNDS")\`, ${ELAPSED} s."
     echo
     cat "$TABLE"

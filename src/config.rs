@@ -538,11 +538,14 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         Ok(_) => Ok(()),
         Err(e) => {
             let line = e.span().map(|s| line_of(text, s.start));
+            let field = line
+                .and_then(|l| field_at(text, l))
+                .unwrap_or_else(|| "-".into());
             Err(ConfigErrors(vec![ConfigError {
                 file: file.to_string(),
                 line,
-                field: "-".into(),
-                message: e.message().to_string(),
+                field,
+                message: e.message().trim().to_string(),
             }]))
         }
     }
@@ -558,8 +561,36 @@ pub fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// The `section.key` written on a line (1-based) of a TOML text: the key
+/// before `=` on that line, under the nearest `[section]` header above.
+pub fn field_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?.trim();
+    let section = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    if here.starts_with('[') {
+        return Some(
+            here.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    }
+    let key = here.split('=').next()?.trim().trim_matches('"');
+    if key.is_empty() {
+        return section;
+    }
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
 /// Best-effort line of `key` inside `[section]` of a TOML text.
-fn locate(text: &str, section: &str, key: &str) -> Option<usize> {
+pub fn locate(text: &str, section: &str, key: &str) -> Option<usize> {
     let mut in_section = false;
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
@@ -966,6 +997,14 @@ mod tests {
         assert_eq!(line_of("a\nb\nc", 0), 1);
         assert_eq!(line_of("a\nb\nc", 2), 2);
         assert_eq!(line_of("a\nb\nc", 4), 3);
+    }
+
+    #[test]
+    fn field_at_names_section_and_key() {
+        let text = "[listen]\nexplicit = []\n\n[inspect]\nclient_bytes = \"big\"\n";
+        assert_eq!(field_at(text, 2).as_deref(), Some("listen.explicit"));
+        assert_eq!(field_at(text, 5).as_deref(), Some("inspect.client_bytes"));
+        assert_eq!(field_at(text, 4).as_deref(), Some("inspect"));
     }
 
     #[test]

@@ -42,8 +42,21 @@ impl Engine {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "<defaults>".into());
+            let text = config
+                .path
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
             errs.into_iter()
-                .map(|e| format!("{file}: {e}"))
+                .map(|e| {
+                    crate::config::ConfigError {
+                        file: file.clone(),
+                        line: crate::config::locate(&text, e.section, &e.key),
+                        field: format!("{}.{}", e.section, e.key),
+                        message: e.message,
+                    }
+                    .to_string()
+                })
                 .collect::<Vec<_>>()
         })?;
         Ok(Engine {

@@ -55,6 +55,14 @@ impl Verdict {
     }
 }
 
+/// A policy entry that does not fit the signature set: where, and why.
+#[derive(Debug, Clone)]
+pub struct PolicyError {
+    pub section: &'static str,
+    pub key: String,
+    pub message: String,
+}
+
 struct Exception {
     clients: crate::classify::NetSet,
     users: Vec<String>,
@@ -72,21 +80,32 @@ pub struct Policy {
 impl Policy {
     /// Resolve the configuration against the signature set. Unknown app ids
     /// or categories are errors: a typo must not silently allow nothing.
-    pub fn new(cfg: &PolicyConfig, set: &SignatureSet) -> Result<Policy, Vec<String>> {
+    pub fn new(cfg: &PolicyConfig, set: &SignatureSet) -> Result<Policy, Vec<PolicyError>> {
         let mut errors = Vec::new();
+        let mut err = |section: &'static str, key: &str, message: String| {
+            errors.push(PolicyError {
+                section,
+                key: key.to_string(),
+                message,
+            })
+        };
         for app in cfg.apps.keys() {
             if set.app_index(app).is_none() {
-                errors.push(format!(
-                    "policy.apps: `{app}` is not an app of the signature set"
-                ));
+                err(
+                    "policy.apps",
+                    app,
+                    format!("`{app}` is not an app of the signature set"),
+                );
             }
         }
         let known_category = |c: &str| set.apps().iter().any(|a| a.category == c);
         for c in cfg.categories.keys() {
             if !known_category(c) {
-                errors.push(format!(
-                    "policy.categories: `{c}` is not a category of the signature set"
-                ));
+                err(
+                    "policy.categories",
+                    c,
+                    format!("`{c}` is not a category of the signature set"),
+                );
             }
         }
         let actions = set
@@ -104,16 +123,20 @@ impl Policy {
         for e in &cfg.exceptions {
             for app in &e.apps {
                 if set.app_index(app).is_none() {
-                    errors.push(format!(
-                        "policy.exceptions: `{app}` is not an app of the signature set"
-                    ));
+                    err(
+                        "policy.exceptions",
+                        "apps",
+                        format!("`{app}` is not an app of the signature set"),
+                    );
                 }
             }
             for c in &e.categories {
                 if !known_category(c) {
-                    errors.push(format!(
-                        "policy.exceptions: `{c}` is not a category of the signature set"
-                    ));
+                    err(
+                        "policy.exceptions",
+                        "categories",
+                        format!("`{c}` is not a category of the signature set"),
+                    );
                 }
             }
             exceptions.push(Exception {

@@ -318,6 +318,12 @@ impl<'e, 'f> FirstBytesCheck<'e, 'f> {
                     Sniff::Other => return self.other_protocol(buf).map(Some),
                 }
                 if buf.len() >= self.engine.config.inspect_bytes {
+                    if sniff(buf) == Sniff::Tls {
+                        // A ClientHello that does not fit the window (spread
+                        // over tiny records, say) is an evasion, not a hello:
+                        // whatever the port, the TLS checks could not run.
+                        self.generic(buf, Reason::NonTls)?;
+                    }
                     return self.other_protocol(buf).map(Some);
                 }
                 Ok(None)
@@ -340,7 +346,9 @@ impl<'e, 'f> FirstBytesCheck<'e, 'f> {
                     self.generic(buf, Reason::NonTls)?;
                 }
                 if !buf.is_empty() && sniff(buf) == Sniff::Tls {
-                    // A partial ClientHello that stalled: inspect as payload.
+                    // A ClientHello that started but never completed: the
+                    // TLS checks could not run, whatever the port.
+                    self.generic(buf, Reason::NonTls)?;
                     return self.other_protocol(buf).map(Some);
                 }
                 Ok(Some(FirstBytes::Payload))
@@ -358,21 +366,25 @@ impl<'e, 'f> FirstBytesCheck<'e, 'f> {
         Ok(FirstBytes::Payload)
     }
 
-    /// Not TLS on 443, not HTTP on 80: a payload match names the app and is
-    /// decided by its policy, then the knob decides (tunnel.rs `generic`).
+    /// Not TLS on 443, not HTTP on 80 (tunnel.rs `generic`): the knob
+    /// decides and a payload signature only names the app; an app whose own
+    /// policy is stricter than the knob is still refused.
     fn generic(&mut self, buf: &[u8], reason: Reason) -> Result<(), Refusal> {
         if self.allowlisted {
             return Ok(());
         }
-        let (engine, client) = (self.engine, self.client);
+        let (engine, who) = (self.engine, &self.who);
         let found = payload_detection(engine, Direction::Client, buf);
-        self.findings.decide(engine, who, found)?;
         let d = Detection {
             app: found.map_or(UNIDENTIFIED, |d| d.app),
             rule: found.and_then(|d| d.rule),
             reason,
             offset: found.and_then(|d| d.offset),
         };
+        if let Verdict::Block(d) = engine.policy.decide_for(who, Some(d)) {
+            return Err(Refusal::Blocked(d));
+        }
+        self.findings.decide(engine, who, found)?;
         self.findings.decide(engine, who, Some(d))
     }
 }
@@ -530,6 +542,22 @@ pub fn decide_request(
     }
 }
 
+/// A protocol switch (explicit.rs `is_upgrade`): an Upgrade field and
+/// `upgrade` among the Connection options. What follows is not HTTP.
+fn is_upgrade(req: &httparse::Request<'_, '_>) -> bool {
+    let has_upgrade = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    has_upgrade
+        && req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+}
+
 /// How a request's body is framed (RFC 9112 §6).
 enum Framing {
     None,
@@ -622,6 +650,15 @@ pub fn decide_requests(
         let Ok(httparse::Status::Complete(head_len)) = req.parse(&bytes[at..]) else {
             break;
         };
+        let hosts = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"))
+            .count();
+        if hosts > 1 {
+            // explicit.rs `validate_framing`: a 400, and the connection ends.
+            break;
+        }
         let host = request_host(&req, dst);
         first_host.get_or_insert_with(|| host.clone());
         let rest = &bytes[at + head_len..];
@@ -645,12 +682,8 @@ pub fn decide_requests(
         if let Err(r) = decide_request(engine, who, dst, &host, &req, body, findings) {
             return (first_host, Err(r));
         }
-        let upgrade = req
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
         match body_len {
-            Some(n) if !upgrade && req.method != Some("CONNECT") => at += head_len + n,
+            Some(n) if !is_upgrade(&req) && req.method != Some("CONNECT") => at += head_len + n,
             _ => break,
         }
     }
@@ -1192,7 +1225,7 @@ fn replay_flow(
     findings: &mut Findings,
     report: &mut FlowReport,
 ) -> Result<(), Refusal> {
-    let client = flow.client.ip();
+    let who = &Who::ip(flow.client.ip());
     let port = flow.server.port();
     let allowlisted = decide_destination(engine, who, flow.server, findings)?;
     if allowlisted {
@@ -1202,7 +1235,7 @@ fn replay_flow(
         report.note.get_or_insert("no payload");
         return Ok(());
     }
-    let mut check = FirstBytesCheck::new(engine, client, port, allowlisted, findings);
+    let mut check = FirstBytesCheck::new(engine, who.clone(), port, allowlisted, findings);
     let result = first_bytes(&mut check, flow);
     if let Some(h) = check.hello.take() {
         report.sni = h.sni.clone();
@@ -1552,7 +1585,12 @@ mod tests {
     }
 
     /// A TLS 1.3 ClientHello with SNI `name` and ALPN h2 (RFC 8446 §4.1.2).
-    pub(crate) fn client_hello(name: &str) -> Vec<u8> {
+    fn client_hello(name: &str) -> Vec<u8> {
+        client_hello_padded(name, 0)
+    }
+
+    /// The same, with a padding extension of `pad` bytes (RFC 7685).
+    fn client_hello_padded(name: &str, pad: usize) -> Vec<u8> {
         let mut ext = Vec::new();
         let n = name.as_bytes();
         // server_name (RFC 6066 §3)
@@ -1566,6 +1604,11 @@ mod tests {
         ext.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
         // ALPN: h2
         ext.extend_from_slice(&[0x00, 0x10, 0x00, 0x05, 0x00, 0x03, 0x02, b'h', b'2']);
+        if pad > 0 {
+            ext.extend_from_slice(&[0x00, 0x15]);
+            ext.extend_from_slice(&(pad as u16).to_be_bytes());
+            ext.resize(ext.len() + pad, 0);
+        }
         let mut body = vec![0x03, 0x03];
         body.extend_from_slice(&[7u8; 32]); // random
         body.push(0); // legacy_session_id
@@ -1670,8 +1713,8 @@ mod tests {
                 s(("block", "xmpp", "payload")),
                 s(("allow", "-", "-")),
                 s(("block", "telegram", "ip")),
-                // Not TLS on 443, but the payload names the app first.
-                s(("block", "whatsapp", "payload")),
+                // Not TLS on 443: the knob refuses, the payload names the app.
+                s(("block", "whatsapp", "non_tls")),
                 s(("block", "-", "non_tls")),
             ]
         );
@@ -1764,6 +1807,97 @@ mod tests {
         frames.push(t.up(&req));
         let r = run(&e, &frames);
         assert_eq!(summary(&e, &r.flows[0]), s(("block", "xmpp", "http")));
+    }
+
+    #[test]
+    fn an_app_stricter_than_the_knob_is_still_refused() {
+        let e = engine("[policy]\nnon_tls_on_443 = \"monitor\"\n");
+        let mut t = Tcp::new("10.0.0.2:50080", "203.0.113.9:443");
+        let mut frames = t.handshake();
+        frames.push(t.up(&[0x57, 0x41, 0x06, 0x03, 0x00]));
+        let mut ssh = Tcp::new("10.0.0.2:50081", "203.0.113.10:443");
+        frames.extend(ssh.handshake());
+        frames.push(ssh.up(b"SSH-2.0-OpenSSH_9.6\r\n"));
+        let r = run(&e, &frames);
+        let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
+        assert_eq!(
+            got,
+            vec![
+                s(("block", "whatsapp", "payload")),
+                s(("monitor", "-", "non_tls"))
+            ]
+        );
+    }
+
+    /// A ClientHello in one-byte records: `len` bytes become `6 * len`.
+    fn tiny_records(hello: &[u8]) -> Vec<u8> {
+        hello[5..]
+            .iter()
+            .flat_map(|&b| [0x16, 0x03, 0x01, 0x00, 0x01, b])
+            .collect()
+    }
+
+    #[test]
+    fn hellos_that_never_complete_are_not_tls_on_any_port() {
+        let e = engine("");
+        let window = e.config.inspect_bytes;
+        let hello = client_hello_padded("example.org", window / 5);
+        assert!(hello.len() < window && tiny_records(&hello).len() > window);
+        let mut frames = Vec::new();
+        // Past the window before the hello completes.
+        let mut big = Tcp::new("10.0.0.2:50090", "198.51.100.90:8443");
+        frames.extend(big.handshake());
+        let tiny = tiny_records(&hello);
+        for chunk in tiny.chunks(1400) {
+            frames.push(big.up(chunk));
+        }
+        // A hello cut short, and the capture (the deadline) ends.
+        let mut cut = Tcp::new("10.0.0.2:50091", "198.51.100.91:8443");
+        frames.extend(cut.handshake());
+        frames.push(cut.up(&client_hello("example.org")[..30]));
+        // The same hello, whole, in ordinary records: allowed.
+        let mut ok = Tcp::new("10.0.0.2:50092", "198.51.100.92:8443");
+        frames.extend(ok.handshake());
+        for chunk in hello.chunks(1400) {
+            frames.push(ok.up(chunk));
+        }
+        let r = run(&e, &frames);
+        let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
+        assert_eq!(
+            got,
+            vec![
+                s(("block", "-", "non_tls")),
+                s(("block", "-", "non_tls")),
+                s(("allow", "-", "-"))
+            ]
+        );
+        assert_eq!(r.flows[2].sni.as_deref(), Some("example.org"));
+    }
+
+    #[test]
+    fn requests_after_an_upgrade_or_a_second_host_are_not_decided() {
+        let e = engine("");
+        let mut frames = Vec::new();
+        let mut up = Tcp::new("10.0.0.2:50100", "198.51.100.100:80");
+        frames.extend(up.handshake());
+        frames.push(up.up(b"GET /chat HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nGET /download/WhatsAppSetup.exe HTTP/1.1\r\nHost: a.example\r\n\r\n"));
+        let mut two = Tcp::new("10.0.0.2:50101", "198.51.100.101:80");
+        frames.extend(two.handshake());
+        frames.push(two.up(b"GET /download/WhatsAppSetup.exe HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"));
+        let mut plain = Tcp::new("10.0.0.2:50102", "198.51.100.102:80");
+        frames.extend(plain.handshake());
+        frames.push(plain.up(b"GET / HTTP/1.1\r\nHost: a.example\r\nUpgrade: h2c\r\n\r\nGET /download/WhatsAppSetup.exe HTTP/1.1\r\nHost: a.example\r\n\r\n"));
+        let r = run(&e, &frames);
+        let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
+        assert_eq!(
+            got,
+            vec![
+                s(("allow", "-", "-")),
+                s(("allow", "-", "-")),
+                // Upgrade without `Connection: upgrade` is no switch.
+                s(("block", "whatsapp", "download"))
+            ]
+        );
     }
 
     #[test]

@@ -117,11 +117,18 @@ pub struct LoggedBody<B> {
 pub struct FlowLog {
     pub shared: Arc<Shared>,
     pub record: Record,
+    /// Request body bytes counted as the upstream consumed them.
+    pub up: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Drop for FlowLog {
     fn drop(&mut self) {
-        let rec = std::mem::take(&mut self.record);
+        let mut rec = std::mem::take(&mut self.record);
+        if let Some(up) = &self.up {
+            let n = up.load(std::sync::atomic::Ordering::Relaxed);
+            rec.bytes_up += n;
+            self.shared.metrics.bytes_up.inc_by(n);
+        }
         self.shared.access_log.write(rec);
     }
 }

@@ -505,6 +505,7 @@ async fn forward(
     let log = FlowLog {
         shared: Arc::clone(shared),
         record: std::mem::take(rec),
+        up: Some(up_bytes),
     };
     let idle = engine.config.limits.upstream_response_timeout;
     let body = IdleTimeoutBody::new(LoggedBody::new(rbody, log, true), idle).boxed();

@@ -265,6 +265,9 @@ pub async fn run(
 
     let cx = RelayCtx::new(&shared, &engine, flow.ctx.client.who());
     let window = engine.config.inspect_bytes;
+    // The first bytes were read here; the relay forwards them.
+    cx.up
+        .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let (c2s, s2c) = match first {
         First::Payload => (
             Some(Inspector::new(Direction::Client, &buf, window)),
@@ -276,11 +279,11 @@ pub async fn run(
             if let Err(e) = relay::write_all(&up, &buf).await {
                 flow.rec.error = Some(e.to_string());
             }
-            cx.up
-                .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
             (None, None)
         }
     };
+    // Idle tunnels hold no copy of their first bytes.
+    drop(buf);
     let end = relay::relay(&cx, &client, &up, c2s, s2c).await;
     cx.finish(&mut flow.rec);
     if let Some(m) = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take() {

@@ -660,7 +660,14 @@ fn load_one(f: &SourceFile, window: usize) -> Result<LoadedApp, Vec<FileError>> 
         }
     }
 
-    if rules.is_empty() {
+    let blocks = raw.hosts.len()
+        + raw.ports.len()
+        + raw.cidrs.len()
+        + raw.tls.len()
+        + raw.http.len()
+        + raw.payload.len()
+        + raw.downloads.len();
+    if blocks == 0 {
         cx.err(&raw.id, "-", "the file has no rules");
     }
     if !cx.errors.is_empty() {
