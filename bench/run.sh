@@ -9,6 +9,11 @@
 #   bench/run.sh --profile  # no figures: perf profiles of chatwall under the
 #                           # HTTP and the tunnel-setup loads
 #
+# Environment: BENCH_PROXY_CPU (0) and BENCH_LOAD_CPU (1) pick the cores;
+# BENCH_CHATWALL=/path/to/chatwall benchmarks that binary instead of
+# building one; CARGO_TARGET_DIR is honoured; BENCH_KEEP=1 keeps the
+# temporary directory (logs of every process).
+#
 # Needs: nginx, wrk, squid, taskset (util-linux), cargo; perf (linux-perf)
 # for --profile. It installs nothing: it names the Debian packages missing
 # and stops. Run it as root (Squid drops to the `proxy` user, nginx's worker
@@ -75,8 +80,11 @@ SETUP_CONC=32     # figure 3: tunnels in flight
 FLIGHT=3000       # figure 3 and 4: server flight bytes
 HOST=127.0.0.1
 
-CHATWALL="$ROOT/target/release/chatwall"
-LOADGEN="$ROOT/target/release/examples/loadgen"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+# BENCH_CHATWALL: benchmark this chatwall binary instead of building one
+# (say, the build before a change, to compare).
+CHATWALL=${BENCH_CHATWALL:-$TARGET_DIR/release/chatwall}
+LOADGEN="$TARGET_DIR/release/examples/loadgen"
 RESULTS="$ROOT/bench/results"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -352,8 +360,9 @@ fig_idle() {
 
 # --- build -----------------------------------------------------------------
 log "building (release)"
-cargo build --release --quiet --bin chatwall
+[[ -n ${BENCH_CHATWALL:-} ]] || cargo build --release --quiet --bin chatwall
 cargo build --release --quiet --example loadgen
+[[ -x $CHATWALL ]] || die "no chatwall binary at $CHATWALL"
 
 start_nginx
 start_origins

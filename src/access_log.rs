@@ -17,6 +17,9 @@ use crate::config::{AccessLogTarget, LogFormat};
 pub struct Record {
     #[serde(skip)]
     pub start: Option<SystemTime>,
+    /// Whether the verdict was already counted in the metrics.
+    #[serde(skip)]
+    pub counted: bool,
     pub ts: String,
     pub client: String,
     pub user: Option<String>,

@@ -16,7 +16,10 @@
 //!   ([`FirstBytesCheck`]: TLS ClientHello, HTTP, anything else,
 //!   `non_tls_on_443`, `non_http_on_80`, ECH), each HTTP request
 //!   ([`decide_request`], with a [`HeadView`] over an httparse request) and
-//!   payload signatures in both directions ([`decide_payload`]).
+//!   payload signatures in both directions ([`decide_payload`]). They take a
+//!   [`Who`] (a capture has no user: [`Who::ip`]) and fold verdicts into
+//!   [`Findings`] the way `proxy::explicit::apply` folds them, so
+//!   `proxy::tunnel` can call them instead of keeping its own copy.
 //!
 //! It leaves sockets, timers, metrics and access logs to `proxy`: time is
 //! replaced by what the capture shows (the order of the packets, and whether
@@ -1166,6 +1169,8 @@ impl Reassembly {
 pub struct FlowReport {
     pub client: SocketAddr,
     pub server: SocketAddr,
+    /// A denied destination is a block with no rule and the note
+    /// `destination`.
     pub verdict: Verdict,
     /// For an allowed flow: a detection the policy let pass.
     pub allowed: Option<Detection>,

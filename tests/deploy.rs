@@ -195,8 +195,8 @@ fn dockerfile() -> Vec<(String, String)> {
 fn image_uid() -> u32 {
     let user = dockerfile()
         .into_iter()
-        .filter(|(k, _)| k == "USER")
-        .last()
+        .rev()
+        .find(|(k, _)| k == "USER")
         .map(|(_, a)| a)
         .expect("a USER instruction");
     let uid = user.split(':').next().unwrap_or_default();

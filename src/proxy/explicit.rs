@@ -240,6 +240,10 @@ pub fn refusal(
         shared.metrics.upstream_error("denied_destination");
     } else if e.is_upstream() {
         shared.metrics.upstream_error(e.kind());
+        if !rec.counted {
+            // Allowed, then failed upstream: still a request decided.
+            shared.record_verdict(ctx.listener, engine, &Verdict::Allow, &mut rec);
+        }
     }
     if !matches!(e, FlowError::Blocked(_)) {
         rec.error = Some(e.to_string());

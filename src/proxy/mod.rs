@@ -85,7 +85,9 @@ impl Shared {
         })
     }
 
-    /// Count a verdict in the metrics and fill the record's verdict fields.
+    /// Fill the record's verdict fields and count the verdict in the
+    /// metrics, once per record: a flow is counted with the verdict it is
+    /// first recorded with (tunnels record theirs when they end).
     pub fn record_verdict(
         &self,
         listener: ListenerKind,
@@ -93,15 +95,22 @@ impl Shared {
         verdict: &Verdict,
         rec: &mut Record,
     ) {
-        let l = self.metrics.listener(listener);
         rec.verdict = verdict.as_str();
-        match verdict {
-            Verdict::Allow => l.requests_allow.inc(),
-            Verdict::Monitor(_) => l.requests_monitor.inc(),
-            Verdict::Block(_) => l.requests_block.inc(),
+        let count = !rec.counted;
+        rec.counted = true;
+        if count {
+            let l = self.metrics.listener(listener);
+            match verdict {
+                Verdict::Allow => l.requests_allow.inc(),
+                Verdict::Monitor(_) => l.requests_monitor.inc(),
+                Verdict::Block(_) => l.requests_block.inc(),
+            }
         }
-        if let Some(d) = verdict.detection() {
-            let app = engine.signatures.app_id(d.app);
+        let Some(d) = verdict.detection() else {
+            return;
+        };
+        let app = engine.signatures.app_id(d.app);
+        if count {
             if verdict.is_block() {
                 self.metrics
                     .blocked_total
@@ -112,18 +121,18 @@ impl Shared {
                 .detections_total
                 .with_label_values(&[app, verdict.as_str()])
                 .inc();
-            rec.app = Some(app.to_string());
-            rec.reason = Some(d.reason.as_str());
-            if let Some(r) = d.rule.and_then(|r| engine.signatures.rule(r)) {
-                rec.rule = Some(r.text.clone());
-                if let Some(a) = engine.signatures.app(r.app) {
-                    rec.rule_at = Some(format!("{}:{}", a.file, r.line));
-                }
+        }
+        rec.app = Some(app.to_string());
+        rec.reason = Some(d.reason.as_str());
+        if let Some(r) = d.rule.and_then(|r| engine.signatures.rule(r)) {
+            rec.rule = Some(r.text.clone());
+            if let Some(a) = engine.signatures.app(r.app) {
+                rec.rule_at = Some(format!("{}:{}", a.file, r.line));
             }
-            rec.offset = d.offset;
-            if d.reason == Reason::Payload {
-                tracing::debug!(app, offset = ?d.offset, "payload signature matched");
-            }
+        }
+        rec.offset = d.offset;
+        if d.reason == Reason::Payload {
+            tracing::debug!(app, offset = ?d.offset, "payload signature matched");
         }
     }
 

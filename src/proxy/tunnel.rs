@@ -240,9 +240,6 @@ pub async fn run(
         return;
     }
 
-    let verdict = flow.monitor.unwrap_or(Verdict::Allow);
-    shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
-
     let up = match upstream {
         Upstream::Connected(s) => s,
         Upstream::Lazy(addrs) => {
@@ -254,6 +251,8 @@ pub async fn run(
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
                     flow.rec.error = Some(e.to_string());
+                    let verdict = flow.monitor.unwrap_or(Verdict::Allow);
+                    shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
                     relay::reset(&client);
                     shared.access_log.write(flow.rec);
                     return;
@@ -286,19 +285,16 @@ pub async fn run(
     drop(buf);
     let end = relay::relay(&cx, &client, &up, c2s, s2c).await;
     cx.finish(&mut flow.rec);
-    if let Some(m) = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        if flow.monitor.is_none() {
-            shared.record_verdict(flow.ctx.listener, &engine, &m, &mut flow.rec);
-        }
-    }
+    // One verdict per tunnel: a payload block, else the first monitor
+    // finding (destination, first bytes, then payload), else allow.
+    let relay_monitor = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let verdict = match &end {
+        End::Blocked(d) => Verdict::Block(*d),
+        _ => flow.monitor.or(relay_monitor).unwrap_or(Verdict::Allow),
+    };
+    shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
     match end {
         End::Blocked(d) => {
-            shared.record_verdict(
-                flow.ctx.listener,
-                &engine,
-                &Verdict::Block(d),
-                &mut flow.rec,
-            );
             tracing::debug!(client = %flow.ctx.client.addr, app = engine.signatures.app_id(d.app), "tunnel reset on payload");
         }
         End::Idle => flow.rec.error = Some("idle timeout".into()),
