@@ -15,6 +15,13 @@ fn main() {
         })
         .unwrap_or_default();
     files.sort();
+    // The bundled set is what `chatwall` runs with by default: building a
+    // binary without it would ship a proxy that refuses nothing.
+    assert!(
+        !files.is_empty(),
+        "no signature files in {}: the bundled set cannot be empty",
+        dir.display()
+    );
     let mut out = String::from("/// (file name, contents) of every bundled signature file.\npub static BUNDLED: &[(&str, &str)] = &[\n");
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

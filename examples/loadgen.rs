@@ -18,7 +18,8 @@
 //!   one 14-byte request record (application-data record header, the byte
 //!   count as a big-endian u64, the direction: 0 down, 1 up). Down: send the
 //!   bytes as 16 KiB TLS-sized records (one 16,389-byte write each), then
-//!   close. Up: read to the end, answer the count received (8 bytes), close.
+//!   close. Up: read that many bytes, answer the count received (8 bytes),
+//!   close (no half-close: Squid ends a tunnel when either side does).
 //!
 //! Loads (through `--proxy ADDR` with `CONNECT`, or straight to the origin
 //! without it). Each prints one line of `key=value` pairs on stdout:
@@ -498,8 +499,9 @@ async fn serve_bulk(
                     send_records(&mut s, n).await?;
                     s.shutdown().await?;
                 } else {
-                    let mut buf = vec![0u8; 256 * 1024];
-                    let got = drain(&mut s, &mut buf).await?;
+                    // No half-close: Squid ends a tunnel when either side
+                    // does, so the count is read, not waited for as EOF.
+                    let got = read_count(&mut s, wire_bytes(n)).await?;
                     s.write_all(&got.to_be_bytes()).await?;
                     s.shutdown().await?;
                 }
@@ -531,6 +533,21 @@ async fn send_records(s: &mut TcpStream, n: u64) -> io::Result<()> {
         s.write_all(&rec[..RECORD_HEADER + rest]).await?;
     }
     Ok(())
+}
+
+/// Read `n` bytes (or up to EOF) and drop them; returns the count read.
+async fn read_count(s: &mut TcpStream, n: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < n {
+        let want = (n - got).min(buf.len() as u64) as usize;
+        let r = s.read(&mut buf[..want]).await?;
+        if r == 0 {
+            break;
+        }
+        got += r as u64;
+    }
+    Ok(got)
 }
 
 /// Record bytes on the wire for `n` payload bytes.
@@ -656,7 +673,6 @@ async fn bulk(via: Via, bytes: u64, direction: Direction, cpu: Cpu) -> io::Resul
             }
             Direction::Up => {
                 send_records(&mut s, bytes).await?;
-                s.shutdown().await?;
                 let mut got = [0u8; 8];
                 s.read_exact(&mut got).await?;
                 u64::from_be_bytes(got)
@@ -677,7 +693,12 @@ async fn bulk(via: Via, bytes: u64, direction: Direction, cpu: Cpu) -> io::Resul
     }
     let gb = bytes as f64 / 1e9;
     println!(
-        "bytes={bytes} direction={direction:?} secs={dt:.3} gbps={:.3} cpu_s={} cpu_s_per_gb={}",
+        "bytes={bytes} direction={} secs={dt:.3} gbps={:.3} cpu_s={} cpu_s_per_gb={}",
+        if direction == Direction::Up {
+            "up"
+        } else {
+            "down"
+        },
         gb / dt.max(1e-9),
         fmt_opt(cpu_s, 3),
         fmt_opt(cpu_s.map(|c| c / gb), 3),

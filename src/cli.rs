@@ -63,6 +63,9 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// A users-file line (`name:$argon2id$...`) for proxy authentication;
+    /// the password is read from standard input (first line).
+    Passwd { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,8 +155,36 @@ pub fn main() -> ExitCode {
         } => classify_pcap(&file, json, config.as_deref()),
         Command::Classify { command } => classify(command),
         Command::Export { format, config } => export(format, config.as_deref()),
+        Command::Passwd { name } => passwd(&name),
     };
     ExitCode::from(code)
+}
+
+fn passwd(name: &str) -> u8 {
+    if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
+        eprintln!("a user name has no ':' and no white space");
+        return EXIT_USAGE;
+    }
+    let mut password = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut password) {
+        eprintln!("cannot read the password: {e}");
+        return EXIT_RUNTIME;
+    }
+    let password = password.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("empty password");
+        return EXIT_USAGE;
+    }
+    match crate::auth::hash_line(name, password) {
+        Ok(line) => {
+            println!("{line}");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_RUNTIME
+        }
+    }
 }
 
 fn init_tracing(level: &str) {

@@ -1255,6 +1255,8 @@ fn replay_flow(
             report.host = host;
             result
         }
+        // An allow-listed destination is never refused on its payload.
+        FirstBytes::Payload if allowlisted => Ok(()),
         FirstBytes::Payload => decide_payload(
             engine,
             who,
@@ -1951,14 +1953,14 @@ mod tests {
         frames.push(tg.up(&[0x57, 0x41, 0x06, 0x03]));
         let r = run(&e, &frames);
         let got: Vec<_> = r.flows.iter().map(|f| summary(&e, f)).collect();
-        // As in the proxy (relay.rs), payload signatures still apply to a
-        // tunnel whose address is on the allow-list; `non_tls_on_443` does not.
+        // As in the proxy, a tunnel whose address is on the allow-list is
+        // refused neither by `non_tls_on_443` nor by payload signatures.
         assert_eq!(
             got,
             vec![
                 s(("block", "-", "destination")),
                 s(("allow", "-", "-")),
-                s(("block", "whatsapp", "payload"))
+                s(("allow", "-", "-"))
             ]
         );
         assert_eq!(r.flows[2].note, Some("allowlist"));

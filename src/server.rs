@@ -49,7 +49,11 @@ pub struct Reloader {
 impl Reloader {
     pub fn reload(&self, shared: &Shared) -> Result<String, String> {
         let started = Instant::now();
-        notify(&[sd_notify::NotifyState::Reloading]);
+        // systemd 253+ wants the reload's monotonic time with RELOADING=1.
+        match sd_notify::NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
+            Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+        }
         let result = self.reload_inner(shared, started);
         notify(&[sd_notify::NotifyState::Ready]);
         result

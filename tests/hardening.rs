@@ -357,7 +357,11 @@ async fn spawn_process(extra: &str) -> Process {
     let cfg = dir.path().join("chatwall.toml");
     std::fs::write(
         &cfg,
-        format!("[listen]\nexplicit = [\"{proxy}\"]\nadmin = \"{admin}\"\n[log]\naccess = \"off\"\nlevel = \"warn\"\n[access]\ndeny_destinations = []\n{extra}"),
+        format!(
+            "[listen]\nexplicit = [\"{proxy}\"]\nadmin = \"{admin}\"\n{}[access]\ndeny_destinations = []\n{extra}",
+            // The caller may bring its own [log] section.
+            if extra.contains("[log]") { "" } else { "[log]\naccess = \"off\"\nlevel = \"warn\"\n" }
+        ),
     )
     .expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_chatwall"))
@@ -526,4 +530,29 @@ async fn sigterm_lets_a_large_download_finish_and_goes_unready_first() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(exited, "chatwall did not exit after draining");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_for_logrotate() {
+    let origin = HttpOrigin::start().await;
+    let logs = tempfile::tempdir().expect("tempdir");
+    let log = logs.path().join("access.log");
+    let p = spawn_process(&format!(
+        "[log]\naccess = {:?}\nformat = \"squid\"\nlevel = \"warn\"\n",
+        log.display().to_string()
+    ))
+    .await;
+    assert_eq!(ordinary_get(p.proxy, origin.addr).await, 200);
+    // logrotate: move the file away, then signal.
+    let rotated = logs.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).expect("rename");
+    signal(&p, "-USR1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ordinary_get(p.proxy, origin.addr).await, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let old = std::fs::read_to_string(&rotated).expect("rotated log");
+    let new = std::fs::read_to_string(&log).expect("a new log file after SIGUSR1");
+    assert_eq!(old.lines().count(), 1, "{old}");
+    assert_eq!(new.lines().count(), 1, "{new}");
+    assert!(new.contains("TCP_MISS/200"), "{new}");
 }

@@ -359,3 +359,42 @@ async fn proxy_authentication_asks_checks_and_never_forwards_credentials() {
     assert_eq!(users[3], "alice", "{log:?}");
     assert_eq!(proxy.metric("chatwall_auth_failures_total").await, 4.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_already_came_through_this_proxy_is_a_loop() {
+    let origin = HttpOrigin::start().await;
+    let proxy = Proxy::start_open().await;
+    let o = origin.addr;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(format!("GET http://{o}/ HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    let via = head
+        .lines()
+        .find_map(|l| l.strip_prefix("via: ").or_else(|| l.strip_prefix("Via: ")))
+        .expect("a Via field")
+        .trim()
+        .to_string();
+    assert!(via.starts_with("1.1 chatwall-"), "{via}");
+    // Another chatwall in a chain is not a loop; this one is.
+    let req = |v: &str| {
+        format!(
+            "GET http://{o}/again HTTP/1.1\r\nHost: {o}\r\nVia: {v}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    assert_eq!(
+        support::raw_http(proxy.addr, &req("1.1 chatwall-000000"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        support::raw_http(proxy.addr, &req(&format!("1.0 other, {via}")))
+            .await
+            .0,
+        508
+    );
+    assert_eq!(origin.requests().len(), 2);
+}

@@ -4,6 +4,7 @@ mod support;
 mod cli;
 mod deploy;
 mod explicit;
+mod export_cli;
 mod hardening;
 mod inspect;
 mod ops;

@@ -34,9 +34,6 @@ use crate::policy::{Verdict, Who};
 /// The body type sent upstream.
 pub type UpstreamBody = CountedBody<PrefixedBody>;
 
-/// The `Via` value added to requests and responses (RFC 9110 §7.6.3).
-const VIA: &str = "1.1 chatwall";
-
 /// The pooled upstream HTTP/1.1 client.
 pub struct UpstreamClient {
     client: Client<Connector, UpstreamBody>,
@@ -309,6 +306,11 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let who = ctx.client.who();
     validate_framing(&parts)?;
+    if came_through_us(&parts.headers, &shared.via) {
+        // A transparent gateway whose exemption for chatwall's own traffic
+        // is missing sends our requests back to us.
+        return Err(FlowError::LoopDetected);
+    }
 
     // Where to: the absolute URI (explicit), or the original destination
     // with the Host header as the name (fixed).
@@ -453,7 +455,7 @@ async fn forward(
     if let Some(h) = authority_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         parts.headers.insert(header::HOST, h);
     }
-    append_via(&mut parts.headers);
+    append_via(&mut parts.headers, &shared.via);
     parts.uri = dest_uri;
     parts.version = Version::HTTP_11;
     let up_bytes = Arc::new(AtomicU64::new(0));
@@ -497,14 +499,14 @@ async fn forward(
                 shared2.access_log.write(rec2);
             });
             let (mut rparts, _) = resp.into_parts();
-            append_via(&mut rparts.headers);
+            append_via(&mut rparts.headers, &shared.via);
             return Ok(Response::from_parts(rparts, empty()));
         }
     }
 
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
-    append_via(&mut rparts.headers);
+    append_via(&mut rparts.headers, &shared.via);
     rec.status = rparts.status.as_u16();
     let log = FlowLog {
         shared: Arc::clone(shared),
@@ -527,6 +529,15 @@ fn validate_framing(parts: &http::request::Parts) -> Result<(), FlowError> {
         return Err(FlowError::BadRequest("more than one Host field"));
     }
     Ok(())
+}
+
+/// Does a `Via` field already name this instance?
+fn came_through_us(headers: &HeaderMap, via: &HeaderValue) -> bool {
+    let ours = via.as_bytes().get(4..).unwrap_or_default();
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .any(|v| v.as_bytes().windows(ours.len().max(1)).any(|w| w == ours))
 }
 
 /// The Host header's name part (no port), if present and sane.
@@ -575,8 +586,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("keep-alive");
 }
 
-fn append_via(headers: &mut HeaderMap) {
-    headers.append(header::VIA, HeaderValue::from_static(VIA));
+fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    headers.append(header::VIA, via.clone());
 }
 
 fn map_client_error(e: hyper_util::client::legacy::Error) -> FlowError {

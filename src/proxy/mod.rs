@@ -46,6 +46,9 @@ pub struct Shared {
     /// chatwall's own listeners, never a destination.
     pub guard: Arc<upstream::DestGuard>,
     pub auth: crate::auth::AuthCache,
+    /// `Via` value with this instance's pseudonym (RFC 9110 §7.6.3), also
+    /// how a forwarding loop is recognised.
+    pub via: http::HeaderValue,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
     conns_total: AtomicUsize,
@@ -77,6 +80,7 @@ impl Shared {
             resolver,
             guard,
             auth: crate::auth::AuthCache::default(),
+            via: via_value(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             conns_total: AtomicUsize::new(0),
@@ -187,6 +191,25 @@ impl Drop for ConnGuard {
             }
         }
     }
+}
+
+/// `1.1 chatwall-<6 hex digits>`: random per process, so two chatwall
+/// proxies in a chain do not mistake each other for a loop.
+fn via_value() -> http::HeaderValue {
+    use std::io::Read;
+    let mut b = [0u8; 3];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if random.is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id();
+        b = [(t >> 16) as u8, (t >> 8) as u8, t as u8];
+    }
+    let v = format!("1.1 chatwall-{:02x}{:02x}{:02x}", b[0], b[1], b[2]);
+    http::HeaderValue::from_str(&v)
+        .unwrap_or_else(|_| http::HeaderValue::from_static("1.1 chatwall"))
 }
 
 /// The addresses of this host's interfaces (best effort, from /proc).

@@ -36,6 +36,8 @@ pub enum FlowError {
     UpstreamTimeout,
     /// The upstream's response was not valid HTTP.
     UpstreamProtocol(String),
+    /// The request already passed through this proxy (a forwarding loop).
+    LoopDetected,
 }
 
 impl FlowError {
@@ -52,6 +54,7 @@ impl FlowError {
             FlowError::UpstreamReset(_) => "reset",
             FlowError::UpstreamTimeout => "timeout",
             FlowError::UpstreamProtocol(_) => "protocol",
+            FlowError::LoopDetected => "loop",
         }
     }
 
@@ -69,6 +72,7 @@ impl FlowError {
             FlowError::ConnectTimeout(_) | FlowError::UpstreamTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            FlowError::LoopDetected => StatusCode::LOOP_DETECTED,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -98,6 +102,10 @@ impl fmt::Display for FlowError {
             FlowError::UpstreamReset(e) => write!(f, "upstream closed the connection: {e}"),
             FlowError::UpstreamTimeout => write!(f, "upstream did not answer in time"),
             FlowError::UpstreamProtocol(e) => write!(f, "invalid response from upstream: {e}"),
+            FlowError::LoopDetected => write!(
+                f,
+                "forwarding loop: the request already came through this proxy"
+            ),
         }
     }
 }

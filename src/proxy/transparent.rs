@@ -22,6 +22,17 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(client = %ctx.client.addr, error = %e, "no original destination (is the REDIRECT rule in place?)");
+            let record = crate::access_log::Record {
+                start: Some(std::time::SystemTime::now()),
+                client: ctx.client.addr.to_string(),
+                listener: ctx.listener.as_str(),
+                method: "TUNNEL".into(),
+                verdict: "block",
+                reason: Some("destination"),
+                error: Some(format!("no original destination: {e}")),
+                ..Default::default()
+            };
+            shared.access_log.write(record);
             return;
         }
     };
@@ -50,6 +61,14 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
                 },
             )
         })
+    };
+    let checked = match checked {
+        // Port 80: the 403 page, request by request (tunnel::run).
+        Err(FlowError::Blocked(d)) if listener == ListenerKind::TransparentHttp => {
+            flow.addr_block = Some(d);
+            Ok(())
+        }
+        other => other,
     };
     if let Err(e) = checked {
         if let FlowError::Blocked(d) = &e {

@@ -59,6 +59,9 @@ pub struct Flow {
     pub host: Option<String>,
     pub allowlisted: bool,
     pub monitor: Option<Verdict>,
+    /// Redirected port-80 traffic to a refused address: HTTP gets the 403
+    /// page request by request; anything else is reset.
+    pub addr_block: Option<Detection>,
     pub rec: Record,
 }
 
@@ -116,6 +119,7 @@ pub async fn connect(
         host: Some(host),
         allowlisted,
         monitor,
+        addr_block: None,
         rec: std::mem::take(rec),
     };
     let shared = Arc::clone(shared);
@@ -226,11 +230,26 @@ pub async fn run(
         }
     };
 
+    if let (Some(d), false) = (flow.addr_block, matches!(first, First::Http)) {
+        refuse_tunnel(
+            &shared,
+            &engine,
+            flow,
+            &client,
+            &upstream,
+            FlowError::Blocked(d),
+        );
+        return;
+    }
+
     if let First::Http = first {
-        // Every request in it is decided like an explicit one.
-        let mut rec = flow.rec;
-        rec.method = "TUNNEL".into();
-        shared.access_log.write(rec);
+        // Every request in it is decided like an explicit one and logged on
+        // its own; a CONNECT tunnel also logs the CONNECT.
+        if flow.ctx.listener == ListenerKind::Explicit {
+            let mut rec = flow.rec;
+            rec.method = "CONNECT".into();
+            shared.access_log.write(rec);
+        }
         let ctx = ConnCtx {
             fixed: Some(FixedDest { addr: flow.dst }),
             ..flow.ctx.clone()
@@ -267,14 +286,16 @@ pub async fn run(
     // The first bytes were read here; the relay forwards them.
     cx.up
         .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let inspect = matches!(first, First::Payload) && !flow.allowlisted;
     let (c2s, s2c) = match first {
-        First::Payload => (
+        First::Payload if inspect => (
             Some(Inspector::new(Direction::Client, &buf, window)),
             (engine.signatures.payload().reach(Direction::Server) > 0)
                 .then(|| Inspector::new(Direction::Server, &[], window)),
         ),
         _ => {
-            // Allowed TLS: hand the ClientHello on, then relay as is.
+            // Allowed TLS, or an allow-listed destination (never refused on
+            // its payload): hand the first bytes on, then relay as is.
             if let Err(e) = relay::write_all(&up, &buf).await {
                 flow.rec.error = Some(e.to_string());
             }
@@ -531,6 +552,7 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
         host: None,
         allowlisted: false,
         monitor: None,
+        addr_block: None,
         rec: Record {
             start: Some(SystemTime::now()),
             client,

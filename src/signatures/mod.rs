@@ -156,6 +156,14 @@ impl SignatureSet {
     }
 
     pub fn from_files(files: &[SourceFile], window: usize) -> Result<SignatureSet, Vec<FileError>> {
+        if files.is_empty() {
+            return Err(vec![FileError {
+                file: "-".into(),
+                line: None,
+                field: "-".into(),
+                message: "no signature files: a set without rules would refuse nothing".into(),
+            }]);
+        }
         let apps = load::load(files, window)?;
         compile(apps, window)
     }
