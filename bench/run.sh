@@ -10,6 +10,9 @@
 #                           # HTTP and the tunnel-setup loads
 #
 # Environment: BENCH_PROXY_CPU (0) and BENCH_LOAD_CPU (1) pick the cores;
+# BENCH_NICE=-10 runs every benchmark process at that niceness, and sets
+# the session's scheduler autogroup to it for the run (on a machine shared
+# with other work the figures then suffer less from it; needs root);
 # BENCH_CHATWALL=/path/to/chatwall benchmarks that binary instead of
 # building one; CARGO_TARGET_DIR is honoured; BENCH_KEEP=1 keeps the
 # temporary directory (logs of every process).
@@ -66,6 +69,8 @@ cd "$ROOT"
 
 PROXY_CPU=${BENCH_PROXY_CPU:-0}
 LOAD_CPU=${BENCH_LOAD_CPU:-1}
+NICE=${BENCH_NICE:-0}
+[[ $NICE =~ ^-?[0-9]+$ ]] || { echo "BENCH_NICE must be a number" >&2; exit 2; }
 NGINX_PORT=18080
 SQUID_PORT=13128
 CW_PORT=13129
@@ -153,16 +158,34 @@ cleanup() {
     local rc=$? i
     trap - EXIT INT TERM
     for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_pid "${PIDS[i]}"; done
+    [[ -z $AUTOGROUP_NICE ]] || echo "$AUTOGROUP_NICE" >/proc/self/autogroup 2>/dev/null || true
     if [[ ${BENCH_KEEP:-0} == 1 ]]; then log "kept $RUN"; else rm -rf "$RUN"; fi
     exit "$rc"
 }
+AUTOGROUP_NICE=
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-# Start a background process pinned to a core; its PID goes to LAST_PID.
+# With scheduler autogroups (sched_autogroup_enabled), niceness only
+# weighs within one session: BENCH_NICE also sets this session's autogroup
+# niceness for the run (restored on exit), so that other sessions' work
+# yields too.
+if [[ $NICE != 0 && -w /proc/self/autogroup ]]; then
+    AUTOGROUP_NICE=$(sed -n 's/.* nice //p' /proc/self/autogroup)
+    echo "$NICE" >/proc/self/autogroup 2>/dev/null || { log "warning: cannot set the autogroup niceness"; AUTOGROUP_NICE=; }
+fi
+
+# Run a command pinned to a core (at BENCH_NICE niceness).
+run_on() {
+    local cpu=$1; shift
+    nice -n "$NICE" taskset -c "$cpu" "$@"
+}
+
+# Start a background process pinned to a core; its PID goes to LAST_PID
+# (nice and taskset exec the command, so the PID is the command's).
 start_bg() {
     local name=$1 cpu=$2; shift 2
-    taskset -c "$cpu" "$@" >"$RUN/$name.out" 2>&1 &
+    nice -n "$NICE" taskset -c "$cpu" "$@" >"$RUN/$name.out" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
 }
@@ -197,6 +220,20 @@ cpu_ticks() {
         t=$(( t + f[11] + f[12] ))
     done
     echo "$t"
+}
+
+# "busy total" ticks of one core, from /proc/stat.
+core_ticks() {
+    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
+# Interference: the share of the proxy core that went to anything but the
+# proxy (other processes, and kernel work not charged to the proxy) between
+# two core_ticks/cpu_ticks readings. Args: core-before core-after proxy-ticks-delta.
+other_pct() {
+    awk -v a="$1" -v b="$2" -v p="$3" 'BEGIN {
+        split(a, x, " "); split(b, y, " "); tot = y[2] - x[2]; busy = y[1] - x[1]
+        if (tot <= 0) print "NA"; else { o = (busy - p) / tot * 100; printf "%.1f", (o < 0 ? 0 : o) } }'
 }
 
 # A process and its children (Squid keeps no kids with -N; to be sure).
@@ -280,17 +317,19 @@ to_us() {
 
 # Figure 1: HTTP/1.1 keep-alive, 64 connections, 1 KiB responses.
 fig_http() {
-    local who=$1 out url pids=() c0 c1 reqs rps p99 bad
+    local who=$1 out url pids=() c0 c1 k0 k1 reqs rps p99 bad
     url="http://$HOST:$NGINX_PORT/1k"
     read -ra pids <<<"$(proxy_pids "$who" | tr '\n' ' ')"
     [[ ${#pids[@]} -eq 0 ]] || c0=$(cpu_ticks "${pids[@]}")
+    k0=$(core_ticks "$PROXY_CPU")
     if [[ $who == direct ]]; then
-        out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$url" 2>&1) || true
+        out=$(run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$url" 2>&1) || true
     else
-        out=$(WRK_TARGET=$url taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
+        out=$(WRK_TARGET=$url run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
             -s bench/wrk/proxy.lua "http://$HOST:$(proxy_port "$who")/" 2>&1) || true
     fi
     [[ ${#pids[@]} -eq 0 ]] || c1=$(cpu_ticks "${pids[@]}")
+    k1=$(core_ticks "$PROXY_CPU")
     echo "$out" >>"$RUN/wrk-$who.log"
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -306,19 +345,38 @@ fig_http() {
     record http "$who" errors "${bad:-0}"
     if [[ ${#pids[@]} -gt 0 ]]; then
         record http "$who" cpu_us "$(awk -v d=$((c1 - c0)) -v t="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d / t * 1e6 / n}')"
+        record http "$who" other_pct "$(other_pct "$k0" "$k1" $((c1 - c0)))"
     fi
     log "fig1 $who: $rps req/s, p99 $p99"
+}
+
+# Run loadgen on the load core; its output goes to LG_OUT, and the share of
+# the proxy core that other work took meanwhile to LG_OTHER ("" for direct).
+LG_OUT=
+LG_OTHER=
+loadgen_run() {
+    local who=$1 pids=() c0 c1 k0 k1 rc=0; shift
+    read -ra pids <<<"$(proxy_pids "$who" | tr '\n' ' ')"
+    [[ ${#pids[@]} -eq 0 ]] || c0=$(cpu_ticks "${pids[@]}")
+    k0=$(core_ticks "$PROXY_CPU")
+    LG_OUT=$(run_on "$LOAD_CPU" "$LOADGEN" "$@" 2>>"$RUN/loadgen.err") || rc=$?
+    k1=$(core_ticks "$PROXY_CPU")
+    LG_OTHER=
+    [[ ${#pids[@]} -eq 0 ]] || { c1=$(cpu_ticks "${pids[@]}"); LG_OTHER=$(other_pct "$k0" "$k1" $((c1 - c0))); }
+    return "$rc"
 }
 
 # Figure 2: one tunnel, 16 KiB records, down (origin to client) and up.
 fig_bulk() {
     local who=$1 dir=$2 out
     # shellcheck disable=SC2046
-    if ! out=$(taskset -c "$LOAD_CPU" "$LOADGEN" bulk $(via_args "$who") --target "$HOST:$BULK_PORT" \
-        --bytes "$BULK_BYTES" --direction "$dir" $(cpu_args "$who") --clk-tck "$CLK_TCK" 2>>"$RUN/loadgen.err"); then
+    if ! loadgen_run "$who" bulk $(via_args "$who") --target "$HOST:$BULK_PORT" \
+        --bytes "$BULK_BYTES" --direction "$dir" $(cpu_args "$who") --clk-tck "$CLK_TCK"; then
         log "fig2 $who $dir: loadgen failed: $(tail -n 1 "$RUN/loadgen.err")"
         return 0
     fi
+    out=$LG_OUT
+    [[ -z $LG_OTHER ]] || record "bulk_$dir" "$who" other_pct "$LG_OTHER"
     record "bulk_$dir" "$who" gbps "$(kv "$out" gbps)"
     [[ $(kv "$out" cpu_s_per_gb) == - ]] || record "bulk_$dir" "$who" cpu_s_per_gb "$(kv "$out" cpu_s_per_gb)"
     log "fig2 $who $dir: $out"
@@ -328,12 +386,13 @@ fig_bulk() {
 fig_setup() {
     local who=$1 out
     # shellcheck disable=SC2046
-    if ! out=$(taskset -c "$LOAD_CPU" "$LOADGEN" setup $(via_args "$who") --target "$HOST:$FLIGHT_PORT" \
-        --concurrency "$SETUP_CONC" --secs "$SECS" --flight "$FLIGHT" $(cpu_args "$who") --clk-tck "$CLK_TCK" \
-        2>>"$RUN/loadgen.err"); then
+    if ! loadgen_run "$who" setup $(via_args "$who") --target "$HOST:$FLIGHT_PORT" \
+        --concurrency "$SETUP_CONC" --secs "$SECS" --flight "$FLIGHT" $(cpu_args "$who") --clk-tck "$CLK_TCK"; then
         log "fig3 $who: loadgen failed: $(tail -n 1 "$RUN/loadgen.err")"
         return 0
     fi
+    out=$LG_OUT
+    [[ -z $LG_OTHER ]] || record setup "$who" other_pct "$LG_OTHER"
     record setup "$who" rate "$(kv "$out" rate)"
     record setup "$who" p99_us "$(kv "$out" p99_us)"
     record setup "$who" errors "$(kv "$out" errors)"
@@ -345,12 +404,13 @@ fig_setup() {
 fig_idle() {
     local who=$1 out
     # shellcheck disable=SC2046
-    if ! out=$(taskset -c "$LOAD_CPU" "$LOADGEN" idle $(via_args "$who") --target "$HOST:$HOLD_PORT" \
+    if ! loadgen_run "$who" idle $(via_args "$who") --target "$HOST:$HOLD_PORT" \
         --count "$IDLE_COUNT" --flight "$FLIGHT" \
-        $(for p in $(proxy_pids "$who"); do echo "--rss-pid $p"; done) 2>>"$RUN/loadgen.err"); then
+        $(for p in $(proxy_pids "$who"); do echo "--rss-pid $p"; done); then
         log "fig4 $who: loadgen failed: $(tail -n 1 "$RUN/loadgen.err")"
         return 0
     fi
+    out=$LG_OUT
     record idle "$who" kib "$(kv "$out" kib_per_tunnel)"
     record idle "$who" errors "$(kv "$out" errors)"
     log "fig4 $who: $out"
@@ -383,15 +443,15 @@ if [[ $PROFILE == 1 ]]; then
         echo "perf record -F 1999 (cpu-clock) of the chatwall process only, self time by symbol."
     } >"$PROF"
     for load in http setup; do
-        taskset -c "$LOAD_CPU" perf record -q -F 1999 -p "$CW_PID" -o "$RUN/perf-$load.data" -- sleep "$SECS" 2>/dev/null &
+        run_on "$LOAD_CPU" perf record -q -F 1999 -p "$CW_PID" -o "$RUN/perf-$load.data" -- sleep "$SECS" 2>/dev/null &
         perf_pid=$!
         PIDS+=("$perf_pid")
         sleep 0.2
         if [[ $load == http ]]; then
-            WRK_TARGET="http://$HOST:$NGINX_PORT/1k" taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$((SECS - 1))s" \
+            WRK_TARGET="http://$HOST:$NGINX_PORT/1k" run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$((SECS - 1))s" \
                 -s bench/wrk/proxy.lua "http://$HOST:$CW_PORT/" >/dev/null
         else
-            taskset -c "$LOAD_CPU" "$LOADGEN" setup --proxy "$HOST:$CW_PORT" --target "$HOST:$FLIGHT_PORT" \
+            run_on "$LOAD_CPU" "$LOADGEN" setup --proxy "$HOST:$CW_PORT" --target "$HOST:$FLIGHT_PORT" \
                 --concurrency "$SETUP_CONC" --secs "$((SECS - 2))" >/dev/null
         fi
         wait "$perf_pid" || true
@@ -422,9 +482,9 @@ ROUND=0
 
 log "startup and reload times"
 STARTUP=$(CHATWALL__LISTEN__EXPLICIT="$HOST:$STARTUP_PORT" CHATWALL__LISTEN__ADMIN="$HOST:$STARTUP_ADMIN" \
-    taskset -c "$PROXY_CPU" "$LOADGEN" startup --admin "$HOST:$STARTUP_ADMIN" --runs 10 -- \
+    run_on "$PROXY_CPU" "$LOADGEN" startup --admin "$HOST:$STARTUP_ADMIN" --runs 10 -- \
     "$CHATWALL" run -c bench/chatwall-bench.toml 2>>"$RUN/loadgen.err") || log "startup timing failed"
-RELOAD=$(taskset -c "$LOAD_CPU" "$LOADGEN" reload --admin "$HOST:$CW_ADMIN" --runs 10 2>>"$RUN/loadgen.err") \
+RELOAD=$(run_on "$LOAD_CPU" "$LOADGEN" reload --admin "$HOST:$CW_ADMIN" --runs 10 2>>"$RUN/loadgen.err") \
     || log "reload timing failed"
 [[ -z ${STARTUP:-} ]] || record startup chatwall ms "$(kv "$STARTUP" median_ms)"
 [[ -z ${RELOAD:-} ]] || record reload chatwall ms "$(kv "$RELOAD" median_ms)"
@@ -468,7 +528,7 @@ TABLE="$RUN/table.md"
     echo "## Results: $(date -u +%Y-%m-%d) ($MODE: $ROUNDS round(s), ${SECS} s runs, $(gib "$BULK_BYTES") GiB bulk, $IDLE_COUNT idle tunnels)"
     echo
     echo "Medians of $ROUNDS round(s); ratios are chatwall's median over the other's."
-    echo "Proxy core $PROXY_CPU; nginx, wrk and loadgen on core $LOAD_CPU; loopback only."
+    echo "Proxy core $PROXY_CPU; nginx, wrk and loadgen on core $LOAD_CPU; loopback only$([[ $NICE == 0 ]] || echo "; every benchmark process at nice $NICE")."
     echo "CPU is the proxy process's utime+stime over the run (direct has no proxy)."
     echo
     echo "| figure | direct | Squid | chatwall | chatwall / Squid | chatwall / direct | target | met |"
@@ -487,6 +547,9 @@ TABLE="$RUN/table.md"
     row "startup, exec to /readyz 200, ms (median of 10)" startup ms 1 1 "< 50" "<=50"
     row "reload, POST /-/reload, ms (median of 10)" reload ms 1 1 "< 100" "<=100"
     echo
+    echo "Other work on the proxy core during the proxy runs (other processes, and kernel work not charged to the proxy): median $(
+        awk -F'\t' '$4 == "other_pct" && $5 != "NA" {print $5}' "$RAW" | sort -g \
+            | awk '{a[NR] = $1} END { if (NR == 0) print "–"; else printf "%s%%, max %s%%", a[int((NR + 1) / 2)], a[NR] }')."
     echo "Errors (sum over rounds): HTTP non-2xx $(awk -F'\t' '$1=="http" && $4=="errors" {s+=$5} END {print s+0}' "$RAW"),"\
         "tunnel setups $(awk -F'\t' '$1=="setup" && $4=="errors" {s+=$5} END {print s+0}' "$RAW"),"\
         "idle tunnels not opened $(awk -F'\t' '$1=="idle" && $4=="errors" {s+=$5} END {print s+0}' "$RAW")."
@@ -500,7 +563,7 @@ mkdir -p "$RESULTS"
         "Linux $(uname -r). chatwall $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ local changes)'),"\
         "$(squid -v | head -n 1), $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}')."
     echo "Load average before the runs: $LOAD_BEFORE; after: $LOAD_AFTER (the benchmark itself keeps about 2 busy)."
-    echo "Command: \`bench/run.sh$([[ $MODE == quick ]] && echo ' --quick')$([[ $ROUNDS != 3 && $MODE == full ]] && echo " --rounds $ROUNDS")\`, ${ELAPSED} s."
+    echo "Command: \`$([[ $NICE == 0 ]] || echo "BENCH_NICE=$NICE ")bench/run.sh$([[ $MODE == quick ]] && echo ' --quick')$([[ $ROUNDS != 3 && $MODE == full ]] && echo " --rounds $ROUNDS")\`, ${ELAPSED} s."
     echo
     cat "$TABLE"
     echo
