@@ -433,30 +433,49 @@ log "nginx $NGINX_PID, squid $SQUID_PID, chatwall $CW_PID; proxy core $PROXY_CPU
 if [[ $PROFILE == 1 ]]; then
     PROF="$RESULTS/profile.md"
     mkdir -p "$RESULTS"
+    # perf pads its columns; keep the text.
+    tidy() { sed -e 's/[[:space:]]*$//' -e '/^#/d' -e '/^$/d'; }
     report() {
-        perf report -i "$1" --no-children --sort symbol --percent-limit 0.7 --stdio 2>/dev/null \
-            | grep -v '^#' | grep -v '^$' | head -n 40
+        local data=$1
+        echo "Where the samples fall (self time by object):"
+        echo '```'
+        perf report -i "$data" --no-children --sort dso -g none --percent-limit 1 --stdio 2>/dev/null | tidy | head -n 8
+        echo '```'
+        echo "Self time by function (user [.] and kernel [k]), top 30:"
+        echo '```'
+        perf report -i "$data" --no-children --sort symbol -g none --percent-limit 0.5 --stdio 2>/dev/null | tidy | head -n 30
+        echo '```'
+        echo "Inclusive time (the function and what it calls) of user-space functions, top 45:"
+        echo '```'
+        perf report -i "$data" --children --sort symbol -g none --percent-limit 1.5 --stdio 2>/dev/null | tidy \
+            | grep -F '[.]' | head -n 45
+        echo '```'
     }
     {
         echo "# chatwall profile ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
         echo
-        echo "perf record -F 1999 (cpu-clock) of the chatwall process only, self time by symbol."
+        echo "\`perf record -F 499 --call-graph dwarf\` (cpu-clock) of the chatwall process alone, pinned to core"
+        echo "$PROXY_CPU, for $SECS s under each load (the load as in figures 1 and 3). Percentages are of"
+        echo "chatwall's samples. \`bench/run.sh --profile\` makes this file."
     } >"$PROF"
     for load in http setup; do
-        run_on "$LOAD_CPU" perf record -q -F 1999 -p "$CW_PID" -o "$RUN/perf-$load.data" -- sleep "$SECS" 2>/dev/null &
+        log "profiling chatwall under the $load load"
+        run_on "$LOAD_CPU" perf record -q -F 499 --call-graph dwarf,16384 -p "$CW_PID" \
+            -o "$RUN/perf-$load.data" -- sleep "$SECS" 2>/dev/null &
         perf_pid=$!
         PIDS+=("$perf_pid")
-        sleep 0.2
+        sleep 0.3
         if [[ $load == http ]]; then
-            WRK_TARGET="http://$HOST:$NGINX_PORT/1k" run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$((SECS - 1))s" \
+            WRK_TARGET="http://$HOST:$NGINX_PORT/1k" run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$SECS"s \
                 -s bench/wrk/proxy.lua "http://$HOST:$CW_PORT/" >/dev/null
         else
             run_on "$LOAD_CPU" "$LOADGEN" setup --proxy "$HOST:$CW_PORT" --target "$HOST:$FLIGHT_PORT" \
-                --concurrency "$SETUP_CONC" --secs "$((SECS - 2))" >/dev/null
+                --concurrency "$SETUP_CONC" --secs "$SECS" >/dev/null
         fi
         wait "$perf_pid" || true
         forget_pid "$perf_pid"
-        { echo; echo "## $load"; echo; echo '```'; report "$RUN/perf-$load.data"; echo '```'; } >>"$PROF"
+        log "reading the $load profile"
+        { echo; echo "## Under the $load load"; echo; report "$RUN/perf-$load.data"; } >>"$PROF"
     done
     cat "$PROF"
     log "wrote $PROF"
