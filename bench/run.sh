@@ -434,8 +434,10 @@ if [[ $PROFILE == 1 ]]; then
     PROF="$RESULTS/profile.md"
     mkdir -p "$RESULTS"
     # perf pads its columns; keep the text.
-    tidy() { sed -e 's/[[:space:]]*$//' -e '/^#/d' -e '/^$/d'; }
-    report() {
+    tidy() { sed -E -e 's/([[:space:]]+-)+[[:space:]]*$//' -e 's/[[:space:]]+$//' -e '/^#/d' -e '/^$/d'; }
+    # A subshell without pipefail: head closing the pipe is not an error.
+    report() (
+        set +o pipefail
         local data=$1
         echo "Where the samples fall (self time by object):"
         echo '```'
@@ -450,7 +452,7 @@ if [[ $PROFILE == 1 ]]; then
         perf report -i "$data" --children --sort symbol -g none --percent-limit 1.5 --stdio 2>/dev/null | tidy \
             | grep -F '[.]' | head -n 45
         echo '```'
-    }
+    )
     {
         echo "# chatwall profile ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
         echo

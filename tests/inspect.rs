@@ -346,7 +346,10 @@ async fn im_after_a_benign_prefix_within_the_window_is_reset() {
 async fn ordinary_protocols_pass_byte_exact() {
     let origin = RawOrigin::start(None, true).await;
     // A long inspection deadline: an ordinary protocol must never wait for it.
-    let proxy = Proxy::start("[access]\ndeny_destinations = []\n[inspect]\nfirst_bytes_timeout_ms = 8000\n").await;
+    let proxy = Proxy::start(
+        "[access]\ndeny_destinations = []\n[inspect]\nfirst_bytes_timeout_ms = 8000\n",
+    )
+    .await;
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "ssh",
@@ -721,5 +724,128 @@ async fn client_hellos_in_tiny_records_are_decided_or_refused_never_passed_blind
         .map(|r| r["reason"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(reasons, ["sni", "non_tls", "non_tls"], "{log:?}");
+    assert_eq!(origin.total_received(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_rustls_and_openssl_hellos_with_an_im_sni_are_reset() {
+    let origin = support::TlsOrigin::start(&["web.whatsapp.com", "localhost"]).await;
+    let proxy = Proxy::start(FAST).await;
+    // rustls, through a CONNECT to an allowed address.
+    let s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    let connector = tokio_rustls::TlsConnector::from(origin.client_config());
+    let name = rustls::pki_types::ServerName::try_from("web.whatsapp.com").expect("name");
+    let handshake = tokio::time::timeout(WAIT, connector.connect(name, s))
+        .await
+        .expect("in time");
+    assert!(handshake.is_err(), "the handshake must not complete");
+    // The same client and origin with an ordinary name complete.
+    let s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tokio::time::timeout(WAIT, connector.connect(name, s))
+        .await
+        .expect("in time")
+        .expect("handshake");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+    assert!(String::from_utf8_lossy(&out).ends_with("hello over tls\n"));
+
+    // openssl s_client speaks CONNECT itself (-proxy).
+    let have_openssl = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok();
+    if !have_openssl {
+        support::skip_or_fail("openssl is not installed");
+        return;
+    }
+    let args = vec![
+        "s_client".to_string(),
+        "-proxy".into(),
+        proxy.addr.to_string(),
+        "-connect".into(),
+        origin.addr.to_string(),
+        "-servername".into(),
+        "web.whatsapp.com".into(),
+        "-CAfile".into(),
+        origin.cert_pem_path.display().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .arg("10")
+            .arg("openssl")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("openssl runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("no peer certificate available") && !text.contains("Server certificate"),
+        "the handshake completed: {text}"
+    );
+    let log = proxy.wait_log(3).await;
+    let sni_blocks = log
+        .iter()
+        .filter(|r| r["reason"] == "sni" && r["app"] == "whatsapp")
+        .count();
+    assert_eq!(sni_blocks, 2, "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_and_ja4_rules_decide_client_hellos() {
+    let origin = RawOrigin::start(None, false).await;
+    // ALPN from the bundled set: XMPP over direct TLS (XEP-0368).
+    let proxy = Proxy::start(FAST).await;
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(&client_hello("chat.example.net", &["xmpp-client"], &[]))
+        .await
+        .expect("write");
+    assert!(is_refused(&mut s).await);
+    let log = proxy.wait_log(1).await;
+    assert_eq!(
+        (log[0]["app"].as_str(), log[0]["reason"].as_str()),
+        (Some("xmpp"), Some("alpn")),
+        "{log:?}"
+    );
+
+    // A JA4 rule in a signature directory of our own.
+    let hello = client_hello("www.example.org", &["h2"], &[]);
+    let chatwall::classify::tls::Hello::Complete(parsed) =
+        chatwall::classify::tls::inspect_client_hello(&hello)
+    else {
+        panic!("the test hello must parse");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("fingerprinted.toml"),
+        format!("id = \"fingerprinted\"\nname = \"Fingerprinted\"\ncategory = \"consumer-im\"\n[[tls]]\nja4 = [\"{}\"]\nsource = \"test fixture\"\n", parsed.ja4),
+    )
+    .expect("write sig");
+    let proxy = Proxy::start(&format!(
+        "{FAST}[signatures]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    ))
+    .await;
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(&hello).await.expect("write");
+    assert!(is_refused(&mut s).await);
+    let log = proxy.wait_log(1).await;
+    assert_eq!(log[0]["reason"], "ja4", "{log:?}");
+    assert_eq!(log[0]["ja4"], parsed.ja4.as_str());
     assert_eq!(origin.total_received(), 0);
 }
