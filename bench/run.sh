@@ -7,7 +7,7 @@
 #   bench/run.sh --quick    # 1 round, 5 s runs, 512 MiB bulk
 #   bench/run.sh --rounds N # full durations, N rounds
 #   bench/run.sh --profile  # no figures: perf profiles of chatwall under the
-#                           # HTTP and the tunnel-setup loads
+#                           # HTTP, tunnel-setup and bulk loads (bench/results/profile.md)
 #
 # Environment: BENCH_PROXY_CPU (0) and BENCH_LOAD_CPU (1) pick the cores;
 # BENCH_NICE=-10 runs every benchmark process at that niceness, and sets
@@ -447,22 +447,26 @@ if [[ $PROFILE == 1 ]]; then
         echo '```'
         perf report -i "$data" --no-children --sort symbol -g none --percent-limit 0.5 --stdio 2>/dev/null | tidy | head -n 30
         echo '```'
-        echo "Inclusive time (the function and what it calls) of user-space functions, top 45:"
+        echo "Inclusive time (the function and everything it calls, kernel included; columns: inclusive, self)"
+        echo "of chatwall's functions and the libraries on its request path, top 45:"
         echo '```'
-        perf report -i "$data" --children --sort symbol -g none --percent-limit 1.5 --stdio 2>/dev/null | tidy \
-            | grep -F '[.]' | head -n 45
+        perf report -i "$data" --children --sort symbol -g none --percent-limit 1 --stdio 2>/dev/null | tidy \
+            | grep -F '[.]' | grep -E "$INCLUSIVE_RE" | grep -vE "$RUNTIME_RE" | head -n 45
         echo '```'
     )
+    INCLUSIVE_RE='chatwall::|serde_json::|humantime::|prometheus::|sharded_slab|tracing_subscriber'
+    RUNTIME_RE='listener::handle::|explicit::serve::|tunnel::connect::\{\{closure\}\}::|relay::relay::\{\{closure\}\}::'
     {
         echo "# chatwall profile ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
         echo
-        echo "\`perf record -F 499 --call-graph dwarf\` (cpu-clock) of the chatwall process alone, pinned to core"
-        echo "$PROXY_CPU, for $SECS s under each load (the load as in figures 1 and 3). Percentages are of"
+        echo "\`perf record -F 299 --call-graph dwarf,32768\` (cpu-clock) of the chatwall process alone, pinned to core"
+        echo "$PROXY_CPU, for $SECS s under each load (the loads of figures 1, 3 and 2 down; the bulk"
+        echo "transfer moves 6 GiB and may end before the $SECS s: idle time takes no samples). Percentages are of"
         echo "chatwall's samples. \`bench/run.sh --profile\` makes this file."
     } >"$PROF"
-    for load in http setup; do
+    for load in http setup bulk; do
         log "profiling chatwall under the $load load"
-        run_on "$LOAD_CPU" perf record -q -F 499 --call-graph dwarf,16384 -p "$CW_PID" \
+        run_on "$LOAD_CPU" perf record -q -F 299 --call-graph dwarf,32768 -p "$CW_PID" \
             -o "$RUN/perf-$load.data" -- sleep "$SECS" 2>/dev/null &
         perf_pid=$!
         PIDS+=("$perf_pid")
@@ -470,9 +474,12 @@ if [[ $PROFILE == 1 ]]; then
         if [[ $load == http ]]; then
             WRK_TARGET="http://$HOST:$NGINX_PORT/1k" run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$SECS"s \
                 -s bench/wrk/proxy.lua "http://$HOST:$CW_PORT/" >/dev/null
-        else
+        elif [[ $load == setup ]]; then
             run_on "$LOAD_CPU" "$LOADGEN" setup --proxy "$HOST:$CW_PORT" --target "$HOST:$FLIGHT_PORT" \
                 --concurrency "$SETUP_CONC" --secs "$SECS" >/dev/null
+        else
+            run_on "$LOAD_CPU" "$LOADGEN" bulk --proxy "$HOST:$CW_PORT" --target "$HOST:$BULK_PORT" \
+                --bytes $((6 << 30)) >/dev/null
         fi
         wait "$perf_pid" || true
         forget_pid "$perf_pid"

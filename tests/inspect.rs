@@ -849,3 +849,58 @@ async fn alpn_and_ja4_rules_decide_client_hellos() {
     assert_eq!(log[0]["ja4"], parsed.ja4.as_str());
     assert_eq!(origin.total_received(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_tunnel_data_passes_byte_exact_both_ways_and_half_closes() {
+    // An echo origin: every byte comes back; the client sends 48 MiB, then
+    // shuts down its write side and must still read every echoed byte.
+    let origin = RawOrigin::start(None, true).await;
+    let proxy = Proxy::start(FAST).await;
+    let s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    let (mut rd, mut wr) = s.into_split();
+    let total: usize = 48 * 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        let mut chunk = vec![0u8; 256 * 1024];
+        while sent < total {
+            let n = chunk.len().min(total - sent);
+            for (k, b) in chunk[..n].iter_mut().enumerate() {
+                *b = support::pattern_byte(sent + k);
+            }
+            wr.write_all(&chunk[..n]).await.expect("write");
+            sent += n;
+        }
+        wr.shutdown().await.expect("half-close");
+        wr
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut mismatch = None;
+    loop {
+        let n = tokio::time::timeout(WAIT, rd.read(&mut buf))
+            .await
+            .expect("no stall")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        for (k, &b) in buf[..n].iter().enumerate() {
+            if mismatch.is_none() && b != support::pattern_byte(got + k) {
+                mismatch = Some(got + k);
+            }
+        }
+        got += n;
+        if got >= total {
+            break;
+        }
+    }
+    let _wr = writer.await.expect("writer");
+    assert_eq!(mismatch, None, "corrupted byte");
+    assert_eq!(got, total);
+    drop(rd);
+    let log = proxy.wait_log(1).await;
+    assert_eq!(log[0]["bytes_up"].as_u64(), Some(total as u64), "{log:?}");
+    assert_eq!(log[0]["bytes_down"].as_u64(), Some(total as u64));
+}

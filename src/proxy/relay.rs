@@ -254,12 +254,108 @@ async fn pump(
             None => {
                 let r = write_all(dst, &buf[..n]).await.err().map(End::Error);
                 give_buf(buf);
+                if r.is_none() && n == COPY_BUF {
+                    // A full buffer: bulk data. Move the rest of this
+                    // direction through a pipe in the kernel (splice), when
+                    // the platform has it.
+                    if let Some(end) = splice::pump(cx, src, dst, counter).await {
+                        return end;
+                    }
+                }
                 r
             }
         };
         if let Some(end) = result {
             return end;
         }
+    }
+}
+
+/// Zero-copy relay of one direction through a pipe (Linux splice(2)), once
+/// inspection of that direction is over and bulk data flows. The pipe
+/// exists only for such directions, so idle and interactive tunnels hold no
+/// pipe descriptors.
+#[cfg(target_os = "linux")]
+mod splice {
+    use std::io;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    use super::{shutdown_write, End, RelayCtx};
+
+    /// Pipe capacity asked for (the default is 64 KiB; unprivileged
+    /// processes may raise it up to /proc/sys/fs/pipe-max-size, 1 MiB).
+    const PIPE_SIZE: usize = 256 * 1024;
+
+    /// `None`: splice is not available here (no pipe); the caller goes on
+    /// copying through buffers. `Some(end)`: the direction ended.
+    pub async fn pump(
+        cx: &RelayCtx<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        counter: &AtomicU64,
+    ) -> Option<End> {
+        let (pipe_r, pipe_w) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).ok()?;
+        let capacity = fcntl_setpipe_size(&pipe_w, PIPE_SIZE).unwrap_or(64 * 1024);
+        let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+        loop {
+            // Socket to pipe. The pipe is always empty here, so EAGAIN can
+            // only be the socket's, which try_io turns into a fresh wait.
+            let n = loop {
+                if let Err(e) = src.readable().await {
+                    return Some(End::Error(e));
+                }
+                match src.try_io(Interest::READABLE, || {
+                    splice(src, None, &pipe_w, None, capacity, flags).map_err(io::Error::from)
+                }) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Some(End::Error(e)),
+                }
+            };
+            if n == 0 {
+                shutdown_write(dst);
+                return Some(End::Closed);
+            }
+            cx.touch();
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            // Pipe to socket, all of it.
+            let mut left = n;
+            while left > 0 {
+                if let Err(e) = dst.writable().await {
+                    return Some(End::Error(e));
+                }
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(&pipe_r, None, dst, None, left, flags).map_err(io::Error::from)
+                }) {
+                    Ok(0) => return Some(End::Error(io::ErrorKind::WriteZero.into())),
+                    Ok(k) => left -= k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Some(End::Error(e)),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod splice {
+    use std::sync::atomic::AtomicU64;
+
+    use tokio::net::TcpStream;
+
+    use super::{End, RelayCtx};
+
+    pub async fn pump(
+        _: &RelayCtx<'_>,
+        _: &TcpStream,
+        _: &TcpStream,
+        _: &AtomicU64,
+    ) -> Option<End> {
+        None
     }
 }
 
