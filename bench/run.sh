@@ -454,7 +454,7 @@ if [[ $PROFILE == 1 ]]; then
             | grep -F '[.]' | grep -E "$INCLUSIVE_RE" | grep -vE "$RUNTIME_RE" | head -n 45
         echo '```'
     )
-    INCLUSIVE_RE='chatwall::|serde_json::|humantime::|prometheus::|sharded_slab|tracing_subscriber'
+    INCLUSIVE_RE='chatwall::|serde_json::|humantime::|prometheus::|tracing_subscriber|hyper::server::conn::http1::Upgradeable|hyper::client::conn::http1::upgrades::Upgradeable|Buffered<T,B>::poll_(flush|read_from_io)|hyper_util::client::legacy::client::Client<C,B>::send_request'
     RUNTIME_RE='listener::handle::|explicit::serve::|tunnel::connect::\{\{closure\}\}::|relay::relay::\{\{closure\}\}::'
     {
         echo "# chatwall profile ($(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
@@ -527,18 +527,27 @@ med() {
             if (NR == 0) print "NA"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 fmt() { [[ $1 == NA ]] && echo "–" || printf "%.${2}f" "$1"; }
-ratio() { [[ $1 == NA || $2 == NA ]] && echo "–" || awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "–"; else printf "%.2f×", a / b }'; }
+ratio() {
+    if [[ $1 == NA || $2 == NA ]]; then echo "–"; return; fi
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "–"; else printf "%.2f×", a / b }'
+}
 # met VALUE OP LIMIT: yes / no / – (for a ratio target pass the ratio).
 met() { [[ $1 == NA ]] && { echo "–"; return; }; awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN {
     ok = (op == ">=") ? v >= l : v <= l; print ok ? "**yes**" : "no" }'; }
-rawratio() { [[ $1 == NA || $2 == NA ]] && echo NA || awk -v a="$1" -v b="$2" 'BEGIN { print (b == 0) ? "NA" : a / b }'; }
+rawratio() {
+    if [[ $1 == NA || $2 == NA ]]; then echo NA; return; fi
+    awk -v a="$1" -v b="$2" 'BEGIN { print (b == 0) ? "NA" : a / b }'
+}
 
 # One row: label, figure, metric, digits, scale (multiplier for display), target text, target check.
 row() {
-    local label=$1 f=$2 m=$3 d=$4 scale=$5 target=$6 check=$7
+    local label=$1 fig=$2 m=$3 d=$4 scale=$5 target=$6 check=$7
     local dv sv cv
-    dv=$(med "$f" direct "$m"); sv=$(med "$f" squid "$m"); cv=$(med "$f" chatwall "$m")
-    scl() { [[ $1 == NA ]] && echo NA || awk -v v="$1" -v s="$scale" 'BEGIN { print v * s }'; }
+    dv=$(med "$fig" direct "$m"); sv=$(med "$fig" squid "$m"); cv=$(med "$fig" chatwall "$m")
+    scl() {
+        if [[ $1 == NA ]]; then echo NA; return; fi
+        awk -v v="$1" -v s="$scale" 'BEGIN { print v * s }'
+    }
     local verdict="–"
     case $check in
         ratio\>=*) verdict=$(met "$(rawratio "$cv" "$sv")" ">=" "${check#ratio>=}") ;;

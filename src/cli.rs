@@ -203,10 +203,16 @@ fn run(config: Option<PathBuf>) -> u8 {
         Err(code) => return code,
     };
     init_tracing(&engine.config.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker per CPU this process may run on (taskset/cpusets count);
+    // on a single CPU the current-thread scheduler avoids cross-thread
+    // wake-ups altogether.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

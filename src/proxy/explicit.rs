@@ -158,7 +158,15 @@ where
     }
 }
 
-fn new_record(ctx: &ConnCtx, req: &Request<Incoming>) -> Record {
+fn new_record(shared: &Shared, ctx: &ConnCtx, req: &Request<Incoming>) -> Record {
+    if shared.access_log.is_off() {
+        // Nothing will be written: keep only what decisions read.
+        return Record {
+            listener: ctx.listener.as_str(),
+            verdict: "allow",
+            ..Record::default()
+        };
+    }
     Record {
         start: Some(SystemTime::now()),
         client: ctx.client.addr.to_string(),
@@ -176,7 +184,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let engine = shared.engine.load_full();
-    let mut rec = new_record(&ctx, &req);
+    let mut rec = new_record(&shared, &ctx, &req);
     if ctx.fixed.is_none() {
         if let Some(auth) = &engine.config.auth {
             let header = req
