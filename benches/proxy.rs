@@ -25,6 +25,14 @@
 //!   `chatwall_bundled / chatwall_minimal` is what the signatures cost a
 //!   short tunnel, `chatwall_* / direct` what the proxy costs in all.
 //!
+//! Before its criterion benchmarks, each tunnel group prints a paired
+//! comparison: the three routes interleaved in 41 rounds of 100 tunnels,
+//! with the median and quartiles of the per-round ratios
+//! `chatwall_bundled / chatwall_minimal` and `chatwall_bundled / direct`.
+//! On a shared machine whose speed drifts between benchmarks, those
+//! ratios are the figures to compare, not two criterion estimates taken
+//! seconds apart.
+//!
 //! Every proxy listens on 127.0.0.1:0 with `[access] deny_destinations = []`
 //! (so it may reach the loopback origins) and `[log] access = "off"`.
 //!
@@ -297,22 +305,26 @@ fn bench_tunnels(c: &mut Criterion) {
             start_proxy(Some(MINIMAL_SIGNATURES)).await,
         )
     });
+    let routes = [
+        ("direct", Route::Direct),
+        ("chatwall_bundled", Route::Proxy(bundled.addr)),
+        ("chatwall_minimal", Route::Proxy(minimal.addr)),
+    ];
     for (group_name, first) in &first_flights {
         let origin = rt.block_on(start_responder(first.len()));
         let connect = format!("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n").into_bytes();
+        let one = |route| tunnel(route, origin, &connect, first);
+        let paired = rt.block_on(paired_rounds(&routes, one));
+        eprintln!("{group_name}/{}B: {paired}", first.len());
         let mut group = c.benchmark_group(*group_name);
         group.throughput(Throughput::Elements(1));
-        for (name, route) in [
-            ("direct", Route::Direct),
-            ("chatwall_bundled", Route::Proxy(bundled.addr)),
-            ("chatwall_minimal", Route::Proxy(minimal.addr)),
-        ] {
+        for (name, route) in routes {
             group.bench_function(BenchmarkId::new(format!("{}B", first.len()), name), |b| {
                 b.iter_custom(|iters| {
                     rt.block_on(async {
                         let start = Instant::now();
                         for _ in 0..iters {
-                            tunnel(route, origin, &connect, first).await;
+                            one(route).await;
                         }
                         start.elapsed()
                     })
@@ -321,6 +333,73 @@ fn bench_tunnels(c: &mut Criterion) {
         }
         group.finish();
     }
+}
+
+/// Rounds of the paired comparison, and tunnels per route in each.
+const ROUNDS: usize = 41;
+const PER_ROUND: usize = 100;
+
+/// Times the routes interleaved: in each of `ROUNDS` rounds, `PER_ROUND`
+/// tunnels on each route back to back (the order rotating from round to
+/// round). On a shared machine whose speed drifts over seconds, criterion's
+/// one-benchmark-after-the-other figures can differ by more than the
+/// effect looked for; the ratio of two routes within one round does not
+/// drift, so the median of those ratios is the figure to compare.
+async fn paired_rounds<F, Fut>(routes: &[(&'static str, Route); 3], one: F) -> Paired
+where
+    F: Fn(Route) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut rounds: Vec<[f64; 3]> = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let mut mean = [0.0; 3];
+        for k in 0..routes.len() {
+            let i = (round + k) % routes.len();
+            let start = Instant::now();
+            for _ in 0..PER_ROUND {
+                one(routes[i].1).await;
+            }
+            mean[i] = start.elapsed().as_secs_f64() * 1e6 / PER_ROUND as f64;
+        }
+        rounds.push(mean);
+    }
+    let spread =
+        |f: &dyn Fn(&[f64; 3]) -> f64| quartiles(&mut rounds.iter().map(f).collect::<Vec<_>>());
+    Paired {
+        micros: [0, 1, 2].map(|i| spread(&|m| m[i])[1]),
+        bundled_over_minimal: spread(&|m| m[1] / m[2]),
+        bundled_over_direct: spread(&|m| m[1] / m[0]),
+    }
+}
+
+/// Medians (µs per tunnel) and quartiles of per-round ratios.
+struct Paired {
+    /// direct, chatwall_bundled, chatwall_minimal.
+    micros: [f64; 3],
+    bundled_over_minimal: [f64; 3],
+    bundled_over_direct: [f64; 3],
+}
+
+impl std::fmt::Display for Paired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [direct, bundled, minimal] = self.micros;
+        let [q1, m, q3] = self.bundled_over_minimal;
+        let [d1, d, d3] = self.bundled_over_direct;
+        write!(
+            f,
+            "paired over {ROUNDS} rounds of {PER_ROUND}: direct {direct:.1} µs, \
+             chatwall_bundled {bundled:.1} µs, chatwall_minimal {minimal:.1} µs; \
+             bundled/minimal {m:.3} (IQR {q1:.3}-{q3:.3}), \
+             bundled/direct {d:.2} (IQR {d1:.2}-{d3:.2})"
+        )
+    }
+}
+
+/// First quartile, median and third quartile of `values`.
+fn quartiles(values: &mut [f64]) -> [f64; 3] {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    [at(0.25), at(0.5), at(0.75)]
 }
 
 criterion_group!(benches, bench_http, bench_tunnels);

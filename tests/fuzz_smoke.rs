@@ -37,7 +37,10 @@ fn seeds_of(target: &str) -> Vec<Seed> {
 /// Runs `target` on `data`; on a panic, fails naming the input.
 fn check(target: &str, data: &[u8]) {
     if catch_unwind(AssertUnwindSafe(|| targets::run(target, data))).is_err() {
-        panic!("fuzz target `{target}` failed on {} bytes: {data:02x?}", data.len());
+        panic!(
+            "fuzz target `{target}` failed on {} bytes: {data:02x?}",
+            data.len()
+        );
     }
 }
 
@@ -112,7 +115,11 @@ fn smoke(target: &str, input: Input, random: usize, mutated: usize) {
     }
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ target.len() as u64);
     for _ in 0..random {
-        let len = if rng.below(4) == 0 { rng.below(MAX_LEN) } else { rng.below(96) };
+        let len = if rng.below(4) == 0 {
+            rng.below(MAX_LEN)
+        } else {
+            rng.below(96)
+        };
         let mut data = rng.bytes(len);
         if input == Input::Text {
             for b in &mut data {
@@ -125,7 +132,11 @@ fn smoke(target: &str, input: Input, random: usize, mutated: usize) {
         // for text formats) so that they get past the first check.
         if let Some(first) = data.first_mut() {
             if rng.below(2) == 0 {
-                *first = seeds[rng.below(seeds.len())].bytes.first().copied().unwrap_or(0);
+                *first = seeds[rng.below(seeds.len())]
+                    .bytes
+                    .first()
+                    .copied()
+                    .unwrap_or(0);
             }
         }
         check(target, &data);

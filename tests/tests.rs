@@ -5,6 +5,7 @@ mod cli;
 mod deploy;
 mod explicit;
 mod export_cli;
+mod fuzz_smoke;
 mod hardening;
 mod inspect;
 mod ops;

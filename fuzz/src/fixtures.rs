@@ -60,8 +60,9 @@ pub fn client_hello(sni: &str, alpn: &[&str], extra: &[Extension]) -> Vec<u8> {
 ///
 /// Without `post_quantum` it carries an X25519 key share and is padded
 /// (RFC 7685) to a 512-byte handshake message: 517 bytes on the wire. With
-/// it, an X25519MLKEM768 share (1216 bytes) comes first and there is no
-/// padding: about 1.8 KB, more than one TCP segment.
+/// it, an X25519MLKEM768 share (1216 bytes) comes first and a resumption
+/// offer (pre_shared_key) ends it, without padding: 1.8 KB, more than one
+/// TCP segment.
 pub fn browser_hello(sni: &str, post_quantum: bool) -> Vec<u8> {
     let suites = [
         0x0a0a, 0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9, 0xcca8, 0xc013,
@@ -103,7 +104,18 @@ pub fn browser_hello(sni: &str, post_quantum: bool) -> Vec<u8> {
         (0x4469, vec![0, 3, 2, b'h', b'2']), // application_settings
         (0x1a1a, vec![0]),    // GREASE
     ];
-    if !post_quantum {
+    if post_quantum {
+        // pre_shared_key (last, RFC 8446 §4.2.11): a resumption offer of
+        // one 192-byte ticket and its 32-byte binder.
+        let mut identity = len16(192).to_vec();
+        identity.extend_from_slice(&[0x7e; 192]);
+        identity.extend_from_slice(&0x0001_2345_u32.to_be_bytes()); // obfuscated_ticket_age
+        let mut binder = vec![32];
+        binder.extend_from_slice(&[0xb1; 32]);
+        let mut psk = prefixed16(&identity);
+        psk.extend_from_slice(&prefixed16(&binder));
+        exts.push((0x0029, psk));
+    } else {
         // padding: the handshake message becomes exactly 512 bytes.
         let unpadded = handshake(&suites, &exts).len();
         let pad = 512usize.saturating_sub(unpadded + 4);

@@ -112,9 +112,15 @@ pub fn http_head(data: &[u8]) {
         HeadOutcome::Match(rule) => check_rule(set, rule, RuleKind::Http),
         HeadOutcome::NeedBody { window } => {
             assert!(window > 0, "NeedBody with an empty window");
-            assert!(window <= WINDOW, "NeedBody window {window} past the inspection window");
+            assert!(
+                window <= WINDOW,
+                "NeedBody window {window} past the inspection window"
+            );
             let seen = body.get(..window).unwrap_or(body);
-            if let Some(rule) = set.http().classify_body(&parts, seen, seen.len() == body.len()) {
+            if let Some(rule) = set
+                .http()
+                .classify_body(&parts, seen, seen.len() == body.len())
+            {
                 check_rule(set, rule, RuleKind::Http);
             }
         }
@@ -158,17 +164,20 @@ pub fn signature_file(data: &[u8]) {
     assert!(!set.rules().is_empty(), "a loaded file has rules");
     for rule in set.rules() {
         let (pattern, lookup): (&str, NameLookup) = match rule.kind {
-                RuleKind::Host => (&rule.text, SignatureSet::classify_host),
-                RuleKind::Sni => (
-                    rule.text.strip_prefix("sni ").unwrap_or(&rule.text),
-                    SignatureSet::classify_sni,
-                ),
-                _ => continue,
-            };
+            RuleKind::Host => (&rule.text, SignatureSet::classify_host),
+            RuleKind::Sni => (
+                rule.text.strip_prefix("sni ").unwrap_or(&rule.text),
+                SignatureSet::classify_sni,
+            ),
+            _ => continue,
+        };
         let name = name_under(pattern);
         // A wildcard within two bytes of the longest name covers no name.
         if name.len() <= MAX_HOST_LEN {
-            assert!(lookup(&set, &name).is_some(), "the set does not find its own name {name:?}");
+            assert!(
+                lookup(&set, &name).is_some(),
+                "the set does not find its own name {name:?}"
+            );
         }
     }
     check_payload(&set, data);
@@ -202,7 +211,10 @@ pub fn config(data: &[u8]) {
                 assert!(!errors.is_empty(), "a refused policy must say why");
             }
         }
-        Err(errors) => assert!(!errors.to_string().is_empty(), "a refused file must say why"),
+        Err(errors) => assert!(
+            !errors.to_string().is_empty(),
+            "a refused file must say why"
+        ),
     }
 }
 
@@ -213,7 +225,10 @@ fn check_payload(set: &SignatureSet, data: &[u8]) {
         let outcome = matcher.classify(dir, data);
         match outcome {
             Outcome::Match { tag, offset } => {
-                assert!(offset < data.len(), "match offset {offset} outside the input");
+                assert!(
+                    offset < data.len(),
+                    "match offset {offset} outside the input"
+                );
                 check_rule(set, tag, RuleKind::Payload);
                 assert!(set.payload_detection(outcome).is_some());
             }
@@ -259,14 +274,32 @@ pub fn seeds(repo: &Path) -> Vec<Seed> {
         });
     };
 
-    let ech = (0xfe0d, vec![0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00]);
+    let ech = (
+        0xfe0d,
+        vec![0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00],
+    );
     let hellos = [
         ("browser", fixtures::browser_hello("www.example.org", false)),
-        ("browser-pq", fixtures::browser_hello("www.example.org", true)),
-        ("whatsapp", fixtures::client_hello("web.whatsapp.com", &["h2", "http/1.1"], &[])),
-        ("xmpp-alpn", fixtures::client_hello("chat.example", &["xmpp-client"], &[])),
-        ("idn", fixtures::client_hello("xn--bcher-kva.example", &[], &[])),
-        ("ech", fixtures::client_hello("public.example.net", &["h2"], &[ech])),
+        (
+            "browser-pq",
+            fixtures::browser_hello("www.example.org", true),
+        ),
+        (
+            "whatsapp",
+            fixtures::client_hello("web.whatsapp.com", &["h2", "http/1.1"], &[]),
+        ),
+        (
+            "xmpp-alpn",
+            fixtures::client_hello("chat.example", &["xmpp-client"], &[]),
+        ),
+        (
+            "idn",
+            fixtures::client_hello("xn--bcher-kva.example", &[], &[]),
+        ),
+        (
+            "ech",
+            fixtures::client_hello("public.example.net", &["h2"], &[ech]),
+        ),
     ];
     for (name, hello) in &hellos {
         add("client_hello", name, hello.clone());
