@@ -23,7 +23,9 @@ fi
 cargo fuzz build || exit 2
 
 failed=()
+total=0
 for target in $(cargo fuzz list); do
+    total=$((total + 1))
     echo "=== $target: ${time_per_target}s"
     mkdir -p "fuzz/corpus/$target"
     if ! cargo fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
@@ -35,6 +37,8 @@ done
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]} (inputs under fuzz/artifacts/)" >&2
+    echo "fuzz: $((total - ${#failed[@]})) passed, ${#failed[@]} failed"
     exit 1
 fi
 echo "all targets ran ${time_per_target}s without a failure"
+echo "fuzz: ${total} passed, 0 failed"
