@@ -51,6 +51,7 @@ use pcap_file::{DataLink, PcapError};
 
 use crate::classify::http::{HeadOutcome, HeadView};
 use crate::classify::payload::Direction;
+use crate::classify::sniff::{sniff, Sniff};
 use crate::classify::tls::{inspect_client_hello, ClientHello, Hello};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::engine::Engine;
@@ -66,18 +67,6 @@ const SLL2_HEADER: usize = 20;
 const CUT: &str = "the capture ends inside a packet (cut off?); replayed up to there";
 /// BSD loopback header: a 4-byte address family.
 const NULL_HEADER: usize = 4;
-/// Request methods that start an HTTP/1.x request (tunnel.rs `METHODS`).
-const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"HEAD ",
-    b"PUT ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-    b"CONNECT ",
-];
 
 // ---------------------------------------------------------------------------
 // The decisions, without sockets.
@@ -131,41 +120,6 @@ impl Findings {
     pub fn verdict(&self) -> Verdict {
         self.monitor.unwrap_or(Verdict::Allow)
     }
-}
-
-/// What the client's first bytes look like so far (tunnel.rs `sniff`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sniff {
-    NeedMore,
-    Tls,
-    Http,
-    Other,
-}
-
-/// Classify the start of a client stream: TLS record, HTTP/1.x request
-/// line, or something else.
-pub fn sniff(buf: &[u8]) -> Sniff {
-    match buf.first() {
-        None => return Sniff::NeedMore,
-        Some(0x16) => return Sniff::Tls,
-        _ => {}
-    }
-    for m in METHODS {
-        let n = buf.len().min(m.len());
-        if buf[..n] == m[..n] {
-            if buf.len() < m.len() {
-                return Sniff::NeedMore;
-            }
-            // A request line ending in HTTP/1.x: the head may still be partial.
-            let mut headers = [httparse::EMPTY_HEADER; 0];
-            let mut req = httparse::Request::new(&mut headers);
-            return match req.parse(buf) {
-                Ok(_) | Err(httparse::Error::TooManyHeaders) => Sniff::Http,
-                Err(_) => Sniff::Other,
-            };
-        }
-    }
-    Sniff::Other
 }
 
 /// What a tunnel's first bytes were decided to be (tunnel.rs `First`).
@@ -2063,21 +2017,6 @@ mod tests {
         h.segment(u32::MAX - 3, b"zzzzA", 6, 4); // starts before byte 0
         assert_eq!(&h.data[..], b"ABCDEF");
         assert_eq!(h.reads, vec![6]);
-    }
-
-    #[test]
-    fn sniff_table() {
-        let cases: &[(&[u8], Sniff)] = &[
-            (b"", Sniff::NeedMore),
-            (b"\x16", Sniff::Tls),
-            (b"GE", Sniff::NeedMore),
-            (b"GET / HTTP/1.1\r\n", Sniff::Http),
-            (b"GETX", Sniff::Other),
-            (b"<stream:stream", Sniff::Other),
-        ];
-        for (input, want) in cases {
-            assert_eq!(sniff(input), *want, "{:?}", String::from_utf8_lossy(input));
-        }
     }
 
     #[test]

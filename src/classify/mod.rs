@@ -9,6 +9,7 @@ pub mod addr;
 pub mod host;
 pub mod http;
 pub mod payload;
+pub mod sniff;
 pub mod tls;
 
 pub use addr::{NetMap, NetSet};

@@ -37,6 +37,7 @@ use super::Shared;
 use crate::access_log::Record;
 use crate::classify::host::normalize_host;
 use crate::classify::payload::Direction;
+use crate::classify::sniff::{sniff, Sniff};
 use crate::classify::tls::{inspect_client_hello, Hello};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::engine::Engine;
@@ -151,50 +152,6 @@ pub async fn connect(
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
-}
-
-/// What the first client bytes look like so far.
-enum Sniff {
-    NeedMore,
-    Tls,
-    Http,
-    Other,
-}
-
-const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"HEAD ",
-    b"PUT ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-    b"CONNECT ",
-];
-
-fn sniff(buf: &[u8]) -> Sniff {
-    match buf.first() {
-        None => return Sniff::NeedMore,
-        Some(0x16) => return Sniff::Tls,
-        _ => {}
-    }
-    for m in METHODS {
-        let n = buf.len().min(m.len());
-        if buf[..n] == m[..n] {
-            if buf.len() < m.len() {
-                return Sniff::NeedMore;
-            }
-            // A request line ending in HTTP/1.x: the head may still be partial.
-            let mut headers = [httparse::EMPTY_HEADER; 0];
-            let mut req = httparse::Request::new(&mut headers);
-            return match req.parse(buf) {
-                Ok(_) | Err(httparse::Error::TooManyHeaders) => Sniff::Http,
-                Err(_) => Sniff::Other,
-            };
-        }
-    }
-    Sniff::Other
 }
 
 /// The first-bytes verdict of a tunnel.
@@ -562,38 +519,5 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
             verdict: "allow",
             ..Record::default()
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sniff_table() {
-        let cases: &[(&[u8], &str)] = &[
-            (b"", "more"),
-            (b"\x16", "tls"),
-            (b"G", "more"),
-            (b"GE", "more"),
-            (b"GET ", "http"),
-            (b"GET / HTTP/1.1\r\n", "http"),
-            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
-            (b"GETX", "other"),
-            (b"SSH-2.0-OpenSSH\r\n", "other"),
-            (b"PASS x\r\n", "other"),
-            (b"POST /api HTTP/1.1\r\n", "http"),
-            (b"GET /\x00 HTTP/1.1\r\n", "other"),
-            (b"<stream:stream", "other"),
-        ];
-        for (input, want) in cases {
-            let got = match sniff(input) {
-                Sniff::NeedMore => "more",
-                Sniff::Tls => "tls",
-                Sniff::Http => "http",
-                Sniff::Other => "other",
-            };
-            assert_eq!(got, *want, "{:?}", String::from_utf8_lossy(input));
-        }
     }
 }
