@@ -489,10 +489,9 @@ pub fn decide_request(
     match sigs.http().classify_head(req, body.is_some()) {
         HeadOutcome::Match(rule) => findings.decide(engine, who, Some(sigs.http_detection(rule))),
         HeadOutcome::NeedBody { window } => {
-            let (bytes, complete) = body.unwrap_or((&[], true));
+            let (bytes, _complete) = body.unwrap_or((&[], true));
             let prefix = &bytes[..bytes.len().min(window)];
-            let complete = complete && bytes.len() <= window;
-            let hit = sigs.http().classify_body(req, prefix, complete);
+            let hit = sigs.http().classify_body(req, prefix);
             findings.decide(engine, who, hit.map(|r| sigs.http_detection(r)))
         }
         HeadOutcome::NoMatch => Ok(()),

@@ -117,10 +117,7 @@ pub fn http_head(data: &[u8]) {
                 "NeedBody window {window} past the inspection window"
             );
             let seen = body.get(..window).unwrap_or(body);
-            if let Some(rule) = set
-                .http()
-                .classify_body(&parts, seen, seen.len() == body.len())
-            {
+            if let Some(rule) = set.http().classify_body(&parts, seen) {
                 check_rule(set, rule, RuleKind::Http);
             }
         }

@@ -105,10 +105,9 @@ impl HttpMatcher {
         }
     }
 
-    /// Decide on the head and the first bytes of the body (`complete`: the
-    /// body ended within `body`, so missing atoms will never come).
-    pub fn classify_body(&self, head: &dyn HeadView, body: &[u8], complete: bool) -> Option<u32> {
-        let _ = complete;
+    /// Decide on the head and the first bytes of the body (as much as the
+    /// rules' window, or the whole body when it is shorter).
+    pub fn classify_body(&self, head: &dyn HeadView, body: &[u8]) -> Option<u32> {
         self.rules
             .iter()
             .filter(|r| !r.body.is_empty() && head_holds(r, head))
@@ -321,8 +320,8 @@ mod tests {
         let p = parts("POST", "http://149.154.167.51/api", &[]);
         let mut body = vec![0u8; 8];
         body.extend_from_slice(&[0xf1, 0x8e, 0x7e, 0xbe]);
-        assert_eq!(m.classify_body(&p, &body, true), Some(3));
-        assert_eq!(m.classify_body(&p, b"{\"json\":1}", true), None);
+        assert_eq!(m.classify_body(&p, &body), Some(3));
+        assert_eq!(m.classify_body(&p, b"{\"json\":1}"), None);
     }
 
     #[test]

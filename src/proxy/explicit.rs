@@ -400,8 +400,7 @@ async fn forward(
                     body_prefix = read_prefix(b, window, engine.config.first_bytes_timeout)
                         .await
                         .map_err(|_| FlowError::BadRequest("request body aborted"))?;
-                    let complete = body_prefix.2.is_none();
-                    let hit = sigs.http().classify_body(&parts, &body_prefix.0, complete);
+                    let hit = sigs.http().classify_body(&parts, &body_prefix.0);
                     apply(
                         policy.decide_for(&who, hit.map(|r| sigs.http_detection(r))),
                         &mut monitor,

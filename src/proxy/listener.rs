@@ -2,7 +2,6 @@
 //! connection, backoff on accept errors (EMFILE must not end the loop), and
 //! shutdown.
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,5 +103,4 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
         _ => transparent::handle(Arc::clone(&shared), stream, ctx).await,
     }
     shared.metrics.listener(kind).connections_active.dec();
-    let _ = shared.draining.load(Ordering::Relaxed);
 }
