@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::classify::tls::ClientHello;
+use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::signatures::SignatureSet;
@@ -65,5 +67,52 @@ impl Engine {
             policy,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
         })
+    }
+}
+
+impl Engine {
+    /// What a destination name (or address literal) and port alone say,
+    /// before any lookup: `None` when it is on the allow-list, else the
+    /// detections by name or address and by port, for the caller's policy
+    /// step. The proxy and `classify pcap` both decide through this.
+    pub fn name_evidence(&self, host: &str, port: u16) -> Option<[Option<Detection>; 2]> {
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok();
+        let allowlisted = match literal {
+            Some(ip) => self.policy.allows_addr(ip),
+            None => self.policy.allows_name(host),
+        };
+        if allowlisted {
+            return None;
+        }
+        let by_name = match literal {
+            Some(ip) => self.signatures.classify_ip(ip),
+            None => self.signatures.classify_host(host),
+        };
+        Some([by_name, self.signatures.classify_port(port)])
+    }
+
+    /// What a ClientHello says: its SNI, ALPN or JA4 (unless the SNI is on
+    /// the allow-list), and ECH or legacy ESNI.
+    pub fn hello_evidence(&self, hello: &ClientHello) -> [Option<Detection>; 2] {
+        let sni_allowlisted = hello
+            .sni
+            .as_deref()
+            .is_some_and(|s| self.policy.allows_name(s));
+        let named = if sni_allowlisted {
+            None
+        } else {
+            self.signatures.classify_hello(hello)
+        };
+        let ech = (hello.ech || hello.esni).then_some(Detection {
+            app: UNIDENTIFIED,
+            rule: None,
+            reason: Reason::Ech,
+            offset: None,
+        });
+        [named, ech]
     }
 }

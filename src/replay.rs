@@ -170,26 +170,12 @@ pub fn decide_name(
     port: u16,
     findings: &mut Findings,
 ) -> Result<bool, Refusal> {
-    let sigs = &engine.signatures;
-    let policy = &engine.policy;
-    let literal = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .ok();
-    let allowlisted = match literal {
-        Some(ip) => policy.allows_addr(ip),
-        None => policy.allows_name(host),
-    };
-    if allowlisted {
+    let Some(found) = engine.name_evidence(host, port) else {
         return Ok(true);
-    }
-    let by_name = match literal {
-        Some(ip) => sigs.classify_ip(ip),
-        None => sigs.classify_host(host),
     };
-    findings.decide(engine, who, by_name)?;
-    findings.decide(engine, who, sigs.classify_port(port))?;
+    for d in found {
+        findings.decide(engine, who, d)?;
+    }
     Ok(false)
 }
 
@@ -353,21 +339,8 @@ pub fn decide_hello(
     findings: &mut Findings,
     hello: &ClientHello,
 ) -> Result<(), Refusal> {
-    let sni_allowlisted = hello
-        .sni
-        .as_deref()
-        .is_some_and(|s| engine.policy.allows_name(s));
-    if !sni_allowlisted {
-        findings.decide(engine, who, engine.signatures.classify_hello(hello))?;
-    }
-    if hello.ech || hello.esni {
-        let d = Detection {
-            app: UNIDENTIFIED,
-            rule: None,
-            reason: Reason::Ech,
-            offset: None,
-        };
-        findings.decide(engine, who, Some(d))?;
+    for d in engine.hello_evidence(hello) {
+        findings.decide(engine, who, d)?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! decided on its own, before anything reaches the upstream.
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -281,26 +281,12 @@ pub fn decide_name(
     port: u16,
     monitor: &mut Option<Verdict>,
 ) -> Result<bool, FlowError> {
-    let sigs = &engine.signatures;
-    let policy = &engine.policy;
-    let literal = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .ok();
-    let allowlisted = match literal {
-        Some(ip) => policy.allows_addr(ip),
-        None => policy.allows_name(host),
-    };
-    if allowlisted {
+    let Some(found) = engine.name_evidence(host, port) else {
         return Ok(true);
-    }
-    let by_name = match literal {
-        Some(ip) => sigs.classify_ip(ip),
-        None => sigs.classify_host(host),
     };
-    apply(policy.decide_for(who, by_name), monitor)?;
-    apply(policy.decide_for(who, sigs.classify_port(port)), monitor)?;
+    for d in found {
+        apply(engine.policy.decide_for(who, d), monitor)?;
+    }
     Ok(false)
 }
 

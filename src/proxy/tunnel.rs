@@ -421,22 +421,8 @@ fn decide_hello(
     flow: &mut Flow,
     hello: &crate::classify::tls::ClientHello,
 ) -> Result<(), FlowError> {
-    let policy = &engine.policy;
-    let sni_allowlisted = hello.sni.as_deref().is_some_and(|s| policy.allows_name(s));
-    if !sni_allowlisted {
-        apply(
-            policy.decide_for(who, engine.signatures.classify_hello(hello)),
-            &mut flow.monitor,
-        )?;
-    }
-    if hello.ech || hello.esni {
-        let d = Detection {
-            app: UNIDENTIFIED,
-            rule: None,
-            reason: Reason::Ech,
-            offset: None,
-        };
-        apply(policy.decide_for(who, Some(d)), &mut flow.monitor)?;
+    for d in engine.hello_evidence(hello) {
+        apply(engine.policy.decide_for(who, d), &mut flow.monitor)?;
     }
     Ok(())
 }
