@@ -98,8 +98,9 @@ impl tower_service::Service<Uri> for Connector {
                     return Err(FlowError::DeniedDestination(a.ip()));
                 }
             }
-            let s = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark)
-                .await?;
+            let (s, _) =
+                upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark)
+                    .await?;
             Ok(TokioIo::new(s))
         })
     }

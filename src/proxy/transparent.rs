@@ -90,15 +90,13 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
     }
     let upstream = match listener {
         // HTTP and TLS clients speak first: connect once they have.
-        ListenerKind::TransparentHttp | ListenerKind::TransparentTls => {
-            Upstream::Lazy(Arc::from([dst]))
-        }
+        ListenerKind::TransparentHttp | ListenerKind::TransparentTls => Upstream::Lazy(dst),
         _ => {
             let limits = &engine.config.limits;
             match upstream::connect(&[dst], limits.connect_timeout, engine.config.upstream_mark)
                 .await
             {
-                Ok(s) => Upstream::Connected(s),
+                Ok((s, _)) => Upstream::Connected(s),
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
                     flow.rec.error = Some(e.to_string());

@@ -49,7 +49,7 @@ use crate::policy::{Verdict, Who};
 /// heard), or connected once the first bytes are decided.
 pub enum Upstream {
     Connected(TcpStream),
-    Lazy(Arc<[SocketAddr]>),
+    Lazy(SocketAddr),
 }
 
 /// One tunnel being set up.
@@ -108,8 +108,8 @@ pub async fn connect(
     )
     .await?;
     let limits = &engine.config.limits;
-    let up = upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
-    let dst = up.peer_addr().unwrap_or(addrs[0]);
+    let (up, dst) =
+        upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
     rec.upstream = Some(dst.to_string());
     rec.status = 200;
 
@@ -218,12 +218,12 @@ pub async fn run(
 
     let up = match upstream {
         Upstream::Connected(s) => s,
-        Upstream::Lazy(addrs) => {
+        Upstream::Lazy(addr) => {
             let limits = &engine.config.limits;
-            match upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark)
+            match upstream::connect(&[addr], limits.connect_timeout, engine.config.upstream_mark)
                 .await
             {
-                Ok(s) => s,
+                Ok((s, _)) => s,
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
                     flow.rec.error = Some(e.to_string());
@@ -236,7 +236,11 @@ pub async fn run(
             }
         }
     };
-    flow.rec.upstream = Some(up.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+    if !shared.access_log.is_off() {
+        // Connected to flow.dst: the CONNECT's checked address, or the
+        // redirected stream's original destination.
+        flow.rec.upstream = Some(flow.dst.to_string());
+    }
 
     let cx = RelayCtx::new(&shared, &engine, flow.ctx.client.who());
     let window = engine.config.inspect_bytes;
@@ -377,7 +381,12 @@ async fn first_bytes(
             }
         };
         tokio::select! {
-            r = client.readable() => match r.and_then(|()| client.try_read_buf(&mut buf)) {
+            r = client.readable() => match r.and_then(|()| {
+                // Room for the whole window in one read (a ClientHello
+                // is one segment), allocated only once bytes are there.
+                buf.reserve(window.saturating_sub(buf.len()));
+                client.try_read_buf(&mut buf)
+            }) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Ok(0) | Err(_) if buf.is_empty() => {
                     return Err(FlowError::BadRequest("client closed before sending anything"));

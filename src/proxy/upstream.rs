@@ -193,11 +193,12 @@ pub async fn resolve_checked(
 }
 
 /// Connect to the first address that answers, under the connect deadline.
+/// Returns the stream and the address it is connected to.
 pub async fn connect(
     addrs: &[SocketAddr],
     timeout: Duration,
     mark: u32,
-) -> Result<TcpStream, FlowError> {
+) -> Result<(TcpStream, SocketAddr), FlowError> {
     let mut last = FlowError::Connect("no address".into());
     for &addr in addrs {
         let sock = match addr {
@@ -211,7 +212,7 @@ pub async fn connect(
         match tokio::time::timeout(timeout, sock.connect(addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
-                return Ok(s);
+                return Ok((s, addr));
             }
             Ok(Err(e)) => last = FlowError::from_connect(&addr.to_string(), e),
             Err(_) => last = FlowError::ConnectTimeout(addr.to_string()),
