@@ -120,6 +120,10 @@ pub struct ConnCtx {
     pub client: ClientInfo,
     pub listener: ListenerKind,
     pub fixed: Option<FixedDest>,
+    /// The client connection's slot under the connection caps, shared by
+    /// everything the connection carries (a tunnel outlives the HTTP
+    /// server's part of it).
+    pub slot: Option<Arc<super::ConnGuard>>,
 }
 
 /// Serve HTTP/1.x on a client connection until it closes.
@@ -127,13 +131,37 @@ pub async fn serve<I>(shared: Arc<Shared>, io: I, ctx: ConnCtx)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    serve_with(shared, io, ctx, None).await
+}
+
+/// Serve HTTP/1.x; `first`, when given, is the response to the first
+/// request, already decided and logged (a CONNECT refused before the HTTP
+/// server saw the connection).
+pub async fn serve_with<I>(
+    shared: Arc<Shared>,
+    io: I,
+    ctx: ConnCtx,
+    first: Option<Response<ProxyBody>>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let limits = shared.engine.load().config.limits.clone();
     let svc_shared = Arc::clone(&shared);
     let addr = ctx.client.addr;
+    let first = std::sync::Mutex::new(first);
     let svc = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(shared, ctx, req).await) }
+        let decided = first
+            .lock()
+            .map(|mut f| f.take())
+            .unwrap_or_else(|e| e.into_inner().take());
+        async move {
+            Ok::<_, Infallible>(match decided {
+                Some(resp) => resp,
+                None => handle(shared, ctx, req).await,
+            })
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::explicit::{self, ConnCtx};
+use super::explicit::ConnCtx;
 use super::refuse::raw_response;
 use super::upstream::ClientInfo;
 use super::{transparent, Shared};
@@ -64,7 +63,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
         return;
     }
     drop(engine);
-    let _guard = match shared.admit(peer.ip()) {
+    let slot = match shared.admit(peer.ip(), kind) {
         Ok(g) => g,
         Err(limit) => {
             shared
@@ -84,9 +83,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
             return;
         }
     };
-    let m = shared.metrics.listener(kind);
-    m.connections_total.inc();
-    m.connections_active.inc();
+    shared.metrics.listener(kind).connections_total.inc();
     let _ = stream.set_nodelay(true);
     let ctx = ConnCtx {
         client: ClientInfo {
@@ -95,12 +92,10 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
         },
         listener: kind,
         fixed: None,
+        slot: Some(Arc::new(slot)),
     };
     match kind {
-        ListenerKind::Explicit => {
-            explicit::serve(Arc::clone(&shared), TokioIo::new(stream), ctx).await
-        }
-        _ => transparent::handle(Arc::clone(&shared), stream, ctx).await,
+        ListenerKind::Explicit => super::connect::serve(shared, stream, ctx).await,
+        _ => transparent::handle(shared, stream, ctx).await,
     }
-    shared.metrics.listener(kind).connections_active.dec();
 }

@@ -8,6 +8,7 @@
 //!           └─ admin (metrics, health, reload, PAC)                    → access log + metrics
 //! ```
 pub mod body;
+pub mod connect;
 pub mod explicit;
 pub mod listener;
 pub mod origdst;
@@ -140,8 +141,15 @@ impl Shared {
         }
     }
 
-    /// Take a connection slot, or say which cap refused it.
-    pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<ConnGuard, &'static str> {
+    /// Take a connection slot, or say which cap refused it. The slot (and
+    /// the listener's active-connection gauge) is held until the guard and
+    /// every clone of it are dropped: a tunnel handed on by the HTTP server
+    /// keeps its connection's slot.
+    pub fn admit(
+        self: &Arc<Self>,
+        client: IpAddr,
+        kind: ListenerKind,
+    ) -> Result<ConnGuard, &'static str> {
         let limits = &self.engine.load().config.limits;
         let (max_total, max_client) = (limits.max_connections, limits.max_connections_per_client);
         if self.conns_total.fetch_add(1, Ordering::AcqRel) >= max_total {
@@ -159,9 +167,12 @@ impl Shared {
             return Err("per_client");
         }
         *n += 1;
+        drop(map);
+        self.metrics.listener(kind).connections_active.inc();
         Ok(ConnGuard {
             shared: Arc::clone(self),
             client,
+            kind,
         })
     }
 
@@ -174,10 +185,25 @@ impl Shared {
 pub struct ConnGuard {
     shared: Arc<Shared>,
     client: IpAddr,
+    kind: ListenerKind,
+}
+
+impl std::fmt::Debug for ConnGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnGuard")
+            .field("client", &self.client)
+            .field("listener", &self.kind)
+            .finish()
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        self.shared
+            .metrics
+            .listener(self.kind)
+            .connections_active
+            .dec();
         self.shared.conns_total.fetch_sub(1, Ordering::AcqRel);
         let mut map = self
             .shared

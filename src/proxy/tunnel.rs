@@ -66,8 +66,10 @@ pub struct Flow {
     pub rec: Record,
 }
 
-/// `CONNECT host:port`: decide the destination, connect, answer 200, then
-/// inspect the tunnel.
+/// `CONNECT host:port` through the HTTP server: decide the destination,
+/// connect, answer 200, then inspect the tunnel once hyper hands the
+/// connection over. (A CONNECT that is a connection's first request is
+/// usually taken by `connect::serve` before the HTTP server sees it.)
 pub async fn connect(
     shared: &Arc<Shared>,
     engine: &Arc<Engine>,
@@ -80,6 +82,67 @@ pub async fn connect(
         .authority()
         .cloned()
         .ok_or(FlowError::BadRequest("CONNECT needs host:port"))?;
+    let (up, flow) = open(shared, engine, ctx, &auth, rec).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let shared = Arc::clone(shared);
+    let engine = Arc::clone(engine);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        // The explicit listener serves hyper a bare stream, or the stream
+        // behind the bytes `connect::serve` already read.
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
+                Ok(parts) => {
+                    let (unread, stream) = parts.io.into_inner().into_parts();
+                    let initial = if unread.is_empty() {
+                        parts.read_buf
+                    } else {
+                        let mut b = BytesMut::from(&parts.read_buf[..]);
+                        b.extend_from_slice(&unread);
+                        b.freeze()
+                    };
+                    Some((stream, initial))
+                }
+                Err(_) => None,
+            },
+        };
+        match upgraded {
+            Some((client, initial)) => {
+                run(
+                    shared,
+                    engine,
+                    flow,
+                    client,
+                    initial,
+                    Upstream::Connected(up),
+                )
+                .await;
+            }
+            None => tracing::error!("CONNECT upgrade is not a TCP stream"),
+        }
+    });
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
+}
+
+/// Decide a CONNECT's destination (the name before any lookup, then every
+/// address it resolves to) and connect to it. The flow that comes back is
+/// ready for `run` once the client has its 200.
+pub async fn open(
+    shared: &Arc<Shared>,
+    engine: &Arc<Engine>,
+    ctx: ConnCtx,
+    auth: &http::uri::Authority,
+    rec: &mut Record,
+) -> Result<(TcpStream, Flow), FlowError> {
     let port = auth
         .port_u16()
         .filter(|&p| p != 0)
@@ -93,7 +156,9 @@ pub async fn connect(
         normalize_host(raw_host).ok_or(FlowError::BadRequest("CONNECT to an invalid host name"))?
     };
     rec.host = Some(host.clone());
-    rec.target = format!("{}:{port}", auth.host());
+    if !shared.access_log.is_off() {
+        rec.target = format!("{}:{port}", auth.host());
+    }
 
     let mut monitor = None;
     let allowlisted = decide_name(engine, &ctx.client.who(), &host, port, &mut monitor)?;
@@ -110,10 +175,7 @@ pub async fn connect(
     let limits = &engine.config.limits;
     let (up, dst) =
         upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
-    rec.upstream = Some(dst.to_string());
     rec.status = 200;
-
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let flow = Flow {
         ctx,
         dst,
@@ -123,35 +185,7 @@ pub async fn connect(
         addr_block: None,
         rec: std::mem::take(rec),
     };
-    let shared = Arc::clone(shared);
-    let engine = Arc::clone(engine);
-    tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "CONNECT upgrade failed");
-                return;
-            }
-        };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let client = parts.io.into_inner();
-                run(
-                    shared,
-                    engine,
-                    flow,
-                    client,
-                    parts.read_buf,
-                    Upstream::Connected(up),
-                )
-                .await;
-            }
-            Err(_) => tracing::error!("CONNECT upgrade is not a TCP stream"),
-        }
-    });
-    let mut resp = Response::new(empty());
-    *resp.status_mut() = StatusCode::OK;
-    Ok(resp)
+    Ok((up, flow))
 }
 
 /// The first-bytes verdict of a tunnel.

@@ -1,0 +1,247 @@
+//! The first request of an explicit connection. Most connections to a
+//! forward proxy carry one `CONNECT` and then a tunnel, and clients send the
+//! `CONNECT` head in one write; so the first read is parsed here (httparse),
+//! and such a `CONNECT` is decided, connected, answered and relayed in this
+//! task without the HTTP server's per-connection state, upgrade hand-over
+//! and second task.
+//!
+//! Everything else goes to the HTTP server (`explicit::serve`) with the
+//! bytes already read in front of the stream: other methods, a head that
+//! did not arrive whole, anything httparse refuses (hyper answers it), a
+//! `CONNECT` whose credentials do not pass (hyper's path answers 407), and a
+//! `CONNECT` refused here, whose response hyper writes so that the
+//! connection goes on as it would have.
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::explicit::{self, ConnCtx};
+use super::prefixed::Prefixed;
+use super::relay;
+use super::tunnel::{self, Upstream};
+use super::Shared;
+use crate::access_log::Record;
+use crate::auth::AuthOutcome;
+
+/// Room for the first read: a CONNECT head is a few hundred bytes.
+const FIRST_READ: usize = 4096;
+/// Header fields looked at in a CONNECT head; more go to the HTTP server.
+const MAX_FIELDS: usize = 32;
+
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
+/// Serve one explicit client connection until it ends.
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
+    let engine = shared.engine.load_full();
+    let limits = &engine.config.limits;
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut buf = BytesMut::new();
+    // One read, or give up at the header deadline like the HTTP server.
+    loop {
+        tokio::select! {
+            r = stream.readable() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = super::shutdown_requested(&mut shutdown) => return,
+        }
+        buf.reserve(FIRST_READ);
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    }
+
+    let Some(head) = connect_head(&buf, limits.max_request_head_bytes) else {
+        return http(shared, stream, buf, ctx, None).await;
+    };
+    let Ok(authority) = head.target.parse::<http::uri::Authority>() else {
+        // Not authority-form: the HTTP server's answer is the one to give.
+        return http(shared, stream, buf, ctx, None).await;
+    };
+    if let Some(auth) = &engine.config.auth {
+        match shared
+            .auth
+            .check(auth, engine.generation, head.proxy_authorization.as_deref())
+        {
+            AuthOutcome::User(u) => ctx.client.user = Some(u),
+            _ => return http(shared, stream, buf, ctx, None).await,
+        }
+    }
+
+    let mut rec = record(&shared, &ctx, &head.target);
+    let head_bytes = buf.split_to(head.len);
+    match tunnel::open(&shared, &engine, ctx.clone(), &authority, &mut rec).await {
+        Ok((up, flow)) => {
+            if let Err(e) = relay::write_all(&stream, ESTABLISHED).await {
+                tracing::debug!(client = %ctx.client.addr, error = %e, "client gone before the 200");
+                let mut rec = flow.rec;
+                rec.error = Some(e.to_string());
+                shared.record_verdict(
+                    ctx.listener,
+                    &engine,
+                    &flow.monitor.unwrap_or(crate::policy::Verdict::Allow),
+                    &mut rec,
+                );
+                shared.access_log.write(rec);
+                return;
+            }
+            tunnel::run(
+                shared,
+                engine,
+                flow,
+                stream,
+                buf.freeze(),
+                Upstream::Connected(up),
+            )
+            .await;
+        }
+        Err(e) => {
+            let resp = explicit::refusal(&shared, &engine, &ctx, e, rec);
+            // hyper parses the CONNECT again and answers it with `resp`.
+            let mut all = head_bytes;
+            all.unsplit(buf);
+            http(shared, stream, all, ctx, Some(resp)).await;
+        }
+    }
+}
+
+/// Hand the connection to the HTTP server, the bytes read so far first.
+async fn http(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    read: BytesMut,
+    ctx: ConnCtx,
+    first: Option<http::Response<super::refuse::ProxyBody>>,
+) {
+    let io = TokioIo::new(Prefixed::new(read.freeze(), stream));
+    explicit::serve_with(shared, io, ctx, first).await;
+}
+
+/// A CONNECT head that came whole.
+struct ConnectHead {
+    /// Length of the head, up to and including the blank line.
+    len: usize,
+    target: String,
+    proxy_authorization: Option<Vec<u8>>,
+}
+
+/// `Some` for a whole `CONNECT ... HTTP/1.1` head within the size limit with
+/// no body framing; `None` for anything the HTTP server should see.
+fn connect_head(buf: &[u8], max_head: usize) -> Option<ConnectHead> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return None,
+    };
+    if req.method != Some("CONNECT") || req.version != Some(1) || len > max_head {
+        return None;
+    }
+    let mut proxy_authorization = None;
+    let mut hosts = 0;
+    for f in req.headers.iter() {
+        if f.name.eq_ignore_ascii_case("content-length")
+            || f.name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            // A CONNECT with a body is odd enough for the full parser.
+            return None;
+        }
+        if f.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        }
+        if f.name.eq_ignore_ascii_case("proxy-authorization") {
+            if proxy_authorization.is_some() {
+                return None;
+            }
+            proxy_authorization = Some(f.value.to_vec());
+        }
+    }
+    if hosts > 1 {
+        return None;
+    }
+    Some(ConnectHead {
+        len,
+        target: req.path?.to_string(),
+        proxy_authorization,
+    })
+}
+
+fn record(shared: &Shared, ctx: &ConnCtx, target: &str) -> Record {
+    if shared.access_log.is_off() {
+        return Record {
+            listener: ctx.listener.as_str(),
+            verdict: "allow",
+            user: ctx.client.user.as_deref().map(str::to_string),
+            ..Record::default()
+        };
+    }
+    Record {
+        start: Some(std::time::SystemTime::now()),
+        client: ctx.client.addr.to_string(),
+        listener: ctx.listener.as_str(),
+        method: "CONNECT".into(),
+        target: target.to_string(),
+        verdict: "allow",
+        user: ctx.client.user.as_deref().map(str::to_string),
+        ..Record::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_connect_head_is_taken() {
+        let h = connect_head(
+            b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n\x16\x03\x01",
+            8192,
+        )
+        .expect("CONNECT");
+        assert_eq!(h.target, "example.org:443");
+        assert_eq!(h.len, 59);
+        assert!(h.proxy_authorization.is_none());
+    }
+
+    #[test]
+    fn everything_else_goes_to_the_http_server() {
+        for head in [
+            &b"GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n"[..],
+            b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n",
+            b"CONNECT example.org:443 HTTP/1.0\r\n\r\n",
+            b"CONNECT example.org:443 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"CONNECT example.org:443 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"CONNECT example.org:443 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"CONNECT  example.org:443 HTTP/1.1\r\n\r\n",
+            b"CONNECT example.org:443 HTTP/1.1\r\nBad Field: x\r\n\r\n",
+            b"\x16\x03\x01\x00\x05hello",
+        ] {
+            assert!(
+                connect_head(head, 8192).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        // Over the head limit.
+        assert!(connect_head(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n", 16).is_none());
+    }
+
+    #[test]
+    fn credentials_are_read_once() {
+        let h = connect_head(
+            b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\n\r\n",
+            8192,
+        )
+        .expect("CONNECT");
+        assert_eq!(h.proxy_authorization.as_deref(), Some(&b"Basic eDp5"[..]));
+        assert!(connect_head(
+            b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\nProxy-Authorization: Basic eDp6\r\n\r\n",
+            8192,
+        )
+        .is_none());
+    }
+}
