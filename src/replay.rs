@@ -410,6 +410,10 @@ impl HeadView for httparse::Request<'_, '_> {
             .filter(|h| h.name.eq_ignore_ascii_case(name))
             .any(|h| f(h.value))
     }
+
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        self.headers.iter().for_each(|h| f(h.name));
+    }
 }
 
 /// The host a request names (explicit.rs, fixed destination): the Host

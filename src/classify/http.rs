@@ -36,6 +36,8 @@ pub trait HeadView {
     fn path(&self) -> &str;
     /// Call `f` on every value of header `name` (lower case) until it returns true.
     fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool;
+    /// Call `f` on the name of every header field (in any case).
+    fn each_name(&self, f: &mut dyn FnMut(&str));
 }
 
 impl HeadView for http::request::Parts {
@@ -47,6 +49,9 @@ impl HeadView for http::request::Parts {
     }
     fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
         self.headers.get_all(name).iter().any(|v| f(v.as_bytes()))
+    }
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        self.headers.keys().for_each(|k| f(k.as_str()));
     }
 }
 
@@ -65,11 +70,58 @@ pub enum HeadOutcome {
 #[derive(Debug, Clone, Default)]
 pub struct HttpMatcher {
     rules: Vec<HttpRule>,
+    /// The distinct header names the rules test (lower case); the first
+    /// 64 have a bit in `need`.
+    names: Vec<String>,
+    /// Per rule, the bits of the header names it cannot hold without. A
+    /// request lacking one skips the rule without a header lookup.
+    need: Vec<u64>,
 }
 
 impl HttpMatcher {
     pub fn new(rules: Vec<HttpRule>) -> HttpMatcher {
-        HttpMatcher { rules }
+        let mut names: Vec<String> = Vec::new();
+        let need = rules
+            .iter()
+            .map(|r| {
+                let mut bits = 0u64;
+                for c in &r.headers {
+                    let i = names.iter().position(|n| *n == c.name).unwrap_or_else(|| {
+                        names.push(c.name.clone());
+                        names.len() - 1
+                    });
+                    if i < 64 {
+                        bits |= 1 << i;
+                    }
+                }
+                bits
+            })
+            .collect();
+        HttpMatcher { rules, names, need }
+    }
+
+    /// The bits of the tested header names that `head` has.
+    fn present(&self, head: &dyn HeadView) -> u64 {
+        let mut bits = 0u64;
+        if !self.names.is_empty() {
+            let tested = &self.names[..self.names.len().min(64)];
+            head.each_name(&mut |name| {
+                if let Some(i) = tested.iter().position(|t| t.eq_ignore_ascii_case(name)) {
+                    bits |= 1 << i;
+                }
+            });
+        }
+        bits
+    }
+
+    /// The rules whose header names are all present, in order.
+    fn candidates<'a>(&'a self, head: &dyn HeadView) -> impl Iterator<Item = &'a HttpRule> {
+        let present = self.present(head);
+        self.rules
+            .iter()
+            .zip(&self.need)
+            .filter(move |(_, need)| *need & !present == 0)
+            .map(|(r, _)| r)
     }
 
     pub fn len(&self) -> usize {
@@ -87,7 +139,7 @@ impl HttpMatcher {
     /// Decide on the head; `has_body` says whether a body may follow.
     pub fn classify_head(&self, head: &dyn HeadView, has_body: bool) -> HeadOutcome {
         let mut window = 0usize;
-        for r in &self.rules {
+        for r in self.candidates(head) {
             if !head_holds(r, head) {
                 continue;
             }
@@ -108,8 +160,7 @@ impl HttpMatcher {
     /// Decide on the head and the first bytes of the body (as much as the
     /// rules' window, or the whole body when it is shorter).
     pub fn classify_body(&self, head: &dyn HeadView, body: &[u8]) -> Option<u32> {
-        self.rules
-            .iter()
+        self.candidates(head)
             .filter(|r| !r.body.is_empty() && head_holds(r, head))
             .find(|r| r.body.iter().all(|a| atom_holds(a, body)))
             .map(|r| r.rule)
@@ -245,6 +296,46 @@ mod tests {
         bool,
         HeadOutcome,
     );
+
+    /// Rules on more header names than the presence mask has bits, and a
+    /// rule on two names: the mask only skips, never decides a match.
+    #[test]
+    fn header_presence_mask() {
+        let rule = |rule: u32, names: &[String]| HttpRule {
+            rule,
+            method: None,
+            path: None,
+            path_prefix: None,
+            headers: names
+                .iter()
+                .map(|n| HeaderCond {
+                    name: n.clone(),
+                    test: HeaderTest::Prefix(b"yes".to_vec()),
+                })
+                .collect(),
+            body: vec![],
+        };
+        let name = |i: u32| format!("x-name-{i}");
+        let mut rules: Vec<HttpRule> = (0..70).map(|i| rule(i, &[name(i)])).collect();
+        rules.push(rule(100, &[name(3), name(68)]));
+        let m = HttpMatcher::new(rules);
+        for i in [0, 63, 64, 69] {
+            let head = parts("GET", "http://x/", &[(&name(i), "yes please")]);
+            assert_eq!(m.classify_head(&head, false), HeadOutcome::Match(i), "{i}");
+            let head = parts("GET", "http://x/", &[(&name(i), "no")]);
+            assert_eq!(m.classify_head(&head, false), HeadOutcome::NoMatch, "{i}");
+        }
+        // Both names needed; rules 3 and 68 alone fail on their values.
+        let head = parts("GET", "http://x/", &[(&name(3), "no"), (&name(68), "no")]);
+        assert_eq!(m.classify_head(&head, false), HeadOutcome::NoMatch);
+        let head = parts("GET", "http://x/", &[(&name(68), "yes")]);
+        assert_eq!(m.classify_head(&head, false), HeadOutcome::Match(68));
+        let m = HttpMatcher::new(vec![rule(100, &[name(3), name(68)])]);
+        let both = parts("GET", "http://x/", &[(&name(3), "yes"), (&name(68), "yes")]);
+        assert_eq!(m.classify_head(&both, false), HeadOutcome::Match(100));
+        let one = parts("GET", "http://x/", &[(&name(3), "yes")]);
+        assert_eq!(m.classify_head(&one, false), HeadOutcome::NoMatch);
+    }
 
     #[test]
     fn head_rules() {

@@ -77,6 +77,7 @@ pub struct ClientHello {
     /// Legacy ESNI extension 0xffce present.
     pub esni: bool,
     /// JA4 fingerprint (FoxIO JA4 spec, TLS over TCP: prefix 't'), e.g. "t13d1516h2_8daaf6152771_e5627efa2ab1".
+    /// Empty when [`inspect_client_hello_with`] was asked not to compute it.
     pub ja4: String,
     /// Number of bytes of `buf` consumed by the records carrying the ClientHello.
     pub len: usize,
@@ -130,6 +131,14 @@ const JA4_EMPTY_HASH: &str = "000000000000";
 /// whatever follows in `buf`. [`Hello::NotTls`] is final: no longer buffer
 /// starting with the same bytes can give anything else.
 pub fn inspect_client_hello(buf: &[u8]) -> Hello {
+    inspect_client_hello_with(buf, true)
+}
+
+/// [`inspect_client_hello`], computing the JA4 fingerprint only when `ja4`
+/// is set (otherwise [`ClientHello::ja4`] is empty). Sorting, hex-formatting
+/// and hashing the lists is a noticeable share of a tunnel's setup cost,
+/// and nothing needs it when no rule matches on JA4 and no log records it.
+pub fn inspect_client_hello_with(buf: &[u8], ja4: bool) -> Hello {
     match reassemble(buf) {
         Reassembly::NeedMore(need) => Hello::NeedMore { need },
         Reassembly::NotTls => Hello::NotTls,
@@ -140,7 +149,7 @@ pub fn inspect_client_hello(buf: &[u8]) -> Hello {
         } => {
             let body = message.get(HANDSHAKE_HEADER_LEN..total).unwrap_or_default();
             match parse_client_hello(body) {
-                Some(fields) => Hello::Complete(Box::new(fields.into_client_hello(consumed))),
+                Some(fields) => Hello::Complete(Box::new(fields.into_client_hello(consumed, ja4))),
                 None => Hello::NotTls,
             }
         }
@@ -534,8 +543,8 @@ impl Fields<'_> {
             .unwrap_or(self.legacy_version)
     }
 
-    fn into_client_hello(self, consumed: usize) -> ClientHello {
-        let ja4 = self.ja4();
+    fn into_client_hello(self, consumed: usize, ja4: bool) -> ClientHello {
+        let ja4 = if ja4 { self.ja4() } else { String::new() };
         ClientHello {
             sni: self.server_name.flatten().and_then(normalise_host),
             alpn: self
@@ -1057,6 +1066,24 @@ mod tests {
             assert_eq!(hello.version, legacy_version);
             assert_eq!(&hello.ja4[1..3], code);
         }
+    }
+
+    #[test]
+    fn ja4_only_when_asked() {
+        let record = modern("chat.example.com").record();
+        let with = complete(&record);
+        let Hello::Complete(without) = inspect_client_hello_with(&record, false) else {
+            panic!("not a complete hello");
+        };
+        assert!(with.ja4.starts_with("t13d"), "{}", with.ja4);
+        assert!(without.ja4.is_empty());
+        assert_eq!(
+            ClientHello {
+                ja4: String::new(),
+                ..with
+            },
+            *without
+        );
     }
 
     #[test]

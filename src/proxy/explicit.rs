@@ -382,7 +382,9 @@ async fn forward(
             (host, fixed.addr.port(), uri)
         }
     };
-    rec.host = Some(host.clone());
+    if !shared.access_log.is_off() {
+        rec.host = Some(host.clone());
+    }
 
     let mut monitor = None;
     let allowlisted = decide_name(engine, &who, &host, port, &mut monitor)?;
@@ -487,7 +489,9 @@ async fn forward(
         Arc::clone(&up_bytes),
     );
     let upstream_req = Request::from_parts(parts, up_body);
-    rec.upstream = Some(format!("{host}:{port}"));
+    if !shared.access_log.is_off() {
+        rec.upstream = Some(format!("{host}:{port}"));
+    }
 
     let timeout = engine.config.limits.upstream_response_timeout;
     let mut resp =
@@ -580,32 +584,48 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Hop-by-hop fields that are removed whether Connection names them or not
+/// (header names are lower case).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "trailer"
+            | "proxy-connection"
+            | "keep-alive"
+    )
+}
+
 /// Remove hop-by-hop fields (RFC 9110 §7.6.1): Connection and every field
-/// it names, and the fixed list.
+/// it names, and the fixed list. One pass over the names first: most heads
+/// have none of them, and removing is a hash lookup per name; then only the
+/// fields present are removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // One lookup of Connection; its values are walked per name.
+    let connection = headers.get_all(header::CONNECTION);
+    let named = |name: &HeaderName| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k) || named(k))
+        .cloned()
         .collect();
-    for n in named {
+    for n in doomed {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::TRAILER,
-    ] {
-        headers.remove(n);
-    }
-    headers.remove("proxy-connection");
-    headers.remove("keep-alive");
 }
 
 fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
@@ -672,5 +692,17 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key(header::ACCEPT));
+
+        // A Connection-less head: end-to-end fields stay, a lone
+        // Keep-Alive goes.
+        let mut h = HeaderMap::new();
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(!h.contains_key("keep-alive"));
     }
 }

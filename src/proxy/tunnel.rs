@@ -38,7 +38,7 @@ use crate::access_log::Record;
 use crate::classify::host::normalize_host;
 use crate::classify::payload::Direction;
 use crate::classify::sniff::{sniff, Sniff};
-use crate::classify::tls::{inspect_client_hello, Hello};
+use crate::classify::tls::{inspect_client_hello_with, Hello};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
@@ -155,7 +155,9 @@ pub async fn open(
     } else {
         normalize_host(raw_host).ok_or(FlowError::BadRequest("CONNECT to an invalid host name"))?
     };
-    rec.host = Some(host.clone());
+    if !shared.access_log.is_off() {
+        rec.host = Some(host.clone());
+    }
     if !shared.access_log.is_off() {
         rec.target = format!("{}:{port}", auth.host());
     }
@@ -208,7 +210,9 @@ pub async fn run(
     upstream: Upstream,
 ) {
     let started = Instant::now();
-    let result = first_bytes(&engine, &mut flow, &client, initial, &upstream).await;
+    // JA4 only for rules that match on it, or a log that records it.
+    let want_ja4 = engine.signatures.has_ja4_rules() || !shared.access_log.is_off();
+    let result = first_bytes(&engine, &mut flow, &client, initial, &upstream, want_ja4).await;
     shared
         .metrics
         .inspection_duration
@@ -365,6 +369,7 @@ async fn first_bytes(
     client: &TcpStream,
     initial: Bytes,
     upstream: &Upstream,
+    want_ja4: bool,
 ) -> Result<(First, BytesMut), FlowError> {
     let cfg = &engine.config;
     let window = cfg.inspect_bytes;
@@ -376,11 +381,11 @@ async fn first_bytes(
     loop {
         match sniff(&buf) {
             Sniff::NeedMore => {}
-            Sniff::Tls => match inspect_client_hello(&buf) {
+            Sniff::Tls => match inspect_client_hello_with(&buf, want_ja4) {
                 Hello::NeedMore { .. } => {}
                 Hello::Complete(hello) => {
                     flow.rec.sni = hello.sni.clone();
-                    flow.rec.ja4 = Some(hello.ja4.clone());
+                    flow.rec.ja4 = want_ja4.then(|| hello.ja4.clone());
                     flow.rec.alpn = (!hello.alpn.is_empty()).then(|| hello.alpn.join(","));
                     tracing::trace!(sni = ?hello.sni, ja4 = %hello.ja4, "ClientHello");
                     decide_hello(engine, who, flow, &hello)?;

@@ -255,6 +255,11 @@ impl SignatureSet {
             .map(|&rule| self.detection(rule, Reason::Ja4, None))
     }
 
+    /// Does any rule match on a JA4 fingerprint?
+    pub fn has_ja4_rules(&self) -> bool {
+        !self.ja4.is_empty()
+    }
+
     pub fn http(&self) -> &HttpMatcher {
         &self.http
     }
