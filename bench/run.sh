@@ -29,11 +29,14 @@
 #      origins (a 3 KB server flight that closes, 127.0.0.1:18443; the same
 #      that holds the connection, :18444; bulk records, :18445); pinned to
 #      the proxy core (BENCH_PROXY_CPU, default 0): Squid (bench/squid.conf,
-#      127.0.0.1:13128) and chatwall (bench/chatwall-bench.toml,
-#      127.0.0.1:13129, admin :19129);
+#      127.0.0.1:13128), chatwall (bench/chatwall-bench.toml,
+#      127.0.0.1:13129, admin :19129) and, as a reference, loadgen's bare
+#      relay (no policy, no inspection: what relaying alone costs here,
+#      127.0.0.1:13130);
 #   3. for each round, with freshly started proxies: figure 4 (idle tunnels,
-#      Squid then chatwall), then figures 1, 2 and 3, each alternating
-#      direct, Squid, chatwall so drift cancels; wrk and loadgen run on the
+#      Squid, bare relay, chatwall), then figures 1, 2 and 3, each
+#      alternating direct, Squid, bare relay, chatwall so drift cancels;
+#      wrk and loadgen run on the
 #      load core; the proxy's CPU time is utime+stime of /proc/PID/stat
 #      before and after each run;
 #   4. chatwall's startup (exec to /readyz 200) and reload times, 10 each;
@@ -74,6 +77,7 @@ NICE=${BENCH_NICE:-0}
 NGINX_PORT=18080
 SQUID_PORT=13128
 CW_PORT=13129
+RELAY_PORT=13130
 CW_ADMIN=19129
 FLIGHT_PORT=18443
 HOLD_PORT=18444
@@ -287,11 +291,22 @@ start_chatwall() {
     die "chatwall is not ready"
 }
 
+# The reference: loadgen's bare relay (no policy, no inspection), on the
+# proxy core like the proxies.
+RELAY_PID=
+start_relay() {
+    start_bg relay "$PROXY_CPU" "$LOADGEN" bare-relay --listen "$HOST:$RELAY_PORT"
+    RELAY_PID=$LAST_PID
+    wait_port "$RELAY_PORT" "$RELAY_PID" relay
+}
+
 restart_proxies() {
     [[ -n $SQUID_PID ]] && stop_pid "$SQUID_PID"
     [[ -n $CW_PID ]] && stop_pid "$CW_PID"
+    [[ -n $RELAY_PID ]] && stop_pid "$RELAY_PID"
     start_squid
     start_chatwall
+    start_relay
 }
 
 # --- recording -------------------------------------------------------------
@@ -302,8 +317,8 @@ record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$ROUND" "$3" "$4" >>"$RAW"; 
 # Value of key=... in a loadgen result line.
 kv() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
 
-proxy_port() { case $1 in squid) echo "$SQUID_PORT" ;; chatwall) echo "$CW_PORT" ;; *) echo "" ;; esac; }
-proxy_pids() { case $1 in squid) with_kids "$SQUID_PID" ;; chatwall) echo "$CW_PID" ;; *) ;; esac; }
+proxy_port() { case $1 in squid) echo "$SQUID_PORT" ;; chatwall) echo "$CW_PORT" ;; relay) echo "$RELAY_PORT" ;; *) echo "" ;; esac; }
+proxy_pids() { case $1 in squid) with_kids "$SQUID_PID" ;; chatwall) echo "$CW_PID" ;; relay) echo "$RELAY_PID" ;; *) ;; esac; }
 via_args() { local p; p=$(proxy_port "$1"); [[ -z $p ]] || echo "--proxy $HOST:$p"; }
 cpu_args() { local p; for p in $(proxy_pids "$1"); do echo "--cpu-pid $p"; done; }
 
@@ -500,11 +515,11 @@ START=$(date +%s)
 for (( ROUND=1; ROUND<=ROUNDS; ROUND++ )); do
     log "round $ROUND of $ROUNDS"
     (( ROUND == 1 )) || restart_proxies
-    for who in squid chatwall; do fig_idle "$who"; done
-    for who in direct squid chatwall; do fig_http "$who"; done
-    for who in direct squid chatwall; do fig_bulk "$who" down; done
-    for who in direct squid chatwall; do fig_bulk "$who" up; done
-    for who in direct squid chatwall; do fig_setup "$who"; done
+    for who in squid relay chatwall; do fig_idle "$who"; done
+    for who in direct squid relay chatwall; do fig_http "$who"; done
+    for who in direct squid relay chatwall; do fig_bulk "$who" down; done
+    for who in direct squid relay chatwall; do fig_bulk "$who" up; done
+    for who in direct squid relay chatwall; do fig_setup "$who"; done
 done
 ROUND=0
 
@@ -542,8 +557,8 @@ rawratio() {
 # One row: label, figure, metric, digits, scale (multiplier for display), target text, target check.
 row() {
     local label=$1 fig=$2 m=$3 d=$4 scale=$5 target=$6 check=$7
-    local dv sv cv
-    dv=$(med "$fig" direct "$m"); sv=$(med "$fig" squid "$m"); cv=$(med "$fig" chatwall "$m")
+    local dv sv rv cv
+    dv=$(med "$fig" direct "$m"); sv=$(med "$fig" squid "$m"); rv=$(med "$fig" relay "$m"); cv=$(med "$fig" chatwall "$m")
     scl() {
         if [[ $1 == NA ]]; then echo NA; return; fi
         awk -v v="$1" -v s="$scale" 'BEGIN { print v * s }'
@@ -554,9 +569,9 @@ row() {
         \<=*) verdict=$(met "$cv" "<=" "${check#<=}") ;;
         \>=*) verdict=$(met "$cv" ">=" "${check#>=}") ;;
     esac
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
-        "$(fmt "$(scl "$dv")" "$d")" "$(fmt "$(scl "$sv")" "$d")" "$(fmt "$(scl "$cv")" "$d")" \
-        "$(ratio "$cv" "$sv")" "$(ratio "$cv" "$dv")" "$target" "$verdict"
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
+        "$(fmt "$(scl "$dv")" "$d")" "$(fmt "$(scl "$sv")" "$d")" "$(fmt "$(scl "$rv")" "$d")" \
+        "$(fmt "$(scl "$cv")" "$d")" "$(ratio "$cv" "$sv")" "$(ratio "$cv" "$dv")" "$target" "$verdict"
 }
 
 gib() { awk -v b="$1" 'BEGIN { printf "%g", b / 1073741824 }'; }
@@ -567,9 +582,10 @@ TABLE="$RUN/table.md"
     echo "Medians of $ROUNDS round(s); ratios are chatwall's median over the other's."
     echo "Proxy core $PROXY_CPU; nginx, wrk and loadgen on core $LOAD_CPU; loopback only$([[ $NICE == 0 ]] || echo "; every benchmark process at nice $NICE")."
     echo "CPU is the proxy process's utime+stime over the run (direct has no proxy)."
+    echo "Bare relay: \`loadgen bare-relay\`, a reference that only relays (no policy, no inspection), not a product."
     echo
-    echo "| figure | direct | Squid | chatwall | chatwall / Squid | chatwall / direct | target | met |"
-    echo "|---|---:|---:|---:|---:|---:|---|---|"
+    echo "| figure | direct | Squid | bare relay | chatwall | chatwall / Squid | chatwall / direct | target | met |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
     row "1. HTTP keep-alive, $CONNS conns, 1 KiB: req/s" http rps 0 1 "≥ 3× Squid" "ratio>=3"
     row "1. p99 latency, ms" http p99_us 2 0.001 "" ""
     row "1. proxy CPU µs / request" http cpu_us 1 1 "≤ 20" "<=20"

@@ -42,6 +42,18 @@
 //! `idle` reads `VmRSS` of `/proc/PID/status` of its `--rss-pid`s before and
 //! after opening the tunnels.
 //!
+//! The reference relay (run it pinned to the proxy core, like a proxy):
+//!
+//! - `bare-relay --listen ADDR`: what a proxy that only relays costs on
+//!   this machine; a reference, not a product. Per connection: read one
+//!   request head, connect to the loopback address it names (the `CONNECT`
+//!   authority, or the absolute-form target's host:port), answer `CONNECT`
+//!   with 200 or pass the head on as read, then copy bytes both ways
+//!   (`tokio::io::copy_bidirectional`) until both sides close. No policy,
+//!   no inspection, no header rewriting; every later request on the
+//!   connection goes to the same origin. One thread, like chatwall pinned
+//!   to one core.
+//!
 //! Admin timings of chatwall:
 //!
 //! - `startup --admin ADDR --runs 10 -- CMD ARGS...`: start CMD, poll
@@ -134,6 +146,15 @@ enum Cmd {
         /// Largest count a client may ask for.
         #[arg(long, default_value_t = 64 << 30)]
         max_bytes: u64,
+    },
+    /// Reference: a bare relay with no policy and no inspection.
+    BareRelay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 3600.0)]
+        max_secs: f64,
+        #[arg(long, default_value_t = 50_000_000)]
+        max_conns: u64,
     },
     /// New tunnels in a closed loop: CONNECT, ClientHello, server flight, close.
     Setup {
@@ -282,6 +303,74 @@ fn loopback(addrs: &[SocketAddr]) -> io::Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// The reference relay: accept until the time or count bound.
+async fn bare_relay(listen: SocketAddr, max_secs: f64, max_conns: u64) -> io::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let deadline = tokio::time::Instant::now() + secs(max_secs);
+    for _ in 0..max_conns {
+        let (client, _) = match tokio::time::timeout_at(deadline, listener.accept()).await {
+            Err(_) => break,
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                eprintln!("bare-relay: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = relay_one(client).await {
+                if e.kind() != io::ErrorKind::ConnectionReset {
+                    eprintln!("bare-relay: {e}");
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// One connection of the reference relay.
+async fn relay_one(mut client: TcpStream) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let mut buf = Vec::with_capacity(4096);
+    let head_len = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() >= MAX_HEAD || client.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    };
+    let line = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap_or(0)])
+        .into_owned();
+    let mut words = line.split(' ');
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let connect = method == "CONNECT";
+    let authority = if connect {
+        target
+    } else {
+        let rest = target.strip_prefix("http://").unwrap_or(target);
+        rest.split('/').next().unwrap_or(rest)
+    };
+    let addr: SocketAddr = authority
+        .parse()
+        .or_else(|_| format!("{authority}:80").parse())
+        .map_err(|_| io::Error::other(format!("not an address: {authority}")))?;
+    loopback(&[addr])?;
+    let mut upstream = TcpStream::connect(addr).await?;
+    upstream.set_nodelay(true)?;
+    if connect {
+        client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await?;
+        upstream.write_all(&buf[head_len..]).await?;
+    } else {
+        upstream.write_all(&buf).await?;
+    }
+    drop(buf);
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
 }
 
 /// A real TLS 1.3 ClientHello with this SNI, as a rustls client writes it.
@@ -901,6 +990,14 @@ async fn dispatch(cmd: Cmd) -> io::Result<()> {
         } => {
             loopback(&[listen])?;
             serve_bulk(listen, max_secs, max_conns, max_bytes).await
+        }
+        Cmd::BareRelay {
+            listen,
+            max_secs,
+            max_conns,
+        } => {
+            loopback(&[listen])?;
+            bare_relay(listen, max_secs, max_conns).await
         }
         Cmd::Setup {
             via,

@@ -76,6 +76,10 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     let head_bytes = buf.split_to(head.len);
     match tunnel::open(&shared, &engine, ctx.clone(), &authority, &mut rec).await {
         Ok((up, flow)) => {
+            // The head's bytes share the first read's buffer: an idle
+            // tunnel must not keep it.
+            drop(head_bytes);
+            drop(shutdown);
             if let Err(e) = relay::write_all(&stream, ESTABLISHED).await {
                 tracing::debug!(client = %ctx.client.addr, error = %e, "client gone before the 200");
                 let mut rec = flow.rec;
