@@ -1906,3 +1906,176 @@ async fn admin_health_and_readiness() {
     .await;
     assert_ne!(support::parse_response(&out).0, 200);
 }
+
+// ---------------------------------------------------------------------------
+// CONNECT as a connection's first request (answered before the HTTP server)
+// ---------------------------------------------------------------------------
+
+/// A CONNECT refused on the first request leaves the connection usable, as
+/// any refusal does: the next request on it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_first_connect_keeps_the_connection() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let a = origin.addr;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(b"CONNECT web.whatsapp.com:443 HTTP/1.1\r\nHost: web.whatsapp.com:443\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 403, "{head}");
+    assert_eq!(
+        header_of(&head, "x-chatwall-block").as_deref(),
+        Some("whatsapp"),
+        "{head}"
+    );
+    s.write_all(format!("GET http://{a}/after HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"hello from origin\n");
+    // One refusal logged and counted once, then the GET.
+    let recs = proxy.wait_log(2).await;
+    assert_eq!(field(&recs[0], "method"), "CONNECT", "{recs:?}");
+    assert_eq!(field(&recs[0], "verdict"), "block", "{recs:?}");
+    assert_eq!(field(&recs[1], "verdict"), "allow", "{recs:?}");
+    assert_eq!(
+        proxy
+            .metric("chatwall_requests_total{listener=\"explicit\",verdict=\"block\"}")
+            .await,
+        1.0
+    );
+}
+
+/// curl's way with proxy credentials: CONNECT, 407, then CONNECT with
+/// credentials on the same connection, which the HTTP server hands over as
+/// a tunnel (the bytes read before it included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_after_a_407_on_the_same_connection_tunnels() {
+    use base64::Engine as _;
+    let echo = RawOrigin::start(None, true).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    let line = chatwall::auth::hash_line("alice", "correct horse").expect("hash");
+    std::fs::write(&users, format!("{line}\n")).expect("write users");
+    let proxy = Proxy::start(&format!(
+        "{OPEN}\n[auth]\nusers_file = {:?}\n",
+        users.display().to_string()
+    ))
+    .await;
+    let o = echo.addr;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s).await.0, 407);
+    let creds = base64::engine::general_purpose::STANDARD.encode("alice:correct horse");
+    // The credentials and the first tunnel bytes in one write.
+    s.write_all(
+        format!(
+            "CONNECT {o} HTTP/1.1\r\nHost: {o}\r\nProxy-Authorization: Basic {creds}\r\n\r\nping-1"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    s.write_all(b"|ping-2").await.expect("write");
+    let want = b"ping-1|ping-2";
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, want);
+    // And with the credentials on the first request, straight through.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(
+        format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\nProxy-Authorization: Basic {creds}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    assert_eq!(read_response(&mut s).await.0, 200);
+    s.write_all(b"direct").await.expect("write");
+    let mut got = [0u8; 6];
+    tokio::time::timeout(WAIT, s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, b"direct");
+    drop(s);
+    let recs = proxy.wait_log(3).await;
+    let users: Vec<String> = recs.iter().map(|r| field(r, "user")).collect();
+    assert!(
+        users.iter().filter(|u| u.as_str() == "alice").count() >= 1,
+        "{recs:?}"
+    );
+}
+
+/// An open tunnel holds its client's connection slot and counts as an
+/// active connection until it ends, whichever way it was opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_count_against_the_connection_caps() {
+    let echo = RawOrigin::start(None, true).await;
+    let origin = HttpOrigin::start().await;
+    let proxy = Proxy::start(&format!(
+        "{OPEN}\n[limits]\nmax_connections_per_client = 2\n"
+    ))
+    .await;
+    let o = echo.addr;
+    // One tunnel as a first request, one after a GET (the HTTP server's path).
+    let first = connect_tunnel(proxy.addr, &o.to_string())
+        .await
+        .expect("tunnel");
+    let mut second = TcpStream::connect(proxy.addr).await.expect("connect");
+    let a = origin.addr;
+    second
+        .write_all(format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut second).await.0, 200);
+    second
+        .write_all(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut second).await.0, 200);
+    second.write_all(b"still here").await.expect("write");
+    let mut got = [0u8; 10];
+    tokio::time::timeout(WAIT, second.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, b"still here");
+    assert_eq!(
+        proxy
+            .metric("chatwall_connections_active{listener=\"explicit\"}")
+            .await,
+        2.0
+    );
+    // Both slots are taken by tunnels: a third connection is refused.
+    let out = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(
+        support::parse_response(&out).0,
+        503,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    // Closing a tunnel frees its slot.
+    drop(first);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = connect_tunnel(proxy.addr, &o.to_string()).await;
+        if s.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(second);
+}
