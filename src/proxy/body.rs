@@ -241,10 +241,16 @@ where
 
 /// Ends a body with an error when no frame arrives for `idle` (an upstream
 /// that stalls mid-response must not hold the client forever).
+///
+/// The timer exists only once the body has had to wait: a small response
+/// that arrives with its head never registers one, and a frame that
+/// arrives marks the timer stale instead of re-arming it each time.
 pub struct IdleTimeoutBody<B> {
     inner: B,
     idle: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was (re)armed.
+    progressed: bool,
 }
 
 impl<B> IdleTimeoutBody<B> {
@@ -252,7 +258,8 @@ impl<B> IdleTimeoutBody<B> {
         IdleTimeoutBody {
             inner,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            sleep: None,
+            progressed: false,
         }
     }
 }
@@ -283,14 +290,24 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(r) => {
-                let deadline = tokio::time::Instant::now() + self.idle;
-                self.sleep.as_mut().reset(deadline);
+                self.progressed = true;
                 Poll::Ready(r.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match self.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let this = &mut *self;
+                if this.progressed || this.sleep.is_none() {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    match &mut this.sleep {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                    this.progressed = false;
+                }
+                match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
+                    _ => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -300,5 +317,63 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::sync::mpsc;
+
+    /// A body fed frame by frame from a channel.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn steady_frames_outlast_the_idle_time_and_silence_does_not() {
+        let idle = Duration::from_millis(300);
+        // Six frames 60 ms apart: 360 ms in all, more than `idle`.
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            for i in 0..6u8 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                if tx.send(Bytes::from(vec![i])).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let body = IdleTimeoutBody::new(Fed(rx), idle);
+        let got = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("bounded")
+            .expect("no stall");
+        assert_eq!(got.to_bytes().as_ref(), &[0, 1, 2, 3, 4, 5]);
+
+        // One frame, then nothing: the body ends in an error after `idle`.
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Bytes::from_static(b"x")).await.expect("send");
+        let started = std::time::Instant::now();
+        let mut body = IdleTimeoutBody::new(Fed(rx), idle);
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"x")));
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("bounded");
+        let err = end.expect("an end").expect_err("a stall");
+        assert!(err.to_string().contains("stalled"), "{err}");
+        assert!(started.elapsed() >= idle);
+        drop(tx);
     }
 }

@@ -34,7 +34,10 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, kind: ListenerKind)
                 let shared = Arc::clone(&shared);
                 let span =
                     tracing::debug_span!("conn", client.addr = %peer, listener = kind.as_str());
-                tokio::spawn(handle(shared, stream, peer, kind).instrument(span));
+                // Boxed: the connection's future is a few KiB, and the
+                // runtime moves a task's future by value several times
+                // (spawn, and each stage change); a box moves as a pointer.
+                tokio::spawn(Box::pin(handle(shared, stream, peer, kind)).instrument(span));
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: existing connections keep flowing;

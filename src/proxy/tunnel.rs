@@ -210,9 +210,8 @@ pub async fn run(
     upstream: Upstream,
 ) {
     let started = Instant::now();
-    // JA4 only for rules that match on it, or a log that records it.
-    let want_ja4 = engine.signatures.has_ja4_rules() || !shared.access_log.is_off();
-    let result = first_bytes(&engine, &mut flow, &client, initial, &upstream, want_ja4).await;
+    let logged = !shared.access_log.is_off();
+    let result = first_bytes(&engine, &mut flow, &client, initial, &upstream, logged).await;
     shared
         .metrics
         .inspection_duration
@@ -369,8 +368,10 @@ async fn first_bytes(
     client: &TcpStream,
     initial: Bytes,
     upstream: &Upstream,
-    want_ja4: bool,
+    logged: bool,
 ) -> Result<(First, BytesMut), FlowError> {
+    // JA4 only for rules that match on it, or a log that records it.
+    let want_ja4 = logged || engine.signatures.has_ja4_rules();
     let cfg = &engine.config;
     let window = cfg.inspect_bytes;
     let deadline = tokio::time::Instant::now() + cfg.first_bytes_timeout;
@@ -384,9 +385,11 @@ async fn first_bytes(
             Sniff::Tls => match inspect_client_hello_with(&buf, want_ja4) {
                 Hello::NeedMore { .. } => {}
                 Hello::Complete(hello) => {
-                    flow.rec.sni = hello.sni.clone();
-                    flow.rec.ja4 = want_ja4.then(|| hello.ja4.clone());
-                    flow.rec.alpn = (!hello.alpn.is_empty()).then(|| hello.alpn.join(","));
+                    if logged {
+                        flow.rec.sni = hello.sni.clone();
+                        flow.rec.ja4 = Some(hello.ja4.clone());
+                        flow.rec.alpn = (!hello.alpn.is_empty()).then(|| hello.alpn.join(","));
+                    }
                     tracing::trace!(sni = ?hello.sni, ja4 = %hello.ja4, "ClientHello");
                     decide_hello(engine, who, flow, &hello)?;
                     if port == 80 {
