@@ -2079,3 +2079,41 @@ async fn open_tunnels_count_against_the_connection_caps() {
     }
     drop(second);
 }
+
+/// A first head that arrives in pieces (a slow client, a proxy chain that
+/// forwards segment by segment) is served like one that arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_head_in_pieces_is_served() {
+    let proxy = Proxy::start_open().await;
+    let origin = HttpOrigin::start().await;
+    let echo = RawOrigin::start(None, true).await;
+    let (a, o) = (origin.addr, echo.addr);
+    let pieces = |head: String| {
+        let b = head.into_bytes();
+        let (x, rest) = b.split_at(5);
+        let (y, z) = rest.split_at(rest.len() - 3);
+        [x.to_vec(), y.to_vec(), z.to_vec()]
+    };
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    for p in pieces(format!("GET http://{a}/slow HTTP/1.1\r\nHost: {a}\r\n\r\n")) {
+        s.write_all(&p).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"hello from origin\n");
+
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    for p in pieces(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n")) {
+        s.write_all(&p).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(read_response(&mut s).await.0, 200);
+    s.write_all(b"in pieces").await.expect("write");
+    let mut got = [0u8; 9];
+    tokio::time::timeout(WAIT, s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, b"in pieces");
+}

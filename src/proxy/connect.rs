@@ -1,13 +1,13 @@
 //! The first request of an explicit connection. Most connections to a
-//! forward proxy carry one `CONNECT` and then a tunnel, and clients send the
-//! `CONNECT` head in one write; so the first read is parsed here (httparse),
-//! and such a `CONNECT` is decided, connected, answered and relayed in this
-//! task without the HTTP server's per-connection state, upgrade hand-over
-//! and second task.
+//! forward proxy carry one `CONNECT` and then a tunnel; so the first head is
+//! read and parsed here (httparse; clients send it in one write), and such a
+//! `CONNECT` is decided, connected, answered and relayed in this task
+//! without the HTTP server's per-connection state, upgrade hand-over and
+//! second task.
 //!
 //! Everything else goes to the HTTP server (`explicit::serve`) with the
-//! bytes already read in front of the stream: other methods, a head that
-//! did not arrive whole, anything httparse refuses (hyper answers it), a
+//! bytes already read in front of the stream: other methods, a head over
+//! the size limit, anything httparse refuses (hyper answers it), a
 //! `CONNECT` whose credentials do not pass (hyper's path answers 407), and a
 //! `CONNECT` refused here, whose response hyper writes so that the
 //! connection goes on as it would have.
@@ -39,7 +39,11 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     let mut shutdown = shared.shutdown.subscribe();
     let mut buf = BytesMut::new();
-    // One read, or give up at the header deadline like the HTTP server.
+    // Read until the first head is whole (one read, for nearly every
+    // client), malformed, or at the size limit; a client that has not got
+    // that far by the header deadline is closed, as the HTTP server would.
+    // The HTTP server's own deadline starts once the head is here, so a
+    // client that drips its first head gets one deadline, not two.
     loop {
         tokio::select! {
             r = stream.readable() => if r.is_err() { return },
@@ -49,7 +53,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
         buf.reserve(FIRST_READ);
         match stream.try_read_buf(&mut buf) {
             Ok(0) => return,
-            Ok(_) => break,
+            Ok(_) if head_read(&buf) || buf.len() >= limits.max_request_head_bytes => break,
+            Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return,
         }
@@ -131,6 +136,21 @@ struct ConnectHead {
     len: usize,
     target: String,
     proxy_authorization: Option<Vec<u8>>,
+}
+
+/// Has the first head been read as far as it needs to be: whole, or
+/// malformed (the HTTP server answers that at once)?
+fn head_read(buf: &[u8]) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    match httparse::Request::new(&mut fields).parse(buf) {
+        Ok(httparse::Status::Complete(_)) => true,
+        Ok(httparse::Status::Partial) => false,
+        // More fields than looked at here: whole once the blank line is in.
+        Err(httparse::Error::TooManyHeaders) => {
+            buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
+        }
+        Err(_) => true,
+    }
 }
 
 /// `Some` for a whole `CONNECT ... HTTP/1.1` head within the size limit with
@@ -232,6 +252,27 @@ mod tests {
         }
         // Over the head limit.
         assert!(connect_head(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n", 16).is_none());
+    }
+
+    #[test]
+    fn the_first_head_is_read_until_whole_or_malformed() {
+        assert!(!head_read(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a"));
+        assert!(!head_read(b"GET http://a.example/ HTTP/1.1\r\nX-Slow: "));
+        assert!(!head_read(b"CONN"));
+        assert!(head_read(b"CONNECT a.example:443 HTTP/1.1\r\n\r\n"));
+        assert!(head_read(
+            b"GET http://a.example/ HTTP/1.1\nHost: a.example\n\n"
+        ));
+        // Not HTTP at all (a ClientHello sent to the proxy port): at once.
+        assert!(head_read(b"\x16\x03\x01\x00\xc8\x01\x00"));
+        // More fields than the fast path looks at.
+        let mut many = b"GET http://a.example/ HTTP/1.1\r\n".to_vec();
+        for i in 0..40 {
+            many.extend_from_slice(format!("X-F{i}: v\r\n").as_bytes());
+        }
+        assert!(!head_read(&many));
+        many.extend_from_slice(b"\r\n");
+        assert!(head_read(&many));
     }
 
     #[test]
