@@ -2117,3 +2117,78 @@ async fn a_first_head_in_pieces_is_served() {
         .expect("echo");
     assert_eq!(&got, b"in pieces");
 }
+
+/// An origin that answers any request head with 101 and then echoes.
+async fn upgrading_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match s.read(&mut b).await {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                    .await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A WebSocket relay (after a 101) holds its connection's slot until it
+/// ends, like a CONNECT tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_holds_its_slot() {
+    let o = upgrading_origin().await;
+    let proxy = Proxy::start(&format!(
+        "{OPEN}\n[limits]\nmax_connections_per_client = 1\n"
+    ))
+    .await;
+    let mut ws = TcpStream::connect(proxy.addr).await.expect("connect");
+    ws.write_all(
+        format!(
+            "GET http://{o}/socket HTTP/1.1\r\nHost: {o}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, head, _) = read_response(&mut ws).await;
+    assert_eq!(status, 101, "{head}");
+    ws.write_all(b"frame").await.expect("write");
+    let mut got = [0u8; 5];
+    tokio::time::timeout(WAIT, ws.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, b"frame");
+    let out = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(
+        support::parse_response(&out).0,
+        503,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+        if support::parse_response(&out).0 == 400 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upgraded connection's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

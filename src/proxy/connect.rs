@@ -34,9 +34,16 @@ const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// Serve one explicit client connection until it ends.
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
-    let engine = shared.engine.load_full();
-    let limits = &engine.config.limits;
-    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    let (header_timeout, max_head, max_fields) = {
+        let limits = &shared.engine.load().config.limits;
+        (
+            limits.header_read_timeout,
+            // What the HTTP server buffers at most (explicit::serve_with).
+            limits.max_request_head_bytes.max(8192),
+            limits.max_headers,
+        )
+    };
+    let deadline = tokio::time::Instant::now() + header_timeout;
     let mut shutdown = shared.shutdown.subscribe();
     let mut buf = BytesMut::new();
     // Read until the first head is whole (one read, for nearly every
@@ -44,6 +51,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     // that far by the header deadline is closed, as the HTTP server would.
     // The HTTP server's own deadline starts once the head is here, so a
     // client that drips its first head gets one deadline, not two.
+    let mut scanned = 0;
     loop {
         tokio::select! {
             r = stream.readable() => if r.is_err() { return },
@@ -53,38 +61,67 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
         buf.reserve(FIRST_READ);
         match stream.try_read_buf(&mut buf) {
             Ok(0) => return,
-            Ok(_) if head_read(&buf) || buf.len() >= limits.max_request_head_bytes => break,
-            Ok(_) => continue,
+            Ok(_) => {
+                // Parse on the first read (bytes that are not HTTP get
+                // their 400 at once) and when a blank line has come; in
+                // between, only the new bytes are scanned, so a client that
+                // sends a byte at a time costs linear work.
+                let first = scanned == 0;
+                let ended = blank_line(&buf, scanned);
+                scanned = buf.len();
+                if (first || ended) && head_read(&buf) || buf.len() >= max_head {
+                    break;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return,
         }
     }
+    drop(shutdown);
+    // The policy in force now, not when the connection opened.
+    let engine = shared.engine.load_full();
 
-    let Some(head) = connect_head(&buf, limits.max_request_head_bytes) else {
+    let Some(head) = connect_head(&buf, max_head, max_fields) else {
         return http(shared, stream, buf, ctx, None).await;
     };
     let Ok(authority) = head.target.parse::<http::uri::Authority>() else {
         // Not authority-form: the HTTP server's answer is the one to give.
         return http(shared, stream, buf, ctx, None).await;
     };
+    let mut rec = record(&shared, &ctx, &head.target);
     if let Some(auth) = &engine.config.auth {
-        match shared
-            .auth
-            .check(auth, engine.generation, head.proxy_authorization.as_deref())
-        {
-            AuthOutcome::User(u) => ctx.client.user = Some(u),
-            _ => return http(shared, stream, buf, ctx, None).await,
+        let outcome =
+            shared
+                .auth
+                .check(auth, engine.generation, head.proxy_authorization.as_deref());
+        match outcome {
+            AuthOutcome::User(u) => {
+                if !shared.access_log.is_off() {
+                    rec.user = Some(u.to_string());
+                }
+                ctx.client.user = Some(u);
+            }
+            outcome => {
+                // Answered and counted here, once (a wrong password costs
+                // one hash, not two); hyper writes the 407 and the
+                // connection goes on.
+                let resp = explicit::auth_refusal(&shared, &ctx, auth, outcome, rec);
+                return http(shared, stream, buf, ctx, Some(resp)).await;
+            }
         }
     }
-
-    let mut rec = record(&shared, &ctx, &head.target);
-    let head_bytes = buf.split_to(head.len);
-    match tunnel::open(&shared, &engine, ctx.clone(), &authority, &mut rec).await {
+    let head_len = head.len;
+    // Neither the head (credentials included) nor its bytes stay with a
+    // tunnel.
+    drop(head);
+    let head_bytes = buf.split_to(head_len);
+    let opened = tunnel::open(&shared, &engine, ctx.clone(), &authority, &mut rec).await;
+    drop(authority);
+    match opened {
         Ok((up, flow)) => {
             // The head's bytes share the first read's buffer: an idle
             // tunnel must not keep it.
             drop(head_bytes);
-            drop(shutdown);
             if let Err(e) = relay::write_all(&stream, ESTABLISHED).await {
                 tracing::debug!(client = %ctx.client.addr, error = %e, "client gone before the 200");
                 let mut rec = flow.rec;
@@ -138,6 +175,13 @@ struct ConnectHead {
     proxy_authorization: Option<Vec<u8>>,
 }
 
+/// Do the bytes from `from` on (with the line end before them) hold the
+/// blank line that ends a head?
+fn blank_line(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(2)..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
 /// Has the first head been read as far as it needs to be: whole, or
 /// malformed (the HTTP server answers that at once)?
 fn head_read(buf: &[u8]) -> bool {
@@ -146,23 +190,30 @@ fn head_read(buf: &[u8]) -> bool {
         Ok(httparse::Status::Complete(_)) => true,
         Ok(httparse::Status::Partial) => false,
         // More fields than looked at here: whole once the blank line is in.
-        Err(httparse::Error::TooManyHeaders) => {
-            buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n")
-        }
+        Err(httparse::Error::TooManyHeaders) => blank_line(buf, 0),
         Err(_) => true,
     }
 }
 
-/// `Some` for a whole `CONNECT ... HTTP/1.1` head within the size limit with
-/// no body framing; `None` for anything the HTTP server should see.
-fn connect_head(buf: &[u8], max_head: usize) -> Option<ConnectHead> {
+/// Longest request target the HTTP server takes (hyper answers 414 above).
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+
+/// `Some` for a whole `CONNECT ... HTTP/1.1` head within the size and field
+/// limits with no body framing; `None` for anything the HTTP server should
+/// see (and answer, where it is out of bounds).
+fn connect_head(buf: &[u8], max_head: usize, max_fields: usize) -> Option<ConnectHead> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         _ => return None,
     };
-    if req.method != Some("CONNECT") || req.version != Some(1) || len > max_head {
+    if req.method != Some("CONNECT")
+        || req.version != Some(1)
+        || len > max_head
+        || req.headers.len() > max_fields
+        || !req.path.is_some_and(|p| p.len() <= MAX_TARGET)
+    {
         return None;
     }
     let mut proxy_authorization = None;
@@ -199,7 +250,6 @@ fn record(shared: &Shared, ctx: &ConnCtx, target: &str) -> Record {
         return Record {
             listener: ctx.listener.as_str(),
             verdict: "allow",
-            user: ctx.client.user.as_deref().map(str::to_string),
             ..Record::default()
         };
     }
@@ -210,7 +260,6 @@ fn record(shared: &Shared, ctx: &ConnCtx, target: &str) -> Record {
         method: "CONNECT".into(),
         target: target.to_string(),
         verdict: "allow",
-        user: ctx.client.user.as_deref().map(str::to_string),
         ..Record::default()
     }
 }
@@ -224,6 +273,7 @@ mod tests {
         let h = connect_head(
             b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n\x16\x03\x01",
             8192,
+            100,
         )
         .expect("CONNECT");
         assert_eq!(h.target, "example.org:443");
@@ -245,13 +295,17 @@ mod tests {
             b"\x16\x03\x01\x00\x05hello",
         ] {
             assert!(
-                connect_head(head, 8192).is_none(),
+                connect_head(head, 8192, 100).is_none(),
                 "{:?}",
                 String::from_utf8_lossy(head)
             );
         }
         // Over the head limit.
-        assert!(connect_head(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n", 16).is_none());
+        assert!(connect_head(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n", 16, 100).is_none());
+        // More fields than the configured limit: the HTTP server answers 431.
+        let two = b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\nX-A: b\r\n\r\n";
+        assert!(connect_head(two, 8192, 1).is_none());
+        assert!(connect_head(two, 8192, 2).is_some());
     }
 
     #[test]
@@ -273,6 +327,9 @@ mod tests {
         assert!(!head_read(&many));
         many.extend_from_slice(b"\r\n");
         assert!(head_read(&many));
+        assert!(!blank_line(&many[..many.len() - 2], 0));
+        // A blank line split across reads is seen from the later one.
+        assert!(blank_line(&many, many.len() - 1));
     }
 
     #[test]
@@ -280,12 +337,14 @@ mod tests {
         let h = connect_head(
             b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\n\r\n",
             8192,
+            100,
         )
         .expect("CONNECT");
         assert_eq!(h.proxy_authorization.as_deref(), Some(&b"Basic eDp5"[..]));
         assert!(connect_head(
             b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\nProxy-Authorization: Basic eDp6\r\n\r\n",
             8192,
+            100,
         )
         .is_none());
     }

@@ -225,18 +225,7 @@ async fn handle(
                     rec.user = Some(u.to_string());
                     ctx.client.user = Some(u);
                 }
-                outcome => {
-                    shared.metrics.auth_failures.inc();
-                    if outcome == crate::auth::AuthOutcome::Wrong {
-                        tracing::warn!(client = %ctx.client.addr, "proxy authentication failed");
-                    }
-                    let resp = refuse::proxy_auth_required(&auth.realm);
-                    rec.status = resp.status().as_u16();
-                    rec.verdict = "block";
-                    rec.reason = Some("auth");
-                    shared.access_log.write(rec);
-                    return resp;
-                }
+                outcome => return auth_refusal(&shared, &ctx, auth, outcome, rec),
             }
         }
     }
@@ -255,6 +244,26 @@ async fn handle(
         Ok(resp) => resp,
         Err(e) => refusal(&shared, &engine, &ctx, e, rec),
     }
+}
+
+/// Count, log and render a 407 for missing or wrong credentials.
+pub fn auth_refusal(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    auth: &crate::config::Auth,
+    outcome: crate::auth::AuthOutcome,
+    mut rec: Record,
+) -> Response<ProxyBody> {
+    shared.metrics.auth_failures.inc();
+    if outcome == crate::auth::AuthOutcome::Wrong {
+        tracing::warn!(client = %ctx.client.addr, "proxy authentication failed");
+    }
+    let resp = refuse::proxy_auth_required(&auth.realm);
+    rec.status = resp.status().as_u16();
+    rec.verdict = "block";
+    rec.reason = Some("auth");
+    shared.access_log.write(rec);
+    resp
 }
 
 /// Count, log and render a refusal or failure.
@@ -508,7 +517,11 @@ async fn forward(
             let engine2 = Arc::clone(engine);
             let mut rec2 = std::mem::take(rec);
             rec2.status = 101;
+            // The relay outlives the HTTP server's part of the connection:
+            // it keeps the connection's slot under the caps.
+            let slot = ctx.slot.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::try_join!(client_on, upstream_on) {
                     Ok((c, u)) => {
                         super::relay::relay_upgraded(
