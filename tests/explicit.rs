@@ -1911,6 +1911,17 @@ async fn admin_health_and_readiness() {
 // CONNECT as a connection's first request (answered before the HTTP server)
 // ---------------------------------------------------------------------------
 
+/// Write `send` into an echoing tunnel and read back exactly `want`.
+async fn echoes(s: &mut TcpStream, send: &[u8], want: &[u8]) {
+    s.write_all(send).await.expect("write");
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(got, want);
+}
+
 /// A CONNECT refused on the first request leaves the connection usable, as
 /// any refusal does: the next request on it is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1982,14 +1993,7 @@ async fn connect_after_a_407_on_the_same_connection_tunnels() {
     .expect("write");
     let (status, head, _) = read_response(&mut s).await;
     assert_eq!(status, 200, "{head}");
-    s.write_all(b"|ping-2").await.expect("write");
-    let want = b"ping-1|ping-2";
-    let mut got = vec![0u8; want.len()];
-    tokio::time::timeout(WAIT, s.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(&got, want);
+    echoes(&mut s, b"|ping-2", b"ping-1|ping-2").await;
     // And with the credentials on the first request, straight through.
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
     s.write_all(
@@ -1999,13 +2003,7 @@ async fn connect_after_a_407_on_the_same_connection_tunnels() {
     .await
     .expect("write");
     assert_eq!(read_response(&mut s).await.0, 200);
-    s.write_all(b"direct").await.expect("write");
-    let mut got = [0u8; 6];
-    tokio::time::timeout(WAIT, s.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(&got, b"direct");
+    echoes(&mut s, b"direct", b"direct").await;
     drop(s);
     let recs = proxy.wait_log(3).await;
     let users: Vec<String> = recs.iter().map(|r| field(r, "user")).collect();
@@ -2042,13 +2040,7 @@ async fn open_tunnels_count_against_the_connection_caps() {
         .await
         .expect("write");
     assert_eq!(read_response(&mut second).await.0, 200);
-    second.write_all(b"still here").await.expect("write");
-    let mut got = [0u8; 10];
-    tokio::time::timeout(WAIT, second.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(&got, b"still here");
+    echoes(&mut second, b"still here", b"still here").await;
     assert_eq!(
         proxy
             .metric("chatwall_connections_active{listener=\"explicit\"}")
@@ -2109,13 +2101,7 @@ async fn a_first_head_in_pieces_is_served() {
         tokio::time::sleep(Duration::from_millis(80)).await;
     }
     assert_eq!(read_response(&mut s).await.0, 200);
-    s.write_all(b"in pieces").await.expect("write");
-    let mut got = [0u8; 9];
-    tokio::time::timeout(WAIT, s.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(&got, b"in pieces");
+    echoes(&mut s, b"in pieces", b"in pieces").await;
 }
 
 /// An origin that answers any request head with 101 and then echoes.
@@ -2164,13 +2150,7 @@ async fn an_upgraded_connection_holds_its_slot() {
     .expect("write");
     let (status, head, _) = read_response(&mut ws).await;
     assert_eq!(status, 101, "{head}");
-    ws.write_all(b"frame").await.expect("write");
-    let mut got = [0u8; 5];
-    tokio::time::timeout(WAIT, ws.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(&got, b"frame");
+    echoes(&mut ws, b"frame", b"frame").await;
     let out = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\n\r\n").await;
     assert_eq!(
         support::parse_response(&out).0,

@@ -22,7 +22,6 @@ use super::prefixed::Prefixed;
 use super::relay;
 use super::tunnel::{self, Upstream};
 use super::Shared;
-use crate::access_log::Record;
 use crate::auth::AuthOutcome;
 
 /// Room for the first read: a CONNECT head is a few hundred bytes.
@@ -88,7 +87,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
         // Not authority-form: the HTTP server's answer is the one to give.
         return http(shared, stream, buf, ctx, None).await;
     };
-    let mut rec = record(&shared, &ctx, &head.target);
+    let mut rec = explicit::new_record(&shared, &ctx, "CONNECT", &head.target);
     if let Some(auth) = &engine.config.auth {
         let outcome =
             shared
@@ -243,25 +242,6 @@ fn connect_head(buf: &[u8], max_head: usize, max_fields: usize) -> Option<Connec
         target: req.path?.to_string(),
         proxy_authorization,
     })
-}
-
-fn record(shared: &Shared, ctx: &ConnCtx, target: &str) -> Record {
-    if shared.access_log.is_off() {
-        return Record {
-            listener: ctx.listener.as_str(),
-            verdict: "allow",
-            ..Record::default()
-        };
-    }
-    Record {
-        start: Some(std::time::SystemTime::now()),
-        client: ctx.client.addr.to_string(),
-        listener: ctx.listener.as_str(),
-        method: "CONNECT".into(),
-        target: target.to_string(),
-        verdict: "allow",
-        ..Record::default()
-    }
 }
 
 #[cfg(test)]

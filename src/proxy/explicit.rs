@@ -148,14 +148,16 @@ pub async fn serve_with<I>(
     let limits = shared.engine.load().config.limits.clone();
     let svc_shared = Arc::clone(&shared);
     let addr = ctx.client.addr;
-    let first = std::sync::Mutex::new(first);
+    // A lock only on connections that have a decided first response.
+    let first = first.map(|r| std::sync::Mutex::new(Some(r)));
     let svc = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
         let ctx = ctx.clone();
-        let decided = first
-            .lock()
-            .map(|mut f| f.take())
-            .unwrap_or_else(|e| e.into_inner().take());
+        let decided = first.as_ref().and_then(|f| {
+            f.lock()
+                .map(|mut f| f.take())
+                .unwrap_or_else(|e| e.into_inner().take())
+        });
         async move {
             Ok::<_, Infallible>(match decided {
                 Some(resp) => resp,
@@ -187,9 +189,15 @@ pub async fn serve_with<I>(
     }
 }
 
-fn new_record(shared: &Shared, ctx: &ConnCtx, req: &Request<Incoming>) -> Record {
+/// A request's access-log record, before any decision. With the log off
+/// only what decisions read is kept (no clock, no formatting).
+pub fn new_record(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    method: &str,
+    target: &dyn std::fmt::Display,
+) -> Record {
     if shared.access_log.is_off() {
-        // Nothing will be written: keep only what decisions read.
         return Record {
             listener: ctx.listener.as_str(),
             verdict: "allow",
@@ -200,8 +208,8 @@ fn new_record(shared: &Shared, ctx: &ConnCtx, req: &Request<Incoming>) -> Record
         start: Some(SystemTime::now()),
         client: ctx.client.addr.to_string(),
         listener: ctx.listener.as_str(),
-        method: req.method().to_string(),
-        target: req.uri().to_string(),
+        method: method.to_string(),
+        target: target.to_string(),
         verdict: "allow",
         ..Record::default()
     }
@@ -213,7 +221,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let engine = shared.engine.load_full();
-    let mut rec = new_record(&shared, &ctx, &req);
+    let mut rec = new_record(&shared, &ctx, req.method().as_str(), req.uri());
     if ctx.fixed.is_none() {
         if let Some(auth) = &engine.config.auth {
             let header = req
