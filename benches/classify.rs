@@ -30,11 +30,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use chatwall::classify::payload::Direction;
-use chatwall::classify::tls::{inspect_client_hello, Hello};
-use chatwall::classify::{Detection, Reason, UNIDENTIFIED};
+use chatwall::classify::tls::inspect_client_hello;
 use chatwall::config::Config;
 use chatwall::engine::Engine;
-use chatwall::policy::Verdict;
+use chatwall::decide::{self, Cue, Findings, First, FirstBytes, Refusal};
+use chatwall::policy::{Verdict, Who};
 use chatwall::signatures::SignatureSet;
 
 #[allow(dead_code)]
@@ -240,49 +240,23 @@ fn bench_verdict(c: &mut Criterion) {
 }
 
 /// The decision a CONNECT to `flow.host:443` whose first bytes are
-/// `flow.hello` gets: the steps of `proxy::explicit::decide_name` (name)
-/// and `proxy::tunnel::decide_hello` (ClientHello), through the public
-/// classifier and policy calls they are made of.
+/// `flow.hello` gets: `decide::name`, then `decide::FirstBytes` on the
+/// hello, as the proxy's tunnel calls them.
 fn decide(engine: &Engine, client: IpAddr, flow: &Flow) -> Verdict {
-    let sigs = &engine.signatures;
-    let policy = &engine.policy;
-    let mut monitor = None;
-    if !policy.allows_name(flow.host) {
-        for found in [sigs.classify_host(flow.host), sigs.classify_port(443)] {
-            match policy.decide(client, found) {
-                Verdict::Allow => {}
-                block @ Verdict::Block(_) => return block,
-                seen @ Verdict::Monitor(_) => {
-                    monitor.get_or_insert(seen);
-                }
-            }
+    let who = Who::ip(client);
+    let mut findings = Findings::default();
+    let decided = decide::name(engine, &who, flow.host, 443, &mut findings).and_then(|allowlisted| {
+        let mut first = FirstBytes::new(engine, who.clone(), 443, allowlisted, false);
+        match first.step(&flow.hello, Cue::Bytes, &mut findings)? {
+            Some(First::Tls) => Ok(()),
+            other => panic!("{}: the hello must parse as TLS, got {other:?}", flow.name),
         }
+    });
+    match decided {
+        Err(Refusal::Blocked(d)) => Verdict::Block(d),
+        Err(other) => panic!("{}: {other:?}", flow.name),
+        Ok(()) => findings.verdict(),
     }
-    let Hello::Complete(hello) = inspect_client_hello(&flow.hello) else {
-        panic!("{}: the hello must parse", flow.name);
-    };
-    let mut found = Vec::with_capacity(2);
-    if !hello.sni.as_deref().is_some_and(|s| policy.allows_name(s)) {
-        found.push(sigs.classify_hello(&hello));
-    }
-    if hello.ech || hello.esni {
-        found.push(Some(Detection {
-            app: UNIDENTIFIED,
-            rule: None,
-            reason: Reason::Ech,
-            offset: None,
-        }));
-    }
-    for d in found {
-        match policy.decide(client, d) {
-            Verdict::Allow => {}
-            block @ Verdict::Block(_) => return block,
-            seen @ Verdict::Monitor(_) => {
-                monitor.get_or_insert(seen);
-            }
-        }
-    }
-    monitor.unwrap_or(Verdict::Allow)
 }
 
 fn bench_compile(c: &mut Criterion) {

@@ -14,7 +14,8 @@ use crate::classify::Detection;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::export::Format;
-use crate::policy::Verdict;
+use crate::decide::{self, Findings, Refusal};
+use crate::policy::{Verdict, Who};
 use crate::signatures::SignatureSet;
 
 pub const EXIT_OK: u8 = 0;
@@ -427,43 +428,51 @@ fn classify(cmd: ClassifyCommand) -> u8 {
         Err(code) => return code,
     };
     let client: IpAddr = IpAddr::from([127, 0, 0, 1]);
+    let who = Who::ip(client);
     let set = &engine.signatures;
     let policy = &engine.policy;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let literal = bare.parse::<IpAddr>().ok();
-    let allowlisted = match literal {
-        Some(ip) => policy.allows_addr(ip),
-        None => policy.allows_name(bare),
-    };
-    let mut findings: Vec<Detection> = Vec::new();
-    if !allowlisted {
-        findings.extend(match literal {
-            Some(ip) => set.classify_ip(ip),
-            None => set.classify_host(bare),
-        });
-        findings.extend(set.classify_port(port));
-        if let Some(uri) = &path {
-            findings.extend(set.classify_download(bare, uri.path()));
-            if uri.scheme_str() != Some("https") {
-                if let Ok(req) = http::Request::get(uri.clone()).body(()) {
-                    let (parts, _) = req.into_parts();
-                    if let crate::classify::http::HeadOutcome::Match(rule) =
-                        set.http().classify_head(&parts, false)
-                    {
-                        findings.push(set.http_detection(rule));
-                    }
+    // A plain-HTTP URL's request line, as the proxy would see it.
+    let request = path
+        .as_ref()
+        .filter(|uri| uri.scheme_str() != Some("https"))
+        .and_then(|uri| http::Request::get(uri.clone()).body(()).ok())
+        .map(|r| r.into_parts().0);
+
+    // The decision, exactly as the proxy makes it.
+    let mut found = Findings::default();
+    let decided = decide::name(&engine, &who, bare, port, &mut found).and_then(|allowlisted| {
+        match (&path, allowlisted) {
+            (Some(uri), false) => {
+                if let Some(parts) = &request {
+                    decide::request_rules(&engine, &who, bare, parts, false, &mut found)?;
+                } else {
+                    found.decide(&engine, &who, set.classify_download(bare, uri.path()))?;
                 }
             }
+            _ => {}
         }
-    }
-    let mut verdict = Verdict::Allow;
-    for d in &findings {
-        let v = policy.decide(client, Some(*d));
-        if v.is_block() || (matches!(v, Verdict::Monitor(_)) && verdict == Verdict::Allow) {
-            verdict = v;
-        }
-        if v.is_block() {
-            break;
+        Ok(allowlisted)
+    });
+    let allowlisted = decided == Ok(true);
+    let verdict = match decided {
+        Err(Refusal::Blocked(d)) => Verdict::Block(d),
+        _ => found.verdict(),
+    };
+
+    // Every finding, for the explanation.
+    let mut findings: Vec<Detection> = Vec::new();
+    if !allowlisted {
+        findings.extend(engine.name_evidence(bare, port).into_iter().flatten().flatten());
+        if let Some(uri) = &path {
+            findings.extend(set.classify_download(bare, uri.path()));
+            if let Some(parts) = &request {
+                if let crate::classify::http::HeadOutcome::Match(rule) =
+                    set.http().classify_head(parts, false)
+                {
+                    findings.push(set.http_detection(rule));
+                }
+            }
         }
     }
     println!("{} {host}:{port}", verdict.as_str());

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod decide;
 pub mod engine;
 pub mod export;
 pub mod metrics;

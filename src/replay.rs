@@ -49,11 +49,9 @@ use pcap_file::pcap::PcapReader;
 use pcap_file::pcapng::{Block, PcapNgReader};
 use pcap_file::{DataLink, PcapError};
 
-use crate::classify::http::{HeadOutcome, HeadView};
 use crate::classify::payload::Direction;
-use crate::classify::sniff::{sniff, Sniff};
-use crate::classify::tls::{inspect_client_hello, ClientHello, Hello};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
+use crate::decide::{self, Cue, Findings, First, FirstBytes, ReqCue, Refusal, Requests, Step};
 use crate::engine::Engine;
 use crate::policy::{Verdict, Who};
 
@@ -67,561 +65,6 @@ const SLL2_HEADER: usize = 20;
 const CUT: &str = "the capture ends inside a packet (cut off?); replayed up to there";
 /// BSD loopback header: a 4-byte address family.
 const NULL_HEADER: usize = 4;
-
-// ---------------------------------------------------------------------------
-// The decisions, without sockets.
-// ---------------------------------------------------------------------------
-
-/// Why a flow ends before it is relayed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The policy blocks the flow on this detection.
-    Blocked(Detection),
-    /// The destination is in `access.deny_destinations` (or unspecified).
-    DeniedDestination,
-    /// The client closed its side before sending a byte (not a policy
-    /// decision: the proxy logs an error and resets).
-    ClosedBeforeSending,
-}
-
-/// A flow's findings so far, folded the way the proxy folds them: a block
-/// ends the flow, the first monitor verdict is kept, and (for reports) the
-/// first detection the policy let pass.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Findings {
-    pub monitor: Option<Verdict>,
-    pub allowed: Option<Detection>,
-}
-
-impl Findings {
-    /// Decide one finding (or its absence) for `who`.
-    pub fn decide(
-        &mut self,
-        engine: &Engine,
-        who: &Who,
-        found: Option<Detection>,
-    ) -> Result<(), Refusal> {
-        match engine.policy.decide_for(who, found) {
-            Verdict::Block(d) => Err(Refusal::Blocked(d)),
-            m @ Verdict::Monitor(_) => {
-                self.monitor.get_or_insert(m);
-                Ok(())
-            }
-            Verdict::Allow => {
-                if let Some(d) = found {
-                    self.allowed.get_or_insert(d);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// The verdict of a flow that was not refused.
-    pub fn verdict(&self) -> Verdict {
-        self.monitor.unwrap_or(Verdict::Allow)
-    }
-}
-
-/// What a tunnel's first bytes were decided to be (tunnel.rs `First`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FirstBytes {
-    /// An allowed TLS ClientHello: relayed without further inspection.
-    Tls,
-    /// An HTTP/1.x request: every request is decided on its own.
-    Http,
-    /// Anything else: payload signatures in both directions while relaying.
-    Payload,
-}
-
-/// What makes the first-bytes inspection look again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cue {
-    /// More client bytes arrived; the buffer holds all of them so far.
-    Bytes,
-    /// The client ended its side; the buffer is all it sent.
-    ClientEnded,
-    /// The upstream spoke while the client had sent nothing.
-    UpstreamFirst,
-    /// The first-bytes deadline passed.
-    Deadline,
-}
-
-/// The destination of a redirected connection, before any byte: denied
-/// ranges, the allow-list, then the CIDR and port rules (transparent.rs:
-/// `decide_name` on the address, then `upstream::check_addr`). `Ok(true)`:
-/// the address is on the allow-list.
-pub fn decide_destination(
-    engine: &Engine,
-    who: &Who,
-    dst: SocketAddr,
-    findings: &mut Findings,
-) -> Result<bool, Refusal> {
-    let allowlisted = decide_name(engine, who, &dst.ip().to_string(), dst.port(), findings)?;
-    check_addr(engine, who, dst, allowlisted, findings)?;
-    Ok(allowlisted)
-}
-
-/// What a name (or address literal) and port say, before any lookup
-/// (explicit.rs `decide_name`). `Ok(true)`: on the allow-list.
-pub fn decide_name(
-    engine: &Engine,
-    who: &Who,
-    host: &str,
-    port: u16,
-    findings: &mut Findings,
-) -> Result<bool, Refusal> {
-    let Some(found) = engine.name_evidence(host, port) else {
-        return Ok(true);
-    };
-    for d in found {
-        findings.decide(engine, who, d)?;
-    }
-    Ok(false)
-}
-
-/// The address actually connected to (upstream.rs `check_addr`, without
-/// chatwall's own listeners, which a capture cannot know).
-pub fn check_addr(
-    engine: &Engine,
-    who: &Who,
-    dst: SocketAddr,
-    name_allowlisted: bool,
-    findings: &mut Findings,
-) -> Result<(), Refusal> {
-    let ip = crate::classify::addr::canonical(dst.ip());
-    if engine.config.deny_destinations.contains(ip) || ip.is_unspecified() {
-        return Err(Refusal::DeniedDestination);
-    }
-    if name_allowlisted || engine.policy.allows_addr(dst.ip()) {
-        return Ok(());
-    }
-    findings.decide(engine, who, engine.signatures.classify_ip(dst.ip()))
-}
-
-/// The first-bytes inspection of one tunnel (tunnel.rs `first_bytes`),
-/// driven by its caller: call [`FirstBytesCheck::step`] with every byte the
-/// client has sent so far, each time something happens, until it answers.
-pub struct FirstBytesCheck<'e, 'f> {
-    engine: &'e Engine,
-    who: Who,
-    /// The destination port: 443 and 80 have their own knobs.
-    port: u16,
-    /// The destination is on the allow-list: generic checks do not apply.
-    allowlisted: bool,
-    findings: &'f mut Findings,
-    /// The ClientHello, once one was parsed.
-    pub hello: Option<Box<ClientHello>>,
-}
-
-impl<'e, 'f> FirstBytesCheck<'e, 'f> {
-    pub fn new(
-        engine: &'e Engine,
-        who: Who,
-        port: u16,
-        allowlisted: bool,
-        findings: &'f mut Findings,
-    ) -> Self {
-        FirstBytesCheck {
-            engine,
-            who,
-            port,
-            allowlisted,
-            findings,
-            hello: None,
-        }
-    }
-
-    /// Decide on `buf`, the client's bytes so far. `Ok(None)`: more bytes
-    /// are needed. `Cue::UpstreamFirst` is only meaningful with an empty
-    /// buffer.
-    pub fn step(&mut self, buf: &[u8], cue: Cue) -> Result<Option<FirstBytes>, Refusal> {
-        match cue {
-            Cue::Bytes => {
-                match sniff(buf) {
-                    Sniff::NeedMore => {}
-                    Sniff::Tls => match inspect_client_hello(buf) {
-                        Hello::NeedMore { .. } => {}
-                        Hello::Complete(hello) => {
-                            // Kept before deciding, so a refusal can name it.
-                            let hello = &**self.hello.insert(hello);
-                            decide_hello(self.engine, &self.who, self.findings, hello)?;
-                            if self.port == 80 {
-                                self.generic(buf, Reason::NonHttp)?;
-                            }
-                            return Ok(Some(FirstBytes::Tls));
-                        }
-                        Hello::NotTls => return self.other_protocol(buf).map(Some),
-                    },
-                    Sniff::Http => {
-                        if self.port == 443 {
-                            self.generic(buf, Reason::NonTls)?;
-                        }
-                        return Ok(Some(FirstBytes::Http));
-                    }
-                    Sniff::Other => return self.other_protocol(buf).map(Some),
-                }
-                if buf.len() >= self.engine.config.inspect_bytes {
-                    if sniff(buf) == Sniff::Tls {
-                        // A ClientHello that does not fit the window (spread
-                        // over tiny records, say) is an evasion, not a hello:
-                        // whatever the port, the TLS checks could not run.
-                        self.generic(buf, Reason::NonTls)?;
-                    }
-                    return self.other_protocol(buf).map(Some);
-                }
-                Ok(None)
-            }
-            Cue::ClientEnded if buf.is_empty() => Err(Refusal::ClosedBeforeSending),
-            // Ended mid-way: decide on what came.
-            Cue::ClientEnded => self.other_protocol(buf).map(Some),
-            Cue::UpstreamFirst => {
-                // The server speaks first (SMTP, IRC, POP3...). TLS and HTTP
-                // servers never do.
-                if self.port == 443 {
-                    self.generic(buf, Reason::NonTls)?;
-                }
-                Ok(Some(FirstBytes::Payload))
-            }
-            Cue::Deadline => {
-                if self.port == 443 {
-                    // TLS clients speak first: silence (or a hello that never
-                    // completes) is not TLS.
-                    self.generic(buf, Reason::NonTls)?;
-                }
-                if !buf.is_empty() && sniff(buf) == Sniff::Tls {
-                    // A ClientHello that started but never completed: the
-                    // TLS checks could not run, whatever the port.
-                    self.generic(buf, Reason::NonTls)?;
-                    return self.other_protocol(buf).map(Some);
-                }
-                Ok(Some(FirstBytes::Payload))
-            }
-        }
-    }
-
-    /// Neither TLS nor HTTP (tunnel.rs `other_protocol`).
-    fn other_protocol(&mut self, buf: &[u8]) -> Result<FirstBytes, Refusal> {
-        match self.port {
-            443 => self.generic(buf, Reason::NonTls)?,
-            80 => self.generic(buf, Reason::NonHttp)?,
-            _ => {}
-        }
-        Ok(FirstBytes::Payload)
-    }
-
-    /// Not TLS on 443, not HTTP on 80 (tunnel.rs `generic`): the knob
-    /// decides and a payload signature only names the app; an app whose own
-    /// policy is stricter than the knob is still refused.
-    fn generic(&mut self, buf: &[u8], reason: Reason) -> Result<(), Refusal> {
-        if self.allowlisted {
-            return Ok(());
-        }
-        let (engine, who) = (self.engine, &self.who);
-        let found = payload_detection(engine, Direction::Client, buf);
-        let d = Detection {
-            app: found.map_or(UNIDENTIFIED, |d| d.app),
-            rule: found.and_then(|d| d.rule),
-            reason,
-            offset: found.and_then(|d| d.offset),
-        };
-        if let Verdict::Block(d) = engine.policy.decide_for(who, Some(d)) {
-            return Err(Refusal::Blocked(d));
-        }
-        self.findings.decide(engine, who, found)?;
-        self.findings.decide(engine, who, Some(d))
-    }
-}
-
-/// SNI, ALPN, JA4 and ECH of a ClientHello (tunnel.rs `decide_hello`).
-pub fn decide_hello(
-    engine: &Engine,
-    who: &Who,
-    findings: &mut Findings,
-    hello: &ClientHello,
-) -> Result<(), Refusal> {
-    for d in engine.hello_evidence(hello) {
-        findings.decide(engine, who, d)?;
-    }
-    Ok(())
-}
-
-/// A payload match in the first bytes of one direction, if any.
-fn payload_detection(engine: &Engine, dir: Direction, buf: &[u8]) -> Option<Detection> {
-    let window = engine.config.inspect_bytes;
-    let outcome = engine
-        .signatures
-        .payload()
-        .classify(dir, &buf[..buf.len().min(window)]);
-    engine.signatures.payload_detection(outcome)
-}
-
-/// Payload signatures on the first bytes of both directions of a relayed
-/// tunnel (relay.rs `inspect_step`): the client's, then the upstream's.
-pub fn decide_payload(
-    engine: &Engine,
-    who: &Who,
-    up: &[u8],
-    down: &[u8],
-    findings: &mut Findings,
-) -> Result<(), Refusal> {
-    findings.decide(
-        engine,
-        who,
-        payload_detection(engine, Direction::Client, up),
-    )?;
-    if engine.signatures.payload().reach(Direction::Server) > 0 {
-        findings.decide(
-            engine,
-            who,
-            payload_detection(engine, Direction::Server, down),
-        )?;
-    }
-    Ok(())
-}
-
-/// The path of a request target without the query, as `http::Uri::path`
-/// gives it: origin-form as is, absolute-form after the authority.
-fn target_path(target: &str) -> &str {
-    let path = match target.find("://") {
-        Some(i) if !target.starts_with('/') => {
-            let rest = &target[i + 3..];
-            match rest.find('/') {
-                Some(j) => &rest[j..],
-                None => "/",
-            }
-        }
-        _ => target,
-    };
-    path.split(['?', '#']).next().unwrap_or(path)
-}
-
-impl HeadView for httparse::Request<'_, '_> {
-    fn method(&self) -> &str {
-        self.method.unwrap_or("")
-    }
-
-    fn path(&self) -> &str {
-        target_path(self.path.unwrap_or(""))
-    }
-
-    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
-        self.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .any(|h| f(h.value))
-    }
-
-    fn each_name(&self, f: &mut dyn FnMut(&str)) {
-        self.headers.iter().for_each(|h| f(h.name));
-    }
-}
-
-/// The host a request names (explicit.rs, fixed destination): the Host
-/// header's name, else the absolute-form target's host, else the address.
-pub fn request_host(req: &httparse::Request<'_, '_>, dst: SocketAddr) -> String {
-    let from_header = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .and_then(|v| v.trim().parse::<http::uri::Authority>().ok())
-        .map(|a| {
-            a.host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string()
-        })
-        .filter(|h| !h.is_empty());
-    let from_target = || {
-        req.path
-            .and_then(|t| t.parse::<http::Uri>().ok())
-            .and_then(|u| u.host().map(str::to_string))
-            .filter(|h| !h.is_empty())
-    };
-    from_header
-        .or_else(from_target)
-        .unwrap_or_else(|| dst.ip().to_string())
-}
-
-/// One HTTP/1.x request to a fixed destination (explicit.rs `forward`):
-/// the name and port, the address connected to, then downloads, head rules
-/// and body rules. `body` is the start of the decoded body, `complete`
-/// whether the body ends within it.
-pub fn decide_request(
-    engine: &Engine,
-    who: &Who,
-    dst: SocketAddr,
-    host: &str,
-    req: &httparse::Request<'_, '_>,
-    body: Option<(&[u8], bool)>,
-    findings: &mut Findings,
-) -> Result<(), Refusal> {
-    let allowlisted = decide_name(engine, who, host, dst.port(), findings)?;
-    check_addr(engine, who, dst, allowlisted, findings)?;
-    if allowlisted {
-        return Ok(());
-    }
-    let sigs = &engine.signatures;
-    findings.decide(engine, who, sigs.classify_download(host, req.path()))?;
-    match sigs.http().classify_head(req, body.is_some()) {
-        HeadOutcome::Match(rule) => findings.decide(engine, who, Some(sigs.http_detection(rule))),
-        HeadOutcome::NeedBody { window } => {
-            let (bytes, _complete) = body.unwrap_or((&[], true));
-            let prefix = &bytes[..bytes.len().min(window)];
-            let hit = sigs.http().classify_body(req, prefix);
-            findings.decide(engine, who, hit.map(|r| sigs.http_detection(r)))
-        }
-        HeadOutcome::NoMatch => Ok(()),
-    }
-}
-
-/// A protocol switch (explicit.rs `is_upgrade`): an Upgrade field and
-/// `upgrade` among the Connection options. What follows is not HTTP.
-fn is_upgrade(req: &httparse::Request<'_, '_>) -> bool {
-    let has_upgrade = req
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
-    has_upgrade
-        && req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|h| h.value.split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-}
-
-/// How a request's body is framed (RFC 9112 §6).
-enum Framing {
-    None,
-    Length(usize),
-    Chunked,
-}
-
-fn framing(req: &httparse::Request<'_, '_>) -> Framing {
-    let value = |name: &str| {
-        req.headers
-            .iter()
-            .rev()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
-    };
-    if let Some(te) = value("transfer-encoding") {
-        if te
-            .rsplit(|&b| b == b',')
-            .next()
-            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        {
-            return Framing::Chunked;
-        }
-    }
-    match value("content-length")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    {
-        Some(0) | None => Framing::None,
-        Some(n) => Framing::Length(n),
-    }
-}
-
-/// Decode the chunked body at the start of `buf` as far as it goes: the
-/// data, and the length of the whole encoded body when it ends in `buf`.
-fn dechunk(buf: &[u8]) -> (Vec<u8>, Option<usize>) {
-    let mut data = Vec::new();
-    let mut at = 0;
-    loop {
-        let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
-            return (data, None);
-        };
-        let line = &buf[at..at + eol];
-        let size_text = line.split(|&b| b == b';').next().unwrap_or(line);
-        let Some(size) = std::str::from_utf8(size_text)
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
-        else {
-            return (data, None);
-        };
-        at += eol + 2;
-        if size == 0 {
-            // Trailer fields, then an empty line.
-            loop {
-                let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
-                    return (data, None);
-                };
-                at += eol + 2;
-                if eol == 0 {
-                    return (data, Some(at));
-                }
-            }
-        }
-        let end = at.saturating_add(size);
-        data.extend_from_slice(&buf[at..end.min(buf.len())]);
-        if end.saturating_add(2) > buf.len() {
-            return (data, None);
-        }
-        at = end + 2;
-    }
-}
-
-/// Every HTTP/1.x request at the start of `bytes`, in order, each decided
-/// on its own (a tunnel that turned out to be HTTP). Stops at the first
-/// refusal, at a head that is incomplete or malformed, and after a request
-/// whose end cannot be found (CONNECT, an upgrade, a body past the capture).
-/// Returns the host of the first request.
-pub fn decide_requests(
-    engine: &Engine,
-    who: &Who,
-    dst: SocketAddr,
-    bytes: &[u8],
-    findings: &mut Findings,
-) -> (Option<String>, Result<(), Refusal>) {
-    let mut first_host = None;
-    let mut at = 0;
-    let mut headers = vec![httparse::EMPTY_HEADER; engine.config.limits.max_headers.max(1)];
-    while at < bytes.len() {
-        let mut req = httparse::Request::new(&mut headers);
-        let Ok(httparse::Status::Complete(head_len)) = req.parse(&bytes[at..]) else {
-            break;
-        };
-        let hosts = req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("host"))
-            .count();
-        if hosts > 1 {
-            // explicit.rs `validate_framing`: a 400, and the connection ends.
-            break;
-        }
-        let host = request_host(&req, dst);
-        first_host.get_or_insert_with(|| host.clone());
-        let rest = &bytes[at + head_len..];
-        let (decoded, body_len) = match framing(&req) {
-            Framing::None => (None, Some(0)),
-            Framing::Length(n) => {
-                let have = rest.len().min(n);
-                (
-                    Some((rest[..have].to_vec(), have == n)),
-                    (have == n).then_some(n),
-                )
-            }
-            Framing::Chunked => {
-                let (data, len) = dechunk(rest);
-                (Some((data, len.is_some())), len)
-            }
-        };
-        let body = decoded
-            .as_ref()
-            .map(|(b, complete)| (b.as_slice(), *complete));
-        if let Err(r) = decide_request(engine, who, dst, &host, &req, body, findings) {
-            return (first_host, Err(r));
-        }
-        match body_len {
-            Some(n) if !is_upgrade(&req) && req.method != Some("CONNECT") => at += head_len + n,
-            _ => break,
-        }
-    }
-    (first_host, Ok(()))
-}
 
 // ---------------------------------------------------------------------------
 // Reading captures.
@@ -1133,7 +576,7 @@ pub fn decide_flow(engine: &Engine, flow: &TcpFlow) -> FlowReport {
     report.verdict = match result {
         Ok(()) => findings.verdict(),
         Err(Refusal::Blocked(d)) => Verdict::Block(d),
-        Err(Refusal::DeniedDestination) => {
+        Err(Refusal::DeniedDestination(_)) => {
             report.note = Some("destination");
             // Not a signature's verdict: block, no app.
             Verdict::Block(Detection {
@@ -1145,6 +588,10 @@ pub fn decide_flow(engine: &Engine, flow: &TcpFlow) -> FlowReport {
         }
         Err(Refusal::ClosedBeforeSending) => {
             report.note.get_or_insert("client closed before sending");
+            findings.verdict()
+        }
+        Err(Refusal::Loop) => {
+            report.note = Some("loop");
             findings.verdict()
         }
     };
@@ -1162,7 +609,7 @@ fn replay_flow(
 ) -> Result<(), Refusal> {
     let who = &Who::ip(flow.client.ip());
     let port = flow.server.port();
-    let allowlisted = decide_destination(engine, who, flow.server, findings)?;
+    let allowlisted = decide::destination(engine, who, flow.server, false, findings)?;
     if allowlisted {
         report.note = Some("allowlist");
     }
@@ -1170,24 +617,19 @@ fn replay_flow(
         report.note.get_or_insert("no payload");
         return Ok(());
     }
-    let mut check = FirstBytesCheck::new(engine, who.clone(), port, allowlisted, findings);
-    let result = first_bytes(&mut check, flow);
+    let mut check = FirstBytes::new(engine, who.clone(), port, allowlisted, true);
+    let result = first_bytes(&mut check, flow, findings);
     if let Some(h) = check.hello.take() {
         report.sni = h.sni.clone();
         report.alpn = (!h.alpn.is_empty()).then(|| h.alpn.join(","));
         report.ja4 = Some(h.ja4.clone());
     }
     match result? {
-        FirstBytes::Tls => Ok(()),
-        FirstBytes::Http => {
-            let (host, result) =
-                decide_requests(engine, who, flow.server, &flow.client_bytes, findings);
-            report.host = host;
-            result
-        }
+        First::Tls => Ok(()),
+        First::Http => requests(engine, who, flow, allowlisted, report, findings),
         // An allow-listed destination is never refused on its payload.
-        FirstBytes::Payload if allowlisted => Ok(()),
-        FirstBytes::Payload => decide_payload(
+        First::Payload if allowlisted => Ok(()),
+        First::Payload => decide::payload(
             engine,
             who,
             &flow.client_bytes,
@@ -1198,7 +640,11 @@ fn replay_flow(
 }
 
 /// Feed the client's bytes read by read, then say how the wait ended.
-fn first_bytes(check: &mut FirstBytesCheck<'_, '_>, flow: &TcpFlow) -> Result<FirstBytes, Refusal> {
+fn first_bytes(
+    check: &mut FirstBytes<'_>,
+    flow: &TcpFlow,
+    findings: &mut Findings,
+) -> Result<First, Refusal> {
     // Ports 80 and 443 connect upstream once the client has spoken: a server
     // that speaks first there is never heard, and the client waits.
     let lazy = matches!(flow.server.port(), 80 | 443);
@@ -1208,12 +654,12 @@ fn first_bytes(check: &mut FirstBytesCheck<'_, '_>, flow: &TcpFlow) -> Result<Fi
         } else {
             Cue::UpstreamFirst
         };
-        if let Some(first) = check.step(&[], cue)? {
+        if let Some(first) = check.step(&[], cue, findings)? {
             return Ok(first);
         }
     }
     for &n in &flow.client_reads {
-        if let Some(first) = check.step(&flow.client_bytes[..n], Cue::Bytes)? {
+        if let Some(first) = check.step(&flow.client_bytes[..n], Cue::Bytes, findings)? {
             return Ok(first);
         }
     }
@@ -1222,11 +668,106 @@ fn first_bytes(check: &mut FirstBytesCheck<'_, '_>, flow: &TcpFlow) -> Result<Fi
     } else {
         Cue::Deadline
     };
-    match check.step(&flow.client_bytes, end)? {
+    match check.step(&flow.client_bytes, end, findings)? {
         Some(first) => Ok(first),
         // Every cue but `Bytes` answers; keep the proxy's fallback anyway.
-        None => Ok(FirstBytes::Payload),
+        None => Ok(First::Payload),
     }
+}
+
+/// A flow that turned out to be HTTP: every request decided on its own, as
+/// the proxy follows them ([`decide::Requests`]). What the capture shows
+/// of the client's side is all there is: a request cut off by the end of
+/// the capture is decided on what is there.
+fn requests(
+    engine: &Engine,
+    who: &Who,
+    flow: &TcpFlow,
+    allowlisted: bool,
+    report: &mut FlowReport,
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    let mut reqs = Requests::new(engine, who.clone(), flow.server, None, false);
+    let mut rest: &[u8] = &flow.client_bytes;
+    // Each step forwards at least one byte or ends the loop.
+    for _ in 0..=rest.len() {
+        let cue = if flow.client_ended && !flow.partial {
+            ReqCue::Ended
+        } else {
+            ReqCue::Deadline
+        };
+        match reqs.step(rest, ReqCue::Bytes, findings) {
+            Step::NeedMore => match reqs.step(rest, cue, findings) {
+                Step::Forward { len, request } if len > 0 => {
+                    if let Some(r) = request {
+                        report.host.get_or_insert(r.host);
+                    }
+                    rest = &rest[len..];
+                }
+                Step::Refuse { refusal, request } => {
+                    report.host.get_or_insert(request.host);
+                    return Err(refusal);
+                }
+                Step::Lost(_) if !rest.is_empty() => {
+                    return decide::generic_for_port(
+                        engine,
+                        who,
+                        flow.server.port(),
+                        allowlisted,
+                        rest,
+                        findings,
+                    )
+                }
+                _ => return Ok(()),
+            },
+            Step::Forward { len, request } => {
+                if let Some(r) = request {
+                    report.host.get_or_insert(r.host);
+                }
+                if len == 0 {
+                    return Ok(());
+                }
+                rest = &rest[len..];
+            }
+            Step::Refuse { refusal, request } => {
+                report.host.get_or_insert(request.host);
+                return Err(refusal);
+            }
+            Step::Opaque => {
+                return if allowlisted {
+                    Ok(())
+                } else {
+                    findings.decide(
+                        engine,
+                        who,
+                        decide::payload_detection(engine, Direction::Client, rest),
+                    )
+                }
+            }
+            Step::Lost(_) => {
+                // What follows cannot be followed as HTTP: the generic
+                // rules, then payload signatures on the rest.
+                decide::generic_for_port(
+                    engine,
+                    who,
+                    flow.server.port(),
+                    allowlisted,
+                    rest,
+                    findings,
+                )?;
+                return if allowlisted {
+                    Ok(())
+                } else {
+                    findings.decide(
+                        engine,
+                        who,
+                        decide::payload_detection(engine, Direction::Client, rest),
+                    )
+                };
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The outcome of replaying a capture.
@@ -1735,10 +1276,15 @@ mod tests {
             req.extend_from_slice(b"\r\n");
         }
         req.extend_from_slice(b"0\r\n\r\n");
-        let (data, len) =
-            dechunk(&req[req.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4..]);
+        let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+        let (data, ended) = crate::classify::h1::body_prefix(
+            crate::classify::h1::Body::Chunked,
+            &req[head_end..],
+            1024,
+        )
+        .expect("chunked framing");
         assert_eq!(data, body);
-        assert!(len.is_some());
+        assert!(ended);
         let mut t = Tcp::new("10.0.0.2:50030", "198.51.100.30:80");
         let mut frames = t.handshake();
         frames.push(t.up(&req));
@@ -1812,7 +1358,7 @@ mod tests {
     }
 
     #[test]
-    fn requests_after_an_upgrade_or_a_second_host_are_not_decided() {
+    fn requests_after_an_upgrade_a_second_host_or_an_h2c_offer() {
         let e = engine("");
         let mut frames = Vec::new();
         let mut up = Tcp::new("10.0.0.2:50100", "198.51.100.100:80");
@@ -1829,10 +1375,13 @@ mod tests {
         assert_eq!(
             got,
             vec![
+                // After an upgrade the stream is opaque: payload rules only.
                 s(("allow", "-", "-")),
-                s(("allow", "-", "-")),
-                // Upgrade without `Connection: upgrade` is no switch.
-                s(("block", "whatsapp", "download"))
+                // Two Host fields cannot be followed: port 80's generic rule.
+                s(("block", "-", "non_http")),
+                // An h2c offer would escape per-request inspection; servers
+                // differ on which Connection options they need to switch.
+                s(("block", "-", "http"))
             ]
         );
     }
@@ -1993,13 +1542,5 @@ mod tests {
         h.segment(u32::MAX - 3, b"zzzzA", 6, 4); // starts before byte 0
         assert_eq!(&h.data[..], b"ABCDEF");
         assert_eq!(h.reads, vec![6]);
-    }
-
-    #[test]
-    fn target_paths() {
-        assert_eq!(target_path("/a/b?c=d"), "/a/b");
-        assert_eq!(target_path("http://h.example/x/y?z"), "/x/y");
-        assert_eq!(target_path("http://h.example"), "/");
-        assert_eq!(target_path("/http://not-absolute"), "/http://not-absolute");
     }
 }

@@ -55,6 +55,43 @@ impl HeadView for http::request::Parts {
     }
 }
 
+/// The path of a request target without the query, as `http::Uri::path`
+/// gives it: origin-form as is, absolute-form after the authority.
+fn target_path(target: &str) -> &str {
+    let path = match target.find("://") {
+        Some(i) if !target.starts_with('/') => {
+            let rest = &target[i + 3..];
+            match rest.find('/') {
+                Some(j) => &rest[j..],
+                None => "/",
+            }
+        }
+        _ => target,
+    };
+    path.split(['?', '#']).next().unwrap_or(path)
+}
+
+impl HeadView for httparse::Request<'_, '_> {
+    fn method(&self) -> &str {
+        self.method.unwrap_or("")
+    }
+
+    fn path(&self) -> &str {
+        target_path(self.path.unwrap_or(""))
+    }
+
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .any(|h| f(h.value))
+    }
+
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        self.headers.iter().for_each(|h| f(h.name));
+    }
+}
+
 /// What the head alone says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadOutcome {
@@ -233,6 +270,14 @@ pub fn find(hay: &[u8], needle: &[u8], nocase: bool) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_paths() {
+        assert_eq!(target_path("/a/b?c=d"), "/a/b");
+        assert_eq!(target_path("http://h.example/x/y?z"), "/x/y");
+        assert_eq!(target_path("http://h.example"), "/");
+        assert_eq!(target_path("/http://not-absolute"), "/http://not-absolute");
+    }
 
     fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
         let mut b = http::Request::builder().method(method).uri(uri);

@@ -6,6 +6,7 @@
 //! Classifiers answer "this app, by this rule" or nothing; byte classifiers
 //! also answer "need more bytes" (see [`payload::Outcome`], [`tls::Hello`]).
 pub mod addr;
+pub mod h1;
 pub mod host;
 pub mod http;
 pub mod payload;

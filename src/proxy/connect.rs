@@ -128,7 +128,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
                 shared.record_verdict(
                     ctx.listener,
                     &engine,
-                    &flow.monitor.unwrap_or(crate::policy::Verdict::Allow),
+                    &flow.findings.verdict(),
                     &mut rec,
                 );
                 shared.access_log.write(rec);

@@ -4,7 +4,6 @@
 //! decided on its own, before anything reaches the upstream.
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -26,10 +25,9 @@ use super::refuse::{self, empty, FlowError, ProxyBody};
 use super::upstream::{self, ClientInfo, DestGuard, Resolver};
 use super::Shared;
 use crate::access_log::Record;
-use crate::classify::http::HeadOutcome;
+use crate::decide::{self, Findings, HeadDecision};
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
-use crate::policy::{Verdict, Who};
 
 /// The body type sent upstream.
 pub type UpstreamBody = CountedBody<PrefixedBody>;
@@ -106,20 +104,11 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A fixed destination: redirected port-80 traffic and HTTP inside tunnels
-/// go to the address the client connected to, never to an address looked
-/// up from the Host header, which the client controls.
-#[derive(Debug, Clone, Copy)]
-pub struct FixedDest {
-    pub addr: SocketAddr,
-}
-
 /// One client connection's context.
 #[derive(Debug, Clone)]
 pub struct ConnCtx {
     pub client: ClientInfo,
     pub listener: ListenerKind,
-    pub fixed: Option<FixedDest>,
     /// The client connection's slot under the connection caps, shared by
     /// everything the connection carries (a tunnel outlives the HTTP
     /// server's part of it).
@@ -222,29 +211,21 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let engine = shared.engine.load_full();
     let mut rec = new_record(&shared, &ctx, req.method().as_str(), req.uri());
-    if ctx.fixed.is_none() {
-        if let Some(auth) = &engine.config.auth {
-            let header = req
-                .headers()
-                .get(header::PROXY_AUTHORIZATION)
-                .map(|v| v.as_bytes());
-            match shared.auth.check(auth, engine.generation, header) {
-                crate::auth::AuthOutcome::User(u) => {
-                    rec.user = Some(u.to_string());
-                    ctx.client.user = Some(u);
-                }
-                outcome => return auth_refusal(&shared, &ctx, auth, outcome, rec),
+    if let Some(auth) = &engine.config.auth {
+        let header = req
+            .headers()
+            .get(header::PROXY_AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        match shared.auth.check(auth, engine.generation, header) {
+            crate::auth::AuthOutcome::User(u) => {
+                rec.user = Some(u.to_string());
+                ctx.client.user = Some(u);
             }
+            outcome => return auth_refusal(&shared, &ctx, auth, outcome, rec),
         }
     }
     let result = if req.method() == Method::CONNECT {
-        if ctx.fixed.is_some() {
-            Err(FlowError::BadRequest(
-                "CONNECT is only accepted on the explicit listener",
-            ))
-        } else {
-            super::tunnel::connect(&shared, &engine, ctx.clone(), req, &mut rec).await
-        }
+        super::tunnel::connect(&shared, &engine, ctx.clone(), req, &mut rec).await
     } else {
         forward(&shared, &engine, &ctx, req, &mut rec).await
     };
@@ -282,58 +263,12 @@ pub fn refusal(
     e: FlowError,
     mut rec: Record,
 ) -> Response<ProxyBody> {
-    if let FlowError::Blocked(d) = &e {
-        shared.record_verdict(ctx.listener, engine, &Verdict::Block(*d), &mut rec);
-    } else if let FlowError::DeniedDestination(_) = &e {
-        rec.verdict = "block";
-        rec.reason = Some("destination");
-        shared.metrics.listener(ctx.listener).requests_block.inc();
-        shared.metrics.upstream_error("denied_destination");
-    } else if e.is_upstream() {
-        shared.metrics.upstream_error(e.kind());
-        if !rec.counted {
-            // Allowed, then failed upstream: still a request decided.
-            shared.record_verdict(ctx.listener, engine, &Verdict::Allow, &mut rec);
-        }
-    }
-    if !matches!(e, FlowError::Blocked(_)) {
-        rec.error = Some(e.to_string());
-    }
+    shared.record_refusal(ctx.listener, engine, &e, &mut rec);
     let resp = refuse::respond(&e, &engine.signatures);
     rec.status = resp.status().as_u16();
     tracing::debug!(client = %ctx.client.addr, status = rec.status, error = %e, "request refused");
     shared.access_log.write(rec);
     resp
-}
-
-/// Fold a verdict into the flow: a block ends it, a monitor verdict is
-/// remembered (the first one is logged), an allow passes.
-pub fn apply(verdict: Verdict, monitor: &mut Option<Verdict>) -> Result<(), FlowError> {
-    match verdict {
-        Verdict::Allow => Ok(()),
-        Verdict::Block(d) => Err(FlowError::Blocked(d)),
-        m @ Verdict::Monitor(_) => {
-            monitor.get_or_insert(m);
-            Ok(())
-        }
-    }
-}
-
-/// What the name alone (or the literal address) says, before any lookup.
-pub fn decide_name(
-    engine: &Engine,
-    who: &Who,
-    host: &str,
-    port: u16,
-    monitor: &mut Option<Verdict>,
-) -> Result<bool, FlowError> {
-    let Some(found) = engine.name_evidence(host, port) else {
-        return Ok(true);
-    };
-    for d in found {
-        apply(engine.policy.decide_for(who, d), monitor)?;
-    }
-    Ok(false)
 }
 
 async fn forward(
@@ -346,120 +281,64 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let who = ctx.client.who();
     validate_framing(&parts)?;
-    if came_through_us(&parts.headers, &shared.via) {
+    if came_through_us(&parts.headers, shared.via_token()) {
         // A transparent gateway whose exemption for chatwall's own traffic
         // is missing sends our requests back to us.
         return Err(FlowError::LoopDetected);
     }
 
-    // Where to: the absolute URI (explicit), or the original destination
-    // with the Host header as the name (fixed).
-    let (host, port, dest_uri) = match ctx.fixed {
+    // Where to: the absolute URI.
+    match parts.uri.scheme_str() {
+        Some("http") => {}
+        Some(_) => {
+            return Err(FlowError::BadRequest(
+                "only http:// URLs are fetched; use CONNECT for others",
+            ))
+        }
         None => {
-            match parts.uri.scheme_str() {
-                Some("http") => {}
-                Some(_) => {
-                    return Err(FlowError::BadRequest(
-                        "only http:// URLs are fetched; use CONNECT for others",
-                    ))
-                }
-                None => {
-                    return Err(FlowError::BadRequest(
-                        "not a proxy request (origin-form target)",
-                    ))
-                }
-            }
-            let host = parts
-                .uri
-                .host()
-                .filter(|h| !h.is_empty())
-                .ok_or(FlowError::BadRequest("no host in the request target"))?
-                .to_string();
-            let port = parts.uri.port_u16().unwrap_or(80);
-            if port == 0 {
-                return Err(FlowError::BadRequest("port 0"));
-            }
-            (host, port, parts.uri.clone())
+            return Err(FlowError::BadRequest(
+                "not a proxy request (origin-form target)",
+            ))
         }
-        Some(fixed) => {
-            if parts.uri.scheme().is_some() && parts.uri.scheme_str() != Some("http") {
-                return Err(FlowError::BadRequest("only http:// URLs are fetched"));
-            }
-            let host = host_header_name(&parts.headers)
-                .or_else(|| parts.uri.host().map(str::to_string))
-                .unwrap_or_else(|| fixed.addr.ip().to_string());
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            let uri: Uri = format!("http://{}{}", fixed.addr, pq)
-                .parse()
-                .map_err(|_| FlowError::BadRequest("invalid request target"))?;
-            (host, fixed.addr.port(), uri)
-        }
-    };
+    }
+    let host = parts
+        .uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or(FlowError::BadRequest("no host in the request target"))?
+        .to_string();
+    let port = parts.uri.port_u16().unwrap_or(80);
+    if port == 0 {
+        return Err(FlowError::BadRequest("port 0"));
+    }
     if !shared.access_log.is_off() {
         rec.host = Some(host.clone());
     }
 
-    let mut monitor = None;
-    let allowlisted = decide_name(engine, &who, &host, port, &mut monitor)?;
-    let sigs = &engine.signatures;
-    let policy = &engine.policy;
-    if let Some(fixed) = ctx.fixed {
-        // Transparent: the address the client really connected to counts too.
-        upstream::check_addr(&shared.guard, engine, &ctx.client, fixed.addr, allowlisted)?
-            .map(|m| monitor.get_or_insert(m));
-    }
+    let mut findings = Findings::default();
+    let allowlisted = decide::name(engine, &who, &host, port, &mut findings)?;
 
     // Request rules: downloads, then HTTP head rules, then body rules.
     let mut body_prefix = (Bytes::new(), None, Some(body));
     if !allowlisted {
-        apply(
-            policy.decide_for(&who, sigs.classify_download(&host, parts.uri.path())),
-            &mut monitor,
-        )?;
         let has_body = !body_prefix
             .2
             .as_ref()
             .is_some_and(http_body::Body::is_end_stream);
-        match sigs.http().classify_head(&parts, has_body) {
-            HeadOutcome::Match(rule) => apply(
-                policy.decide_for(&who, Some(sigs.http_detection(rule))),
-                &mut monitor,
-            )?,
-            HeadOutcome::NeedBody { window } => {
-                if let (_, _, Some(b)) = body_prefix {
-                    body_prefix = read_prefix(b, window, engine.config.first_bytes_timeout)
-                        .await
-                        .map_err(|_| FlowError::BadRequest("request body aborted"))?;
-                    let hit = sigs.http().classify_body(&parts, &body_prefix.0);
-                    apply(
-                        policy.decide_for(&who, hit.map(|r| sigs.http_detection(r))),
-                        &mut monitor,
-                    )?;
-                }
-            }
-            HeadOutcome::NoMatch => {}
+        let head = decide::request_rules(engine, &who, &host, &parts, has_body, &mut findings)?;
+        if let (HeadDecision::NeedBody { window }, Some(b)) = (head, body_prefix.2.take()) {
+            body_prefix = read_prefix(b, window, engine.config.first_bytes_timeout)
+                .await
+                .map_err(|_| FlowError::BadRequest("request body aborted"))?;
+            decide::request_body(engine, &who, &parts, &body_prefix.0, &mut findings)?;
         }
     }
 
     // Names: every address must pass the CIDR rules and denied ranges.
-    if ctx.fixed.is_none() {
-        upstream::resolve_checked(
-            shared,
-            engine,
-            &ctx.client,
-            &host,
-            port,
-            allowlisted,
-            &mut monitor,
-        )
+    upstream::resolve_checked(shared, engine, &who, &host, port, allowlisted, &mut findings)
         .await?;
-    }
 
-    let verdict = monitor.unwrap_or(Verdict::Allow);
+    let verdict = findings.verdict();
     shared.record_verdict(ctx.listener, engine, &verdict, rec);
 
     // Build the upstream request.
@@ -480,24 +359,16 @@ async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto);
     }
-    let authority_host = match ctx.fixed {
-        None => parts.uri.authority().map(|a| {
-            a.as_str()
-                .rsplit_once('@')
-                .map_or(a.as_str(), |(_, h)| h)
-                .to_string()
-        }),
-        Some(_) => parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string),
-    };
+    let authority_host = parts.uri.authority().map(|a| {
+        a.as_str()
+            .rsplit_once('@')
+            .map_or(a.as_str(), |(_, h)| h)
+            .to_string()
+    });
     if let Some(h) = authority_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         parts.headers.insert(header::HOST, h);
     }
     append_via(&mut parts.headers, &shared.via);
-    parts.uri = dest_uri;
     parts.version = Version::HTTP_11;
     let up_bytes = Arc::new(AtomicU64::new(0));
     let (prefix, trailers, rest) = body_prefix;
@@ -579,20 +450,11 @@ fn validate_framing(parts: &http::request::Parts) -> Result<(), FlowError> {
 }
 
 /// Does a `Via` field already name this instance?
-fn came_through_us(headers: &HeaderMap, via: &HeaderValue) -> bool {
-    let ours = via.as_bytes().get(4..).unwrap_or_default();
+fn came_through_us(headers: &HeaderMap, ours: &[u8]) -> bool {
     headers
         .get_all(header::VIA)
         .iter()
         .any(|v| v.as_bytes().windows(ours.len().max(1)).any(|w| w == ours))
-}
-
-/// The Host header's name part (no port), if present and sane.
-fn host_header_name(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::HOST)?.to_str().ok()?;
-    let auth: http::uri::Authority = v.parse().ok()?;
-    let h = auth.host();
-    (!h.is_empty()).then(|| h.trim_start_matches('[').trim_end_matches(']').to_string())
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

@@ -94,7 +94,6 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
             user: None,
         },
         listener: kind,
-        fixed: None,
         slot: Some(Arc::new(slot)),
     };
     match kind {

@@ -10,6 +10,7 @@
 pub mod body;
 pub mod connect;
 pub mod explicit;
+pub mod http_tunnel;
 pub mod listener;
 pub mod origdst;
 pub mod prefixed;
@@ -139,6 +140,47 @@ impl Shared {
         if d.reason == Reason::Payload {
             tracing::debug!(app, offset = ?d.offset, "payload signature matched");
         }
+    }
+
+    /// Count a refused or failed flow (or request) and fill its record's
+    /// verdict, reason and error: a policy block, a denied destination, an
+    /// upstream failure of an allowed flow, or a malformed request.
+    pub fn record_refusal(
+        &self,
+        listener: ListenerKind,
+        engine: &Engine,
+        e: &refuse::FlowError,
+        rec: &mut Record,
+    ) {
+        use refuse::FlowError;
+        match e {
+            FlowError::Blocked(d) => {
+                self.record_verdict(listener, engine, &Verdict::Block(*d), rec);
+            }
+            FlowError::DeniedDestination(_) => {
+                rec.verdict = "block";
+                rec.reason = Some("destination");
+                self.metrics.listener(listener).requests_block.inc();
+                self.metrics.upstream_error("denied_destination");
+            }
+            e if e.is_upstream() => {
+                self.metrics.upstream_error(e.kind());
+                if !rec.counted {
+                    // Allowed, then failed upstream: still a request decided.
+                    self.record_verdict(listener, engine, &Verdict::Allow, rec);
+                }
+            }
+            _ => {}
+        }
+        if !matches!(e, FlowError::Blocked(_)) {
+            rec.error = Some(e.to_string());
+        }
+    }
+
+    /// The token in `Via` that names this instance (without the protocol
+    /// version): a request that carries it came through here already.
+    pub fn via_token(&self) -> &[u8] {
+        self.via.as_bytes().get(4..).unwrap_or_default()
     }
 
     /// Take a connection slot, or say which cap refused it. The slot (and

@@ -11,6 +11,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
 use crate::classify::Detection;
+use crate::decide::Refusal;
 use crate::signatures::SignatureSet;
 
 pub type ProxyBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -112,6 +113,19 @@ impl fmt::Display for FlowError {
 
 impl std::error::Error for FlowError {}
 
+impl From<Refusal> for FlowError {
+    fn from(r: Refusal) -> FlowError {
+        match r {
+            Refusal::Blocked(d) => FlowError::Blocked(d),
+            Refusal::DeniedDestination(ip) => FlowError::DeniedDestination(ip),
+            Refusal::ClosedBeforeSending => {
+                FlowError::BadRequest("client closed before sending anything")
+            }
+            Refusal::Loop => FlowError::LoopDetected,
+        }
+    }
+}
+
 pub fn full(body: impl Into<Bytes>) -> ProxyBody {
     Full::new(body.into())
         .map_err(|never| match never {})
@@ -129,11 +143,11 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The response for a flow error. `close` asks the client to close (after a
-/// malformed request the connection's framing cannot be trusted).
-pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
+/// The page for a flow error: its status, HTML body and the app named in
+/// `X-Chatwall-Block`, if any.
+fn page(err: &FlowError, set: &SignatureSet) -> (StatusCode, String, Option<String>) {
     let status = err.status();
-    let (body, app) = match err {
+    match err {
         FlowError::Blocked(d) => {
             let id = set.app_id(d.app).to_string();
             let name = set.app(d.app).map(|a| a.name.clone()).unwrap_or_else(|| id.clone());
@@ -142,26 +156,31 @@ pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
                 .and_then(|r| set.rule(r))
                 .map(|r| r.text.clone())
                 .unwrap_or_default();
-            (
-                format!(
-                    "<!doctype html>\n<html><head><title>Blocked: {name}</title></head>\n<body>\n<h1>Access refused</h1>\n<p>This connection was identified as <b>{name}</b> ({id}) and is not allowed by the network's instant-messaging policy.</p>\n<p>Reason: {reason} {rule}</p>\n<p>chatwall</p>\n</body></html>\n",
-                    name = escape(&name),
-                    id = escape(&id),
-                    reason = d.reason.as_str(),
-                    rule = escape(&rule),
-                ),
-                Some(id),
-            )
+            let body = format!(
+                "<!doctype html>\n<html><head><title>Blocked: {name}</title></head>\n<body>\n<h1>Access refused</h1>\n<p>This connection was identified as <b>{name}</b> ({id}) and is not allowed by the network's instant-messaging policy.</p>\n<p>Reason: {reason} {rule}</p>\n<p>chatwall</p>\n</body></html>\n",
+                name = escape(&name),
+                id = escape(&id),
+                reason = d.reason.as_str(),
+                rule = escape(&rule),
+            );
+            (status, body, Some(id))
         }
-        other => (
-            format!(
+        other => {
+            let body = format!(
                 "<!doctype html>\n<html><head><title>{code}</title></head>\n<body>\n<h1>{code}</h1>\n<p>{msg}</p>\n<p>chatwall</p>\n</body></html>\n",
                 code = status,
                 msg = escape(&other.to_string()),
-            ),
-            None,
-        ),
-    };
+            );
+            let app = matches!(other, FlowError::DeniedDestination(_)).then(|| "destination".into());
+            (status, body, app)
+        }
+    }
+}
+
+/// The response for a flow error. Malformed requests also ask the client
+/// to close (after one the connection's framing cannot be trusted).
+pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
+    let (status, body, app) = page(err, set);
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -176,10 +195,29 @@ pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
     if matches!(err, FlowError::BadRequest(_)) {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let FlowError::DeniedDestination(_) = err {
-        h.insert("x-chatwall-block", HeaderValue::from_static("destination"));
-    }
     resp
+}
+
+/// The same page as raw HTTP/1.1 bytes, for a refusal written inside a
+/// tunnel (where no HTTP server frames responses), closing the connection.
+pub fn page_bytes(err: &FlowError, set: &SignatureSet) -> Vec<u8> {
+    let (status, body, app) = page(err, set);
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+    );
+    if let Some(app) = app.filter(|a| HeaderValue::from_str(a).is_ok()) {
+        out.push_str("X-Chatwall-Block: ");
+        out.push_str(&app);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    out.push_str(&body);
+    out.into_bytes()
 }
 
 /// 407 asking for Basic credentials.

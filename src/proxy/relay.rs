@@ -31,12 +31,12 @@ thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn take_buf() -> Box<[u8]> {
+pub(super) fn take_buf() -> Box<[u8]> {
     POOL.with(|p| p.borrow_mut().pop())
         .unwrap_or_else(|| vec![0u8; COPY_BUF].into_boxed_slice())
 }
 
-fn give_buf(b: Box<[u8]>) {
+pub(super) fn give_buf(b: Box<[u8]>) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < POOL_MAX {
@@ -50,8 +50,11 @@ fn give_buf(b: Box<[u8]>) {
 pub enum End {
     /// Both directions closed normally.
     Closed,
-    /// A payload signature refused the flow.
+    /// A payload signature (or the generic rules) refused the flow.
     Blocked(Detection),
+    /// A request inside the tunnel was refused and its page written to the
+    /// client, whose side is closing in order; the upstream is reset.
+    Refused,
     /// No byte moved for the idle timeout.
     Idle,
     /// A socket error (a reset by either side is normal).
@@ -114,7 +117,7 @@ impl<'a> RelayCtx<'a> {
         }
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         self.last
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -164,7 +167,7 @@ pub async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 }
 
 /// Close the write side (FIN) so the peer sees the end of this direction.
-fn shutdown_write(s: &TcpStream) {
+pub(super) fn shutdown_write(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
 }
 
@@ -175,7 +178,7 @@ pub fn reset(s: &TcpStream) {
 
 /// One direction: copy `src` to `dst`, inspecting the first bytes while an
 /// inspector is present.
-async fn pump(
+pub(super) async fn pump(
     cx: &RelayCtx<'_>,
     src: &TcpStream,
     dst: &TcpStream,
@@ -401,9 +404,23 @@ pub async fn relay(
     c2s: Option<Inspector>,
     s2c: Option<Inspector>,
 ) -> End {
-    cx.touch();
     let up = pump(cx, client, upstream, c2s, &cx.up);
     let down = pump(cx, upstream, client, s2c, &cx.down);
+    run_pair(cx, client, upstream, up, down).await
+}
+
+/// Drive the two directions of a tunnel until both end, one of them is
+/// refused or fails, or the tunnel is idle. A refusal or failure resets
+/// both sockets, except that a refusal whose page was written
+/// (`End::Refused`) lets the client read it and resets the upstream only.
+pub(super) async fn run_pair(
+    cx: &RelayCtx<'_>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    up: impl std::future::Future<Output = End>,
+    down: impl std::future::Future<Output = End>,
+) -> End {
+    cx.touch();
     tokio::pin!(up, down);
     let (mut up_end, mut down_end): (Option<End>, Option<End>) = (None, None);
     let tick = cx
@@ -413,7 +430,7 @@ pub async fn relay(
     let end = loop {
         tokio::select! {
             e = &mut up, if up_end.is_none() => {
-                if matches!(e, End::Blocked(_) | End::Error(_)) { break e; }
+                if matches!(e, End::Blocked(_) | End::Error(_) | End::Refused) { break e; }
                 up_end = Some(e);
             }
             e = &mut down, if down_end.is_none() => {
@@ -428,9 +445,13 @@ pub async fn relay(
             break End::Closed;
         }
     };
-    if matches!(end, End::Blocked(_) | End::Error(_) | End::Idle) {
-        reset(client);
-        reset(upstream);
+    match end {
+        End::Blocked(_) | End::Error(_) | End::Idle => {
+            reset(client);
+            reset(upstream);
+        }
+        End::Refused => reset(upstream),
+        End::Closed => {}
     }
     end
 }

@@ -2,18 +2,20 @@
 //! The original destination is recovered, checked like a CONNECT to an
 //! address (denied ranges, chatwall's own listeners, CIDR and port rules),
 //! then the stream goes through the same first-bytes inspection as a
-//! tunnel: HTTP is served request by request to the original address, TLS
-//! is decided on its ClientHello, anything else on payload signatures.
+//! tunnel: HTTP is followed and decided request by request and relayed
+//! byte for byte to the original address, TLS is decided on its
+//! ClientHello, anything else on payload signatures.
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::explicit::{decide_name, ConnCtx};
+use super::explicit::ConnCtx;
 use super::origdst::original_dst;
 use super::refuse::FlowError;
 use super::tunnel::{self, Upstream};
 use super::upstream;
 use super::Shared;
+use crate::decide;
 use crate::metrics::ListenerKind;
 
 pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
@@ -40,28 +42,11 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
     let mut flow = tunnel::new_flow(ctx, dst, listener);
     // A connection addressed to a chatwall listener itself (a loop, or a
     // client connecting straight to the transparent port) is refused.
-    let checked = if shared.guard.is_self(dst) || client.local_addr().ok() == Some(dst) {
-        Err(FlowError::DeniedDestination(dst.ip()))
-    } else {
-        let who = flow.ctx.client.who();
-        decide_name(
-            &engine,
-            &who,
-            &dst.ip().to_string(),
-            dst.port(),
-            &mut flow.monitor,
-        )
-        .and_then(|allowlisted| {
-            flow.allowlisted = allowlisted;
-            upstream::check_addr(&shared.guard, &engine, &flow.ctx.client, dst, allowlisted).map(
-                |m| {
-                    if let Some(m) = m {
-                        flow.monitor.get_or_insert(m);
-                    }
-                },
-            )
-        })
-    };
+    let is_self = shared.guard.is_self(dst) || client.local_addr().ok() == Some(dst);
+    let who = flow.ctx.client.who();
+    let checked = decide::destination(&engine, &who, dst, is_self, &mut flow.findings)
+        .map(|allowlisted| flow.allowlisted = allowlisted)
+        .map_err(FlowError::from);
     let checked = match checked {
         // Port 80: the 403 page, request by request (tunnel::run).
         Err(FlowError::Blocked(d)) if listener == ListenerKind::TransparentHttp => {

@@ -1,15 +1,18 @@
 //! Tunnels: CONNECT on the explicit listener and every redirected stream of
 //! the transparent listeners. The destination alone is decided first (name,
 //! address, port); then the client's first bytes are read into a bounded
-//! buffer under a deadline and decided before a single byte reaches the
-//! upstream:
+//! buffer under a deadline and decided (`decide::FirstBytes`) before a
+//! single byte reaches the upstream:
 //!
 //! - a TLS ClientHello (reassembled across reads and records): SNI against
 //!   the host rules, ALPN, JA4, ECH;
-//! - an HTTP/1.x request: the tunnel becomes an HTTP connection to the
-//!   tunnel's destination, and every request in it is decided on its own;
+//! - HTTP/1.x: followed and decided request by request as the bytes pass
+//!   (`http_tunnel`), on the same upstream connection;
 //! - anything else: payload signatures; on port 443 `non_tls_on_443` and on
 //!   port 80 `non_http_on_80` apply.
+//!
+//! Whatever passes is relayed byte for byte over one upstream connection:
+//! a tunnel is never re-encoded.
 //!
 //! A client that says nothing is not a reason to fail open, nor to fail
 //! closed: server-speaks-first protocols (SMTP, IRC banners) must work. The
@@ -28,7 +31,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::explicit::{self, apply, decide_name, ConnCtx, FixedDest};
+use super::explicit::ConnCtx;
 use super::prefixed::Prefixed;
 use super::refuse::{empty, FlowError, ProxyBody};
 use super::relay::{self, End, Inspector, RelayCtx};
@@ -37,12 +40,11 @@ use super::Shared;
 use crate::access_log::Record;
 use crate::classify::host::normalize_host;
 use crate::classify::payload::Direction;
-use crate::classify::sniff::{sniff, Sniff};
-use crate::classify::tls::{inspect_client_hello_with, Hello};
-use crate::classify::{Detection, Reason, UNIDENTIFIED};
+use crate::classify::Detection;
+use crate::decide::{self, Cue, Findings, First, FirstBytes};
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
-use crate::policy::{Verdict, Who};
+use crate::policy::Verdict;
 
 /// The upstream of a tunnel: connected already (CONNECT, so that a failure
 /// is a 502; generic redirected ports, so a server that speaks first is
@@ -59,7 +61,8 @@ pub struct Flow {
     /// The name the client asked for (CONNECT authority), if any.
     pub host: Option<String>,
     pub allowlisted: bool,
-    pub monitor: Option<Verdict>,
+    /// What the destination and the first bytes found (monitor verdicts).
+    pub findings: Findings,
     /// Redirected port-80 traffic to a refused address: HTTP gets the 403
     /// page request by request; anything else is reset.
     pub addr_block: Option<Detection>,
@@ -162,18 +165,12 @@ pub async fn open(
         rec.target = format!("{}:{port}", auth.host());
     }
 
-    let mut monitor = None;
-    let allowlisted = decide_name(engine, &ctx.client.who(), &host, port, &mut monitor)?;
-    let addrs = upstream::resolve_checked(
-        shared,
-        engine,
-        &ctx.client,
-        &host,
-        port,
-        allowlisted,
-        &mut monitor,
-    )
-    .await?;
+    let who = ctx.client.who();
+    let mut findings = Findings::default();
+    let allowlisted = decide::name(engine, &who, &host, port, &mut findings)?;
+    let addrs =
+        upstream::resolve_checked(shared, engine, &who, &host, port, allowlisted, &mut findings)
+            .await?;
     let limits = &engine.config.limits;
     let (up, dst) =
         upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
@@ -183,21 +180,11 @@ pub async fn open(
         dst,
         host: Some(host),
         allowlisted,
-        monitor,
+        findings,
         addr_block: None,
         rec: std::mem::take(rec),
     };
     Ok((up, flow))
-}
-
-/// The first-bytes verdict of a tunnel.
-enum First {
-    /// TLS decided and allowed: relay without further inspection.
-    Tls,
-    /// An HTTP/1.x request: serve it as HTTP to the tunnel's destination.
-    Http,
-    /// Inspect payload signatures in both directions while relaying.
-    Payload,
 }
 
 /// Inspect and relay one tunnel; writes its access-log record at the end.
@@ -224,7 +211,7 @@ pub async fn run(
         }
     };
 
-    if let (Some(d), false) = (flow.addr_block, matches!(first, First::Http)) {
+    if let (Some(d), false) = (flow.addr_block, first == First::Http) {
         refuse_tunnel(
             &shared,
             &engine,
@@ -236,20 +223,8 @@ pub async fn run(
         return;
     }
 
-    if let First::Http = first {
-        // Every request in it is decided like an explicit one and logged on
-        // its own; a CONNECT tunnel also logs the CONNECT.
-        if flow.ctx.listener == ListenerKind::Explicit {
-            let mut rec = flow.rec;
-            rec.method = "CONNECT".into();
-            shared.access_log.write(rec);
-        }
-        let ctx = ConnCtx {
-            fixed: Some(FixedDest { addr: flow.dst }),
-            ..flow.ctx.clone()
-        };
-        drop(upstream);
-        serve_http(shared, Prefixed::new(buf.freeze(), client), ctx).await;
+    if first == First::Http {
+        super::http_tunnel::run(shared, engine, flow, client, buf, upstream).await;
         return;
     }
 
@@ -264,7 +239,7 @@ pub async fn run(
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
                     flow.rec.error = Some(e.to_string());
-                    let verdict = flow.monitor.unwrap_or(Verdict::Allow);
+                    let verdict = flow.findings.verdict();
                     shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
                     relay::reset(&client);
                     shared.access_log.write(flow.rec);
@@ -309,7 +284,11 @@ pub async fn run(
     let relay_monitor = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take();
     let verdict = match &end {
         End::Blocked(d) => Verdict::Block(*d),
-        _ => flow.monitor.or(relay_monitor).unwrap_or(Verdict::Allow),
+        _ => flow
+            .findings
+            .monitor
+            .or(relay_monitor)
+            .unwrap_or(Verdict::Allow),
     };
     shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
     match end {
@@ -318,19 +297,9 @@ pub async fn run(
         }
         End::Idle => flow.rec.error = Some("idle timeout".into()),
         End::Error(e) => flow.rec.error = Some(e.to_string()),
-        End::Closed => {}
+        End::Closed | End::Refused => {}
     }
     shared.access_log.write(flow.rec);
-}
-
-/// HTTP inside a tunnel. Boxed: a tunnel can carry HTTP whose requests may
-/// open tunnels, and the boxed future's declared `Send` ends that cycle.
-fn serve_http(
-    shared: Arc<Shared>,
-    io: Prefixed<TcpStream>,
-    ctx: ConnCtx,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(explicit::serve(shared, TokioIo::new(io), ctx))
 }
 
 /// Reset a tunnel refused on its first bytes; nothing reached the upstream.
@@ -361,7 +330,8 @@ fn refuse_tunnel(
     shared.access_log.write(flow.rec);
 }
 
-/// Read and decide the client's first bytes.
+/// Read and decide the client's first bytes: an IO driver around
+/// `decide::FirstBytes`, which says what each cue means.
 async fn first_bytes(
     engine: &Engine,
     flow: &mut Flow,
@@ -372,49 +342,17 @@ async fn first_bytes(
 ) -> Result<(First, BytesMut), FlowError> {
     // JA4 only for rules that match on it, or a log that records it.
     let want_ja4 = logged || engine.signatures.has_ja4_rules();
-    let cfg = &engine.config;
-    let window = cfg.inspect_bytes;
-    let deadline = tokio::time::Instant::now() + cfg.first_bytes_timeout;
-    let port = flow.dst.port();
+    let window = engine.config.inspect_bytes;
+    let deadline = tokio::time::Instant::now() + engine.config.first_bytes_timeout;
     let who = flow.ctx.client.who();
-    let who = &who;
+    let mut check = FirstBytes::new(engine, who, flow.dst.port(), flow.allowlisted, want_ja4);
     let mut buf = BytesMut::from(&initial[..]);
-    loop {
-        match sniff(&buf) {
-            Sniff::NeedMore => {}
-            Sniff::Tls => match inspect_client_hello_with(&buf, want_ja4) {
-                Hello::NeedMore { .. } => {}
-                Hello::Complete(hello) => {
-                    if logged {
-                        flow.rec.sni = hello.sni.clone();
-                        flow.rec.ja4 = Some(hello.ja4.clone());
-                        flow.rec.alpn = (!hello.alpn.is_empty()).then(|| hello.alpn.join(","));
-                    }
-                    tracing::trace!(sni = ?hello.sni, ja4 = %hello.ja4, "ClientHello");
-                    decide_hello(engine, who, flow, &hello)?;
-                    if port == 80 {
-                        non_http(engine, who, flow, &buf)?;
-                    }
-                    return Ok((First::Tls, buf));
-                }
-                Hello::NotTls => return other_protocol(engine, who, flow, buf),
-            },
-            Sniff::Http => {
-                if port == 443 {
-                    non_tls(engine, who, flow, &buf)?;
-                }
-                return Ok((First::Http, buf));
-            }
-            Sniff::Other => return other_protocol(engine, who, flow, buf),
-        }
-        if buf.len() >= window {
-            if matches!(sniff(&buf), Sniff::Tls) {
-                // A ClientHello that does not fit the window (spread over
-                // tiny records, say) is an evasion, not a hello: whatever
-                // the port, the TLS checks could not run.
-                non_tls(engine, who, flow, &buf)?;
-            }
-            return other_protocol(engine, who, flow, buf);
+    let mut cue = Cue::Bytes;
+    let result = loop {
+        match check.step(&buf, cue, &mut flow.findings) {
+            Err(r) => break Err(FlowError::from(r)),
+            Ok(Some(first)) => break Ok(first),
+            Ok(None) => {}
         }
         let server_first = async {
             match upstream {
@@ -422,119 +360,30 @@ async fn first_bytes(
                 Upstream::Lazy(_) => std::future::pending().await,
             }
         };
-        tokio::select! {
+        cue = tokio::select! {
             r = client.readable() => match r.and_then(|()| {
                 // Room for the whole window in one read (a ClientHello
                 // is one segment), allocated only once bytes are there.
                 buf.reserve(window.saturating_sub(buf.len()));
                 client.try_read_buf(&mut buf)
             }) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Ok(0) | Err(_) if buf.is_empty() => {
-                    return Err(FlowError::BadRequest("client closed before sending anything"));
-                }
-                Ok(0) | Err(_) => {
-                    // Ended mid-way: decide on what came.
-                    return other_protocol(engine, who, flow, buf);
-                }
-                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Cue::Bytes,
+                Ok(0) | Err(_) => Cue::ClientEnded,
+                Ok(_) => Cue::Bytes,
             },
-            _ = server_first, if buf.is_empty() => {
-                // The server speaks first (SMTP, IRC, POP3...). TLS and HTTP
-                // servers never do.
-                if port == 443 {
-                    non_tls(engine, who, flow, &buf)?;
-                }
-                return Ok((First::Payload, buf));
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                if port == 443 {
-                    // TLS clients speak first: silence (or a hello that never
-                    // completes) is not TLS.
-                    non_tls(engine, who, flow, &buf)?;
-                }
-                if !buf.is_empty() && matches!(sniff(&buf), Sniff::Tls) {
-                    // A ClientHello that started but never completed: the
-                    // TLS checks could not run, whatever the port.
-                    non_tls(engine, who, flow, &buf)?;
-                    return other_protocol(engine, who, flow, buf);
-                }
-                return Ok((First::Payload, buf));
-            }
-        }
-    }
-}
-
-/// SNI, ALPN, JA4 and ECH of an allowed destination's ClientHello.
-fn decide_hello(
-    engine: &Engine,
-    who: &Who,
-    flow: &mut Flow,
-    hello: &crate::classify::tls::ClientHello,
-) -> Result<(), FlowError> {
-    for d in engine.hello_evidence(hello) {
-        apply(engine.policy.decide_for(who, d), &mut flow.monitor)?;
-    }
-    Ok(())
-}
-
-/// A payload detection of the bytes so far, decided by the app's policy.
-fn payload_verdict(engine: &Engine, who: &Who, buf: &[u8]) -> (Option<Detection>, Verdict) {
-    let outcome = engine.signatures.payload().classify(Direction::Client, buf);
-    let d = engine.signatures.payload_detection(outcome);
-    (d, engine.policy.decide_for(who, d))
-}
-
-/// Not TLS on port 443: a payload match names the app; the knob decides.
-fn non_tls(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
-    generic(engine, who, flow, buf, Reason::NonTls)
-}
-
-/// Not HTTP on port 80.
-fn non_http(engine: &Engine, who: &Who, flow: &mut Flow, buf: &[u8]) -> Result<(), FlowError> {
-    generic(engine, who, flow, buf, Reason::NonHttp)
-}
-
-fn generic(
-    engine: &Engine,
-    who: &Who,
-    flow: &mut Flow,
-    buf: &[u8],
-    reason: Reason,
-) -> Result<(), FlowError> {
-    if flow.allowlisted {
-        return Ok(());
-    }
-    // The knob decides; a payload signature only names the app. An app
-    // whose own policy is stricter than the knob is still refused.
-    let (found, app_verdict) = payload_verdict(engine, who, buf);
-    let d = Detection {
-        app: found.map_or(UNIDENTIFIED, |d| d.app),
-        rule: found.and_then(|d| d.rule),
-        reason,
-        offset: found.and_then(|d| d.offset),
+            _ = server_first, if buf.is_empty() => Cue::UpstreamFirst,
+            _ = tokio::time::sleep_until(deadline) => Cue::Deadline,
+        };
     };
-    let knob = engine.policy.decide_for(who, Some(d));
-    if knob.is_block() {
-        return apply(knob, &mut flow.monitor);
+    if let Some(hello) = check.hello {
+        if logged {
+            flow.rec.sni = hello.sni.clone();
+            flow.rec.ja4 = Some(hello.ja4.clone());
+            flow.rec.alpn = (!hello.alpn.is_empty()).then(|| hello.alpn.join(","));
+        }
+        tracing::trace!(sni = ?hello.sni, ja4 = %hello.ja4, "ClientHello");
     }
-    apply(app_verdict, &mut flow.monitor)?;
-    apply(knob, &mut flow.monitor)
-}
-
-/// Neither TLS nor HTTP.
-fn other_protocol(
-    engine: &Engine,
-    who: &Who,
-    flow: &mut Flow,
-    buf: BytesMut,
-) -> Result<(First, BytesMut), FlowError> {
-    match flow.dst.port() {
-        443 => non_tls(engine, who, flow, &buf)?,
-        80 => non_http(engine, who, flow, &buf)?,
-        _ => {}
-    }
-    Ok((First::Payload, buf))
+    result.map(|first| (first, buf))
 }
 
 /// A tunnel set up by a transparent listener.
@@ -545,7 +394,7 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
         dst,
         host: None,
         allowlisted: false,
-        monitor: None,
+        findings: Findings::default(),
         addr_block: None,
         rec: Record {
             start: Some(SystemTime::now()),

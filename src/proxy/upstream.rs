@@ -14,7 +14,8 @@ use super::refuse::FlowError;
 use super::Shared;
 use crate::classify::addr::canonical;
 use crate::engine::Engine;
-use crate::policy::{Verdict, Who};
+use crate::decide::{self, Findings};
+use crate::policy::Who;
 
 /// What is known about the client of a flow.
 #[derive(Debug, Clone)]
@@ -63,34 +64,27 @@ pub fn denied_destination(guard: &DestGuard, engine: &Engine, dst: SocketAddr) -
     engine.config.deny_destinations.contains(ip) || ip.is_unspecified() || guard.is_self(dst)
 }
 
-/// Check one resolved (or literal) address: denied ranges first, then the
-/// CIDR rules. `Ok(None)` allows, `Ok(Some(verdict))` is a monitor verdict
-/// to record, `Err` refuses.
+/// Check one resolved (or literal) address: chatwall's own listeners, the
+/// denied ranges, then the CIDR rules (`decide::address`).
 pub fn check_addr(
     guard: &DestGuard,
     engine: &Engine,
-    client: &ClientInfo,
+    who: &Who,
     dst: SocketAddr,
     name_allowlisted: bool,
-) -> Result<Option<Verdict>, FlowError> {
-    if denied_destination(guard, engine, dst) {
-        return Err(FlowError::DeniedDestination(dst.ip()));
-    }
-    if name_allowlisted || engine.policy.allows_addr(dst.ip()) {
-        return Ok(None);
-    }
-    match engine
-        .policy
-        .decide_for(&client.who(), engine.signatures.classify_ip(dst.ip()))
-    {
-        Verdict::Allow => Ok(None),
-        Verdict::Block(d) => Err(FlowError::Blocked(d)),
-        m @ Verdict::Monitor(_) => Ok(Some(m)),
-    }
+    findings: &mut Findings,
+) -> Result<(), FlowError> {
+    decide::address(
+        engine,
+        who,
+        dst,
+        name_allowlisted,
+        guard.is_self(dst),
+        findings,
+    )
+    .map_err(FlowError::from)
 }
 
-/// Resolve `host:port` under the DNS deadline. IP literals are returned as
-/// they are.
 /// The system resolver (getaddrinfo) behind a short positive cache, shared
 /// by the per-request checks and the upstream connector so that a name is
 /// looked up once, and the addresses checked are the addresses connected to.
@@ -174,20 +168,18 @@ impl Resolver {
 pub async fn resolve_checked(
     shared: &Shared,
     engine: &Engine,
-    client: &ClientInfo,
+    who: &Who,
     host: &str,
     port: u16,
     name_allowlisted: bool,
-    monitor: &mut Option<Verdict>,
+    findings: &mut Findings,
 ) -> Result<Arc<[SocketAddr]>, FlowError> {
     let addrs = shared
         .resolver
         .resolve(host, port, engine.config.limits.dns_timeout)
         .await?;
     for a in addrs.iter() {
-        if let Some(m) = check_addr(&shared.guard, engine, client, *a, name_allowlisted)? {
-            monitor.get_or_insert(m);
-        }
+        check_addr(&shared.guard, engine, who, *a, name_allowlisted, findings)?;
     }
     Ok(addrs)
 }

@@ -1,0 +1,824 @@
+//! Every decision chatwall makes about a flow, without sockets, clocks or
+//! logs: the proxy's front ends, `classify host|url|pcap` and the benches
+//! all call these, so a decision exists once.
+//!
+//! - [`destination`] and [`name`], [`address`]: what a name, an address and
+//!   a port say before any byte (host, CIDR, port rules, the allow-list and
+//!   the denied ranges);
+//! - [`FirstBytes`]: what a tunnel's first client bytes are (a TLS
+//!   ClientHello, HTTP/1.x, anything else), driven by the caller with
+//!   [`Cue`]s (more bytes, the client ended, the upstream spoke first, the
+//!   deadline passed);
+//! - [`Requests`]: HTTP/1.x inside a tunnel (or on a redirected port 80)
+//!   followed request by request from the bytes as they pass, each request
+//!   decided before a byte of it is forwarded;
+//! - [`payload`]: payload signatures on the first bytes of a direction.
+//!
+//! Verdicts fold into [`Findings`]: a block ends the flow as a
+//! [`Refusal`], the first monitor verdict is kept, and the first detection
+//! the policy let pass is remembered for reports.
+//!
+//! It leaves IO (reading, deadlines, connecting, writing the refusal) to
+//! `proxy` and `replay`, and the facts about bytes to `classify`.
+use std::net::{IpAddr, SocketAddr};
+
+use crate::classify::h1::{self, Asked, Body, Following, Lost, Progress};
+use crate::classify::http::{HeadOutcome, HeadView};
+use crate::classify::payload::Direction;
+use crate::classify::sniff::{sniff, Sniff};
+use crate::classify::tls::{inspect_client_hello_with, ClientHello, Hello};
+use crate::classify::{Detection, Reason, UNIDENTIFIED};
+use crate::engine::Engine;
+use crate::policy::{Verdict, Who};
+
+/// Why a flow (or one request of it) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The policy blocks it on this detection.
+    Blocked(Detection),
+    /// The destination is in `access.deny_destinations` (or unspecified).
+    DeniedDestination(IpAddr),
+    /// The client closed its side before sending a byte (not a policy
+    /// decision: the proxy logs an error and resets).
+    ClosedBeforeSending,
+    /// A request that already passed through this proxy (its `Via` names
+    /// this instance): a forwarding loop.
+    Loop,
+}
+
+/// A flow's findings so far: a block ends the flow, the first monitor
+/// verdict is kept, and (for reports) the first detection the policy let
+/// pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Findings {
+    pub monitor: Option<Verdict>,
+    pub allowed: Option<Detection>,
+}
+
+impl Findings {
+    /// Decide one finding (or its absence) for `who`.
+    pub fn decide(
+        &mut self,
+        engine: &Engine,
+        who: &Who,
+        found: Option<Detection>,
+    ) -> Result<(), Refusal> {
+        match engine.policy.decide_for(who, found) {
+            Verdict::Block(d) => Err(Refusal::Blocked(d)),
+            m @ Verdict::Monitor(_) => {
+                self.monitor.get_or_insert(m);
+                Ok(())
+            }
+            Verdict::Allow => {
+                if let Some(d) = found {
+                    self.allowed.get_or_insert(d);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The verdict of a flow that was not refused.
+    pub fn verdict(&self) -> Verdict {
+        self.monitor.unwrap_or(Verdict::Allow)
+    }
+}
+
+/// What a name (or address literal) and port say, before any lookup.
+/// `Ok(true)`: the name is on the allow-list, and nothing else about the
+/// flow is refused on signatures.
+pub fn name(
+    engine: &Engine,
+    who: &Who,
+    host: &str,
+    port: u16,
+    findings: &mut Findings,
+) -> Result<bool, Refusal> {
+    let Some(found) = engine.name_evidence(host, port) else {
+        return Ok(true);
+    };
+    for d in found {
+        findings.decide(engine, who, d)?;
+    }
+    Ok(false)
+}
+
+/// One address a flow connects to (a literal, each address a name resolves
+/// to, or a redirected connection's original destination): the denied
+/// ranges, then the CIDR rules. `is_self`: the address is one of the
+/// proxy's own listeners, which only the proxy knows.
+pub fn address(
+    engine: &Engine,
+    who: &Who,
+    dst: SocketAddr,
+    name_allowlisted: bool,
+    is_self: bool,
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    let ip = crate::classify::addr::canonical(dst.ip());
+    if is_self || engine.config.deny_destinations.contains(ip) || ip.is_unspecified() {
+        return Err(Refusal::DeniedDestination(dst.ip()));
+    }
+    if name_allowlisted || engine.policy.allows_addr(dst.ip()) {
+        return Ok(());
+    }
+    findings.decide(engine, who, engine.signatures.classify_ip(dst.ip()))
+}
+
+/// The destination of a redirected connection, before any byte: the
+/// address as a name (allow-list, port rules), then as an address.
+/// `Ok(true)`: the address is on the allow-list.
+pub fn destination(
+    engine: &Engine,
+    who: &Who,
+    dst: SocketAddr,
+    is_self: bool,
+    findings: &mut Findings,
+) -> Result<bool, Refusal> {
+    let allowlisted = name(engine, who, &dst.ip().to_string(), dst.port(), findings)?;
+    address(engine, who, dst, allowlisted, is_self, findings)?;
+    Ok(allowlisted)
+}
+
+/// SNI, ALPN, JA4 and ECH of a ClientHello.
+pub fn hello(
+    engine: &Engine,
+    who: &Who,
+    hello: &ClientHello,
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    for d in engine.hello_evidence(hello) {
+        findings.decide(engine, who, d)?;
+    }
+    Ok(())
+}
+
+/// A payload match in the first bytes of one direction, if any.
+pub fn payload_detection(engine: &Engine, dir: Direction, buf: &[u8]) -> Option<Detection> {
+    let window = engine.config.inspect_bytes;
+    let outcome = engine
+        .signatures
+        .payload()
+        .classify(dir, &buf[..buf.len().min(window)]);
+    engine.signatures.payload_detection(outcome)
+}
+
+/// Payload signatures on the first bytes of both directions of a relayed
+/// flow: the client's, then the upstream's.
+pub fn payload(
+    engine: &Engine,
+    who: &Who,
+    up: &[u8],
+    down: &[u8],
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    findings.decide(
+        engine,
+        who,
+        payload_detection(engine, Direction::Client, up),
+    )?;
+    if engine.signatures.payload().reach(Direction::Server) > 0 {
+        findings.decide(
+            engine,
+            who,
+            payload_detection(engine, Direction::Server, down),
+        )?;
+    }
+    Ok(())
+}
+
+/// Not TLS on 443, not HTTP on 80: the knob decides and a payload signature
+/// only names the app; an app whose own policy is stricter than the knob is
+/// still refused. Nothing is refused for an allow-listed destination.
+pub fn generic(
+    engine: &Engine,
+    who: &Who,
+    allowlisted: bool,
+    buf: &[u8],
+    reason: Reason,
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    if allowlisted {
+        return Ok(());
+    }
+    let found = payload_detection(engine, Direction::Client, buf);
+    let d = Detection {
+        app: found.map_or(UNIDENTIFIED, |d| d.app),
+        rule: found.and_then(|d| d.rule),
+        reason,
+        offset: found.and_then(|d| d.offset),
+    };
+    if let Verdict::Block(d) = engine.policy.decide_for(who, Some(d)) {
+        return Err(Refusal::Blocked(d));
+    }
+    findings.decide(engine, who, found)?;
+    findings.decide(engine, who, Some(d))
+}
+
+/// The generic rule for a destination port, if it has one: 443 must be
+/// TLS, 80 must be HTTP.
+pub fn generic_for_port(
+    engine: &Engine,
+    who: &Who,
+    port: u16,
+    allowlisted: bool,
+    buf: &[u8],
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    match port {
+        443 => generic(engine, who, allowlisted, buf, Reason::NonTls, findings),
+        80 => generic(engine, who, allowlisted, buf, Reason::NonHttp, findings),
+        _ => Ok(()),
+    }
+}
+
+/// What a tunnel's first bytes were decided to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum First {
+    /// An allowed TLS ClientHello: relayed without further inspection.
+    Tls,
+    /// HTTP/1.x: followed and decided request by request ([`Requests`]).
+    Http,
+    /// Anything else: payload signatures in both directions while relaying.
+    Payload,
+}
+
+/// What makes the first-bytes inspection look again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cue {
+    /// More client bytes arrived; the buffer holds all of them so far.
+    Bytes,
+    /// The client ended its side; the buffer is all it sent.
+    ClientEnded,
+    /// The upstream spoke while the client had sent nothing.
+    UpstreamFirst,
+    /// The first-bytes deadline passed.
+    Deadline,
+}
+
+/// The first-bytes inspection of one tunnel, driven by its caller: call
+/// [`FirstBytes::step`] with every byte the client has sent so far, each
+/// time something happens, until it answers.
+///
+/// A client that says nothing is not a reason to fail open, nor to fail
+/// closed: server-speaks-first protocols (SMTP, IRC banners) must work.
+/// Only where the protocol is known to speak first (port 443, whose
+/// `non_tls_on_443` knob applies) does silence past the deadline refuse.
+pub struct FirstBytes<'e> {
+    engine: &'e Engine,
+    who: Who,
+    /// The destination port: 443 and 80 have their own knobs.
+    port: u16,
+    /// The destination is on the allow-list: generic checks do not apply.
+    allowlisted: bool,
+    /// Compute JA4 (for rules that match on it, or a log that records it).
+    want_ja4: bool,
+    /// The ClientHello, once one was parsed.
+    pub hello: Option<Box<ClientHello>>,
+}
+
+impl<'e> FirstBytes<'e> {
+    pub fn new(
+        engine: &'e Engine,
+        who: Who,
+        port: u16,
+        allowlisted: bool,
+        want_ja4: bool,
+    ) -> Self {
+        FirstBytes {
+            engine,
+            who,
+            port,
+            allowlisted,
+            want_ja4,
+            hello: None,
+        }
+    }
+
+    /// Decide on `buf`, the client's bytes so far. `Ok(None)`: more bytes
+    /// are needed. `Cue::UpstreamFirst` is only meaningful with an empty
+    /// buffer.
+    pub fn step(
+        &mut self,
+        buf: &[u8],
+        cue: Cue,
+        findings: &mut Findings,
+    ) -> Result<Option<First>, Refusal> {
+        let (engine, who) = (self.engine, &self.who);
+        match cue {
+            Cue::Bytes => {
+                match sniff(buf) {
+                    Sniff::NeedMore => {}
+                    Sniff::Tls => match inspect_client_hello_with(buf, self.want_ja4) {
+                        Hello::NeedMore { .. } => {}
+                        Hello::Complete(h) => {
+                            // Kept before deciding, so a refusal can name it.
+                            let h = &**self.hello.insert(h);
+                            hello(engine, who, h, findings)?;
+                            if self.port == 80 {
+                                self.generic(buf, Reason::NonHttp, findings)?;
+                            }
+                            return Ok(Some(First::Tls));
+                        }
+                        Hello::NotTls => return self.other_protocol(buf, findings).map(Some),
+                    },
+                    Sniff::Http => {
+                        if self.port == 443 {
+                            self.generic(buf, Reason::NonTls, findings)?;
+                        }
+                        return Ok(Some(First::Http));
+                    }
+                    Sniff::Other => return self.other_protocol(buf, findings).map(Some),
+                }
+                if buf.len() >= engine.config.inspect_bytes {
+                    if sniff(buf) == Sniff::Tls {
+                        // A ClientHello that does not fit the window (spread
+                        // over tiny records, say) is an evasion, not a hello:
+                        // whatever the port, the TLS checks could not run.
+                        self.generic(buf, Reason::NonTls, findings)?;
+                    }
+                    return self.other_protocol(buf, findings).map(Some);
+                }
+                Ok(None)
+            }
+            Cue::ClientEnded if buf.is_empty() => Err(Refusal::ClosedBeforeSending),
+            // Ended mid-way: decide on what came.
+            Cue::ClientEnded => self.other_protocol(buf, findings).map(Some),
+            Cue::UpstreamFirst => {
+                // The server speaks first (SMTP, IRC, POP3...). TLS and HTTP
+                // servers never do.
+                if self.port == 443 {
+                    self.generic(buf, Reason::NonTls, findings)?;
+                }
+                Ok(Some(First::Payload))
+            }
+            Cue::Deadline => {
+                if self.port == 443 {
+                    // TLS clients speak first: silence (or a hello that never
+                    // completes) is not TLS.
+                    self.generic(buf, Reason::NonTls, findings)?;
+                }
+                if !buf.is_empty() && sniff(buf) == Sniff::Tls {
+                    // A ClientHello that started but never completed: the
+                    // TLS checks could not run, whatever the port.
+                    self.generic(buf, Reason::NonTls, findings)?;
+                    return self.other_protocol(buf, findings).map(Some);
+                }
+                Ok(Some(First::Payload))
+            }
+        }
+    }
+
+    /// Neither TLS nor HTTP.
+    fn other_protocol(&self, buf: &[u8], findings: &mut Findings) -> Result<First, Refusal> {
+        generic_for_port(
+            self.engine,
+            &self.who,
+            self.port,
+            self.allowlisted,
+            buf,
+            findings,
+        )?;
+        Ok(First::Payload)
+    }
+
+    fn generic(&self, buf: &[u8], reason: Reason, findings: &mut Findings) -> Result<(), Refusal> {
+        generic(
+            self.engine,
+            &self.who,
+            self.allowlisted,
+            buf,
+            reason,
+            findings,
+        )
+    }
+}
+
+/// The host a request names: the Host header's name, else the
+/// absolute-form target's host, else the address connected to.
+pub fn request_host(req: &httparse::Request<'_, '_>, dst: SocketAddr) -> String {
+    let from_header = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().parse::<http::uri::Authority>().ok())
+        .map(|a| {
+            a.host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        })
+        .filter(|h| !h.is_empty());
+    let from_target = || {
+        req.path
+            .and_then(|t| t.parse::<http::Uri>().ok())
+            .and_then(|u| u.host().map(str::to_string))
+            .filter(|h| !h.is_empty())
+    };
+    from_header
+        .or_else(from_target)
+        .unwrap_or_else(|| dst.ip().to_string())
+}
+
+/// What the head of a request needs before it can be forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadDecision {
+    /// Decided: it may pass.
+    Pass,
+    /// Body rules decide: this many bytes of the decoded body are enough.
+    NeedBody { window: usize },
+}
+
+/// One request head to a destination: the name and port, the address,
+/// then the request rules. The connection's address is checked with each
+/// request, since a redirected port-80 flow to an IM address gets the 403
+/// page request by request.
+pub fn request_head(
+    engine: &Engine,
+    who: &Who,
+    dst: SocketAddr,
+    host: &str,
+    head: &dyn HeadView,
+    has_body: bool,
+    findings: &mut Findings,
+) -> Result<HeadDecision, Refusal> {
+    let allowlisted = name(engine, who, host, dst.port(), findings)?;
+    address(engine, who, dst, allowlisted, false, findings)?;
+    if allowlisted {
+        return Ok(HeadDecision::Pass);
+    }
+    request_rules(engine, who, host, head, has_body, findings)
+}
+
+/// The rules of a request to a destination that is not on the allow-list:
+/// installer downloads, then the HTTP head rules.
+pub fn request_rules(
+    engine: &Engine,
+    who: &Who,
+    host: &str,
+    head: &dyn HeadView,
+    has_body: bool,
+    findings: &mut Findings,
+) -> Result<HeadDecision, Refusal> {
+    let sigs = &engine.signatures;
+    findings.decide(engine, who, sigs.classify_download(host, head.path()))?;
+    match sigs.http().classify_head(head, has_body) {
+        HeadOutcome::Match(rule) => {
+            findings.decide(engine, who, Some(sigs.http_detection(rule)))?;
+            Ok(HeadDecision::Pass)
+        }
+        HeadOutcome::NeedBody { window } => Ok(HeadDecision::NeedBody { window }),
+        HeadOutcome::NoMatch => Ok(HeadDecision::Pass),
+    }
+}
+
+/// The body rules of a request whose head asked for its body.
+pub fn request_body(
+    engine: &Engine,
+    who: &Who,
+    head: &dyn HeadView,
+    prefix: &[u8],
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    let sigs = &engine.signatures;
+    let hit = sigs.http().classify_body(head, prefix);
+    findings.decide(engine, who, hit.map(|r| sigs.http_detection(r)))
+}
+
+/// A request as the log and the response follower need it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    /// How its response is framed.
+    pub asked: Asked,
+    /// The host it names (Host field, target, or the address).
+    pub host: String,
+    /// Method and target, for the log (empty unless asked for).
+    pub method: String,
+    pub target: String,
+}
+
+/// What to do with the client's bytes at the front of the buffer.
+#[derive(Debug)]
+pub enum Step {
+    /// Read more client bytes (the buffer keeps everything not forwarded).
+    NeedMore,
+    /// Forward the first `len` bytes. `request` is set when they start a
+    /// new request, whose head was decided.
+    Forward {
+        len: usize,
+        request: Option<Box<RequestInfo>>,
+    },
+    /// Refuse the request at the front of the buffer: not one byte of it
+    /// may be forwarded.
+    Refuse {
+        refusal: Refusal,
+        request: Box<RequestInfo>,
+    },
+    /// From the front of the buffer on the stream is no longer HTTP (after
+    /// an upgrade or a CONNECT): relay it opaquely, payload signatures on.
+    Opaque,
+    /// The stream cannot be followed from the front of the buffer on:
+    /// the generic rules apply to what follows.
+    Lost(Lost),
+}
+
+/// What wakes [`Requests::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqCue {
+    /// More bytes arrived.
+    Bytes,
+    /// The wait for a body's first bytes is over (the hold deadline).
+    Deadline,
+    /// The client ended its side; the buffer is all that is left.
+    Ended,
+}
+
+#[derive(Debug)]
+enum ReqState {
+    /// At the start of a request head.
+    Head,
+    /// A decided head of `head_len` bytes waits for the start of its body.
+    Held {
+        head_len: usize,
+        body: Body,
+        window: usize,
+        switch: bool,
+        request: Box<RequestInfo>,
+    },
+    /// Inside a forwarded body; `switch`: not HTTP after it.
+    Body { body: Following, switch: bool },
+    /// Not HTTP any more.
+    Opaque,
+}
+
+/// Limits of request following.
+#[derive(Debug, Clone, Copy)]
+pub struct ReqLimits {
+    /// The largest request head (request line and fields).
+    pub max_head: usize,
+    /// The most header fields.
+    pub max_headers: usize,
+}
+
+/// HTTP/1.x requests from a client to one destination, followed from the
+/// bytes as they pass and decided one by one; nothing is re-encoded. The
+/// caller keeps the bytes not forwarded yet in one buffer and calls
+/// [`Requests::step`] with it until it answers something other than
+/// `NeedMore`, acts on the answer, drops the forwarded bytes, and goes on.
+pub struct Requests<'e> {
+    engine: &'e Engine,
+    who: Who,
+    dst: SocketAddr,
+    limits: ReqLimits,
+    /// The `Via` token naming this instance: a request carrying it is a
+    /// loop.
+    via: Option<&'e [u8]>,
+    /// Fill method and target for logs.
+    want_log: bool,
+    state: ReqState,
+}
+
+impl<'e> Requests<'e> {
+    pub fn new(
+        engine: &'e Engine,
+        who: Who,
+        dst: SocketAddr,
+        via: Option<&'e [u8]>,
+        want_log: bool,
+    ) -> Self {
+        let limits = &engine.config.limits;
+        Requests {
+            engine,
+            who,
+            dst,
+            limits: ReqLimits {
+                max_head: limits.max_request_head_bytes,
+                max_headers: limits.max_headers.max(1),
+            },
+            via,
+            want_log,
+            state: ReqState::Head,
+        }
+    }
+
+    /// Is the stream past HTTP (upgraded)?
+    pub fn is_opaque(&self) -> bool {
+        matches!(self.state, ReqState::Opaque)
+    }
+
+    /// Is a decided head waiting for its body's start?
+    pub fn holding(&self) -> bool {
+        matches!(self.state, ReqState::Held { .. })
+    }
+
+    /// Look at `buf`, the client's bytes not forwarded yet.
+    pub fn step(&mut self, buf: &[u8], cue: ReqCue, findings: &mut Findings) -> Step {
+        match &mut self.state {
+            ReqState::Opaque => Step::Opaque,
+            ReqState::Body { body, switch } => {
+                if buf.is_empty() {
+                    return Step::NeedMore;
+                }
+                match body.advance(buf, &mut |_| {}) {
+                    Ok(Progress::More) => Step::Forward {
+                        len: buf.len(),
+                        request: None,
+                    },
+                    Ok(Progress::Ended(n)) => {
+                        self.state = if *switch {
+                            ReqState::Opaque
+                        } else {
+                            ReqState::Head
+                        };
+                        Step::Forward {
+                            len: n,
+                            request: None,
+                        }
+                    }
+                    Err(why) => Step::Lost(why),
+                }
+            }
+            ReqState::Held { .. } => self.held(buf, cue, findings),
+            ReqState::Head => self.head(buf, cue, findings),
+        }
+    }
+
+    /// At the start of a request.
+    fn head(&mut self, buf: &[u8], cue: ReqCue, findings: &mut Findings) -> Step {
+        if buf.is_empty() {
+            return Step::NeedMore;
+        }
+        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) if n <= self.limits.max_head => n,
+            Ok(httparse::Status::Complete(_)) => return Step::Lost("request head too large"),
+            Ok(httparse::Status::Partial) if buf.len() > self.limits.max_head => {
+                return Step::Lost("request head too large")
+            }
+            Ok(httparse::Status::Partial) if cue == ReqCue::Ended => {
+                return Step::Lost("the client ended inside a request head")
+            }
+            Ok(httparse::Status::Partial) => return Step::NeedMore,
+            Err(httparse::Error::TooManyHeaders) => return Step::Lost("too many header fields"),
+            Err(_) => return Step::Lost("not an HTTP/1.x request"),
+        };
+        let hosts = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"))
+            .count();
+        if hosts > 1 {
+            // RFC 9110 §7.2: which one would the server use?
+            return Step::Lost("more than one Host field");
+        }
+        let body = match h1::request_body(&req) {
+            Ok(b) => b,
+            Err(why) => return Step::Lost(why),
+        };
+        let connect = req.method == Some("CONNECT");
+        let switch = connect || h1::is_upgrade(&req);
+        let host = request_host(&req, self.dst);
+        let request = Box::new(RequestInfo {
+            asked: Asked {
+                head: req.method == Some("HEAD"),
+                connect,
+            },
+            method: if self.want_log {
+                req.method.unwrap_or_default().to_string()
+            } else {
+                String::new()
+            },
+            target: if self.want_log {
+                req.path.unwrap_or_default().to_string()
+            } else {
+                String::new()
+            },
+            host,
+        });
+        if let Some(via) = self.via {
+            let ours = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("via"))
+                .any(|h| h.value.windows(via.len().max(1)).any(|w| w == via));
+            if ours {
+                return Step::Refuse {
+                    refusal: Refusal::Loop,
+                    request,
+                };
+            }
+        }
+        let (engine, who) = (self.engine, &self.who);
+        let decided = request_head(
+            engine,
+            who,
+            self.dst,
+            &request.host,
+            &req,
+            body != Body::None,
+            findings,
+        )
+        .and_then(|d| {
+            if h1::offers_h2c(&req) {
+                // h2c would carry further requests in HTTP/2 frames, past
+                // per-request inspection; a byte-exact relay cannot strip
+                // the offer, so the request is refused.
+                findings.decide(
+                    engine,
+                    who,
+                    Some(Detection {
+                        app: UNIDENTIFIED,
+                        rule: None,
+                        reason: Reason::Http,
+                        offset: None,
+                    }),
+                )?;
+            }
+            Ok(d)
+        });
+        match decided {
+            Err(refusal) => Step::Refuse { refusal, request },
+            Ok(HeadDecision::NeedBody { window }) if body != Body::None => {
+                self.state = ReqState::Held {
+                    head_len,
+                    body,
+                    window,
+                    switch,
+                    request,
+                };
+                self.held(buf, cue, findings)
+            }
+            Ok(_) => self.forward_head(head_len, body, switch, request),
+        }
+    }
+
+    /// A decided head: forward it and follow its body.
+    fn forward_head(
+        &mut self,
+        head_len: usize,
+        body: Body,
+        switch: bool,
+        request: Box<RequestInfo>,
+    ) -> Step {
+        self.state = match Following::new(body) {
+            Some(body) => ReqState::Body { body, switch },
+            None if switch => ReqState::Opaque,
+            None => ReqState::Head,
+        };
+        Step::Forward {
+            len: head_len,
+            request: Some(request),
+        }
+    }
+
+    /// A decided head waiting for the start of its body: decide the body
+    /// once `window` decoded bytes (or all of it) are there, or the wait is
+    /// over.
+    fn held(&mut self, buf: &[u8], cue: ReqCue, findings: &mut Findings) -> Step {
+        let ReqState::Held {
+            head_len,
+            body,
+            window,
+            ..
+        } = &self.state
+        else {
+            return Step::NeedMore;
+        };
+        let (head_len, body, window) = (*head_len, *body, *window);
+        let (prefix, ended) = match h1::body_prefix(body, &buf[head_len..], window) {
+            Ok(p) => p,
+            Err(why) => return Step::Lost(why),
+        };
+        let held_raw = buf.len() - head_len;
+        // Tiny chunks spread a window over many more raw bytes; past this
+        // the body cannot be decided, and the stream is not followed.
+        let raw_cap = window.saturating_mul(8).max(4096);
+        if prefix.len() < window && !ended && cue == ReqCue::Bytes {
+            if held_raw > raw_cap {
+                return Step::Lost("request body framing too sparse to inspect");
+            }
+            return Step::NeedMore;
+        }
+        let ReqState::Held {
+            switch, request, ..
+        } = std::mem::replace(&mut self.state, ReqState::Head)
+        else {
+            return Step::NeedMore;
+        };
+        // Parse the head again: the body rules match on it.
+        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(&buf[..head_len]), Ok(httparse::Status::Complete(_))) {
+            return Step::Lost("not an HTTP/1.x request");
+        }
+        if let Err(refusal) = request_body(self.engine, &self.who, &req, &prefix, findings) {
+            return Step::Refuse { refusal, request };
+        }
+        self.forward_head(head_len, body, switch, request)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,675 @@
+//! HTTP/1.x inside a tunnel (CONNECT, or a redirected port-80 stream):
+//! the IO driver around `decide::Requests`. The client's bytes are relayed
+//! to the tunnel's one upstream connection as they are; each request head
+//! is held only until it is decided, then forwarded byte for byte. The
+//! upstream's bytes reach the client as they are, and are only observed
+//! (`classify::h1`) to know where each response ends: for the access log's
+//! status per request, and so that a refusal page is written between
+//! responses, never inside one.
+//!
+//! A refused request gets the 403 page inside the tunnel once every earlier
+//! response is complete, and the tunnel closes; not one byte of the refused
+//! request reaches the upstream. Where the page cannot be framed (the
+//! responses cannot be followed, or one does not end in time) the tunnel is
+//! reset instead. After an upgrade or a CONNECT inside the tunnel the
+//! stream is opaque and payload signatures go on; a stream that cannot be
+//! followed as HTTP falls to the generic rules (`non_http_on_80` on port
+//! 80, payload signatures everywhere).
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use super::refuse::FlowError;
+use super::relay::{self, End, Inspector, RelayCtx};
+use super::tunnel::{Flow, Upstream};
+use super::{upstream, Shared};
+use crate::access_log::Record;
+use crate::classify::h1::{self, Asked, Following, Progress, Reply};
+use crate::classify::payload::Direction;
+use crate::decide::{self, Findings, ReqCue, Refusal, RequestInfo, Requests, Step};
+use crate::engine::Engine;
+use crate::metrics::ListenerKind;
+use crate::policy::Verdict;
+
+/// Requests forwarded whose responses have not ended, at most; a client
+/// that pipelines more waits until responses come back.
+const MAX_PENDING: usize = 64;
+/// Room for one read of the client's bytes.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A forwarded request whose final response has not ended yet.
+struct Pending {
+    asked: Asked,
+    /// Its access-log record (with the log on).
+    rec: Option<Box<Record>>,
+}
+
+#[derive(Default)]
+struct ExchangeState {
+    pending: VecDeque<Pending>,
+    /// The responses can no longer be followed (not HTTP, a protocol
+    /// switch, a response nobody asked for): no page can be framed.
+    lost: bool,
+    /// The upstream ended its side.
+    upstream_ended: bool,
+}
+
+/// What the two directions of one HTTP tunnel share.
+#[derive(Default)]
+struct Exchange {
+    state: Mutex<ExchangeState>,
+    /// Signalled whenever a response ends or the responses are lost.
+    changed: Notify,
+}
+
+impl Exchange {
+    fn lock(&self) -> MutexGuard<'_, ExchangeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One tunnel's HTTP: the request side's state.
+struct Up<'e> {
+    reqs: Requests<'e>,
+    /// Client bytes read and not forwarded yet.
+    buf: BytesMut,
+    /// Findings of the request being decided.
+    findings: Findings,
+    /// The stream went past HTTP (opaque or not followed).
+    left_http: bool,
+}
+
+/// Everything the request side needs besides its state.
+struct Ctx<'a> {
+    shared: &'a Shared,
+    engine: &'a Engine,
+    flow: &'a Flow,
+    exchange: &'a Exchange,
+    cx: &'a RelayCtx<'a>,
+}
+
+/// Relay one tunnel whose first bytes are HTTP/1.x; writes the records of
+/// its requests as their responses end, and the tunnel's own record.
+pub async fn run(
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    mut flow: Flow,
+    client: TcpStream,
+    buf: BytesMut,
+    upstream: Upstream,
+) {
+    let logged = !shared.access_log.is_off();
+    let who = flow.ctx.client.who();
+    let cx = RelayCtx::new(&shared, &engine, who.clone());
+    cx.up
+        .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let exchange = Exchange::default();
+    let mut up_state = Up {
+        reqs: Requests::new(
+            &engine,
+            who,
+            flow.dst,
+            Some(shared.via_token()),
+            logged,
+        ),
+        buf,
+        findings: Findings::default(),
+        left_http: false,
+    };
+
+    // The first request is decided before an upstream is needed: a
+    // redirected port-80 flow connects only for a request that passes.
+    let first = {
+        let ctx = Ctx {
+            shared: &shared,
+            engine: &engine,
+            flow: &flow,
+            exchange: &exchange,
+            cx: &cx,
+        };
+        next_step(&ctx, &client, &mut up_state).await
+    };
+    let end = match first {
+        Err(end) => {
+            // The client left before a whole request.
+            if let Upstream::Connected(up) = &upstream {
+                relay::shutdown_write(up);
+            }
+            end
+        }
+        Ok(Step::Refuse { refusal, request }) => {
+            let ctx = Ctx {
+                shared: &shared,
+                engine: &engine,
+                flow: &flow,
+                exchange: &exchange,
+                cx: &cx,
+            };
+            let end = refuse(&ctx, &client, refusal, request).await;
+            if let Upstream::Connected(up) = &upstream {
+                relay::reset(up);
+            }
+            end
+        }
+        Ok(first) => match connect(&shared, &engine, &flow, upstream).await {
+            Err(e) => {
+                // Nothing is pending: the client gets a page naming the
+                // failure, as an explicit request would.
+                if let Step::Forward {
+                    request: Some(request),
+                    ..
+                } = first
+                {
+                    let mut rec = request_record(&shared, &flow, &request);
+                    rec.status = e.status().as_u16();
+                    shared.record_refusal(flow.ctx.listener, &engine, &e, &mut rec);
+                    shared.access_log.write(rec);
+                    let page = super::refuse::page_bytes(&e, &engine.signatures);
+                    let _ = relay::write_all(&client, &page).await;
+                    relay::shutdown_write(&client);
+                } else {
+                    relay::reset(&client);
+                }
+                flow.rec.error = Some(e.to_string());
+                End::Closed
+            }
+            Ok(up) => {
+                if logged {
+                    flow.rec.upstream = Some(flow.dst.to_string());
+                }
+                let ctx = Ctx {
+                    shared: &shared,
+                    engine: &engine,
+                    flow: &flow,
+                    exchange: &exchange,
+                    cx: &cx,
+                };
+                let up_half = requests_up(&ctx, &client, &up, &mut up_state, first);
+                let down_half = responses_down(&ctx, &up, &client);
+                relay::run_pair(&cx, &client, &up, up_half, down_half).await
+            }
+        },
+    };
+    cx.finish(&mut flow.rec);
+
+    // Requests whose responses never ended are logged with what is known.
+    let unfinished: Vec<Pending> = exchange.lock().pending.drain(..).collect();
+    for p in unfinished {
+        if let Some(mut rec) = p.rec {
+            rec.error = Some("the tunnel ended before the response did".into());
+            shared.access_log.write(*rec);
+        }
+    }
+
+    // The tunnel's own record: always for CONNECT; for redirected port 80
+    // only where the stream left HTTP (its requests have their records).
+    let verdict = match &end {
+        End::Blocked(d) => Verdict::Block(*d),
+        _ => {
+            let relay_monitor = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let up_monitor = up_state.findings.monitor.take();
+            flow.findings
+                .monitor
+                .or(up_monitor)
+                .or(relay_monitor)
+                .unwrap_or(Verdict::Allow)
+        }
+    };
+    match end {
+        End::Idle => flow.rec.error = Some("idle timeout".into()),
+        End::Error(e) => flow.rec.error = Some(e.to_string()),
+        End::Blocked(_) | End::Refused | End::Closed => {}
+    }
+    if flow.ctx.listener != ListenerKind::TransparentHttp || up_state.left_http || verdict.is_block()
+    {
+        shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
+        shared.access_log.write(flow.rec);
+    }
+}
+
+/// The upstream connection: the CONNECT's, or the original destination's,
+/// connected now.
+async fn connect(
+    shared: &Shared,
+    engine: &Engine,
+    flow: &Flow,
+    upstream: Upstream,
+) -> Result<TcpStream, FlowError> {
+    match upstream {
+        Upstream::Connected(s) => Ok(s),
+        Upstream::Lazy(addr) => {
+            let limits = &engine.config.limits;
+            upstream::connect(&[addr], limits.connect_timeout, engine.config.upstream_mark)
+                .await
+                .map(|(s, _)| s)
+                .inspect_err(|e| {
+                    shared.metrics.upstream_error(e.kind());
+                    tracing::debug!(client = %flow.ctx.client.addr, error = %e, "upstream of an HTTP tunnel");
+                })
+        }
+    }
+}
+
+/// A request's access-log record (an empty one, for counting, with the log
+/// off).
+fn request_record(shared: &Shared, flow: &Flow, req: &RequestInfo) -> Record {
+    if shared.access_log.is_off() {
+        return Record {
+            listener: flow.ctx.listener.as_str(),
+            verdict: "allow",
+            ..Record::default()
+        };
+    }
+    Record {
+        start: Some(std::time::SystemTime::now()),
+        client: flow.ctx.client.addr.to_string(),
+        user: flow.ctx.client.user.as_deref().map(str::to_string),
+        listener: flow.ctx.listener.as_str(),
+        method: req.method.clone(),
+        target: req.target.clone(),
+        host: Some(req.host.clone()),
+        upstream: Some(flow.dst.to_string()),
+        verdict: "allow",
+        ..Record::default()
+    }
+}
+
+/// Read more client bytes into the buffer. `Ok(0)`: the client ended its
+/// side.
+async fn read_client(ctx: &Ctx<'_>, client: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        client.readable().await?;
+        buf.reserve(READ_CHUNK);
+        match client.try_read_buf(buf) {
+            Ok(n) => {
+                if n > 0 {
+                    ctx.cx.touch();
+                    ctx.cx.up.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Read until the requests say what to do with the front of the buffer.
+/// `Err(End::Closed)`: the client ended its side cleanly.
+async fn next_step(ctx: &Ctx<'_>, client: &TcpStream, st: &mut Up<'_>) -> Result<Step, End> {
+    let hold = ctx.engine.config.first_bytes_timeout;
+    let mut cue = ReqCue::Bytes;
+    loop {
+        match st.reqs.step(&st.buf, cue, &mut st.findings) {
+            Step::NeedMore if cue == ReqCue::Ended => return Err(End::Closed),
+            Step::NeedMore => {}
+            step => return Ok(step),
+        }
+        let read = if st.reqs.holding() {
+            // A decided head waits for its body's start, not forever.
+            match tokio::time::timeout(hold, read_client(ctx, client, &mut st.buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    cue = ReqCue::Deadline;
+                    continue;
+                }
+            }
+        } else {
+            read_client(ctx, client, &mut st.buf).await
+        };
+        cue = match read {
+            Ok(0) => ReqCue::Ended,
+            Ok(_) => ReqCue::Bytes,
+            Err(e) if st.buf.is_empty() => return Err(End::Error(e)),
+            // The rest of what the client sent is still decided.
+            Err(_) => ReqCue::Ended,
+        };
+    }
+}
+
+/// The client's side of an HTTP tunnel: act on each step.
+async fn requests_up(
+    ctx: &Ctx<'_>,
+    client: &TcpStream,
+    up: &TcpStream,
+    st: &mut Up<'_>,
+    first: Step,
+) -> End {
+    let mut step = first;
+    loop {
+        match step {
+            Step::NeedMore => {}
+            Step::Forward { len, request } => {
+                if let Some(request) = request {
+                    if let Err(end) = admit_request(ctx, st, request).await {
+                        return end;
+                    }
+                } else if ctx.flow.rec.start.is_some() {
+                    let mut ex = ctx.exchange.lock();
+                    if let Some(rec) = ex.pending.back_mut().and_then(|p| p.rec.as_mut()) {
+                        rec.bytes_up += len as u64;
+                    }
+                }
+                let chunk = st.buf.split_to(len.min(st.buf.len()));
+                if let Err(e) = relay::write_all(up, &chunk).await {
+                    return End::Error(e);
+                }
+            }
+            Step::Refuse { refusal, request } => return refuse(ctx, client, refusal, request).await,
+            Step::Opaque | Step::Lost(_) => {
+                st.left_http = true;
+                if let Step::Lost(why) = step {
+                    tracing::debug!(client = %ctx.flow.ctx.client.addr, why, "HTTP in a tunnel not followed further");
+                    let who = ctx.flow.ctx.client.who();
+                    if let Err(Refusal::Blocked(d)) = decide::generic_for_port(
+                        ctx.engine,
+                        &who,
+                        ctx.flow.dst.port(),
+                        ctx.flow.allowlisted,
+                        &st.buf,
+                        &mut st.findings,
+                    ) {
+                        return End::Blocked(d);
+                    }
+                }
+                // Opaque from here: payload signatures on what follows.
+                let inspector = (!ctx.flow.allowlisted).then(|| {
+                    Inspector::new(Direction::Client, &st.buf, ctx.engine.config.inspect_bytes)
+                });
+                if inspector.is_none() {
+                    if let Err(e) = relay::write_all(up, &st.buf).await {
+                        return End::Error(e);
+                    }
+                }
+                st.buf = BytesMut::new();
+                return relay::pump(ctx.cx, client, up, inspector, &ctx.cx.up).await;
+            }
+        }
+        step = match next_step(ctx, client, st).await {
+            Ok(s) => s,
+            Err(End::Closed) => {
+                relay::shutdown_write(up);
+                return End::Closed;
+            }
+            Err(end) => return end,
+        };
+    }
+}
+
+/// A decided request about to be forwarded: count and log its verdict and
+/// queue it for its response. Waits while too many responses are owed.
+async fn admit_request(ctx: &Ctx<'_>, st: &mut Up<'_>, request: Box<RequestInfo>) -> Result<(), End> {
+    let verdict = std::mem::take(&mut st.findings).verdict();
+    let mut rec = request_record(ctx.shared, ctx.flow, &request);
+    ctx.shared
+        .record_verdict(ctx.flow.ctx.listener, ctx.engine, &verdict, &mut rec);
+    let logged = !ctx.shared.access_log.is_off();
+    let bound = ctx.engine.config.limits.upstream_response_timeout;
+    let wait = async {
+        loop {
+            let notified = ctx.exchange.changed.notified();
+            {
+                let mut ex = ctx.exchange.lock();
+                if ex.lost || ex.upstream_ended {
+                    // Nothing follows the responses any more: log now.
+                    drop(ex);
+                    if logged {
+                        ctx.shared.access_log.write(rec);
+                    }
+                    return;
+                }
+                if ex.pending.len() < MAX_PENDING {
+                    ex.pending.push_back(Pending {
+                        asked: request.asked,
+                        rec: logged.then(|| Box::new(rec)),
+                    });
+                    return;
+                }
+            }
+            notified.await;
+        }
+    };
+    tokio::time::timeout(bound, wait)
+        .await
+        .map_err(|_| End::Error(io::Error::new(io::ErrorKind::TimedOut, "responses owed for too long")))
+}
+
+/// Refuse the request at the front of the client's bytes: once every
+/// earlier response has reached the client, the page, then the end of the
+/// tunnel. Where no page can be framed, a reset.
+async fn refuse(ctx: &Ctx<'_>, client: &TcpStream, refusal: Refusal, request: Box<RequestInfo>) -> End {
+    let e = FlowError::from(refusal);
+    let mut rec = request_record(ctx.shared, ctx.flow, &request);
+    ctx.shared
+        .record_refusal(ctx.flow.ctx.listener, ctx.engine, &e, &mut rec);
+    rec.upstream = None;
+    tracing::debug!(client = %ctx.flow.ctx.client.addr, error = %e, "request refused inside a tunnel");
+
+    let bound = ctx.engine.config.limits.upstream_response_timeout;
+    let framed = tokio::time::timeout(bound, async {
+        loop {
+            let notified = ctx.exchange.changed.notified();
+            {
+                let ex = ctx.exchange.lock();
+                if ex.pending.is_empty() && !ex.lost {
+                    return true;
+                }
+                if ex.lost || ex.upstream_ended {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    })
+    .await
+    .unwrap_or(false);
+
+    let end = if framed {
+        let page = super::refuse::page_bytes(&e, &ctx.engine.signatures);
+        rec.status = e.status().as_u16();
+        match relay::write_all(client, &page).await {
+            Ok(()) => {
+                relay::shutdown_write(client);
+                End::Refused
+            }
+            Err(err) => End::Error(err),
+        }
+    } else {
+        rec.error.get_or_insert_with(|| "reset: no response boundary for a page".into());
+        match refusal {
+            Refusal::Blocked(d) => End::Blocked(d),
+            _ => End::Error(io::Error::other("request refused inside the tunnel")),
+        }
+    };
+    ctx.shared.access_log.write(rec);
+    end
+}
+
+/// Where the response side stands.
+enum Resp {
+    /// At the start of a response head; the bytes of a head split across
+    /// reads.
+    Head(Vec<u8>),
+    /// Inside a body.
+    Body(Following),
+    /// Not followed any more.
+    Off,
+}
+
+/// The upstream's side of an HTTP tunnel: relayed as it comes, observed to
+/// find where responses end. Once the responses cannot be followed (or
+/// switch protocols) this is a plain relay.
+async fn responses_down(ctx: &Ctx<'_>, up: &TcpStream, client: &TcpStream) -> End {
+    let mut resp = Resp::Head(Vec::new());
+    let max_head = ctx.engine.config.limits.max_request_head_bytes.max(8192) * 2;
+    loop {
+        if matches!(resp, Resp::Off) {
+            return relay::pump(ctx.cx, up, client, None, &ctx.cx.down).await;
+        }
+        if let Err(e) = up.readable().await {
+            return End::Error(e);
+        }
+        let mut buf = relay::take_buf();
+        let n = match up.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                relay::give_buf(buf);
+                continue;
+            }
+            Err(e) => {
+                relay::give_buf(buf);
+                ended(ctx, &mut resp);
+                return End::Error(e);
+            }
+        };
+        if n == 0 {
+            relay::give_buf(buf);
+            ended(ctx, &mut resp);
+            relay::shutdown_write(client);
+            return End::Closed;
+        }
+        ctx.cx.touch();
+        ctx.cx.down.fetch_add(n as u64, Ordering::Relaxed);
+        let written = relay::write_all(client, &buf[..n]).await;
+        // Observed once the client has the bytes: a response counts as
+        // ended only when all of it reached the client.
+        observe(ctx, &mut resp, &buf[..n], max_head);
+        relay::give_buf(buf);
+        if let Err(e) = written {
+            return End::Error(e);
+        }
+    }
+}
+
+/// The upstream ended its side: a body until close ends here.
+fn ended(ctx: &Ctx<'_>, resp: &mut Resp) {
+    let mut ex = ctx.exchange.lock();
+    if let Resp::Body(Following::UntilClose) = resp {
+        if let Some(p) = ex.pending.pop_front() {
+            if let Some(rec) = p.rec {
+                ctx.shared.access_log.write(*rec);
+            }
+        }
+    }
+    ex.upstream_ended = true;
+    drop(ex);
+    *resp = Resp::Off;
+    ctx.exchange.changed.notify_waiters();
+}
+
+/// Follow the responses through `data`, just relayed to the client.
+fn observe(ctx: &Ctx<'_>, resp: &mut Resp, mut data: &[u8], max_head: usize) {
+    let mut changed = false;
+    while !data.is_empty() {
+        match resp {
+            Resp::Off => break,
+            Resp::Body(body) => {
+                let mut body_bytes = 0u64;
+                let progress = body.advance(data, &mut |d| body_bytes += d.len() as u64);
+                let mut ex = ctx.exchange.lock();
+                if let Some(rec) = ex.pending.front_mut().and_then(|p| p.rec.as_mut()) {
+                    rec.bytes_down += body_bytes;
+                }
+                match progress {
+                    Ok(Progress::More) => break,
+                    Ok(Progress::Ended(k)) => {
+                        if let Some(rec) = ex.pending.pop_front().and_then(|p| p.rec) {
+                            ctx.shared.access_log.write(*rec);
+                        }
+                        changed = true;
+                        data = &data[k..];
+                        *resp = Resp::Head(Vec::new());
+                    }
+                    Err(_) => {
+                        ex.lost = true;
+                        changed = true;
+                        *resp = Resp::Off;
+                    }
+                }
+            }
+            Resp::Head(partial) => {
+                let before = partial.len();
+                let mut headers = [httparse::EMPTY_HEADER; 64];
+                let mut r = httparse::Response::new(&mut headers);
+                let parsed = if before == 0 {
+                    r.parse(data)
+                } else {
+                    partial.extend_from_slice(&data[..data.len().min(max_head)]);
+                    r.parse(partial)
+                };
+                let mut ex = ctx.exchange.lock();
+                let head_len = match parsed {
+                    Ok(httparse::Status::Complete(n)) => n,
+                    Ok(httparse::Status::Partial) if before + data.len() <= max_head => {
+                        if before == 0 {
+                            partial.extend_from_slice(data);
+                        }
+                        break;
+                    }
+                    _ => {
+                        // Not a response we can follow.
+                        ex.lost = true;
+                        changed = true;
+                        drop(ex);
+                        *resp = Resp::Off;
+                        break;
+                    }
+                };
+                let Some(front) = ex.pending.front_mut() else {
+                    // A response nobody (that we know of) asked for.
+                    ex.lost = true;
+                    changed = true;
+                    drop(ex);
+                    *resp = Resp::Off;
+                    break;
+                };
+                let status = r.code.unwrap_or(0);
+                let reply = h1::response_body(front.asked, &r);
+                let consumed = head_len - before;
+                data = &data[consumed..];
+                match reply {
+                    Ok(Reply::Interim) => {
+                        *resp = Resp::Head(Vec::new());
+                    }
+                    Ok(Reply::Switch) => {
+                        if let Some(mut rec) = ex.pending.pop_front().and_then(|p| p.rec) {
+                            rec.status = status;
+                            ctx.shared.access_log.write(*rec);
+                        }
+                        ex.lost = true;
+                        changed = true;
+                        *resp = Resp::Off;
+                    }
+                    Ok(Reply::Final(body)) => {
+                        if let Some(rec) = front.rec.as_mut() {
+                            rec.status = status;
+                        }
+                        match Following::new(body) {
+                            Some(f) => *resp = Resp::Body(f),
+                            None => {
+                                if let Some(rec) = ex.pending.pop_front().and_then(|p| p.rec) {
+                                    ctx.shared.access_log.write(*rec);
+                                }
+                                changed = true;
+                                *resp = Resp::Head(Vec::new());
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        ex.lost = true;
+                        changed = true;
+                        *resp = Resp::Off;
+                    }
+                }
+            }
+        }
+    }
+    if changed {
+        ctx.exchange.changed.notify_waiters();
+    }
+}
