@@ -32,8 +32,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use chatwall::classify::payload::Direction;
 use chatwall::classify::tls::inspect_client_hello;
 use chatwall::config::Config;
-use chatwall::engine::Engine;
 use chatwall::decide::{self, Cue, Findings, First, FirstBytes, Refusal};
+use chatwall::engine::Engine;
 use chatwall::policy::{Verdict, Who};
 use chatwall::signatures::SignatureSet;
 
@@ -245,13 +245,14 @@ fn bench_verdict(c: &mut Criterion) {
 fn decide(engine: &Engine, client: IpAddr, flow: &Flow) -> Verdict {
     let who = Who::ip(client);
     let mut findings = Findings::default();
-    let decided = decide::name(engine, &who, flow.host, 443, &mut findings).and_then(|allowlisted| {
-        let mut first = FirstBytes::new(engine, who.clone(), 443, allowlisted, false);
-        match first.step(&flow.hello, Cue::Bytes, &mut findings)? {
-            Some(First::Tls) => Ok(()),
-            other => panic!("{}: the hello must parse as TLS, got {other:?}", flow.name),
-        }
-    });
+    let decided =
+        decide::name(engine, &who, flow.host, 443, &mut findings).and_then(|allowlisted| {
+            let mut first = FirstBytes::new(engine, who.clone(), 443, allowlisted, false);
+            match first.step(&flow.hello, Cue::Bytes, &mut findings)? {
+                Some(First::Tls) => Ok(()),
+                other => panic!("{}: the hello must parse as TLS, got {other:?}", flow.name),
+            }
+        });
     match decided {
         Err(Refusal::Blocked(d)) => Verdict::Block(d),
         Err(other) => panic!("{}: {other:?}", flow.name),

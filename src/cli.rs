@@ -12,9 +12,9 @@ use clap::{Parser, Subcommand};
 
 use crate::classify::Detection;
 use crate::config::Config;
+use crate::decide::{self, Findings, Refusal};
 use crate::engine::Engine;
 use crate::export::Format;
-use crate::decide::{self, Findings, Refusal};
 use crate::policy::{Verdict, Who};
 use crate::signatures::SignatureSet;
 
@@ -442,15 +442,12 @@ fn classify(cmd: ClassifyCommand) -> u8 {
     // The decision, exactly as the proxy makes it.
     let mut found = Findings::default();
     let decided = decide::name(&engine, &who, bare, port, &mut found).and_then(|allowlisted| {
-        match (&path, allowlisted) {
-            (Some(uri), false) => {
-                if let Some(parts) = &request {
-                    decide::request_rules(&engine, &who, bare, parts, false, &mut found)?;
-                } else {
-                    found.decide(&engine, &who, set.classify_download(bare, uri.path()))?;
-                }
+        if let (Some(uri), false) = (&path, allowlisted) {
+            if let Some(parts) = &request {
+                decide::request_rules(&engine, &who, bare, parts, false, &mut found)?;
+            } else {
+                found.decide(&engine, &who, set.classify_download(bare, uri.path()))?;
             }
-            _ => {}
         }
         Ok(allowlisted)
     });
@@ -463,7 +460,13 @@ fn classify(cmd: ClassifyCommand) -> u8 {
     // Every finding, for the explanation.
     let mut findings: Vec<Detection> = Vec::new();
     if !allowlisted {
-        findings.extend(engine.name_evidence(bare, port).into_iter().flatten().flatten());
+        findings.extend(
+            engine
+                .name_evidence(bare, port)
+                .into_iter()
+                .flatten()
+                .flatten(),
+        );
         if let Some(uri) = &path {
             findings.extend(set.classify_download(bare, uri.path()));
             if let Some(parts) = &request {

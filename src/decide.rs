@@ -278,13 +278,7 @@ pub struct FirstBytes<'e> {
 }
 
 impl<'e> FirstBytes<'e> {
-    pub fn new(
-        engine: &'e Engine,
-        who: Who,
-        port: u16,
-        allowlisted: bool,
-        want_ja4: bool,
-    ) -> Self {
+    pub fn new(engine: &'e Engine, who: Who, port: u16, allowlisted: bool, want_ja4: bool) -> Self {
         FirstBytes {
             engine,
             who,
@@ -810,7 +804,10 @@ impl<'e> Requests<'e> {
         // Parse the head again: the body rules match on it.
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
-        if !matches!(req.parse(&buf[..head_len]), Ok(httparse::Status::Complete(_))) {
+        if !matches!(
+            req.parse(&buf[..head_len]),
+            Ok(httparse::Status::Complete(_))
+        ) {
             return Step::Lost("not an HTTP/1.x request");
         }
         if let Err(refusal) = request_body(self.engine, &self.who, &req, &prefix, findings) {

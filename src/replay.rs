@@ -51,7 +51,7 @@ use pcap_file::{DataLink, PcapError};
 
 use crate::classify::payload::Direction;
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
-use crate::decide::{self, Cue, Findings, First, FirstBytes, ReqCue, Refusal, Requests, Step};
+use crate::decide::{self, Cue, Findings, First, FirstBytes, Refusal, ReqCue, Requests, Step};
 use crate::engine::Engine;
 use crate::policy::{Verdict, Who};
 

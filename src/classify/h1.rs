@@ -94,9 +94,7 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, Lost>
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                 return Err("malformed Content-Length");
             }
-            let n = part
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
             match found {
                 Some(m) if m != n => return Err("differing Content-Length values"),
                 _ => found = Some(n),
@@ -201,18 +199,29 @@ pub enum Progress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     /// Hex digits of the chunk size.
-    Size { digits: u8, size: u64 },
+    Size {
+        digits: u8,
+        size: u64,
+    },
     /// After the size: optional whitespace and extensions up to CR.
-    Ext { size: u64 },
+    Ext {
+        size: u64,
+    },
     /// The LF of the size line.
-    SizeLf { size: u64 },
-    Data { left: u64 },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
     DataCr,
     DataLf,
     /// At the start of a trailer line (or of the final empty line).
     TrailerStart,
     TrailerLine,
-    TrailerLf { empty: bool },
+    TrailerLf {
+        empty: bool,
+    },
 }
 
 /// The chunked coding followed byte by byte (RFC 9112 §7.1), without
@@ -397,8 +406,14 @@ pub fn body_prefix(body: Body, input: &[u8], window: usize) -> Result<(Vec<u8>, 
     let progress = f.advance(input, &mut |d| {
         let room = window.saturating_sub(out.len());
         out.extend_from_slice(&d[..d.len().min(room)]);
-    })?;
-    Ok((out, matches!(progress, Progress::Ended(_))))
+    });
+    match progress {
+        Ok(p) => Ok((out, matches!(p, Progress::Ended(_)))),
+        // Framing that breaks past the window is the body follower's to
+        // find, once the head is decided.
+        Err(_) if out.len() >= window => Ok((out, false)),
+        Err(why) => Err(why),
+    }
 }
 
 #[cfg(test)]
@@ -423,25 +438,46 @@ mod tests {
     fn request_framing_follows_rfc_9112_section_6_3() {
         let cases: &[(&[u8], Result<Body, Lost>)] = &[
             (b"GET / HTTP/1.1\r\n\r\n", Ok(Body::None)),
-            (b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", Ok(Body::None)),
-            (b"POST / HTTP/1.1\r\ncontent-length: 12\r\n\r\n", Ok(Body::Length(12))),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                Ok(Body::None),
+            ),
+            (
+                b"POST / HTTP/1.1\r\ncontent-length: 12\r\n\r\n",
+                Ok(Body::Length(12)),
+            ),
             (
                 b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
                 Ok(Body::Length(5)),
             ),
-            (b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n", Ok(Body::Length(5))),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+                Ok(Body::Length(5)),
+            ),
             (
                 b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
                 Err("differing Content-Length values"),
             ),
-            (b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n", Err("malformed Content-Length")),
-            (b"POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n", Err("malformed Content-Length")),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                Err("malformed Content-Length"),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n",
+                Err("malformed Content-Length"),
+            ),
             (
                 b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
                 Err("malformed Content-Length"),
             ),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(Body::Chunked)),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, CHUNKED\r\n\r\n", Ok(Body::Chunked)),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Ok(Body::Chunked),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, CHUNKED\r\n\r\n",
+                Ok(Body::Chunked),
+            ),
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Ok(Body::Chunked),
@@ -471,28 +507,75 @@ mod tests {
     #[test]
     fn response_framing_depends_on_the_request_and_status() {
         let get = Asked::default();
-        let head = Asked { head: true, connect: false };
-        let connect = Asked { head: false, connect: true };
+        let head = Asked {
+            head: true,
+            connect: false,
+        };
+        let connect = Asked {
+            head: false,
+            connect: true,
+        };
         let cases: &[(Asked, &[u8], Result<Reply, Lost>)] = &[
-            (get, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Ok(Reply::Final(Body::Length(3)))),
-            (head, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Ok(Reply::Final(Body::None))),
-            (get, b"HTTP/1.1 204 No Content\r\n\r\n", Ok(Reply::Final(Body::None))),
-            (get, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", Ok(Reply::Final(Body::None))),
+            (
+                get,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                Ok(Reply::Final(Body::Length(3))),
+            ),
+            (
+                head,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                Ok(Reply::Final(Body::None)),
+            ),
+            (
+                get,
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                Ok(Reply::Final(Body::None)),
+            ),
+            (
+                get,
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                Ok(Reply::Final(Body::None)),
+            ),
             (get, b"HTTP/1.1 100 Continue\r\n\r\n", Ok(Reply::Interim)),
-            (get, b"HTTP/1.1 101 Switching Protocols\r\n\r\n", Ok(Reply::Switch)),
+            (
+                get,
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                Ok(Reply::Switch),
+            ),
             (connect, b"HTTP/1.1 200 OK\r\n\r\n", Ok(Reply::Switch)),
-            (connect, b"HTTP/1.1 407 No\r\nContent-Length: 0\r\n\r\n", Ok(Reply::Final(Body::None))),
-            (get, b"HTTP/1.1 200 OK\r\n\r\n", Ok(Reply::Final(Body::UntilClose))),
+            (
+                connect,
+                b"HTTP/1.1 407 No\r\nContent-Length: 0\r\n\r\n",
+                Ok(Reply::Final(Body::None)),
+            ),
+            (
+                get,
+                b"HTTP/1.1 200 OK\r\n\r\n",
+                Ok(Reply::Final(Body::UntilClose)),
+            ),
             (
                 get,
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
                 Ok(Reply::Final(Body::Chunked)),
             ),
-            (get, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", Ok(Reply::Final(Body::UntilClose))),
-            (get, b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", Err("malformed Content-Length")),
+            (
+                get,
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Ok(Reply::Final(Body::UntilClose)),
+            ),
+            (
+                get,
+                b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+                Err("malformed Content-Length"),
+            ),
         ];
         for (asked, head, want) in cases {
-            assert_eq!(resp(*asked, head), *want, "{}", String::from_utf8_lossy(head));
+            assert_eq!(
+                resp(*asked, head),
+                *want,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
         }
     }
 
@@ -540,7 +623,12 @@ mod tests {
             (b"0\r\nTrailer\n", "bare LF in trailers"),
         ];
         for (input, why) in bad {
-            assert_eq!(follow(input, 1).1, Err(*why), "{}", String::from_utf8_lossy(input));
+            assert_eq!(
+                follow(input, 1).1,
+                Err(*why),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
             assert_eq!(follow(input, input.len()).1, Err(*why));
         }
         let mut long = b"1;".to_vec();
@@ -554,8 +642,14 @@ mod tests {
             body_prefix(Body::Chunked, b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n", 4),
             Ok((b"abcd".to_vec(), true))
         );
-        assert_eq!(body_prefix(Body::Length(10), b"abc", 8), Ok((b"abc".to_vec(), false)));
-        assert_eq!(body_prefix(Body::Length(3), b"abcdef", 8), Ok((b"abc".to_vec(), true)));
+        assert_eq!(
+            body_prefix(Body::Length(10), b"abc", 8),
+            Ok((b"abc".to_vec(), false))
+        );
+        assert_eq!(
+            body_prefix(Body::Length(3), b"abcdef", 8),
+            Ok((b"abc".to_vec(), true))
+        );
         assert_eq!(body_prefix(Body::None, b"abc", 8), Ok((Vec::new(), true)));
     }
 

@@ -125,12 +125,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
                 tracing::debug!(client = %ctx.client.addr, error = %e, "client gone before the 200");
                 let mut rec = flow.rec;
                 rec.error = Some(e.to_string());
-                shared.record_verdict(
-                    ctx.listener,
-                    &engine,
-                    &flow.findings.verdict(),
-                    &mut rec,
-                );
+                shared.record_verdict(ctx.listener, &engine, &flow.findings.verdict(), &mut rec);
                 shared.access_log.write(rec);
                 return;
             }

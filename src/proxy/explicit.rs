@@ -335,8 +335,16 @@ async fn forward(
     }
 
     // Names: every address must pass the CIDR rules and denied ranges.
-    upstream::resolve_checked(shared, engine, &who, &host, port, allowlisted, &mut findings)
-        .await?;
+    upstream::resolve_checked(
+        shared,
+        engine,
+        &who,
+        &host,
+        port,
+        allowlisted,
+        &mut findings,
+    )
+    .await?;
 
     let verdict = findings.verdict();
     shared.record_verdict(ctx.listener, engine, &verdict, rec);

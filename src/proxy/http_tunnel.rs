@@ -31,7 +31,7 @@ use super::{upstream, Shared};
 use crate::access_log::Record;
 use crate::classify::h1::{self, Asked, Following, Progress, Reply};
 use crate::classify::payload::Direction;
-use crate::decide::{self, Findings, ReqCue, Refusal, RequestInfo, Requests, Step};
+use crate::decide::{self, Findings, Refusal, ReqCue, RequestInfo, Requests, Step};
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
 use crate::policy::Verdict;
@@ -110,13 +110,7 @@ pub async fn run(
         .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let exchange = Exchange::default();
     let mut up_state = Up {
-        reqs: Requests::new(
-            &engine,
-            who,
-            flow.dst,
-            Some(shared.via_token()),
-            logged,
-        ),
+        reqs: Requests::new(&engine, who, flow.dst, Some(shared.via_token()), logged),
         buf,
         findings: Findings::default(),
         left_http: false,
@@ -225,7 +219,9 @@ pub async fn run(
         End::Error(e) => flow.rec.error = Some(e.to_string()),
         End::Blocked(_) | End::Refused | End::Closed => {}
     }
-    if flow.ctx.listener != ListenerKind::TransparentHttp || up_state.left_http || verdict.is_block()
+    if flow.ctx.listener != ListenerKind::TransparentHttp
+        || up_state.left_http
+        || verdict.is_block()
     {
         shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
         shared.access_log.write(flow.rec);
@@ -360,7 +356,9 @@ async fn requests_up(
                     return End::Error(e);
                 }
             }
-            Step::Refuse { refusal, request } => return refuse(ctx, client, refusal, request).await,
+            Step::Refuse { refusal, request } => {
+                return refuse(ctx, client, refusal, request).await
+            }
             Step::Opaque | Step::Lost(_) => {
                 st.left_http = true;
                 if let Step::Lost(why) = step {
@@ -403,7 +401,11 @@ async fn requests_up(
 
 /// A decided request about to be forwarded: count and log its verdict and
 /// queue it for its response. Waits while too many responses are owed.
-async fn admit_request(ctx: &Ctx<'_>, st: &mut Up<'_>, request: Box<RequestInfo>) -> Result<(), End> {
+async fn admit_request(
+    ctx: &Ctx<'_>,
+    st: &mut Up<'_>,
+    request: Box<RequestInfo>,
+) -> Result<(), End> {
     let verdict = std::mem::take(&mut st.findings).verdict();
     let mut rec = request_record(ctx.shared, ctx.flow, &request);
     ctx.shared
@@ -434,15 +436,23 @@ async fn admit_request(ctx: &Ctx<'_>, st: &mut Up<'_>, request: Box<RequestInfo>
             notified.await;
         }
     };
-    tokio::time::timeout(bound, wait)
-        .await
-        .map_err(|_| End::Error(io::Error::new(io::ErrorKind::TimedOut, "responses owed for too long")))
+    tokio::time::timeout(bound, wait).await.map_err(|_| {
+        End::Error(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "responses owed for too long",
+        ))
+    })
 }
 
 /// Refuse the request at the front of the client's bytes: once every
 /// earlier response has reached the client, the page, then the end of the
 /// tunnel. Where no page can be framed, a reset.
-async fn refuse(ctx: &Ctx<'_>, client: &TcpStream, refusal: Refusal, request: Box<RequestInfo>) -> End {
+async fn refuse(
+    ctx: &Ctx<'_>,
+    client: &TcpStream,
+    refusal: Refusal,
+    request: Box<RequestInfo>,
+) -> End {
     let e = FlowError::from(refusal);
     let mut rec = request_record(ctx.shared, ctx.flow, &request);
     ctx.shared
@@ -480,7 +490,8 @@ async fn refuse(ctx: &Ctx<'_>, client: &TcpStream, refusal: Refusal, request: Bo
             Err(err) => End::Error(err),
         }
     } else {
-        rec.error.get_or_insert_with(|| "reset: no response boundary for a page".into());
+        rec.error
+            .get_or_insert_with(|| "reset: no response boundary for a page".into());
         match refusal {
             Refusal::Blocked(d) => End::Blocked(d),
             _ => End::Error(io::Error::other("request refused inside the tunnel")),

@@ -150,7 +150,10 @@ fn page(err: &FlowError, set: &SignatureSet) -> (StatusCode, String, Option<Stri
     match err {
         FlowError::Blocked(d) => {
             let id = set.app_id(d.app).to_string();
-            let name = set.app(d.app).map(|a| a.name.clone()).unwrap_or_else(|| id.clone());
+            let name = set
+                .app(d.app)
+                .map(|a| a.name.clone())
+                .unwrap_or_else(|| id.clone());
             let rule = d
                 .rule
                 .and_then(|r| set.rule(r))
@@ -171,7 +174,8 @@ fn page(err: &FlowError, set: &SignatureSet) -> (StatusCode, String, Option<Stri
                 code = status,
                 msg = escape(&other.to_string()),
             );
-            let app = matches!(other, FlowError::DeniedDestination(_)).then(|| "destination".into());
+            let app =
+                matches!(other, FlowError::DeniedDestination(_)).then(|| "destination".into());
             (status, body, app)
         }
     }

@@ -168,9 +168,16 @@ pub async fn open(
     let who = ctx.client.who();
     let mut findings = Findings::default();
     let allowlisted = decide::name(engine, &who, &host, port, &mut findings)?;
-    let addrs =
-        upstream::resolve_checked(shared, engine, &who, &host, port, allowlisted, &mut findings)
-            .await?;
+    let addrs = upstream::resolve_checked(
+        shared,
+        engine,
+        &who,
+        &host,
+        port,
+        allowlisted,
+        &mut findings,
+    )
+    .await?;
     let limits = &engine.config.limits;
     let (up, dst) =
         upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;

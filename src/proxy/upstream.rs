@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use super::refuse::FlowError;
 use super::Shared;
 use crate::classify::addr::canonical;
-use crate::engine::Engine;
 use crate::decide::{self, Findings};
+use crate::engine::Engine;
 use crate::policy::Who;
 
 /// What is known about the client of a flow.
