@@ -7,16 +7,18 @@
 //! ```text
 //! config ──► engine (config + signatures + policy, swapped whole on reload)
 //!
-//! proxy::listener ─► front end ─► Evidence ─► classify ─► policy ─► Verdict
-//!   explicit (absolute-form HTTP, CONNECT)       │                    │
-//!   transparent (original destination)          │      refuse (403 / reset)
-//!   tunnel (first bytes: TLS, HTTP, payload)     │      or upstream + relay
+//! proxy::listener ─► front end ─► decide ─► Verdict / Refusal
+//!   connect + explicit (first head, absolute-form HTTP, CONNECT)
+//!   transparent (original destination)      │
+//!   tunnel (first bytes; HTTP/1.x followed   ├─► refuse (403 page / reset)
+//!           request by request, byte-exact)  └─► upstream + relay
 //!                                                └─► access_log, metrics
 //! ```
 //!
-//! `classify`, `policy` and `signatures` are pure: they import nothing from
-//! `proxy`, so the command line (`classify`, `classify pcap`) and the tests
-//! run exactly the code the proxy runs.
+//! `classify` (names, addresses, bytes), `decide` (what the policy makes of
+//! them) and `policy` are pure: they import nothing from `proxy`, so the
+//! command line (`classify`, `classify pcap`), the benches, the fuzz targets
+//! and the tests run exactly the code the proxy runs.
 #![forbid(unsafe_code)]
 
 pub mod access_log;

@@ -17,7 +17,8 @@ use bytes::BytesMut;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::explicit::{self, ConnCtx};
+use super::conn::ConnCtx;
+use super::explicit;
 use super::prefixed::Prefixed;
 use super::relay;
 use super::tunnel::{self, Upstream};

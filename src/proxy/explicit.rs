@@ -21,13 +21,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::{read_prefix, CountedBody, FlowLog, IdleTimeoutBody, LoggedBody, PrefixedBody};
+use super::conn::ConnCtx;
 use super::refuse::{self, empty, FlowError, ProxyBody};
-use super::upstream::{self, ClientInfo, DestGuard, Resolver};
+use super::upstream::{self, DestGuard, Resolver};
 use super::Shared;
 use crate::access_log::Record;
 use crate::decide::{self, Findings, HeadDecision};
 use crate::engine::Engine;
-use crate::metrics::ListenerKind;
 
 /// The body type sent upstream.
 pub type UpstreamBody = CountedBody<PrefixedBody>;
@@ -102,17 +102,6 @@ impl tower_service::Service<Uri> for Connector {
             Ok(TokioIo::new(s))
         })
     }
-}
-
-/// One client connection's context.
-#[derive(Debug, Clone)]
-pub struct ConnCtx {
-    pub client: ClientInfo,
-    pub listener: ListenerKind,
-    /// The client connection's slot under the connection caps, shared by
-    /// everything the connection carries (a tunnel outlives the HTTP
-    /// server's part of it).
-    pub slot: Option<Arc<super::ConnGuard>>,
 }
 
 /// Serve HTTP/1.x on a client connection until it closes.

@@ -10,9 +10,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::explicit::ConnCtx;
+use super::conn::ClientInfo;
+use super::conn::ConnCtx;
 use super::refuse::raw_response;
-use super::upstream::ClientInfo;
 use super::{transparent, Shared};
 use crate::metrics::ListenerKind;
 

@@ -1,16 +1,19 @@
 //! All socket IO. The front ends differ only in how they learn the
-//! destination and the first bytes; then they share one path:
+//! destination and the first bytes; then they share one path, and imports
+//! point one way, left to right:
 //!
 //! ```text
-//! listener ─┬─ explicit (hyper: absolute-form HTTP, CONNECT) ─┐
-//!           ├─ transparent_http (hyper, original destination) ┼─ classify → policy → refuse
-//!           ├─ transparent_tls / transparent (first bytes) ───┘        or upstream + relay
-//!           └─ admin (metrics, health, reload, PAC)                    → access log + metrics
+//! listener ─┬─ connect (first head) ─ explicit (hyper: absolute-form HTTP) ─┐
+//!           │                      └─ CONNECT ───────────────────────────────┤
+//!           └─ transparent (original destination) ──────────────────────────┴─ tunnel
+//!                                                                            (first bytes,
+//!   decisions: crate::decide            tunnel::http1 for HTTP inside) ─ upstream / relay / refuse
+//!   conn: what every stage carries      admin (metrics, health, reload, PAC) on its own listener
 //! ```
 pub mod body;
+pub mod conn;
 pub mod connect;
 pub mod explicit;
-pub mod http_tunnel;
 pub mod listener;
 pub mod origdst;
 pub mod prefixed;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::explicit::ConnCtx;
+use super::conn::ConnCtx;
 use super::origdst::original_dst;
 use super::refuse::FlowError;
 use super::tunnel::{self, Upstream};

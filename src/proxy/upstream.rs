@@ -17,23 +17,6 @@ use crate::decide::{self, Findings};
 use crate::engine::Engine;
 use crate::policy::Who;
 
-/// What is known about the client of a flow.
-#[derive(Debug, Clone)]
-pub struct ClientInfo {
-    pub addr: SocketAddr,
-    /// The authenticated user, with proxy authentication.
-    pub user: Option<Arc<str>>,
-}
-
-impl ClientInfo {
-    pub fn who(&self) -> Who {
-        Who {
-            ip: self.addr.ip(),
-            user: self.user.clone(),
-        }
-    }
-}
-
 /// What the proxy must never connect to besides the configured denied
 /// ranges: its own listeners, on any address of this host.
 #[derive(Debug, Clone, Default)]

@@ -24,10 +24,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::refuse::FlowError;
-use super::relay::{self, End, Inspector, RelayCtx};
-use super::tunnel::{Flow, Upstream};
-use super::{upstream, Shared};
+use super::{Flow, Upstream};
 use crate::access_log::Record;
 use crate::classify::h1::{self, Asked, Following, Progress, Reply};
 use crate::classify::payload::Direction;
@@ -35,6 +32,9 @@ use crate::decide::{self, Findings, Refusal, ReqCue, RequestInfo, Requests, Step
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
 use crate::policy::Verdict;
+use crate::proxy::refuse::{self, FlowError};
+use crate::proxy::relay::{self, End, Inspector, RelayCtx};
+use crate::proxy::{upstream, Shared};
 
 /// Requests forwarded whose responses have not ended, at most; a client
 /// that pipelines more waits until responses come back.
@@ -163,7 +163,7 @@ pub async fn run(
                     rec.status = e.status().as_u16();
                     shared.record_refusal(flow.ctx.listener, &engine, &e, &mut rec);
                     shared.access_log.write(rec);
-                    let page = super::refuse::page_bytes(&e, &engine.signatures);
+                    let page = refuse::page_bytes(&e, &engine.signatures);
                     let _ = relay::write_all(&client, &page).await;
                     relay::shutdown_write(&client);
                 } else {
@@ -480,7 +480,7 @@ async fn refuse(
     .unwrap_or(false);
 
     let end = if framed {
-        let page = super::refuse::page_bytes(&e, &ctx.engine.signatures);
+        let page = refuse::page_bytes(&e, &ctx.engine.signatures);
         rec.status = e.status().as_u16();
         match relay::write_all(client, &page).await {
             Ok(()) => {

@@ -7,7 +7,7 @@
 //! - a TLS ClientHello (reassembled across reads and records): SNI against
 //!   the host rules, ALPN, JA4, ECH;
 //! - HTTP/1.x: followed and decided request by request as the bytes pass
-//!   (`http_tunnel`), on the same upstream connection;
+//!   (`tunnel::http1`), on the same upstream connection;
 //! - anything else: payload signatures; on port 443 `non_tls_on_443` and on
 //!   port 80 `non_http_on_80` apply.
 //!
@@ -21,6 +21,8 @@
 //! they come. Only where the protocol is known to speak first — a tunnel to
 //! port 443 under `non_tls_on_443 = block` — does silence past the deadline
 //! refuse the flow.
+mod http1;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -31,7 +33,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::explicit::ConnCtx;
+use super::conn::ConnCtx;
 use super::prefixed::Prefixed;
 use super::refuse::{empty, FlowError, ProxyBody};
 use super::relay::{self, End, Inspector, RelayCtx};
@@ -231,7 +233,7 @@ pub async fn run(
     }
 
     if first == First::Http {
-        super::http_tunnel::run(shared, engine, flow, client, buf, upstream).await;
+        http1::run(shared, engine, flow, client, buf, upstream).await;
         return;
     }
 
