@@ -80,6 +80,11 @@ for a in ("--log", "--dir", "--cert", "--key", "--ready"):
     ap.add_argument(a, required=True)
 ap.add_argument("--tcp", default="")
 ap.add_argument("--udp", default="")
+# Raw modes: these ports are served by the scripted HTTP responder or the
+# echo recorder instead of the web servers (or the echo), so that every
+# byte received and sent is logged.
+ap.add_argument("--raw-http", default="")
+ap.add_argument("--raw-echo", default="")
 args = ap.parse_args()
 lock = threading.Lock()
 out = open(args.log, "a", buffering=1)
@@ -181,7 +186,40 @@ def raw_conn(s, port, peer):
             pass
     s.close()
 
-def raw_listener(port):
+def scripted_http(s, port, peer):
+    # Bodiless requests, pipelined or not: each complete head gets a fixed
+    # answer with mixed-case names and no Date; "Connection: close" ends it.
+    buf, n, done = b"", 0, False
+    while not done:
+        try:
+            b = s.recv(65536)
+        except OSError as e:
+            log(ev="close", port=port, peer=peer, how=str(e))
+            break
+        if not b:
+            log(ev="close", port=port, peer=peer, how="eof")
+            break
+        log(ev="data", port=port, peer=peer, hex=b.hex())
+        buf += b
+        while b"\r\n\r\n" in buf:
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            n += 1
+            body = b"raw answer %d on port %d\n" % (n, port)
+            resp = (b"HTTP/1.1 200 OK\r\nX-Raw-Origin: MiXeD-Case\r\ncontent-type: text/plain\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body)) + body
+            try:
+                s.sendall(resp)
+            except OSError:
+                done = True
+                break
+            log(ev="sent", port=port, peer=peer, hex=resp.hex())
+            if b"\r\nconnection: close" in head.lower():
+                log(ev="close", port=port, peer=peer, how="server")
+                done = True
+                break
+    s.close()
+
+def raw_listener(port, serve=raw_conn):
     ls = dual(socket.SOCK_STREAM)
     ls.bind(("::", port))
     ls.listen(64)
@@ -189,7 +227,7 @@ def raw_listener(port):
         while True:
             s, a = ls.accept()
             log(ev="accept", port=port, peer=addr(a), local=addr(s.getsockname()))
-            threading.Thread(target=raw_conn, args=(s, port, addr(a)), daemon=True).start()
+            threading.Thread(target=serve, args=(s, port, addr(a)), daemon=True).start()
     threading.Thread(target=loop, daemon=True).start()
 
 def udp_listener(port):
@@ -201,16 +239,25 @@ def udp_listener(port):
             log(ev="udp", port=port, peer=addr(a), hex=b.hex())
     threading.Thread(target=loop, daemon=True).start()
 
-web = Server(("::", 80), Handler)
-tls = Server(("::", 443), Handler)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(args.cert, args.key)
-tls.tls = ctx
-for p in filter(None, args.tcp.split(",")):
-    raw_listener(int(p))
+raw_http = set(int(p) for p in filter(None, args.raw_http.split(",")))
+raw_echo = set(int(p) for p in filter(None, args.raw_echo.split(",")))
+servers = []
+if not {80} & (raw_http | raw_echo):
+    servers.append(Server(("::", 80), Handler))
+if not {443} & (raw_http | raw_echo):
+    tls = Server(("::", 443), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.cert, args.key)
+    tls.tls = ctx
+    servers.append(tls)
+tcp = set(int(p) for p in filter(None, args.tcp.split(",")))
+for p in sorted((tcp | raw_echo) - raw_http):
+    raw_listener(p)
+for p in sorted(raw_http):
+    raw_listener(p, scripted_http)
 for p in filter(None, args.udp.split(",")):
     udp_listener(int(p))
-for s in (web, tls):
+for s in servers:
     threading.Thread(target=s.serve_forever, daemon=True).start()
 with open(args.ready, "w") as f:
     f.write("ready\n")
@@ -2016,3 +2063,4 @@ fn iptables_recipe_drops_quic_and_applies_idempotently() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
