@@ -18,9 +18,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::support::{
-    assert_same_bytes, connect_tunnel, escape, head_field, pattern_byte, read_n, read_to_close,
-    rustls_client_hello, skip_or_fail, tls_server_config, wait_until, write_dribbled, Ending,
-    HttpScript, Proxy, Script, ScriptOrigin, Tee, CONTINUE_100, WAIT,
+    assert_same_bytes, connect_tunnel, escape, head_field, pattern_byte, read_n, read_n_within,
+    read_to_close, rustls_client_hello, skip_or_fail, tls_server_config, wait_until,
+    write_dribbled, Ending, HttpScript, Proxy, Script, ScriptOrigin, Tee, CONTINUE_100, WAIT,
 };
 
 // ---------------------------------------------------------------------------
@@ -279,30 +279,52 @@ async fn keep_alive_requests_with_bodies_are_relayed_byte_exact() {
     assert_eq!(origin.requests(), conv.len());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expect_100_continue_is_relayed_byte_exact() {
+/// A request head, its body, and the origin's final answer.
+type Exchange = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// Two requests that wait for `100 Continue` before their bodies, and the
+/// origin's answers to them.
+fn expect_exchanges() -> (Vec<Exchange>, Script) {
     let r1 = response("HTTP/1.1 200 OK\r\nX-Stored: Yes", b"stored\n");
     let r2 = response("HTTP/1.1 201 Created\r\nx-lower: case", b"");
-    let origin = ScriptOrigin::start(Script::Http(HttpScript {
-        responses: vec![r1.clone(), r2.clone()],
-        continue_100: true,
-        close_after: None,
-    }))
-    .await;
-    let proxy = Proxy::start_open().await;
-    let mut s = tunnel(&proxy, &origin).await;
-    let exchanges: [(&[u8], &[u8], &[u8]); 2] = [
+    let exchanges = vec![
         (
-            b"PUT /upload HTTP/1.1\r\nHost: www.example.test\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n",
-            b"hello world",
-            &r1,
+            b"PUT /upload HTTP/1.1\r\nHost: www.example.test\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n".to_vec(),
+            b"hello world".to_vec(),
+            r1.clone(),
         ),
         (
-            b"POST /upload HTTP/1.1\r\nHost: www.example.test\r\nEXPECT: 100-Continue\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"3;c=1\r\nabc\r\n0\r\n\r\n",
-            &r2,
+            b"POST /upload HTTP/1.1\r\nHost: www.example.test\r\nEXPECT: 100-Continue\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            b"3;c=1\r\nabc\r\n0\r\n\r\n".to_vec(),
+            r2.clone(),
         ),
     ];
+    let script = Script::Http(HttpScript {
+        responses: vec![r1, r2],
+        continue_100: true,
+        close_after: None,
+    });
+    (exchanges, script)
+}
+
+/// With no body rule loaded nothing needs a request's body before its head
+/// goes on: the origin's `100 Continue` is what the client waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_relayed_byte_exact() {
+    let (exchanges, script) = expect_exchanges();
+    let origin = ScriptOrigin::start(script).await;
+    let sigs = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/signatures/whatsapp.toml"),
+        sigs.path().join("whatsapp.toml"),
+    )
+    .expect("copy a signature without body rules");
+    let proxy = Proxy::start(&format!(
+        "[access]\ndeny_destinations = []\n[signatures]\ndir = {:?}\n",
+        sigs.path().display().to_string()
+    ))
+    .await;
+    let mut s = tunnel(&proxy, &origin).await;
     let (mut sent, mut got) = (Vec::new(), Vec::new());
     for (i, (head, body, resp)) in exchanges.iter().enumerate() {
         s.write_all(head).await.expect("write head");
@@ -316,6 +338,47 @@ async fn expect_100_continue_is_relayed_byte_exact() {
         sent.extend_from_slice(body);
         let r = read_n(&mut s, resp.len()).await;
         assert_same_bytes(&format!("final answer {i}"), &r, resp);
+        got.extend_from_slice(&r);
+    }
+    let got = end_session(s, got, &origin).await;
+    assert_exact_relay(&origin, &sent, &got);
+}
+
+/// With the bundled set, whose body rules may need a body before its head
+/// can go on: the client waits a second for an interim answer, as curl
+/// does, then sends the body anyway. Whichever way it goes, the bytes are
+/// exact both ways and a `100 Continue` the client sees is the origin's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_with_body_rules_is_relayed_byte_exact() {
+    let (exchanges, script) = expect_exchanges();
+    let origin = ScriptOrigin::start(script).await;
+    let proxy = Proxy::start_open().await;
+    let mut s = tunnel(&proxy, &origin).await;
+    let (mut sent, mut got) = (Vec::new(), Vec::new());
+    for (i, (head, body, resp)) in exchanges.iter().enumerate() {
+        s.write_all(head).await.expect("write head");
+        sent.extend_from_slice(head);
+        let mut interim = read_n_within(&mut s, CONTINUE_100.len(), Duration::from_secs(1)).await;
+        if !interim.is_empty() && interim.len() < CONTINUE_100.len() {
+            interim.extend(read_n(&mut s, CONTINUE_100.len() - interim.len()).await);
+        }
+        if !interim.is_empty() {
+            assert_same_bytes(&format!("interim answer {i}"), &interim, CONTINUE_100);
+        }
+        got.extend_from_slice(&interim);
+        s.write_all(body).await.expect("write body");
+        sent.extend_from_slice(body);
+        let mut r = read_n(&mut s, resp.len()).await;
+        if interim.is_empty() && r.starts_with(CONTINUE_100) {
+            // The origin's interim answer, late: the final one follows.
+            r.extend(read_n(&mut s, CONTINUE_100.len()).await);
+        }
+        let last = if interim.is_empty() && r.starts_with(CONTINUE_100) {
+            &r[CONTINUE_100.len()..]
+        } else {
+            &r[..]
+        };
+        assert_same_bytes(&format!("final answer {i}"), last, resp);
         got.extend_from_slice(&r);
     }
     let got = end_session(s, got, &origin).await;

@@ -1213,3 +1213,24 @@ impl Proxy {
         }
     }
 }
+
+/// Read until `n` bytes are in, the stream ends, or `limit` has passed;
+/// whatever came (never more than `n`). For answers that may or may not
+/// come, as a client that waits a while and then goes on.
+pub async fn read_n_within<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    n: usize,
+    limit: Duration,
+) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut have = 0;
+    let deadline = tokio::time::Instant::now() + limit;
+    while have < n {
+        match tokio::time::timeout_at(deadline, s.read(&mut out[have..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => have += k,
+        }
+    }
+    out.truncate(have);
+    out
+}
