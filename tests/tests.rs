@@ -9,4 +9,5 @@ mod fuzz_smoke;
 mod hardening;
 mod inspect;
 mod ops;
+mod passthrough;
 mod transparent;

@@ -80,6 +80,11 @@ for a in ("--log", "--dir", "--cert", "--key", "--ready"):
     ap.add_argument(a, required=True)
 ap.add_argument("--tcp", default="")
 ap.add_argument("--udp", default="")
+# Raw modes: these ports are served by the scripted HTTP responder or the
+# echo recorder instead of the web servers (or the echo), so that every
+# byte received and sent is logged.
+ap.add_argument("--raw-http", default="")
+ap.add_argument("--raw-echo", default="")
 args = ap.parse_args()
 lock = threading.Lock()
 out = open(args.log, "a", buffering=1)
@@ -181,7 +186,40 @@ def raw_conn(s, port, peer):
             pass
     s.close()
 
-def raw_listener(port):
+def scripted_http(s, port, peer):
+    # Bodiless requests, pipelined or not: each complete head gets a fixed
+    # answer with mixed-case names and no Date; "Connection: close" ends it.
+    buf, n, done = b"", 0, False
+    while not done:
+        try:
+            b = s.recv(65536)
+        except OSError as e:
+            log(ev="close", port=port, peer=peer, how=str(e))
+            break
+        if not b:
+            log(ev="close", port=port, peer=peer, how="eof")
+            break
+        log(ev="data", port=port, peer=peer, hex=b.hex())
+        buf += b
+        while b"\r\n\r\n" in buf:
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            n += 1
+            body = b"raw answer %d on port %d\n" % (n, port)
+            resp = (b"HTTP/1.1 200 OK\r\nX-Raw-Origin: MiXeD-Case\r\ncontent-type: text/plain\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body)) + body
+            try:
+                s.sendall(resp)
+            except OSError:
+                done = True
+                break
+            log(ev="sent", port=port, peer=peer, hex=resp.hex())
+            if b"\r\nconnection: close" in head.lower():
+                log(ev="close", port=port, peer=peer, how="server")
+                done = True
+                break
+    s.close()
+
+def raw_listener(port, serve=raw_conn):
     ls = dual(socket.SOCK_STREAM)
     ls.bind(("::", port))
     ls.listen(64)
@@ -189,7 +227,7 @@ def raw_listener(port):
         while True:
             s, a = ls.accept()
             log(ev="accept", port=port, peer=addr(a), local=addr(s.getsockname()))
-            threading.Thread(target=raw_conn, args=(s, port, addr(a)), daemon=True).start()
+            threading.Thread(target=serve, args=(s, port, addr(a)), daemon=True).start()
     threading.Thread(target=loop, daemon=True).start()
 
 def udp_listener(port):
@@ -201,16 +239,25 @@ def udp_listener(port):
             log(ev="udp", port=port, peer=addr(a), hex=b.hex())
     threading.Thread(target=loop, daemon=True).start()
 
-web = Server(("::", 80), Handler)
-tls = Server(("::", 443), Handler)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(args.cert, args.key)
-tls.tls = ctx
-for p in filter(None, args.tcp.split(",")):
-    raw_listener(int(p))
+raw_http = set(int(p) for p in filter(None, args.raw_http.split(",")))
+raw_echo = set(int(p) for p in filter(None, args.raw_echo.split(",")))
+servers = []
+if not {80} & (raw_http | raw_echo):
+    servers.append(Server(("::", 80), Handler))
+if not {443} & (raw_http | raw_echo):
+    tls = Server(("::", 443), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.cert, args.key)
+    tls.tls = ctx
+    servers.append(tls)
+tcp = set(int(p) for p in filter(None, args.tcp.split(",")))
+for p in sorted((tcp | raw_echo) - raw_http):
+    raw_listener(p)
+for p in sorted(raw_http):
+    raw_listener(p, scripted_http)
 for p in filter(None, args.udp.split(",")):
     udp_listener(int(p))
-for s in (web, tls):
+for s in servers:
     threading.Thread(target=s.serve_forever, daemon=True).start()
 with open(args.ready, "w") as f:
     f.write("ready\n")
@@ -2015,4 +2062,213 @@ fn iptables_recipe_drops_quic_and_applies_idempotently() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---- raw byte exactness ---------------------------------------------------
+
+impl Lab {
+    /// Restart the origin with ports 80 and `LAB_PORT` answered by the
+    /// scripted raw HTTP responder and 443 by the echo recorder: every
+    /// byte each connection receives (`data`) and sends (`sent`, or the
+    /// echo of `data`) is logged.
+    fn restart_origin_raw(&mut self) {
+        if let Some(mut c) = self.origin_proc.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let ready = self.path("origin.ready");
+        let _ = fs::remove_file(&ready);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.origin, "python3"])
+            .arg(self.path("origin.py"))
+            .arg("--log")
+            .arg(self.path("origin.jsonl"))
+            .arg("--dir")
+            .arg(self.path("files"))
+            .arg("--cert")
+            .arg(self.path("cert.pem"))
+            .arg("--key")
+            .arg(self.path("key.pem"))
+            .arg("--ready")
+            .arg(&ready)
+            .args(["--tcp", "5222,5050", "--udp", "80,443,9999"])
+            .args(["--raw-http", &format!("80,{LAB_PORT}"), "--raw-echo", "443"])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(self.path("origin-raw.out")).expect("origin-raw.out"))
+            .stderr(fs::File::create(self.path("origin-raw.err")).expect("origin-raw.err"))
+            .spawn()
+            .expect("start the raw origin");
+        self.origin_proc = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while !ready.exists() {
+            if let Some(s) = self
+                .origin_proc
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "raw origin exited ({s}): {}",
+                    fs::read_to_string(self.path("origin-raw.err")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "raw origin not ready within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The bytes of `ev` events ("data" or "sent") on `port` among `events`,
+    /// in order.
+    fn origin_bytes(events: &[Value], port: u16, ev: &str) -> Vec<u8> {
+        events
+            .iter()
+            .filter(|e| e["port"] == port && e["ev"] == ev)
+            .flat_map(|e| unhex(e["hex"].as_str().unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// Show bytes in a failure message.
+fn esc(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+/// One upstream connection on `port`, from chatwall on the router, to the
+/// original destination.
+fn assert_one_connection(events: &[Value], f: &Family, port: u16, what: &str) {
+    let accepts: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["port"] == port && e["ev"] == "accept")
+        .collect();
+    assert_eq!(
+        accepts.len(),
+        1,
+        "{what}: one upstream connection: {accepts:#?}"
+    );
+    assert!(
+        s(accepts[0], "peer").starts_with(&bracket(f.router_wan)),
+        "{what}: from chatwall on the router: {}",
+        accepts[0]
+    );
+    assert_eq!(
+        s(accepts[0], "local"),
+        format!("{}:{port}", bracket(f.origin)),
+        "{what}: to the original destination"
+    );
+}
+
+/// Keep-alive and a pipelined second request in one write, mixed-case
+/// names and hop-by-hop fields: the origin receives exactly the client's
+/// bytes and the client exactly the origin's (no Via, no Date), over one
+/// upstream connection.
+fn case_raw_http_exact(lab: &Lab, f: &Family, port: u16) {
+    let events = lab.origin_events().len();
+    let tag = lab.next();
+    let sent = format!(
+        "GET /raw/first?{tag} HTTP/1.1\r\nhOsT: www.example.test\r\nUser-Agent: Mixed/1.0\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Mixed-CASE: Yes\r\nProxy-Connection: keep-alive\r\n\r\n\
+GET /raw/second?{tag} HTTP/1.1\r\nHost: www.example.test\r\nTE: trailers\r\nConnection: close\r\n\r\n"
+    );
+    let raw = lab.tcp(f.origin, port, &[sent.as_bytes()], 5.0, None);
+    let what = format!("HTTP to {}:{port}", bracket(f.origin));
+    assert_eq!(raw.connect, "ok", "{what}: {raw:?}");
+    lab.settle();
+    let ev = lab.origin_since(events);
+    let received = Lab::origin_bytes(&ev, port, "data");
+    assert_eq!(
+        esc(&received),
+        esc(sent.as_bytes()),
+        "{what}: the origin received exactly the client's bytes"
+    );
+    let answered = Lab::origin_bytes(&ev, port, "sent");
+    assert!(!answered.is_empty(), "{what}: the origin answered: {ev:#?}");
+    assert_eq!(
+        esc(&raw.received),
+        esc(&answered),
+        "{what}: the client received exactly the origin's bytes"
+    );
+    assert_eq!(
+        raw.end, "eof",
+        "{what}: the origin's close reached the client"
+    );
+    assert_one_connection(&ev, f, port, &what);
+}
+
+/// A real ClientHello and then TLS application-data records on 443: the
+/// echo origin receives exactly the client's bytes and the client gets
+/// them back exactly, over one upstream connection.
+fn case_raw_tls_exact(lab: &Lab, f: &Family) {
+    let (since, events) = (lab.records().len(), lab.origin_events().len());
+    let hello = crate::support::rustls_client_hello("www.example.test");
+    let payload: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let mut records = Vec::new();
+    for chunk in payload.chunks(16_000) {
+        records.extend_from_slice(&[0x17, 0x03, 0x03]);
+        records.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        records.extend_from_slice(chunk);
+    }
+    let mut sent = hello.clone();
+    sent.extend_from_slice(&records);
+    let raw = lab.tcp(f.origin, 443, &[&hello, &records], 5.0, Some(sent.len()));
+    let what = format!("TLS records to {}:443", bracket(f.origin));
+    assert_eq!(raw.end, "complete", "{what}: {} {}", raw.connect, raw.end);
+    assert!(
+        raw.received == sent,
+        "{what}: the client got its bytes back exactly ({} of {} bytes)",
+        raw.received.len(),
+        sent.len()
+    );
+    lab.settle();
+    let ev = lab.origin_since(events);
+    let received = Lab::origin_bytes(&ev, 443, "data");
+    assert!(
+        received == sent,
+        "{what}: the origin received exactly the client's bytes ({} of {} bytes)",
+        received.len(),
+        sent.len()
+    );
+    assert_one_connection(&ev, f, 443, &what);
+    let rec = lab.record(since, "the TLS tunnel", |r| {
+        r["listener"] == "transparent_tls" && s(r, "sni") == "www.example.test"
+    });
+    assert_eq!(s(&rec, "verdict"), "allow", "{rec}");
+}
+
+#[test]
+fn raw_http_on_80_passes_byte_exact_over_one_connection() {
+    let Some(mut lab) = Lab::new("raw-80", Fw::Iptables) else {
+        return;
+    };
+    lab.restart_origin_raw();
+    lab.apply(Fw::Iptables, &base_args());
+    lab.start_chatwall(ChatwallOpts::default());
+    case_raw_http_exact(&lab, &V4, 80);
+    case_raw_http_exact(&lab, &V6, 80);
+}
+
+#[test]
+fn raw_tls_on_443_passes_byte_exact_over_one_connection() {
+    let Some(mut lab) = Lab::new("raw-443", Fw::Iptables) else {
+        return;
+    };
+    lab.restart_origin_raw();
+    lab.apply(Fw::Iptables, &base_args());
+    lab.start_chatwall(ChatwallOpts::default());
+    case_raw_tls_exact(&lab, &V4);
+    case_raw_tls_exact(&lab, &V6);
+}
+
+/// HTTP on a redirected port that is neither 80 nor 443 (the generic
+/// transparent listener).
+#[test]
+fn raw_http_on_another_redirected_port_passes_byte_exact() {
+    let Some(mut lab) = Lab::new("raw-other", Fw::Iptables) else {
+        return;
+    };
+    lab.restart_origin_raw();
+    lab.apply(Fw::Iptables, &base_args());
+    lab.start_chatwall(ChatwallOpts::default());
+    case_raw_http_exact(&lab, &V4, LAB_PORT);
+    case_raw_http_exact(&lab, &V6, LAB_PORT);
 }

@@ -636,3 +636,601 @@ pub fn skip_or_fail(why: &str) {
     }
     eprintln!("SKIPPED: {why}");
 }
+
+// ---------------------------------------------------------------------------
+// Byte-exact relaying: a recording origin that answers from a script, a
+// recording layer for either end of a TLS session, and client helpers that
+// read what came without interpreting it.
+// ---------------------------------------------------------------------------
+
+/// How long a reader waits for the next byte before it stops and reports
+/// what it has (a relay that swallowed bytes must not cost the whole WAIT).
+pub const QUIET: Duration = Duration::from_secs(3);
+
+/// The bytes one end of a stream read and wrote, as they passed.
+#[derive(Clone, Default, Debug)]
+pub struct TeeLog {
+    pub read: Arc<Mutex<Vec<u8>>>,
+    pub written: Arc<Mutex<Vec<u8>>>,
+}
+
+impl TeeLog {
+    pub fn read_bytes(&self) -> Vec<u8> {
+        self.read.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    pub fn written_bytes(&self) -> Vec<u8> {
+        self.written.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+/// A stream that records every byte read from and written to `inner`: put
+/// it under rustls to see the TCP bytes of a TLS session.
+pub struct Tee<S> {
+    inner: S,
+    log: TeeLog,
+}
+
+impl<S> Tee<S> {
+    pub fn new(inner: S) -> (Tee<S>, TeeLog) {
+        let log = TeeLog::default();
+        (
+            Tee {
+                inner,
+                log: log.clone(),
+            },
+            log,
+        )
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tee<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            if let Ok(mut log) = self.log.read.lock() {
+                log.extend_from_slice(&buf.filled()[before..]);
+            }
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tee<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            if let Ok(mut log) = self.log.written.lock() {
+                log.extend_from_slice(&buf[..*n]);
+            }
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What a `ScriptOrigin` does with the bytes of each connection.
+#[derive(Clone, Debug)]
+pub enum Script {
+    /// Record, never answer.
+    Silent,
+    /// Write every byte back as it comes.
+    Echo,
+    /// Answer HTTP/1.x requests from a list (see `HttpScript`).
+    Http(HttpScript),
+}
+
+/// An HTTP/1.x answering script. Requests are framed as they come (head,
+/// then a Content-Length or chunked body, chunk extensions and trailers
+/// included; no body otherwise), pipelined or in pieces; the i-th complete
+/// request of a connection gets `responses[i]` written verbatim (the last
+/// one repeats; none: no answer). A request with an `Upgrade` header, or a
+/// CONNECT, gets its answer and then the connection echoes raw bytes; so do
+/// bytes that are not an HTTP request head.
+#[derive(Clone, Debug, Default)]
+pub struct HttpScript {
+    pub responses: Vec<Vec<u8>>,
+    /// Write `HTTP/1.1 100 Continue\r\n\r\n` once a head with
+    /// `Expect: 100-continue` is in and its body is not.
+    pub continue_100: bool,
+    /// Close the connection after answering this many requests.
+    pub close_after: Option<usize>,
+}
+
+impl Script {
+    /// Answer every request with the next of `responses`.
+    pub fn http(responses: Vec<Vec<u8>>) -> Script {
+        Script::Http(HttpScript {
+            responses,
+            ..HttpScript::default()
+        })
+    }
+
+    /// Answer the upgrade request with `response` (a 101, and whatever
+    /// frames should follow it at once), then echo raw bytes.
+    pub fn websocket(response: Vec<u8>) -> Script {
+        Script::http(vec![response])
+    }
+}
+
+/// The interim answer of `HttpScript::continue_100`.
+pub const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// A TCP origin (optionally TLS) that counts connections, records every TCP
+/// byte it receives and sends per connection, and answers from a `Script`.
+pub struct ScriptOrigin {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<TeeLog>>>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ScriptOrigin {
+    /// On 127.0.0.1, an ephemeral port.
+    pub async fn start(script: Script) -> ScriptOrigin {
+        ScriptOrigin::start_at("127.0.0.1:0".parse().expect("addr"), script, None)
+            .await
+            .expect("bind script origin")
+    }
+
+    /// TLS with `cfg` on 127.0.0.1; the script runs on the plaintext, the
+    /// records are the TCP bytes.
+    pub async fn start_tls(script: Script, cfg: Arc<rustls::ServerConfig>) -> ScriptOrigin {
+        ScriptOrigin::start_at("127.0.0.1:0".parse().expect("addr"), script, Some(cfg))
+            .await
+            .expect("bind script origin")
+    }
+
+    /// On a given address (a privileged port needs root: the error says so).
+    pub async fn start_at(
+        addr: SocketAddr,
+        script: Script,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<ScriptOrigin> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let conns: Arc<Mutex<Vec<TeeLog>>> = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (conns2, closed2, requests2) = (
+            Arc::clone(&conns),
+            Arc::clone(&closed),
+            Arc::clone(&requests),
+        );
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    break;
+                };
+                let _ = s.set_nodelay(true);
+                let (tee, log) = Tee::new(s);
+                if let Ok(mut c) = conns2.lock() {
+                    c.push(log);
+                }
+                let (script, closed, requests, acceptor) = (
+                    script.clone(),
+                    Arc::clone(&closed2),
+                    Arc::clone(&requests2),
+                    acceptor.clone(),
+                );
+                tokio::spawn(async move {
+                    match acceptor {
+                        None => run_script(tee, &script, &requests).await,
+                        Some(a) => {
+                            if let Ok(Ok(tls)) = tokio::time::timeout(WAIT, a.accept(tee)).await {
+                                run_script(tls, &script, &requests).await;
+                            }
+                        }
+                    }
+                    closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        Ok(ScriptOrigin {
+            addr,
+            conns,
+            closed,
+            requests,
+        })
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.conns.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// Connections whose script has ended (peer closed, or the script did).
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Complete HTTP requests framed so far, all connections.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// TCP bytes received on connection `i` (empty if there is none).
+    pub fn received(&self, i: usize) -> Vec<u8> {
+        self.log(i).map(|l| l.read_bytes()).unwrap_or_default()
+    }
+
+    /// TCP bytes sent on connection `i`.
+    pub fn sent(&self, i: usize) -> Vec<u8> {
+        self.log(i).map(|l| l.written_bytes()).unwrap_or_default()
+    }
+
+    /// Bytes received on all connections.
+    pub fn total_received(&self) -> usize {
+        (0..self.accepted()).map(|i| self.received(i).len()).sum()
+    }
+
+    fn log(&self, i: usize) -> Option<TeeLog> {
+        self.conns.lock().ok().and_then(|c| c.get(i).cloned())
+    }
+
+    /// Wait (bounded) until `n` connections have ended; whether they did.
+    pub async fn wait_closed(&self, n: usize) -> bool {
+        wait_until(|| self.closed() >= n).await
+    }
+
+    /// Wait (bounded) until connection `i` has received `n` bytes; what it has.
+    pub async fn wait_received(&self, i: usize, n: usize) -> Vec<u8> {
+        wait_until(|| self.received(i).len() >= n).await;
+        self.received(i)
+    }
+
+    /// Every connection's received bytes, escaped: for failure messages.
+    pub fn describe(&self) -> String {
+        (0..self.accepted())
+            .map(|i| format!("connection {i} received {:?}", escape(&self.received(i))))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Poll `cond` every 10 ms for at most WAIT; whether it came true.
+pub async fn wait_until(cond: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Where one request ends in `buf` (which starts with it): `Ok(None)` needs
+/// more bytes, `Err(())` is not an HTTP request head. Also whether it asks
+/// for 100-continue, and whether the bytes after it are opaque (Upgrade,
+/// CONNECT).
+struct Framed {
+    total: Option<usize>,
+    expect_continue: bool,
+    opaque_after: bool,
+}
+
+fn frame_request(buf: &[u8]) -> Result<Option<Framed>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let value = |name: &str| {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    let expect_continue = value("expect").iter().any(|v| v.trim() == "100-continue");
+    let opaque_after = req.method == Some("CONNECT") || !value("upgrade").is_empty();
+    let chunked = value("transfer-encoding")
+        .iter()
+        .any(|v| v.contains("chunked"));
+    let body = &buf[head_len..];
+    let body_len = if chunked {
+        chunked_len(body)
+    } else {
+        let n = value("content-length")
+            .first()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        (body.len() >= n).then_some(n)
+    };
+    Ok(Some(Framed {
+        total: body_len.map(|b| head_len + b),
+        expect_continue,
+        opaque_after,
+    }))
+}
+
+/// The length of a complete chunked body at the start of `b` (extensions
+/// and trailers included), or `None` if it is not all there yet.
+fn chunked_len(b: &[u8]) -> Option<usize> {
+    let line = |from: usize| {
+        b.get(from..)?
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|p| from + p)
+    };
+    let mut pos = 0;
+    loop {
+        let end = line(pos)?;
+        let text = String::from_utf8_lossy(&b[pos..end]);
+        let size = usize::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16).ok()?;
+        pos = end + 2;
+        if size == 0 {
+            // Trailer fields, then an empty line.
+            loop {
+                let end = line(pos)?;
+                let empty = end == pos;
+                pos = end + 2;
+                if empty {
+                    return Some(pos);
+                }
+            }
+        }
+        pos += size + 2;
+        if b.len() < pos {
+            return None;
+        }
+    }
+}
+
+async fn run_script<S>(mut s: S, script: &Script, requests: &std::sync::atomic::AtomicUsize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut tmp = vec![0u8; 65536];
+    let mut buf: Vec<u8> = Vec::new();
+    let mut answered = 0usize;
+    let mut continued = false;
+    let mut echo = matches!(script, Script::Echo);
+    loop {
+        // Answer what is complete.
+        if let (Script::Http(h), false) = (script, echo) {
+            loop {
+                match frame_request(&buf) {
+                    Err(()) => {
+                        echo = true;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(f)) => match f.total {
+                        None => {
+                            if f.expect_continue && h.continue_100 && !continued {
+                                continued = true;
+                                if s.write_all(CONTINUE_100).await.is_err() {
+                                    return;
+                                }
+                            }
+                            break;
+                        }
+                        Some(total) => {
+                            buf.drain(..total);
+                            continued = false;
+                            requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let resp = h
+                                .responses
+                                .get(answered)
+                                .or(h.responses.last())
+                                .cloned()
+                                .unwrap_or_default();
+                            answered += 1;
+                            if s.write_all(&resp).await.is_err() {
+                                return;
+                            }
+                            let _ = s.flush().await;
+                            if h.close_after.is_some_and(|n| answered >= n) {
+                                let _ = s.shutdown().await;
+                                return;
+                            }
+                            if f.opaque_after {
+                                echo = true;
+                                break;
+                            }
+                        }
+                    },
+                }
+            }
+        }
+        if echo && !buf.is_empty() {
+            if s.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+        let n = match s.read(&mut tmp).await {
+            Ok(0) | Err(_) => {
+                let _ = s.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        match script {
+            Script::Silent => {}
+            _ => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// Bytes as an escaped string, for failure messages.
+pub fn escape(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+/// Assert two byte strings are equal; on failure, show both escaped and
+/// where they first differ.
+#[track_caller]
+pub fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
+    if got == want {
+        return;
+    }
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: bytes differ at offset {at} (got {} bytes, want {})\n  got:  {}\n  want: {}",
+        got.len(),
+        want.len(),
+        escape(got),
+        escape(want)
+    );
+}
+
+/// How a read of a whole stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Eof,
+    Reset,
+    /// Nothing came for `QUIET`, or the whole WAIT passed.
+    Timeout,
+}
+
+/// Read until `n` bytes are in, the stream ends, or nothing comes for
+/// `QUIET`; whatever came (never more than `n`).
+pub async fn read_n<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut have = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while have < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(QUIET.min(left), s.read(&mut out[have..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => have += k,
+        }
+    }
+    out.truncate(have);
+    out
+}
+
+/// Read until the stream ends (EOF or reset) or nothing comes for `QUIET`.
+pub async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (Vec<u8>, Ending) {
+    let mut out = Vec::new();
+    let mut tmp = [0u8; 16384];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(QUIET.min(left), s.read(&mut tmp)).await {
+            Ok(Ok(0)) => return (out, Ending::Eof),
+            Ok(Err(_)) => return (out, Ending::Reset),
+            Err(_) => return (out, Ending::Timeout),
+            Ok(Ok(k)) => out.extend_from_slice(&tmp[..k]),
+        }
+    }
+}
+
+/// Write `data` `step` bytes per write, `pause` apart.
+pub async fn write_dribbled<S: tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    data: &[u8],
+    step: usize,
+    pause: Duration,
+) {
+    for chunk in data.chunks(step.max(1)) {
+        if s.write_all(chunk).await.is_err() {
+            return;
+        }
+        let _ = s.flush().await;
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The first TLS records a rustls client writes for `sni`: a real
+/// ClientHello, for raw sockets that must pass a TLS listener's checks.
+pub fn rustls_client_hello(sni: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("server name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("write hello");
+    }
+    out
+}
+
+/// A header's first value in a response or request head (any case).
+pub fn head_field(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head).lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+impl Proxy {
+    /// Wait (bounded) for an access-log record that `pred` accepts.
+    pub async fn wait_record(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(r) = self.log().into_iter().find(&pred) {
+                return Some(r);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Read until `n` bytes are in, the stream ends, or `limit` has passed;
+/// whatever came (never more than `n`). For answers that may or may not
+/// come, as a client that waits a while and then goes on.
+pub async fn read_n_within<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    n: usize,
+    limit: Duration,
+) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut have = 0;
+    let deadline = tokio::time::Instant::now() + limit;
+    while have < n {
+        match tokio::time::timeout_at(deadline, s.read(&mut out[have..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => have += k,
+        }
+    }
+    out.truncate(have);
+    out
+}
