@@ -1845,6 +1845,41 @@ fn gateway_local_clients_with_the_mark_exemption() {
         "{:#?}",
         lab.origin_since(events)
     );
+
+    // Without the mark, local clients allowed: the redirected upstream
+    // connection would be accepted as a new client and relayed on, again
+    // and again (a tunnel carries no Via). chatwall knows its own upstream
+    // sockets and refuses the loop at the first turn: one 502, one loop
+    // record, nothing at the origin.
+    lab.start_chatwall(ChatwallOpts {
+        mark: 0,
+        extra_clients: &[ROUTER_WAN4, ROUTER_WAN6],
+        ..ChatwallOpts::default()
+    });
+    let (since, events) = (lab.records().len(), lab.origin_events().len());
+    let r = lab.get(
+        &lab.client,
+        "http",
+        "www.example.test",
+        ORIGIN4,
+        "/hello?looped",
+    );
+    assert_eq!(r.status, 502, "{r:?}");
+    lab.settle();
+    let records: Vec<Value> = lab.records().into_iter().skip(since).collect();
+    let loops = records
+        .iter()
+        .filter(|r| s(r, "error").contains("loop"))
+        .count();
+    assert_eq!(loops, 1, "one loop refused: {records:#?}");
+    assert!(records.len() <= 3, "the loop went no further: {records:#?}");
+    assert!(
+        lab.origin_since(events)
+            .iter()
+            .all(|e| e["ev"] != "request"),
+        "{:#?}",
+        lab.origin_since(events)
+    );
 }
 
 /// Gateway with local clients, chatwall running as its own user and

@@ -48,6 +48,8 @@ pub struct Shared {
     pub access_log: AccessLog,
     pub http: explicit::UpstreamClient,
     pub resolver: Arc<upstream::Resolver>,
+    /// Tunnel upstream sockets, to recognise a redirect loop.
+    pub own_sockets: Arc<upstream::OwnSockets>,
     /// chatwall's own listeners, never a destination.
     pub guard: Arc<upstream::DestGuard>,
     pub auth: crate::auth::AuthCache,
@@ -83,6 +85,7 @@ impl Shared {
             access_log,
             http,
             resolver,
+            own_sockets: Arc::default(),
             guard,
             auth: crate::auth::AuthCache::default(),
             via: via_value(),
@@ -178,6 +181,21 @@ impl Shared {
         if !matches!(e, FlowError::Blocked(_)) {
             rec.error = Some(e.to_string());
         }
+    }
+
+    /// Remember a tunnel's upstream socket while transparent listeners
+    /// exist (see [`upstream::OwnSockets`]).
+    pub fn own_socket(
+        &self,
+        engine: &Engine,
+        up: &tokio::net::TcpStream,
+    ) -> Option<upstream::OwnSocket> {
+        let l = &engine.config.listen;
+        if l.transparent_http.is_empty() && l.transparent_tls.is_empty() && l.transparent.is_empty()
+        {
+            return None;
+        }
+        self.own_sockets.register(up)
     }
 
     /// The token in `Via` that names this instance (without the protocol

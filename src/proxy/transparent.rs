@@ -43,6 +43,20 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
     // A connection addressed to a chatwall listener itself (a loop, or a
     // client connecting straight to the transparent port) is refused.
     let is_self = shared.guard.is_self(dst) || client.local_addr().ok() == Some(dst);
+    let peer = flow.ctx.client.addr;
+    if shared.guard.is_local(peer.ip()) && shared.own_sockets.contains(peer) {
+        // One of chatwall's own upstream connections, redirected back:
+        // the REDIRECT rule lacks its exemption (mark or owner match).
+        tracing::warn!(client = %peer, %dst, "forwarding loop: an upstream connection of chatwall's was redirected back to it (exempt its traffic from the REDIRECT rule)");
+        flow.rec.verdict = "block";
+        flow.rec.error = Some(FlowError::LoopDetected.to_string());
+        shared
+            .metrics
+            .upstream_error(FlowError::LoopDetected.kind());
+        super::relay::reset(&client);
+        shared.access_log.write(flow.rec);
+        return;
+    }
     let who = flow.ctx.client.who();
     let checked = decide::destination(&engine, &who, dst, is_self, &mut flow.findings)
         .map(|allowlisted| flow.allowlisted = allowlisted)

@@ -2,7 +2,7 @@
 //! address a name resolves to is checked against the CIDR rules and the
 //! denied destinations), bounded lookups and connects, and the socket mark
 //! that keeps chatwall's own connections out of its REDIRECT rules.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ pub struct DestGuard {
 }
 
 impl DestGuard {
-    fn is_local(&self, ip: IpAddr) -> bool {
+    pub fn is_local(&self, ip: IpAddr) -> bool {
         ip.is_loopback() || self.local_ips.contains(&ip)
     }
 
@@ -66,6 +66,65 @@ pub fn check_addr(
         findings,
     )
     .map_err(FlowError::from)
+}
+
+/// The local addresses of chatwall's own tunnel upstream connections, kept
+/// while transparent listeners exist. A tunnel is relayed byte for byte,
+/// with no `Via` to recognise it by, so a REDIRECT rule that lacks the
+/// exemption for chatwall's own traffic would send each upstream
+/// connection back to chatwall, and on, until the process runs out of
+/// descriptors. A redirected connection whose client address is one of
+/// these sockets is that loop.
+#[derive(Debug, Default)]
+pub struct OwnSockets {
+    shards: [Mutex<HashSet<SocketAddr>>; OWN_SHARDS],
+}
+
+/// Shards of [`OwnSockets`]: tunnels open and close on every worker.
+const OWN_SHARDS: usize = 8;
+
+impl OwnSockets {
+    fn shard(&self, a: &SocketAddr) -> &Mutex<HashSet<SocketAddr>> {
+        &self.shards[usize::from(a.port()) % OWN_SHARDS]
+    }
+
+    /// Remember `up` until the guard is dropped.
+    pub fn register(self: &Arc<Self>, up: &TcpStream) -> Option<OwnSocket> {
+        let addr = up.local_addr().ok()?;
+        self.shard(&addr)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr);
+        Some(OwnSocket {
+            set: Arc::clone(self),
+            addr,
+        })
+    }
+
+    /// Is `peer` one of chatwall's own upstream sockets?
+    pub fn contains(&self, peer: SocketAddr) -> bool {
+        self.shard(&peer)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&peer)
+    }
+}
+
+/// One registered upstream socket; forgotten on drop.
+#[derive(Debug)]
+pub struct OwnSocket {
+    set: Arc<OwnSockets>,
+    addr: SocketAddr,
+}
+
+impl Drop for OwnSocket {
+    fn drop(&mut self) {
+        self.set
+            .shard(&self.addr)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.addr);
+    }
 }
 
 /// The system resolver (getaddrinfo) behind a short positive cache, shared

@@ -173,6 +173,7 @@ pub async fn run(
                 End::Closed
             }
             Ok(up) => {
+                let _own = shared.own_socket(&engine, &up);
                 if logged {
                     flow.rec.upstream = Some(flow.dst.to_string());
                 }
@@ -534,12 +535,17 @@ async fn responses_down(ctx: &Ctx<'_>, up: &TcpStream, client: &TcpStream) -> En
             }
             Err(e) => {
                 relay::give_buf(buf);
+                if bad_gateway(ctx, client, &resp, &e.to_string()).await {
+                    ended(ctx, &mut resp);
+                    return End::Closed;
+                }
                 ended(ctx, &mut resp);
                 return End::Error(e);
             }
         };
         if n == 0 {
             relay::give_buf(buf);
+            bad_gateway(ctx, client, &resp, "closed").await;
             ended(ctx, &mut resp);
             relay::shutdown_write(client);
             return End::Closed;
@@ -555,6 +561,33 @@ async fn responses_down(ctx: &Ctx<'_>, up: &TcpStream, client: &TcpStream) -> En
             return End::Error(e);
         }
     }
+}
+
+/// The upstream ended (or failed) at a response boundary while a request
+/// waits for its answer. A redirected port-80 client talks to chatwall as
+/// to an intercepting proxy: it gets a 502 naming the cause, as explicit
+/// HTTP would. (Inside a CONNECT the client addressed the origin, and the
+/// tunnel just closes.) Returns whether the page was written.
+async fn bad_gateway(ctx: &Ctx<'_>, client: &TcpStream, resp: &Resp, why: &str) -> bool {
+    if ctx.flow.ctx.listener != ListenerKind::TransparentHttp {
+        return false;
+    }
+    let rec = {
+        let mut ex = ctx.exchange.lock();
+        match (resp, ex.pending.is_empty()) {
+            (Resp::Head(partial), false) if partial.is_empty() => ex.pending.pop_front(),
+            _ => return false,
+        }
+    };
+    let e = FlowError::UpstreamReset(format!("{why} before responding"));
+    ctx.shared.metrics.upstream_error(e.kind());
+    if let Some(mut rec) = rec.and_then(|p| p.rec) {
+        rec.status = e.status().as_u16();
+        rec.error = Some(e.to_string());
+        ctx.shared.access_log.write(*rec);
+    }
+    let page = refuse::page_bytes(&e, &ctx.engine.signatures);
+    relay::write_all(client, &page).await.is_ok()
 }
 
 /// The upstream ended its side: a body until close ends here.

@@ -207,6 +207,10 @@ pub async fn run(
 ) {
     let started = Instant::now();
     let logged = !shared.access_log.is_off();
+    let mut _own = match &upstream {
+        Upstream::Connected(up) => shared.own_socket(&engine, up),
+        Upstream::Lazy(_) => None,
+    };
     let result = first_bytes(&engine, &mut flow, &client, initial, &upstream, logged).await;
     shared
         .metrics
@@ -244,7 +248,10 @@ pub async fn run(
             match upstream::connect(&[addr], limits.connect_timeout, engine.config.upstream_mark)
                 .await
             {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    _own = shared.own_socket(&engine, &s);
+                    s
+                }
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
                     flow.rec.error = Some(e.to_string());
