@@ -817,5 +817,65 @@ impl<'e> Requests<'e> {
     }
 }
 
+/// The invariants of [`Requests`] on arbitrary bytes, for the fuzz targets
+/// (`http_head`) and their smoke test: every step forwards bytes that are
+/// there, the stream ends in a bounded number of steps, and the outcome
+/// does not depend on how the bytes were split across reads. The bytes'
+/// sum picks the split, so that a seed's stream is all of it.
+pub fn fuzz_logic(engine: &Engine, stream: &[u8]) {
+    let split = stream
+        .iter()
+        .fold(0usize, |a, &b| a.wrapping_add(usize::from(b)));
+    let whole = fuzz_drive(engine, stream, stream.len().max(1));
+    let pieces = fuzz_drive(engine, stream, split % 17 + 1);
+    assert_eq!(whole, pieces, "the outcome depends on the split");
+}
+
+/// Request boundaries (forwarded lengths, summed per request) and how the
+/// stream ended, driving `stream` in reads of `step` bytes.
+fn fuzz_drive(engine: &Engine, stream: &[u8], step: usize) -> (Vec<usize>, String) {
+    let dst = SocketAddr::from(([192, 0, 2, 1], 80));
+    let who = Who::ip(dst.ip());
+    let mut reqs = Requests::new(engine, who, dst, Some(b"chatwall-fuzz"), true);
+    let mut findings = Findings::default();
+    let mut buf = Vec::new();
+    let (mut fed, mut forwarded) = (0, 0);
+    let mut sizes: Vec<usize> = Vec::new();
+    for _ in 0..stream.len() * 3 + 8 {
+        let cue = if fed == stream.len() {
+            ReqCue::Ended
+        } else {
+            ReqCue::Bytes
+        };
+        match reqs.step(&buf, cue, &mut findings) {
+            Step::NeedMore if fed == stream.len() => return (sizes, "ended".into()),
+            Step::NeedMore => {
+                let end = (fed + step).min(stream.len());
+                buf.extend_from_slice(&stream[fed..end]);
+                fed = end;
+            }
+            Step::Forward { len, request } => {
+                assert!(
+                    len > 0 && len <= buf.len(),
+                    "forward {len} of {}",
+                    buf.len()
+                );
+                if request.is_some() || sizes.is_empty() {
+                    sizes.push(0);
+                }
+                if let Some(last) = sizes.last_mut() {
+                    *last += len;
+                }
+                forwarded += len;
+                buf.drain(..len);
+            }
+            Step::Refuse { refusal, .. } => return (sizes, format!("refused {refusal:?}")),
+            Step::Opaque => return (sizes, format!("opaque at {forwarded}")),
+            Step::Lost(why) => return (sizes, format!("lost at {forwarded}: {why}")),
+        }
+    }
+    panic!("no end after {} steps", stream.len() * 3 + 8);
+}
+
 #[cfg(test)]
 mod tests;

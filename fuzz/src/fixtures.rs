@@ -310,6 +310,15 @@ Content-Length: 40\r\n\r\n"
         }),
         ("browser-get", http_request_head()),
         (
+            "pipelined-chunked",
+            b"GET /a HTTP/1.1\r\nHost: one.example\r\nConnection: keep-alive\r\n\r\n\
+PUT /b HTTP/1.1\r\nHost: two.example\r\nTransfer-Encoding: chunked\r\n\r\n\
+5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: three.example\r\nContent-Length: 3\r\n\r\nabc\
+GET /chat HTTP/1.1\r\nHost: four.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
+                .to_vec(),
+        ),
+        (
             "json-post",
             b"POST /api HTTP/1.1\r\nHost: app.example\r\nContent-Length: 14\r\n\r\n{\"query\":\"ok\"}"
                 .to_vec(),

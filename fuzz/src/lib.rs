@@ -24,6 +24,7 @@ use chatwall::classify::payload::{Direction, Outcome};
 use chatwall::classify::tls::{self, Hello};
 use chatwall::classify::Detection;
 use chatwall::config::Config;
+use chatwall::engine::Engine;
 use chatwall::policy::Policy;
 use chatwall::signatures::load::SourceFile;
 use chatwall::signatures::{RuleKind, SignatureSet};
@@ -86,10 +87,29 @@ pub fn payload(data: &[u8]) {
     check_payload(bundled(), data);
 }
 
+/// The default configuration's engine (bundled signatures), built once.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let config = match Config::load(None) {
+            Ok(c) => c,
+            Err(e) => panic!("the built-in configuration must load: {e:?}"),
+        };
+        match Engine::build(config) {
+            Ok(e) => e,
+            Err(errors) => panic!("the built-in engine must build: {errors:?}"),
+        }
+    })
+}
+
 /// `http_head`: parse a request head with httparse as a front end would,
 /// build `http::request::Parts` from it, and run the bundled set's HTTP,
-/// host and download rules on it (the body rules on what follows the head).
+/// host and download rules on it (the body rules on what follows the head);
+/// then the whole input as a stream of requests inside a tunnel
+/// ([`chatwall::decide::fuzz_logic`]: framing followed request by request,
+/// the same outcome however the bytes are split).
 pub fn http_head(data: &[u8]) {
+    chatwall::decide::fuzz_logic(engine(), data);
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     let Ok(httparse::Status::Complete(head_len)) = request.parse(data) else {
