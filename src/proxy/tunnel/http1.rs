@@ -128,6 +128,10 @@ pub async fn run(
         };
         next_step(&ctx, &client, &mut up_state).await
     };
+    let lost_refused = match &first {
+        Ok(Step::Lost(why)) => lost_refusal(&engine, &mut flow, &mut up_state, why),
+        _ => None,
+    };
     let end = match first {
         Err(end) => {
             // The client left before a whole request.
@@ -149,6 +153,15 @@ pub async fn run(
                 relay::reset(up);
             }
             end
+        }
+        Ok(Step::Lost(_)) if lost_refused.is_some() => {
+            // Not followable from its first request, and refused by the
+            // generic rules (or the destination address): no upstream.
+            relay::reset(&client);
+            if let Upstream::Connected(up) = &upstream {
+                relay::reset(up);
+            }
+            lost_refused.map_or(End::Closed, End::Blocked)
         }
         Ok(first) => match connect(&shared, &engine, &flow, upstream).await {
             Err(e) => {
@@ -226,6 +239,33 @@ pub async fn run(
     {
         shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
         shared.access_log.write(flow.rec);
+    }
+}
+
+/// What refuses a stream that cannot be followed as HTTP from its first
+/// request: a redirected port-80 flow to a refused address (its requests
+/// would each have been refused), then the generic rules.
+fn lost_refusal(
+    engine: &Engine,
+    flow: &mut Flow,
+    st: &mut Up<'_>,
+    why: &'static str,
+) -> Option<crate::classify::Detection> {
+    if let Some(d) = flow.addr_block {
+        return Some(d);
+    }
+    tracing::debug!(client = %flow.ctx.client.addr, why, "HTTP in a tunnel not followed");
+    let who = flow.ctx.client.who();
+    match decide::generic_for_port(
+        engine,
+        &who,
+        flow.dst.port(),
+        flow.allowlisted,
+        &st.buf,
+        &mut st.findings,
+    ) {
+        Err(Refusal::Blocked(d)) => Some(d),
+        _ => None,
     }
 }
 
@@ -346,7 +386,7 @@ async fn requests_up(
                     if let Err(end) = admit_request(ctx, st, request).await {
                         return end;
                     }
-                } else if ctx.flow.rec.start.is_some() {
+                } else if !ctx.shared.access_log.is_off() {
                     let mut ex = ctx.exchange.lock();
                     if let Some(rec) = ex.pending.back_mut().and_then(|p| p.rec.as_mut()) {
                         rec.bytes_up += len as u64;
