@@ -296,6 +296,7 @@ fn check_config(config: Option<PathBuf>) -> u8 {
         c.policy.categories.len(),
         c.policy.exceptions.len()
     );
+    println!("CONNECT ports: {}", c.connect_ports);
     println!("ok");
     EXIT_OK
 }
