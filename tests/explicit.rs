@@ -2172,3 +2172,238 @@ async fn an_upgraded_connection_holds_its_slot() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// CONNECT ports ([access] connect_ports)
+// ---------------------------------------------------------------------------
+
+/// A proxy from a whole file that leaves `connect_ports` at its default
+/// (the test support opens every port otherwise): loopback reachable, the
+/// bundled signatures.
+async fn proxy_with_default_connect_ports() -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("access.log");
+    let config_path = dir.path().join("chatwall.toml");
+    let text = format!(
+        "{}[access]\ndeny_destinations = []\n",
+        support::base_toml(&log_path)
+    );
+    assert!(!text.contains("connect_ports"));
+    std::fs::write(&config_path, text).expect("write config");
+    Proxy::start_file(dir, config_path, log_path).await
+}
+
+/// Assert a `connect_ports` refusal: 403, the header, a page that says so.
+fn assert_port_refusal(r: &Resp, port: u16, what: &str) {
+    assert_eq!(r.status, 403, "{what}: {}", r.head);
+    assert_eq!(
+        r.header("x-chatwall-block").as_deref(),
+        Some("port"),
+        "{what}: {}",
+        r.head
+    );
+    let page = r.text();
+    assert!(
+        page.contains(&format!("port {port} is not allowed")),
+        "{what}: the page must say the port is not allowed: {page}"
+    );
+}
+
+/// With the default `connect_ports` (443), CONNECT to any other port is
+/// refused with 403 and reason `port` before any DNS lookup or upstream
+/// connection, on the fast path (a connection's first request) and on the
+/// HTTP server's path (a CONNECT after another request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ports_default_refuses_other_ports_before_dns() {
+    let proxy = proxy_with_default_connect_ports().await;
+    let origin = RawOrigin::start(None, true).await;
+    let http_origin = HttpOrigin::start().await;
+    let o = origin.addr;
+    let port = o.port();
+    // (authority, the port, the app the refusal is counted under)
+    let cases = [
+        (o.to_string(), port, "unidentified"),
+        // A name that does not resolve: a lookup would make this a 502.
+        (
+            "chat.example.invalid:8443".to_string(),
+            8443,
+            "unidentified",
+        ),
+        ("chat.example.invalid:5222".to_string(), 5222, "xmpp"),
+        ("[::1]:8443".to_string(), 8443, "unidentified"),
+    ];
+    // Refused for its port: by `connect_ports`, or by a signature's port
+    // rule, which names its app.
+    let refused = |r: &Resp, port: u16, app: &str, what: &str| {
+        if app == "unidentified" {
+            assert_port_refusal(r, port, what);
+        } else {
+            assert_eq!(r.status, 403, "{what}: {}", r.head);
+            assert_eq!(r.header("x-chatwall-block").as_deref(), Some(app), "{what}");
+        }
+    };
+    for (authority, port, app) in &cases {
+        // Fast path: CONNECT as the connection's first request.
+        let (r, mut s) = connect(proxy.addr, authority).await;
+        refused(&r, *port, app, &format!("first CONNECT {authority}"));
+        // The connection stays usable: the HTTP server's CONNECT path.
+        let a = http_origin.addr;
+        s.write_all(format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let r = read_full(&mut s, false).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        s.write_all(
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (status, head, body) = read_response(&mut s).await;
+        refused(
+            &Resp { status, head, body },
+            *port,
+            app,
+            &format!("CONNECT {authority} after a GET"),
+        );
+    }
+    assert_eq!(
+        origin.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a refused CONNECT reached the origin"
+    );
+    let m = proxy.metrics().await;
+    for kind in ["dns", "connect_refused", "connect", "connect_timeout"] {
+        assert_eq!(
+            sample(&m, "chatwall_upstream_errors_total", &[("kind", kind)]),
+            0.0,
+            "{kind}: {m}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "unidentified"), ("reason", "port")]
+        ),
+        6.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "xmpp"), ("reason", "port")]
+        ),
+        2.0,
+        "{m}"
+    );
+    let recs = proxy.wait_log(12).await;
+    let refused: Vec<&Value> = recs
+        .iter()
+        .filter(|r| field(r, "method") == "CONNECT")
+        .collect();
+    assert_eq!(refused.len(), 8, "{recs:?}");
+    for r in refused {
+        assert_eq!(field(r, "reason"), "port", "{r}");
+        assert_eq!(field(r, "verdict"), "block", "{r}");
+        assert_eq!(num(r, "status"), 403, "{r}");
+        assert!(r.get("upstream").map_or(true, Value::is_null), "{r}");
+        let app = field(r, "app");
+        let target = field(r, "target");
+        let want = cases
+            .iter()
+            .find(|(a, _, _)| target == *a)
+            .map(|c| c.2)
+            .unwrap_or_else(|| panic!("unexpected target in {r}"));
+        assert_eq!(app, want, "{r}");
+    }
+}
+
+/// 443 passes the default port check: CONNECT to a loopback 443 where
+/// nothing listens (or whatever listens) is never refused for its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ports_default_lets_443_through_the_port_check() {
+    let proxy = proxy_with_default_connect_ports().await;
+    for first in [true, false] {
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        if !first {
+            // Through the HTTP server: a refused request first.
+            s.write_all(b"GET http://web.whatsapp.com/ HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n")
+                .await
+                .expect("write");
+            assert_eq!(read_response(&mut s).await.0, 403);
+        }
+        s.write_all(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, head, _) = read_response(&mut s).await;
+        assert!(
+            status == 200 || status == 502,
+            "CONNECT 127.0.0.1:443 (first={first}): {head}"
+        );
+        assert_ne!(
+            header_of(&head, "x-chatwall-block").as_deref(),
+            Some("port")
+        );
+    }
+    let recs = proxy.wait_log(3).await;
+    assert!(
+        recs.iter()
+            .filter(|r| field(r, "method") == "CONNECT")
+            .all(|r| field(r, "reason") != "port"),
+        "{recs:?}"
+    );
+    assert_eq!(
+        sample(
+            &proxy.metrics().await,
+            "chatwall_blocked_total",
+            &[("app", "unidentified"), ("reason", "port")]
+        ),
+        0.0
+    );
+}
+
+/// A port (or range) listed in `connect_ports` tunnels byte for byte over
+/// one upstream connection; the port next to it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ports_listed_pass_byte_for_byte() {
+    let origin = RawOrigin::start(None, true).await;
+    let o = origin.addr;
+    let port = o.port();
+    let other = if port == u16::MAX { port - 1 } else { port + 1 };
+    for listed in [format!("[{port}]"), format!("[443, \"{port}-{port}\"]")] {
+        let proxy = Proxy::start(&format!(
+            "[access]\ndeny_destinations = []\nconnect_ports = {listed}\n"
+        ))
+        .await;
+        let before = origin.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let received_before = origin.total_received();
+        // Fast path, then the HTTP server's path.
+        let mut s = connect_tunnel(proxy.addr, &o.to_string())
+            .await
+            .unwrap_or_else(|st| panic!("{listed}: CONNECT {o} -> {st}"));
+        echoes(&mut s, b"\x00first bytes\xff", b"\x00first bytes\xff").await;
+        drop(s);
+        let (r, mut s) = connect(proxy.addr, &format!("127.0.0.1:{other}")).await;
+        assert_port_refusal(&r, other, &listed);
+        s.write_all(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        assert_eq!(read_response(&mut s).await.0, 200, "{listed}");
+        echoes(&mut s, b"second tunnel", b"second tunnel").await;
+        drop(s);
+        assert_eq!(
+            origin.accepted.load(std::sync::atomic::Ordering::SeqCst) - before,
+            2,
+            "{listed}: one upstream connection per tunnel"
+        );
+        let n = origin.received.lock().expect("lock").len();
+        assert_eq!(origin.connection_bytes(n - 2), b"\x00first bytes\xff");
+        assert_eq!(origin.connection_bytes(n - 1), b"second tunnel");
+        assert_eq!(
+            origin.total_received() - received_before,
+            b"\x00first bytes\xff".len() + b"second tunnel".len()
+        );
+        proxy.stop().await;
+    }
+}

@@ -284,6 +284,9 @@ pub fn refusal(
 ) -> Response<ProxyBody> {
     if let FlowError::Blocked(d) = &e {
         shared.record_verdict(ctx.listener, engine, &Verdict::Block(*d), &mut rec);
+    } else if let FlowError::PortNotAllowed(_) = &e {
+        let d = super::target::port_refusal();
+        shared.record_verdict(ctx.listener, engine, &Verdict::Block(d), &mut rec);
     } else if let FlowError::DeniedDestination(_) = &e {
         rec.verdict = "block";
         rec.reason = Some("destination");

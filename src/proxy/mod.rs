@@ -15,6 +15,7 @@ pub mod origdst;
 pub mod prefixed;
 pub mod refuse;
 pub mod relay;
+pub mod target;
 pub mod transparent;
 pub mod tunnel;
 pub mod upstream;

@@ -23,6 +23,8 @@ pub enum FlowError {
     /// A destination the access rules never reach (loopback, link-local,
     /// the proxy itself...).
     DeniedDestination(IpAddr),
+    /// A CONNECT to a port `[access] connect_ports` does not list.
+    PortNotAllowed(u16),
     /// The client sent something malformed.
     BadRequest(&'static str),
     /// Name resolution failed.
@@ -46,6 +48,7 @@ impl FlowError {
         match self {
             FlowError::Blocked(_) => "blocked",
             FlowError::DeniedDestination(_) => "denied_destination",
+            FlowError::PortNotAllowed(_) => "port_not_allowed",
             FlowError::BadRequest(_) => "bad_request",
             FlowError::Dns(_) => "dns",
             FlowError::ConnectRefused(_) => "connect_refused",
@@ -61,13 +64,18 @@ impl FlowError {
     pub fn is_upstream(&self) -> bool {
         !matches!(
             self,
-            FlowError::Blocked(_) | FlowError::BadRequest(_) | FlowError::DeniedDestination(_)
+            FlowError::Blocked(_)
+                | FlowError::BadRequest(_)
+                | FlowError::DeniedDestination(_)
+                | FlowError::PortNotAllowed(_)
         )
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            FlowError::Blocked(_) | FlowError::DeniedDestination(_) => StatusCode::FORBIDDEN,
+            FlowError::Blocked(_)
+            | FlowError::DeniedDestination(_)
+            | FlowError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
             FlowError::BadRequest(_) => StatusCode::BAD_REQUEST,
             FlowError::ConnectTimeout(_) | FlowError::UpstreamTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -93,6 +101,9 @@ impl fmt::Display for FlowError {
             FlowError::Blocked(_) => write!(f, "refused by policy"),
             FlowError::DeniedDestination(ip) => {
                 write!(f, "destination {ip} is not reachable through this proxy")
+            }
+            FlowError::PortNotAllowed(port) => {
+                write!(f, "CONNECT to port {port} is not allowed by this proxy")
             }
             FlowError::BadRequest(why) => write!(f, "bad request: {why}"),
             FlowError::Dns(e) => write!(f, "DNS lookup failed: {e}"),
@@ -153,6 +164,12 @@ pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
                 Some(id),
             )
         }
+        FlowError::PortNotAllowed(port) => (
+            format!(
+                "<!doctype html>\n<html><head><title>Port {port} not allowed</title></head>\n<body>\n<h1>Access refused</h1>\n<p>CONNECT to port {port} is not allowed by this proxy. Ask the network's administrators to add it to <code>connect_ports</code> if it is needed.</p>\n<p>chatwall</p>\n</body></html>\n",
+            ),
+            Some("port".to_string()),
+        ),
         other => (
             format!(
                 "<!doctype html>\n<html><head><title>{code}</title></head>\n<body>\n<h1>{code}</h1>\n<p>{msg}</p>\n<p>chatwall</p>\n</body></html>\n",
