@@ -3,6 +3,8 @@
 //! every upstream failure, the metrics text, the access log and the admin
 //! endpoints.
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -2406,4 +2408,278 @@ async fn connect_ports_listed_pass_byte_for_byte() {
         );
         proxy.stop().await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// A raw HTTP/1.1 origin: exact bytes in, exact bytes out
+// ---------------------------------------------------------------------------
+
+/// What a raw origin answers to one request head (as received).
+type Answer = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
+/// (connection number, request bytes) of each request a raw origin got.
+type Received = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
+
+/// An HTTP/1.1 origin on raw sockets: it records every request's exact
+/// bytes (head and body, Content-Length or chunked framing) and answers each
+/// with exact bytes. A `101` answer turns the connection into an echo.
+struct RawHttpOrigin {
+    addr: SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+    /// In arrival order.
+    requests: Received,
+}
+
+impl RawHttpOrigin {
+    async fn start(answer: Answer) -> RawHttpOrigin {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        RawHttpOrigin::serve(l, answer)
+    }
+
+    /// An origin on port 80 of a loopback address of its own (127.x.y.z),
+    /// where a target whose port fails to parse would land if it fell back
+    /// to the default port. `None` when no such address can be bound.
+    async fn start_on_port_80(answer: Answer) -> Option<RawHttpOrigin> {
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        for i in 0..8u64 {
+            let n = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i * 1442695040888963407);
+            let ip = std::net::Ipv4Addr::new(
+                127,
+                (n >> 40) as u8 | 1,
+                (n >> 24) as u8,
+                (n >> 8) as u8 | 1,
+            );
+            if let Ok(l) = TcpListener::bind((ip, 80)).await {
+                return Some(RawHttpOrigin::serve(l, answer));
+            }
+        }
+        None
+    }
+
+    fn serve(l: TcpListener, answer: Answer) -> RawHttpOrigin {
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (acc, reqs) = (Arc::clone(&accepted), Arc::clone(&requests));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let conn = acc.fetch_add(1, Ordering::SeqCst);
+                let (reqs, answer) = (Arc::clone(&reqs), Arc::clone(&answer));
+                tokio::spawn(raw_http_connection(s, conn, reqs, answer));
+            }
+        });
+        RawHttpOrigin {
+            addr,
+            accepted,
+            requests,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> Vec<(usize, Vec<u8>)> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+/// Serve one origin connection: request after request until the peer
+/// closes; after a `101`, echo.
+async fn raw_http_connection(mut s: TcpStream, conn: usize, reqs: Received, answer: Answer) {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    loop {
+        // The head.
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match s.read(&mut tmp).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        // The body: Content-Length, or chunked up to the last chunk (no
+        // trailers in these tests).
+        let chunked = header_of(&head, "transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let end = if chunked {
+            loop {
+                if let Some(p) = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break head_end + p + 5;
+                }
+                match s.read(&mut tmp).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                    _ => return,
+                }
+            }
+        } else {
+            let len = header_of(&head, "content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                match s.read(&mut tmp).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                    _ => return,
+                }
+            }
+            head_end + len
+        };
+        let request: Vec<u8> = buf.drain(..end).collect();
+        if let Ok(mut r) = reqs.lock() {
+            r.push((conn, request.clone()));
+        }
+        let response = answer(&request);
+        if s.write_all(&response).await.is_err() {
+            return;
+        }
+        if response.starts_with(b"HTTP/1.1 101") {
+            let _ = s.write_all(&buf).await;
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            return;
+        }
+    }
+}
+
+/// An answer of fixed bytes.
+fn fixed(response: &'static [u8]) -> Answer {
+    Arc::new(move |_| response.to_vec())
+}
+
+// ---------------------------------------------------------------------------
+// Strict request targets
+// ---------------------------------------------------------------------------
+
+/// A port above 65535, an empty port, a port that is not a number and
+/// userinfo in an absolute-form target, and the same in a CONNECT target,
+/// get 400 and a closed connection; nothing reaches an upstream (the
+/// origin listens on port 80, where a port that failed to parse would
+/// have fallen back to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_with_bad_ports_or_userinfo_are_400_and_never_forwarded() {
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let Some(origin) = RawHttpOrigin::start_on_port_80(fixed(OK)).await else {
+        support::skip_or_fail("no loopback address with a free port 80");
+        return;
+    };
+    let proxy = Proxy::start_open().await;
+    let h = origin.addr.ip();
+    let absolute = [
+        format!("http://{h}:99999/"),
+        format!("http://{h}:65536/"),
+        format!("http://{h}:4294967376/"),
+        format!("http://{h}:/"),
+        format!("http://{h}:8o/"),
+        format!("http://{h}:0/"),
+        format!("http://user@{h}/"),
+        format!("http://user:secret@{h}:80/"),
+        format!("http://@{h}/"),
+    ];
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for t in &absolute {
+        let authority = t.trim_start_matches("http://").trim_end_matches('/');
+        cases.push((
+            format!("GET {t}"),
+            format!("GET {t} HTTP/1.1\r\nHost: {authority}\r\n\r\n").into_bytes(),
+        ));
+    }
+    // A raw space in the target.
+    cases.push((
+        "space in the path".into(),
+        format!("GET http://{h}/a b HTTP/1.1\r\nHost: {h}\r\n\r\n").into_bytes(),
+    ));
+    cases.push((
+        "space in the authority".into(),
+        format!("GET http://{h} /x HTTP/1.1\r\nHost: {h}\r\n\r\n").into_bytes(),
+    ));
+    for target in [
+        format!("{h}:70000"),
+        format!("{h}:99999"),
+        format!("{h}:"),
+        format!("{h}:8o"),
+        format!("user@{h}:80"),
+        format!("{h} :80"),
+    ] {
+        let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {h}\r\n\r\n");
+        // As the first request (the fast path) and after a GET (hyper's).
+        cases.push((format!("CONNECT {target}"), connect.clone().into_bytes()));
+        cases.push((
+            format!("CONNECT {target} after a GET"),
+            [
+                format!("GET http://{h}/first HTTP/1.1\r\nHost: {h}\r\n\r\n").into_bytes(),
+                connect.into_bytes(),
+            ]
+            .concat(),
+        ));
+    }
+    let mut served = 0;
+    for (name, raw) in &cases {
+        let (out, closed) = until_close(proxy.addr, raw).await;
+        let text = String::from_utf8_lossy(&out).to_string();
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(i, _)| text.get(i + 9..i + 12))
+            .collect();
+        let after_get = name.ends_with("after a GET");
+        if after_get {
+            served += 1;
+        }
+        let want: &[&str] = if after_get { &["200", "400"] } else { &["400"] };
+        assert_eq!(statuses, want, "{name}: {text}");
+        assert!(closed, "{name}: the connection stays open after a 400");
+    }
+    // Only the GETs before the CONNECTs reached the origin.
+    let seen = origin.requests();
+    assert_eq!(seen.len(), served, "{seen:?}");
+    assert!(seen
+        .iter()
+        .all(|(_, r)| r.starts_with(b"GET /first HTTP/1.1\r\n")));
+    assert!(origin.accepted() <= served);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_upstream_errors_total",
+            &[("kind", "connect_refused")]
+        ),
+        0.0
+    );
+}
+
+/// Ports written in full, with leading zeros, or left out pass as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_ports_in_targets_pass() {
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let origin = RawHttpOrigin::start(fixed(OK)).await;
+    let proxy = Proxy::start_open().await;
+    let p = origin.addr.port();
+    for (i, authority) in [format!("127.0.0.1:{p}"), format!("127.0.0.1:00{p}")]
+        .iter()
+        .enumerate()
+    {
+        let r = one(
+            proxy.addr,
+            &format!("GET http://{authority}/x HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{authority}: {}", r.head);
+        assert_eq!(r.body, b"ok");
+        let seen = origin.requests();
+        assert!(
+            seen[i].1.starts_with(b"GET /x HTTP/1.1\r\n"),
+            "{}",
+            String::from_utf8_lossy(&seen[i].1)
+        );
+    }
+    assert_eq!(origin.accepted(), 2);
 }

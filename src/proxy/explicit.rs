@@ -378,10 +378,7 @@ async fn forward(
                 .filter(|h| !h.is_empty())
                 .ok_or(FlowError::BadRequest("no host in the request target"))?
                 .to_string();
-            let port = parts.uri.port_u16().unwrap_or(80);
-            if port == 0 {
-                return Err(FlowError::BadRequest("port 0"));
-            }
+            let port = super::target::http_port(&parts.uri)?;
             (host, port, parts.uri.clone())
         }
         Some(fixed) => {
