@@ -10,6 +10,7 @@
 pub mod body;
 pub mod connect;
 pub mod explicit;
+pub mod hop_by_hop;
 pub mod listener;
 pub mod origdst;
 pub mod prefixed;
