@@ -2683,3 +2683,327 @@ async fn valid_ports_in_targets_pass() {
     }
     assert_eq!(origin.accepted(), 2);
 }
+
+// ---------------------------------------------------------------------------
+// Only the rewrites a forward proxy must make, byte for byte
+// ---------------------------------------------------------------------------
+
+/// This proxy's `Via` value.
+fn via_of(proxy: &Proxy) -> String {
+    proxy.shared.via.to_str().expect("via").to_string()
+}
+
+/// Read one response off `s` and return its exact bytes (head and a
+/// Content-Length or chunked body, decoded for chunked).
+async fn response_bytes(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let r = read_full(s, false).await;
+    (r.head, r.body)
+}
+
+/// Requests reach the origin with only the rewrites a forward proxy must
+/// make: origin-form request line, hop-by-hop fields gone, Host from the
+/// target (where it stood), Via added; every other field with its name as
+/// written and in its place. Responses reach the client as the origin sent
+/// them minus hop-by-hop fields plus Via, with no Date the origin did not
+/// send, custom reason phrases kept. Two (three) requests on one client
+/// connection use one pooled upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_http_is_forwarded_byte_for_byte_but_for_the_required_rewrites() {
+    const FIRST: &[u8] = b"HTTP/1.1 200 OK\r\n\
+        Server: RawOrigin/1\r\n\
+        X-MiXeD-Response: yes\r\n\
+        content-type: text/plain\r\n\
+        Connection: keep-alive, X-Resp-Hop\r\n\
+        X-Resp-Hop: gone\r\n\
+        Keep-Alive: timeout=5\r\n\
+        Proxy-Authenticate: Basic realm=\"origin\"\r\n\
+        Content-Length: 5\r\n\
+        set-cookie: a=1\r\n\
+        Set-Cookie: b=2\r\n\
+        \r\n\
+        first";
+    const SECOND: &[u8] = b"HTTP/1.1 201 Made It\r\n\
+        LOCATION: /made\r\n\
+        Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n\
+        Content-Length: 6\r\n\
+        x-trailing: 1\r\n\
+        \r\n\
+        second";
+    const THIRD: &[u8] = b"HTTP/1.1 200 OK\r\n\
+        Transfer-Encoding: chunked\r\n\
+        X-After-Te: 1\r\n\
+        \r\n\
+        10\r\n0123456789abcdef\r\n0\r\n\r\n";
+    let origin = RawHttpOrigin::start(Arc::new(|req: &[u8]| {
+        if req.starts_with(b"GET /first") {
+            FIRST.to_vec()
+        } else if req.starts_with(b"POST /second") {
+            SECOND.to_vec()
+        } else {
+            THIRD.to_vec()
+        }
+    }))
+    .await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+
+    let requests: [(Vec<u8>, Vec<u8>); 3] = [
+        (
+            format!(
+                "GET http://{a}/first?q=1&r=%20 HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 User-Agent: raw-test/1.0\r\n\
+                 X-MiXeD-CaSe: one\r\n\
+                 accept: */*\r\n\
+                 Proxy-Connection: Keep-Alive\r\n\
+                 Connection: Keep-Alive, X-Hop\r\n\
+                 X-Hop: gone\r\n\
+                 Keep-Alive: timeout=5\r\n\
+                 TE: trailers\r\n\
+                 Proxy-Authorization: Basic dXNlcjpwYXNz\r\n\
+                 X-Order-A: 1\r\n\
+                 COOKIE: a=b\r\n\
+                 \r\n"
+            )
+            .into_bytes(),
+            format!(
+                "GET /first?q=1&r=%20 HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 User-Agent: raw-test/1.0\r\n\
+                 X-MiXeD-CaSe: one\r\n\
+                 accept: */*\r\n\
+                 X-Order-A: 1\r\n\
+                 COOKIE: a=b\r\n\
+                 Via: {via}\r\n\
+                 \r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            format!(
+                "POST http://{a}/second HTTP/1.1\r\n\
+                 host: wrong.example:1\r\n\
+                 Content-Type: text/plain\r\n\
+                 content-LENGTH: 11\r\n\
+                 VIA: 1.0 earlier-proxy\r\n\
+                 X-Z: z\r\n\
+                 \r\n\
+                 hello world"
+            )
+            .into_bytes(),
+            format!(
+                "POST /second HTTP/1.1\r\n\
+                 host: {a}\r\n\
+                 Content-Type: text/plain\r\n\
+                 content-LENGTH: 11\r\n\
+                 VIA: 1.0 earlier-proxy\r\n\
+                 Via: {via}\r\n\
+                 X-Z: z\r\n\
+                 \r\n\
+                 hello world"
+            )
+            .into_bytes(),
+        ),
+        (
+            format!(
+                "PUT http://{a}/third HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 transfer-encoding: chunked\r\n\
+                 Trailer: X-Sum\r\n\
+                 X-After: 1\r\n\
+                 \r\n\
+                 10\r\n0123456789abcdef\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+            format!(
+                "PUT /third HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 transfer-encoding: chunked\r\n\
+                 Trailer: X-Sum\r\n\
+                 X-After: 1\r\n\
+                 Via: {via}\r\n\
+                 \r\n\
+                 10\r\n0123456789abcdef\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+    ];
+    let responses: [(&str, &[u8]); 3] = [
+        (
+            "HTTP/1.1 200 OK\r\n\
+             Server: RawOrigin/1\r\n\
+             X-MiXeD-Response: yes\r\n\
+             content-type: text/plain\r\n\
+             Content-Length: 5\r\n\
+             set-cookie: a=1\r\n\
+             Set-Cookie: b=2\r\n",
+            b"first",
+        ),
+        (
+            "HTTP/1.1 201 Made It\r\n\
+             LOCATION: /made\r\n\
+             Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n\
+             Content-Length: 6\r\n\
+             x-trailing: 1\r\n",
+            b"second",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\n\
+             Transfer-Encoding: chunked\r\n\
+             X-After-Te: 1\r\n",
+            b"0123456789abcdef",
+        ),
+    ];
+
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    for (i, ((sent, _), (head, body))) in requests.iter().zip(&responses).enumerate() {
+        s.write_all(sent).await.expect("write");
+        let (got_head, got_body) = response_bytes(&mut s).await;
+        assert_eq!(
+            got_head,
+            format!("{head}Via: {via}\r\n\r\n"),
+            "response {i}: the origin's head minus hop-by-hop fields, plus Via"
+        );
+        assert_eq!(got_body, *body, "response {i}");
+    }
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (i, ((_, want), (conn, got))) in requests.iter().zip(&seen).enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(got),
+            String::from_utf8_lossy(want),
+            "request {i} as the origin got it"
+        );
+        assert_eq!(*conn, 0, "request {i} on another upstream connection");
+    }
+    assert_eq!(origin.accepted(), 1, "one pooled upstream connection");
+}
+
+/// A request offering h2c (alone, in a list, in any case) reaches the origin
+/// without the offer and gets the origin's HTTP/1.1 answer, never a 101;
+/// a WebSocket offer beside it still upgrades; an origin that switches to a
+/// protocol nobody offered gets the client a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_offers_never_yield_a_101() {
+    const H2C: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+    const WS: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    const PLAIN: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhttp1";
+    // Answers as an h2c-capable server would: 101 to an h2c offer.
+    let origin = RawHttpOrigin::start(Arc::new(|req: &[u8]| {
+        let head = String::from_utf8_lossy(req).to_ascii_lowercase();
+        let offers = |p: &str| {
+            head.lines().any(|l| {
+                l.strip_prefix("upgrade:")
+                    .is_some_and(|v| v.split(',').any(|t| t.trim() == p))
+            })
+        };
+        if offers("h2c") {
+            H2C.to_vec()
+        } else if offers("websocket") {
+            WS.to_vec()
+        } else {
+            PLAIN.to_vec()
+        }
+    }))
+    .await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+    let settings = "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n";
+    // (offer fields as the client sends them, what the origin must get of them)
+    let plain_offers = [
+        format!("Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n{settings}"),
+        format!("connection: http2-settings,UPGRADE\r\nupgrade: H2C\r\n{settings}"),
+        format!("Proxy-Connection: Keep-Alive\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n{settings}"),
+        // Upgrade without Connection: upgrade is no offer at all.
+        "Upgrade: h2c\r\n".to_string(),
+    ];
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    for (i, offer) in plain_offers.iter().enumerate() {
+        s.write_all(
+            format!("GET http://{a}/h2c/{i} HTTP/1.1\r\nHost: {a}\r\n{offer}Accept: */*\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (head, body) = response_bytes(&mut s).await;
+        assert_eq!(
+            head,
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: {via}\r\n\r\n"),
+            "offer {i}"
+        );
+        assert_eq!(body, b"http1");
+    }
+    let seen = origin.requests();
+    for (i, (conn, got)) in seen.iter().enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(got),
+            format!("GET /h2c/{i} HTTP/1.1\r\nHost: {a}\r\nAccept: */*\r\nVia: {via}\r\n\r\n"),
+        );
+        assert_eq!(*conn, 0);
+    }
+    assert_eq!(origin.accepted(), 1);
+
+    // h2c beside websocket: the WebSocket upgrade goes through alone.
+    let mut ws = TcpStream::connect(proxy.addr).await.expect("connect");
+    ws.write_all(
+        format!(
+            "GET http://{a}/chat HTTP/1.1\r\nHost: {a}\r\nConnection: keep-alive, Upgrade, HTTP2-Settings\r\nUpgrade: h2c, websocket\r\n{settings}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, head, _) = read_response(&mut ws).await;
+    assert_eq!(status, 101, "{head}");
+    assert_eq!(
+        head,
+        format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nVia: {via}\r\n\r\n")
+    );
+    echoes(&mut ws, b"frame", b"frame").await;
+    let seen = origin.requests();
+    let (_, got) = seen.last().expect("the upgrade request");
+    assert_eq!(
+        String::from_utf8_lossy(got),
+        format!("GET /chat HTTP/1.1\r\nHost: {a}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nVia: {via}\r\n\r\n")
+    );
+    drop(ws);
+
+    // curl's own h2c offer (`--http2` on an http:// URL through a proxy).
+    if support::have_curl() {
+        let url = format!("http://{a}/curl");
+        let (code, out, err) =
+            support::curl(&["--http2", "-i", "-x", &proxy.proxy_url(), &url]).await;
+        assert_eq!(code, 0, "{err}");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nhttp1"), "{out}");
+        let seen = origin.requests();
+        let (_, got) = seen.last().expect("curl's request");
+        let got = String::from_utf8_lossy(got).to_ascii_lowercase();
+        assert!(got.starts_with("get /curl http/1.1\r\n"), "{got}");
+        assert!(
+            !got.contains("h2c") && !got.contains("http2-settings") && !got.contains("upgrade"),
+            "{got}"
+        );
+    } else {
+        support::skip_or_fail("curl is not installed");
+    }
+
+    // An origin that switches to h2c unasked: 502, not a 101.
+    let rogue = RawHttpOrigin::start(fixed(H2C)).await;
+    let r = one(
+        proxy.addr,
+        &format!(
+            "GET http://{r}/ HTTP/1.1\r\nHost: {r}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            r = rogue.addr
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    let r = get(proxy.addr, &format!("http://{}/", rogue.addr)).await;
+    assert_eq!(r.status, 502, "{}", r.head);
+}

@@ -58,7 +58,11 @@ impl UpstreamClient {
             .pool_idle_timeout(cfg.limits.upstream_idle_timeout)
             .pool_max_idle_per_host(64)
             .set_host(false)
-            .http1_preserve_header_case(false)
+            // Header names go upstream as the client wrote them (the case
+            // map travels in the request's extensions); the few this proxy
+            // adds (Via, framing) in title case.
+            .http1_preserve_header_case(true)
+            .http1_title_case_headers(true)
             .build(connector);
         UpstreamClient { client }
     }
@@ -173,7 +177,13 @@ pub async fn serve_with<I>(
         .max_buf_size(limits.max_request_head_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true)
-        .half_close(false);
+        .half_close(false)
+        // Responses reach the client with the origin's header names as
+        // written, and without a Date the origin did not send; refusals
+        // carry their own (refuse.rs).
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .auto_date_header(false);
     let conn = builder.serve_connection(io, svc).with_upgrades();
     let mut shutdown = shared.shutdown.subscribe();
     tokio::pin!(conn);

@@ -140,6 +140,13 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// `Date` for a response this proxy makes (RFC 9110 §6.6.1): the HTTP
+/// server adds none, so that forwarded responses carry only the origin's.
+fn date_now() -> HeaderValue {
+    HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+        .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+}
+
 /// The response for a flow error. `close` asks the client to close (after a
 /// malformed request the connection's framing cannot be trusted).
 pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
@@ -187,6 +194,7 @@ pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::DATE, date_now());
     if let Some(app) = app.and_then(|a| HeaderValue::from_str(&a).ok()) {
         h.insert("x-chatwall-block", app);
     }
@@ -205,6 +213,7 @@ pub fn proxy_auth_required(realm: &str) -> Response<ProxyBody> {
     *resp.status_mut() = StatusCode::PROXY_AUTHENTICATION_REQUIRED;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(header::DATE, date_now());
     if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
         h.insert(header::PROXY_AUTHENTICATE, v);
     }
