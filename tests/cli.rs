@@ -630,6 +630,11 @@ fn classify_explains_the_verdict() {
             "example.com:80",
         ),
         (
+            &["classify", "url", "http://example.com:5190/"],
+            "block",
+            "aim",
+        ),
+        (
             &[
                 "classify",
                 "url",
@@ -688,6 +693,9 @@ fn bad_usage_exits_2() {
         &["check-config", "--no-such-flag"],
         &["classify", "host"],
         &["classify", "host", "example.com", "--port", "70000"],
+        &["classify", "url", "http://example.com:99999/"],
+        &["classify", "url", "http://example.com:/"],
+        &["classify", "url", "http://user@example.com/"],
         &["signatures"],
     ] {
         let o = run(args);
