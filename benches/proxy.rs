@@ -34,7 +34,8 @@
 //! seconds apart.
 //!
 //! Every proxy listens on 127.0.0.1:0 with `[access] deny_destinations = []`
-//! (so it may reach the loopback origins) and `[log] access = "off"`.
+//! and `connect_ports = ["1-65535"]` (so it may reach the loopback origins
+//! on their random ports) and `[log] access = "off"`.
 //!
 //! Run: `cargo bench --bench proxy -- --measurement-time 3 --warm-up-time 1`
 use std::convert::Infallible;
@@ -148,7 +149,7 @@ async fn start_proxy(signatures: Option<&str>) -> Proxy {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut toml = String::from(
         "[listen]\nexplicit = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\n\n\
-         [access]\ndeny_destinations = []\n\n\
+         [access]\ndeny_destinations = []\nconnect_ports = [\"1-65535\"]\n\n\
          [log]\naccess = \"off\"\nlevel = \"error\"\n",
     );
     if let Some(app) = signatures {

@@ -22,7 +22,10 @@
 //!   close (no half-close: Squid ends a tunnel when either side does).
 //!
 //! Loads (through `--proxy ADDR` with `CONNECT`, or straight to the origin
-//! without it). Each prints one line of `key=value` pairs on stdout:
+//! without it). A chatwall in front must let CONNECT reach the origins'
+//! ports (`[access] connect_ports`, 443 only by default; the benchmark's
+//! `bench/chatwall-bench.toml` opens every port). Each prints one line of
+//! `key=value` pairs on stdout:
 //!
 //! - `setup --target ADDR --concurrency 32 --secs 10`: new tunnels in a
 //!   closed loop: connect, `CONNECT`, read the `200`, send a real TLS 1.3

@@ -297,6 +297,7 @@ fn check_config(config: Option<PathBuf>) -> u8 {
         c.policy.categories.len(),
         c.policy.exceptions.len()
     );
+    println!("CONNECT ports: {}", c.connect_ports);
     println!("ok");
     EXIT_OK
 }
@@ -413,13 +414,20 @@ fn classify(cmd: ClassifyCommand) -> u8 {
                 eprintln!("the URL has no host");
                 return EXIT_USAGE;
             };
-            let port = uri
-                .port_u16()
-                .unwrap_or(if uri.scheme_str() == Some("https") {
-                    443
-                } else {
-                    80
-                });
+            // As strictly as the proxy reads a target: a bad port is an
+            // error, not the scheme's default.
+            let written = uri
+                .authority()
+                .map(|a| crate::proxy::target::authority_port(a.as_str()));
+            let port = match written {
+                Some(Err(e)) => {
+                    eprintln!("not a URL the proxy would fetch: {e}");
+                    return EXIT_USAGE;
+                }
+                Some(Ok(Some(p))) => p,
+                _ if uri.scheme_str() == Some("https") => 443,
+                _ => 80,
+            };
             (config.clone(), host.to_string(), port, Some(uri))
         }
     };

@@ -43,6 +43,7 @@ allow = []
 [access]
 allow_clients = ["127.0.0.0/8", "::1/128"]
 deny_destinations = ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"]
+connect_ports = [443]
 
 [inspect]
 client_bytes = 16384
@@ -198,6 +199,79 @@ struct RawAllow {
 struct RawAccess {
     allow_clients: Vec<String>,
     deny_destinations: Vec<String>,
+    connect_ports: RawPortList,
+}
+
+/// One `connect_ports` entry as written: a port number, or a string
+/// holding a port or a range (`"8000-8999"`).
+#[derive(Debug, Clone)]
+enum RawPorts {
+    Number(i64),
+    Text(String),
+}
+
+/// `connect_ports` as written: a list of entries, or one entry alone (what
+/// `CHATWALL__ACCESS__CONNECT_PORTS=443` becomes: the environment layer
+/// reads a lone number as a number, not as a list).
+#[derive(Debug, Clone, Default)]
+struct RawPortList(Vec<RawPorts>);
+
+const PORTS_EXPECTED: &str = "a port number or a string such as \"8000-8999\"";
+
+impl<'de> Deserialize<'de> for RawPorts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl serde::de::Visitor<'_> for Entry {
+            type Value = RawPorts;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(PORTS_EXPECTED)
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawPorts, E> {
+                Ok(RawPorts::Number(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawPorts, E> {
+                Ok(RawPorts::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawPorts, E> {
+                Ok(RawPorts::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawPortList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct List;
+        impl<'de> serde::de::Visitor<'de> for List {
+            type Value = RawPortList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a list of ports and ranges ({PORTS_EXPECTED})")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawPortList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(e) = seq.next_element::<RawPorts>()? {
+                    out.push(e);
+                }
+                Ok(RawPortList(out))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawPortList, E> {
+                Ok(RawPortList(vec![RawPorts::Number(v)]))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawPortList, E> {
+                Ok(RawPortList(vec![RawPorts::Number(
+                    i64::try_from(v).unwrap_or(i64::MAX),
+                )]))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawPortList, E> {
+                Ok(RawPortList(vec![RawPorts::Text(v.to_string())]))
+            }
+        }
+        d.deserialize_any(List)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,6 +397,61 @@ pub struct Limits {
     pub shutdown_grace: Duration,
 }
 
+/// A set of TCP ports, as sorted inclusive ranges that neither overlap nor
+/// touch (`[access] connect_ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortSet {
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    /// The set of the given inclusive ranges (each with low <= high).
+    pub fn from_ranges(mut ranges: Vec<(u16, u16)>) -> PortSet {
+        ranges.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            debug_assert!(lo <= hi);
+            match merged.last_mut() {
+                Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        PortSet { ranges: merged }
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        // The last range starting at or below `port` is the only candidate.
+        let i = self.ranges.partition_point(|&(lo, _)| lo <= port);
+        i > 0 && port <= self.ranges[i - 1].1
+    }
+
+    /// Every port from 1 to 65535.
+    pub fn is_all(&self) -> bool {
+        self.ranges
+            .first()
+            .is_some_and(|&(lo, hi)| lo <= 1 && hi == u16::MAX)
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ranges.is_empty() {
+            return write!(f, "none");
+        }
+        for (i, &(lo, hi)) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Listen {
     pub explicit: Vec<SocketAddr>,
@@ -406,6 +535,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub allow_clients: NetSet,
     pub deny_destinations: NetSet,
+    /// Ports a CONNECT may reach (`access.connect_ports`).
+    pub connect_ports: PortSet,
     pub inspect_bytes: usize,
     pub first_bytes_timeout: Duration,
     pub access_log: AccessLogTarget,
@@ -457,6 +588,7 @@ impl Config {
                 .with_list_parse_key("listen.transparent")
                 .with_list_parse_key("access.allow_clients")
                 .with_list_parse_key("access.deny_destinations")
+                .with_list_parse_key("access.connect_ports")
                 .with_list_parse_key("pac.direct_networks")
                 .with_list_parse_key("pac.direct_domains"),
         );
@@ -504,7 +636,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialListen { explicit: Vec<String>, transparent_http: Vec<String>, transparent_tls: Vec<String>, transparent: Vec<String>, admin: String });
     partial!(PartialSignatures { dir: String });
     partial!(PartialPolicy { default: String, non_tls_on_443: String, non_http_on_80: String, ech: String, apps: BTreeMap<String, String>, categories: BTreeMap<String, String>, exceptions: Vec<RawException>, allow: Vec<RawAllow> });
-    partial!(PartialAccess { allow_clients: Vec<String>, deny_destinations: Vec<String> });
+    partial!(PartialAccess { allow_clients: Vec<String>, deny_destinations: Vec<String>, connect_ports: RawPortList });
     partial!(PartialInspect {
         client_bytes: i64,
         first_bytes_timeout_ms: i64
@@ -665,6 +797,17 @@ impl Validator<'_> {
         out
     }
 
+    fn ports(&mut self, section: &str, key: &str, values: &[RawPorts]) -> PortSet {
+        let mut ranges = Vec::new();
+        for v in values {
+            match parse_ports(v) {
+                Ok(r) => ranges.push(r),
+                Err(m) => self.err(section, key, m),
+            }
+        }
+        PortSet::from_ranges(ranges)
+    }
+
     fn millis(&mut self, section: &str, key: &str, v: i64, min: i64, max: i64) -> Duration {
         if v < min || v > max {
             self.err(section, key, format!("{v} is outside {min}..={max} ms"));
@@ -677,6 +820,37 @@ impl Validator<'_> {
             self.err(section, key, format!("{v} is outside {min}..={max}"));
         }
         v.clamp(min, max) as usize
+    }
+}
+
+/// One `connect_ports` entry: a port 1-65535 (a number or a string of
+/// digits) or a range `"LOW-HIGH"` with LOW <= HIGH.
+fn parse_ports(v: &RawPorts) -> Result<(u16, u16), String> {
+    let port = |text: &str| -> Option<u16> {
+        if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse::<u16>().ok().filter(|&p| p != 0)
+    };
+    match v {
+        RawPorts::Number(n) => u16::try_from(*n)
+            .ok()
+            .filter(|&p| p != 0)
+            .map(|p| (p, p))
+            .ok_or_else(|| format!("{n} is not a port (1-65535)")),
+        RawPorts::Text(s) => {
+            let parsed = match s.split_once('-') {
+                Some((lo, hi)) => port(lo).zip(port(hi)),
+                None => port(s).map(|p| (p, p)),
+            };
+            match parsed {
+                Some((lo, hi)) if lo <= hi => Ok((lo, hi)),
+                Some(_) => Err(format!("`{s}`: the range runs backwards")),
+                None => Err(format!(
+                    "`{s}` is not a port or a range of ports (1-65535, e.g. \"8000-8999\")"
+                )),
+            }
+        }
     }
 }
 
@@ -780,6 +954,7 @@ fn validate(
         NetSet::from_nets(v.nets("access", "allow_clients", &raw.access.allow_clients));
     let deny_destinations =
         NetSet::from_nets(v.nets("access", "deny_destinations", &raw.access.deny_destinations));
+    let connect_ports = v.ports("access", "connect_ports", &raw.access.connect_ports.0);
 
     let inspect_bytes = v.count(
         "inspect",
@@ -964,6 +1139,7 @@ fn validate(
         policy,
         allow_clients,
         deny_destinations,
+        connect_ports,
         inspect_bytes,
         first_bytes_timeout,
         access_log,
@@ -990,6 +1166,91 @@ mod tests {
         assert!(!c.allow_clients.contains("10.0.0.1".parse().unwrap()));
         assert!(c.deny_destinations.contains("169.254.1.1".parse().unwrap()));
         assert_eq!(c.inspect_bytes, 16384);
+        // Squid's SSL_ports: CONNECT reaches 443 only.
+        assert_eq!(c.connect_ports, PortSet::from_ranges(vec![(443, 443)]));
+    }
+
+    /// Load `text` as a configuration file.
+    fn load_text(text: &str) -> Result<Config, ConfigErrors> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).expect("write");
+        Config::load(Some(&path))
+    }
+
+    #[test]
+    fn connect_ports_take_numbers_strings_and_ranges() {
+        let c = load_text(
+            "[access]\nconnect_ports = [443, \"563\", \"8000-8999\", \"8443-8450\", 9000]\n",
+        )
+        .expect("valid");
+        assert_eq!(c.connect_ports.to_string(), "443, 563, 8000-9000");
+        for (port, allowed) in [
+            (443, true),
+            (442, false),
+            (444, false),
+            (563, true),
+            (7999, false),
+            (8000, true),
+            (8450, true),
+            (9000, true),
+            (9001, false),
+            (1, false),
+            (65535, false),
+        ] {
+            assert_eq!(c.connect_ports.contains(port), allowed, "{port}");
+        }
+        let all = load_text("[access]\nconnect_ports = [\"1-65535\"]\n").expect("valid");
+        assert!(all.connect_ports.is_all());
+        assert!(all.connect_ports.contains(1) && all.connect_ports.contains(65535));
+        let none = load_text("[access]\nconnect_ports = []\n").expect("valid");
+        assert!(!none.connect_ports.contains(443));
+        assert_eq!(none.connect_ports.to_string(), "none");
+    }
+
+    #[test]
+    fn bad_connect_ports_name_file_line_and_field() {
+        for entry in [
+            "0",
+            "65536",
+            "-1",
+            "\"0\"",
+            "\"70000\"",
+            "\"9000-8000\"",
+            "\"0-10\"",
+            "\"10-65536\"",
+            "\"https\"",
+            "\"\"",
+            "\" 443\"",
+            "\"443-\"",
+            "\"-443\"",
+            "\"1-2-3\"",
+            "\"+443\"",
+        ] {
+            let text = format!("[access]\n\nconnect_ports = [443, {entry}]\n");
+            let e = load_text(&text).expect_err(&text);
+            let first = &e.0[0];
+            assert_eq!(first.line, Some(3), "{entry}: {e}");
+            assert_eq!(first.field, "access.connect_ports", "{entry}: {e}");
+        }
+        // A value of another type is a type error with its line.
+        let e = load_text("[access]\nconnect_ports = [443, true]\n").expect_err("bool");
+        assert_eq!(e.0[0].line, Some(2), "{e}");
+        assert_eq!(e.0[0].field, "access.connect_ports", "{e}");
+        assert!(e.to_string().contains("8000-8999"), "{e}");
+        // One port alone is a list of one.
+        let c = load_text("[access]\nconnect_ports = 8443\n").expect("valid");
+        assert_eq!(c.connect_ports.to_string(), "8443");
+    }
+
+    #[test]
+    fn port_sets_merge_touching_ranges() {
+        let s = PortSet::from_ranges(vec![(10, 20), (5, 9), (21, 21), (30, 40), (35, 36)]);
+        assert_eq!(s.to_string(), "5-21, 30-40");
+        assert!(!s.contains(4) && s.contains(5) && s.contains(21) && !s.contains(22));
+        assert!(!s.contains(29) && s.contains(30) && s.contains(40) && !s.contains(41));
+        assert!(!PortSet::default().contains(443));
+        assert!(PortSet::from_ranges(vec![(1, 100), (101, 65535)]).is_all());
     }
 
     #[test]

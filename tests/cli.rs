@@ -132,6 +132,7 @@ const INVALID_CONFIGS: &[(&str, usize, &str)] = &[
     ("bad_allow_host.toml", 2, "policy.allow.hosts"),
     ("bad_app_action.toml", 3, "teams"),
     ("bad_cidr.toml", 3, "access.allow_clients"),
+    ("bad_connect_ports.toml", 3, "access.connect_ports"),
     ("bad_exception_clients.toml", 5, "policy.exceptions.clients"),
     ("bad_listen_addr.toml", 3, "listen.explicit"),
     ("bad_log_format.toml", 2, "log.format"),
@@ -340,6 +341,28 @@ fn environment_variables_override_defaults_and_file() {
         "{}",
         o.stdout
     );
+
+    // connect_ports: the default, a list of ports and ranges, one port.
+    let o = run(&["check-config"]);
+    assert!(o.stdout.contains("CONNECT ports: 443\n"), "{}", o.stdout);
+    for (value, want) in [
+        ("443,563,8000-8999", "CONNECT ports: 443, 563, 8000-8999\n"),
+        ("8443", "CONNECT ports: 8443\n"),
+        ("1-65535", "CONNECT ports: 1-65535\n"),
+    ] {
+        let o = run_with(
+            &["check-config"],
+            &[("CHATWALL__ACCESS__CONNECT_PORTS", value)],
+        );
+        assert_eq!(o.code, Some(0), "{value}: {o:?}");
+        assert!(o.stdout.contains(want), "{value}: {}", o.stdout);
+    }
+    let o = run_with(
+        &["check-config"],
+        &[("CHATWALL__ACCESS__CONNECT_PORTS", "443,0")],
+    );
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(o.stderr.contains("access.connect_ports"), "{}", o.stderr);
 
     // A bad value from the environment is a configuration error.
     let o = run_with(
@@ -607,6 +630,11 @@ fn classify_explains_the_verdict() {
             "example.com:80",
         ),
         (
+            &["classify", "url", "http://example.com:5190/"],
+            "block",
+            "aim",
+        ),
+        (
             &[
                 "classify",
                 "url",
@@ -665,6 +693,9 @@ fn bad_usage_exits_2() {
         &["check-config", "--no-such-flag"],
         &["classify", "host"],
         &["classify", "host", "example.com", "--port", "70000"],
+        &["classify", "url", "http://example.com:99999/"],
+        &["classify", "url", "http://example.com:/"],
+        &["classify", "url", "http://user@example.com/"],
         &["signatures"],
     ] {
         let o = run(args);

@@ -3,6 +3,8 @@
 //! every upstream failure, the metrics text, the access log and the admin
 //! endpoints.
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -2171,4 +2173,839 @@ async fn an_upgraded_connection_holds_its_slot() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// CONNECT ports ([access] connect_ports)
+// ---------------------------------------------------------------------------
+
+/// A proxy from a whole file that leaves `connect_ports` at its default
+/// (the test support opens every port otherwise): loopback reachable, the
+/// bundled signatures.
+async fn proxy_with_default_connect_ports() -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("access.log");
+    let config_path = dir.path().join("chatwall.toml");
+    let text = format!(
+        "{}[access]\ndeny_destinations = []\n",
+        support::base_toml(&log_path)
+    );
+    assert!(!text.contains("connect_ports"));
+    std::fs::write(&config_path, text).expect("write config");
+    Proxy::start_file(dir, config_path, log_path).await
+}
+
+/// Assert a `connect_ports` refusal: 403, the header, a page that says so.
+fn assert_port_refusal(r: &Resp, port: u16, what: &str) {
+    assert_eq!(r.status, 403, "{what}: {}", r.head);
+    assert_eq!(
+        r.header("x-chatwall-block").as_deref(),
+        Some("port"),
+        "{what}: {}",
+        r.head
+    );
+    let page = r.text();
+    assert!(
+        page.contains(&format!("port {port} is not allowed")),
+        "{what}: the page must say the port is not allowed: {page}"
+    );
+}
+
+/// With the default `connect_ports` (443), CONNECT to any other port is
+/// refused with 403 and reason `port` before any DNS lookup or upstream
+/// connection, on the fast path (a connection's first request) and on the
+/// HTTP server's path (a CONNECT after another request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ports_default_refuses_other_ports_before_dns() {
+    let proxy = proxy_with_default_connect_ports().await;
+    let origin = RawOrigin::start(None, true).await;
+    let http_origin = HttpOrigin::start().await;
+    let o = origin.addr;
+    let port = o.port();
+    // (authority, the port, the app the refusal is counted under)
+    let cases = [
+        (o.to_string(), port, "unidentified"),
+        // A name that does not resolve: a lookup would make this a 502.
+        (
+            "chat.example.invalid:8443".to_string(),
+            8443,
+            "unidentified",
+        ),
+        ("chat.example.invalid:5222".to_string(), 5222, "xmpp"),
+        ("[::1]:8443".to_string(), 8443, "unidentified"),
+    ];
+    // Refused for its port: by `connect_ports`, or by a signature's port
+    // rule, which names its app.
+    let refused = |r: &Resp, port: u16, app: &str, what: &str| {
+        if app == "unidentified" {
+            assert_port_refusal(r, port, what);
+        } else {
+            assert_eq!(r.status, 403, "{what}: {}", r.head);
+            assert_eq!(r.header("x-chatwall-block").as_deref(), Some(app), "{what}");
+        }
+    };
+    for (authority, port, app) in &cases {
+        // Fast path: CONNECT as the connection's first request.
+        let (r, mut s) = connect(proxy.addr, authority).await;
+        refused(&r, *port, app, &format!("first CONNECT {authority}"));
+        // The connection stays usable: the HTTP server's CONNECT path.
+        let a = http_origin.addr;
+        s.write_all(format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let r = read_full(&mut s, false).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        s.write_all(
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (status, head, body) = read_response(&mut s).await;
+        refused(
+            &Resp { status, head, body },
+            *port,
+            app,
+            &format!("CONNECT {authority} after a GET"),
+        );
+    }
+    assert_eq!(
+        origin.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a refused CONNECT reached the origin"
+    );
+    let m = proxy.metrics().await;
+    for kind in ["dns", "connect_refused", "connect", "connect_timeout"] {
+        assert_eq!(
+            sample(&m, "chatwall_upstream_errors_total", &[("kind", kind)]),
+            0.0,
+            "{kind}: {m}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "unidentified"), ("reason", "port")]
+        ),
+        6.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_blocked_total",
+            &[("app", "xmpp"), ("reason", "port")]
+        ),
+        2.0,
+        "{m}"
+    );
+    let recs = proxy.wait_log(12).await;
+    let refused: Vec<&Value> = recs
+        .iter()
+        .filter(|r| field(r, "method") == "CONNECT")
+        .collect();
+    assert_eq!(refused.len(), 8, "{recs:?}");
+    for r in refused {
+        assert_eq!(field(r, "reason"), "port", "{r}");
+        assert_eq!(field(r, "verdict"), "block", "{r}");
+        assert_eq!(num(r, "status"), 403, "{r}");
+        assert!(r.get("upstream").map_or(true, Value::is_null), "{r}");
+        let app = field(r, "app");
+        let target = field(r, "target");
+        let want = cases
+            .iter()
+            .find(|(a, _, _)| target == *a)
+            .map(|c| c.2)
+            .unwrap_or_else(|| panic!("unexpected target in {r}"));
+        assert_eq!(app, want, "{r}");
+    }
+}
+
+/// 443 passes the default port check: CONNECT to a loopback 443 where
+/// nothing listens (or whatever listens) is never refused for its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ports_default_lets_443_through_the_port_check() {
+    let proxy = proxy_with_default_connect_ports().await;
+    for first in [true, false] {
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        if !first {
+            // Through the HTTP server: a refused request first.
+            s.write_all(b"GET http://web.whatsapp.com/ HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n")
+                .await
+                .expect("write");
+            assert_eq!(read_response(&mut s).await.0, 403);
+        }
+        s.write_all(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, head, _) = read_response(&mut s).await;
+        assert!(
+            status == 200 || status == 502,
+            "CONNECT 127.0.0.1:443 (first={first}): {head}"
+        );
+        assert_ne!(
+            header_of(&head, "x-chatwall-block").as_deref(),
+            Some("port")
+        );
+    }
+    let recs = proxy.wait_log(3).await;
+    assert!(
+        recs.iter()
+            .filter(|r| field(r, "method") == "CONNECT")
+            .all(|r| field(r, "reason") != "port"),
+        "{recs:?}"
+    );
+    assert_eq!(
+        sample(
+            &proxy.metrics().await,
+            "chatwall_blocked_total",
+            &[("app", "unidentified"), ("reason", "port")]
+        ),
+        0.0
+    );
+}
+
+/// A port (or range) listed in `connect_ports` tunnels byte for byte over
+/// one upstream connection; the port next to it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_ports_listed_pass_byte_for_byte() {
+    let origin = RawOrigin::start(None, true).await;
+    let o = origin.addr;
+    let port = o.port();
+    let other = if port == u16::MAX { port - 1 } else { port + 1 };
+    for listed in [format!("[{port}]"), format!("[443, \"{port}-{port}\"]")] {
+        let proxy = Proxy::start(&format!(
+            "[access]\ndeny_destinations = []\nconnect_ports = {listed}\n"
+        ))
+        .await;
+        let before = origin.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let received_before = origin.total_received();
+        // Fast path, then the HTTP server's path.
+        let mut s = connect_tunnel(proxy.addr, &o.to_string())
+            .await
+            .unwrap_or_else(|st| panic!("{listed}: CONNECT {o} -> {st}"));
+        echoes(&mut s, b"\x00first bytes\xff", b"\x00first bytes\xff").await;
+        drop(s);
+        let (r, mut s) = connect(proxy.addr, &format!("127.0.0.1:{other}")).await;
+        assert_port_refusal(&r, other, &listed);
+        s.write_all(format!("CONNECT {o} HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        assert_eq!(read_response(&mut s).await.0, 200, "{listed}");
+        echoes(&mut s, b"second tunnel", b"second tunnel").await;
+        drop(s);
+        assert_eq!(
+            origin.accepted.load(std::sync::atomic::Ordering::SeqCst) - before,
+            2,
+            "{listed}: one upstream connection per tunnel"
+        );
+        let n = origin.received.lock().expect("lock").len();
+        assert_eq!(origin.connection_bytes(n - 2), b"\x00first bytes\xff");
+        assert_eq!(origin.connection_bytes(n - 1), b"second tunnel");
+        assert_eq!(
+            origin.total_received() - received_before,
+            b"\x00first bytes\xff".len() + b"second tunnel".len()
+        );
+        proxy.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A raw HTTP/1.1 origin: exact bytes in, exact bytes out
+// ---------------------------------------------------------------------------
+
+/// What a raw origin answers to one request head (as received).
+type Answer = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
+/// (connection number, request bytes) of each request a raw origin got.
+type Received = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
+
+/// An HTTP/1.1 origin on raw sockets: it records every request's exact
+/// bytes (head and body, Content-Length or chunked framing) and answers each
+/// with exact bytes. A `101` answer turns the connection into an echo.
+struct RawHttpOrigin {
+    addr: SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+    /// In arrival order.
+    requests: Received,
+}
+
+impl RawHttpOrigin {
+    async fn start(answer: Answer) -> RawHttpOrigin {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        RawHttpOrigin::serve(l, answer)
+    }
+
+    /// An origin on port 80 of a loopback address of its own (127.x.y.z),
+    /// where a target whose port fails to parse would land if it fell back
+    /// to the default port. `None` when no such address can be bound.
+    async fn start_on_port_80(answer: Answer) -> Option<RawHttpOrigin> {
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        for i in 0..8u64 {
+            let n = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i * 1442695040888963407);
+            let ip = std::net::Ipv4Addr::new(
+                127,
+                (n >> 40) as u8 | 1,
+                (n >> 24) as u8,
+                (n >> 8) as u8 | 1,
+            );
+            if let Ok(l) = TcpListener::bind((ip, 80)).await {
+                return Some(RawHttpOrigin::serve(l, answer));
+            }
+        }
+        None
+    }
+
+    fn serve(l: TcpListener, answer: Answer) -> RawHttpOrigin {
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (acc, reqs) = (Arc::clone(&accepted), Arc::clone(&requests));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let conn = acc.fetch_add(1, Ordering::SeqCst);
+                let (reqs, answer) = (Arc::clone(&reqs), Arc::clone(&answer));
+                tokio::spawn(raw_http_connection(s, conn, reqs, answer));
+            }
+        });
+        RawHttpOrigin {
+            addr,
+            accepted,
+            requests,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> Vec<(usize, Vec<u8>)> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+/// Serve one origin connection: request after request until the peer
+/// closes; after a `101`, echo.
+async fn raw_http_connection(mut s: TcpStream, conn: usize, reqs: Received, answer: Answer) {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    loop {
+        // The head.
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match s.read(&mut tmp).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        // The body: Content-Length, or chunked up to the last chunk (no
+        // trailers in these tests).
+        let chunked = header_of(&head, "transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let end = if chunked {
+            loop {
+                if let Some(p) = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break head_end + p + 5;
+                }
+                match s.read(&mut tmp).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                    _ => return,
+                }
+            }
+        } else {
+            let len = header_of(&head, "content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                match s.read(&mut tmp).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                    _ => return,
+                }
+            }
+            head_end + len
+        };
+        let request: Vec<u8> = buf.drain(..end).collect();
+        if let Ok(mut r) = reqs.lock() {
+            r.push((conn, request.clone()));
+        }
+        let response = answer(&request);
+        if s.write_all(&response).await.is_err() {
+            return;
+        }
+        if response.starts_with(b"HTTP/1.1 101") {
+            let _ = s.write_all(&buf).await;
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            return;
+        }
+    }
+}
+
+/// An answer of fixed bytes.
+fn fixed(response: &'static [u8]) -> Answer {
+    Arc::new(move |_| response.to_vec())
+}
+
+// ---------------------------------------------------------------------------
+// Strict request targets
+// ---------------------------------------------------------------------------
+
+/// A port above 65535, an empty port, a port that is not a number and
+/// userinfo in an absolute-form target, and the same in a CONNECT target,
+/// get 400 and a closed connection; nothing reaches an upstream (the
+/// origin listens on port 80, where a port that failed to parse would
+/// have fallen back to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_with_bad_ports_or_userinfo_are_400_and_never_forwarded() {
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    // Where a port that failed to parse would have gone; without a port 80
+    // to bind (not root), an origin elsewhere still counts connections.
+    let origin = match RawHttpOrigin::start_on_port_80(fixed(OK)).await {
+        Some(o) => o,
+        None => RawHttpOrigin::start(fixed(OK)).await,
+    };
+    let proxy = Proxy::start_open().await;
+    let (h, o) = (origin.addr.ip(), origin.addr);
+    let absolute = [
+        format!("http://{h}:99999/"),
+        format!("http://{h}:65536/"),
+        format!("http://{h}:4294967376/"),
+        format!("http://{h}:/"),
+        format!("http://{h}:8o/"),
+        format!("http://{h}:0/"),
+        format!("http://user@{h}/"),
+        format!("http://user:secret@{h}:80/"),
+        format!("http://@{h}/"),
+    ];
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for t in &absolute {
+        let authority = t.trim_start_matches("http://").trim_end_matches('/');
+        cases.push((
+            format!("GET {t}"),
+            format!("GET {t} HTTP/1.1\r\nHost: {authority}\r\n\r\n").into_bytes(),
+        ));
+    }
+    // A raw space in the target.
+    cases.push((
+        "space in the path".into(),
+        format!("GET http://{h}/a b HTTP/1.1\r\nHost: {h}\r\n\r\n").into_bytes(),
+    ));
+    cases.push((
+        "space in the authority".into(),
+        format!("GET http://{h} /x HTTP/1.1\r\nHost: {h}\r\n\r\n").into_bytes(),
+    ));
+    for target in [
+        format!("{h}:70000"),
+        format!("{h}:99999"),
+        format!("{h}:"),
+        format!("{h}:8o"),
+        format!("user@{h}:80"),
+        format!("{h} :80"),
+    ] {
+        let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {h}\r\n\r\n");
+        // As the first request (the fast path) and after a GET (hyper's).
+        cases.push((format!("CONNECT {target}"), connect.clone().into_bytes()));
+        cases.push((
+            format!("CONNECT {target} after a GET"),
+            [
+                format!("GET http://{o}/first HTTP/1.1\r\nHost: {o}\r\n\r\n").into_bytes(),
+                connect.into_bytes(),
+            ]
+            .concat(),
+        ));
+    }
+    let mut served = 0;
+    for (name, raw) in &cases {
+        let (out, closed) = until_close(proxy.addr, raw).await;
+        let text = String::from_utf8_lossy(&out).to_string();
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(i, _)| text.get(i + 9..i + 12))
+            .collect();
+        let after_get = name.ends_with("after a GET");
+        if after_get {
+            served += 1;
+        }
+        let want: &[&str] = if after_get { &["200", "400"] } else { &["400"] };
+        assert_eq!(statuses, want, "{name}: {text}");
+        assert!(closed, "{name}: the connection stays open after a 400");
+    }
+    // Only the GETs before the CONNECTs reached the origin.
+    let seen = origin.requests();
+    assert_eq!(seen.len(), served, "{seen:?}");
+    assert!(seen
+        .iter()
+        .all(|(_, r)| r.starts_with(b"GET /first HTTP/1.1\r\n")));
+    assert!(origin.accepted() <= served);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "chatwall_upstream_errors_total",
+            &[("kind", "connect_refused")]
+        ),
+        0.0
+    );
+}
+
+/// Ports written in full, with leading zeros, or left out pass as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_ports_in_targets_pass() {
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let origin = RawHttpOrigin::start(fixed(OK)).await;
+    let proxy = Proxy::start_open().await;
+    let p = origin.addr.port();
+    for (i, authority) in [format!("127.0.0.1:{p}"), format!("127.0.0.1:00{p}")]
+        .iter()
+        .enumerate()
+    {
+        let r = one(
+            proxy.addr,
+            &format!("GET http://{authority}/x HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{authority}: {}", r.head);
+        assert_eq!(r.body, b"ok");
+        let seen = origin.requests();
+        assert!(
+            seen[i].1.starts_with(b"GET /x HTTP/1.1\r\n"),
+            "{}",
+            String::from_utf8_lossy(&seen[i].1)
+        );
+    }
+    assert_eq!(origin.accepted(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Only the rewrites a forward proxy must make, byte for byte
+// ---------------------------------------------------------------------------
+
+/// This proxy's `Via` value.
+fn via_of(proxy: &Proxy) -> String {
+    proxy.shared.via.to_str().expect("via").to_string()
+}
+
+/// Read one response off `s` and return its exact bytes (head and a
+/// Content-Length or chunked body, decoded for chunked).
+async fn response_bytes(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let r = read_full(s, false).await;
+    (r.head, r.body)
+}
+
+/// Requests reach the origin with only the rewrites a forward proxy must
+/// make: origin-form request line, hop-by-hop fields gone, Host from the
+/// target (where it stood), Via added; every other field with its name as
+/// written and in its place. Responses reach the client as the origin sent
+/// them minus hop-by-hop fields plus Via, with no Date the origin did not
+/// send, custom reason phrases kept. Two (three) requests on one client
+/// connection use one pooled upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_http_is_forwarded_byte_for_byte_but_for_the_required_rewrites() {
+    const FIRST: &[u8] = b"HTTP/1.1 200 OK\r\n\
+        Server: RawOrigin/1\r\n\
+        X-MiXeD-Response: yes\r\n\
+        content-type: text/plain\r\n\
+        Connection: keep-alive, X-Resp-Hop\r\n\
+        X-Resp-Hop: gone\r\n\
+        Keep-Alive: timeout=5\r\n\
+        Proxy-Authenticate: Basic realm=\"origin\"\r\n\
+        Content-Length: 5\r\n\
+        set-cookie: a=1\r\n\
+        Set-Cookie: b=2\r\n\
+        \r\n\
+        first";
+    const SECOND: &[u8] = b"HTTP/1.1 201 Made It\r\n\
+        LOCATION: /made\r\n\
+        Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n\
+        Content-Length: 6\r\n\
+        x-trailing: 1\r\n\
+        \r\n\
+        second";
+    const THIRD: &[u8] = b"HTTP/1.1 200 OK\r\n\
+        Transfer-Encoding: chunked\r\n\
+        X-After-Te: 1\r\n\
+        \r\n\
+        10\r\n0123456789abcdef\r\n0\r\n\r\n";
+    let origin = RawHttpOrigin::start(Arc::new(|req: &[u8]| {
+        if req.starts_with(b"GET /first") {
+            FIRST.to_vec()
+        } else if req.starts_with(b"POST /second") {
+            SECOND.to_vec()
+        } else {
+            THIRD.to_vec()
+        }
+    }))
+    .await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+
+    let requests: [(Vec<u8>, Vec<u8>); 3] = [
+        (
+            format!(
+                "GET http://{a}/first?q=1&r=%20 HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 User-Agent: raw-test/1.0\r\n\
+                 X-MiXeD-CaSe: one\r\n\
+                 accept: */*\r\n\
+                 Proxy-Connection: Keep-Alive\r\n\
+                 Connection: Keep-Alive, X-Hop\r\n\
+                 X-Hop: gone\r\n\
+                 Keep-Alive: timeout=5\r\n\
+                 TE: trailers\r\n\
+                 Proxy-Authorization: Basic dXNlcjpwYXNz\r\n\
+                 X-Order-A: 1\r\n\
+                 COOKIE: a=b\r\n\
+                 \r\n"
+            )
+            .into_bytes(),
+            format!(
+                "GET /first?q=1&r=%20 HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 User-Agent: raw-test/1.0\r\n\
+                 X-MiXeD-CaSe: one\r\n\
+                 accept: */*\r\n\
+                 X-Order-A: 1\r\n\
+                 COOKIE: a=b\r\n\
+                 Via: {via}\r\n\
+                 \r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            format!(
+                "POST http://{a}/second HTTP/1.1\r\n\
+                 host: wrong.example:1\r\n\
+                 Content-Type: text/plain\r\n\
+                 content-LENGTH: 11\r\n\
+                 VIA: 1.0 earlier-proxy\r\n\
+                 X-Z: z\r\n\
+                 \r\n\
+                 hello world"
+            )
+            .into_bytes(),
+            format!(
+                "POST /second HTTP/1.1\r\n\
+                 host: {a}\r\n\
+                 Content-Type: text/plain\r\n\
+                 content-LENGTH: 11\r\n\
+                 VIA: 1.0 earlier-proxy\r\n\
+                 Via: {via}\r\n\
+                 X-Z: z\r\n\
+                 \r\n\
+                 hello world"
+            )
+            .into_bytes(),
+        ),
+        (
+            format!(
+                "PUT http://{a}/third HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 transfer-encoding: chunked\r\n\
+                 Trailer: X-Sum\r\n\
+                 X-After: 1\r\n\
+                 \r\n\
+                 10\r\n0123456789abcdef\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+            format!(
+                "PUT /third HTTP/1.1\r\n\
+                 Host: {a}\r\n\
+                 transfer-encoding: chunked\r\n\
+                 Trailer: X-Sum\r\n\
+                 X-After: 1\r\n\
+                 Via: {via}\r\n\
+                 \r\n\
+                 10\r\n0123456789abcdef\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+    ];
+    let responses: [(&str, &[u8]); 3] = [
+        (
+            "HTTP/1.1 200 OK\r\n\
+             Server: RawOrigin/1\r\n\
+             X-MiXeD-Response: yes\r\n\
+             content-type: text/plain\r\n\
+             Content-Length: 5\r\n\
+             set-cookie: a=1\r\n\
+             Set-Cookie: b=2\r\n",
+            b"first",
+        ),
+        (
+            "HTTP/1.1 201 Made It\r\n\
+             LOCATION: /made\r\n\
+             Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n\
+             Content-Length: 6\r\n\
+             x-trailing: 1\r\n",
+            b"second",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\n\
+             Transfer-Encoding: chunked\r\n\
+             X-After-Te: 1\r\n",
+            b"0123456789abcdef",
+        ),
+    ];
+
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    for (i, ((sent, _), (head, body))) in requests.iter().zip(&responses).enumerate() {
+        s.write_all(sent).await.expect("write");
+        let (got_head, got_body) = response_bytes(&mut s).await;
+        assert_eq!(
+            got_head,
+            format!("{head}Via: {via}\r\n\r\n"),
+            "response {i}: the origin's head minus hop-by-hop fields, plus Via"
+        );
+        assert_eq!(got_body, *body, "response {i}");
+    }
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (i, ((_, want), (conn, got))) in requests.iter().zip(&seen).enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(got),
+            String::from_utf8_lossy(want),
+            "request {i} as the origin got it"
+        );
+        assert_eq!(*conn, 0, "request {i} on another upstream connection");
+    }
+    assert_eq!(origin.accepted(), 1, "one pooled upstream connection");
+}
+
+/// A request offering h2c (alone, in a list, in any case) reaches the origin
+/// without the offer and gets the origin's HTTP/1.1 answer, never a 101;
+/// a WebSocket offer beside it still upgrades; an origin that switches to a
+/// protocol nobody offered gets the client a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_offers_never_yield_a_101() {
+    const H2C: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+    const WS: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    const PLAIN: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhttp1";
+    // Answers as an h2c-capable server would: 101 to an h2c offer.
+    let origin = RawHttpOrigin::start(Arc::new(|req: &[u8]| {
+        let head = String::from_utf8_lossy(req).to_ascii_lowercase();
+        let offers = |p: &str| {
+            head.lines().any(|l| {
+                l.strip_prefix("upgrade:")
+                    .is_some_and(|v| v.split(',').any(|t| t.trim() == p))
+            })
+        };
+        if offers("h2c") {
+            H2C.to_vec()
+        } else if offers("websocket") {
+            WS.to_vec()
+        } else {
+            PLAIN.to_vec()
+        }
+    }))
+    .await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+    let settings = "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n";
+    // (offer fields as the client sends them, what the origin must get of them)
+    let plain_offers = [
+        format!("Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n{settings}"),
+        format!("connection: http2-settings,UPGRADE\r\nupgrade: H2C\r\n{settings}"),
+        format!("Proxy-Connection: Keep-Alive\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n{settings}"),
+        // Upgrade without Connection: upgrade is no offer at all.
+        "Upgrade: h2c\r\n".to_string(),
+    ];
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    for (i, offer) in plain_offers.iter().enumerate() {
+        s.write_all(
+            format!("GET http://{a}/h2c/{i} HTTP/1.1\r\nHost: {a}\r\n{offer}Accept: */*\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (head, body) = response_bytes(&mut s).await;
+        assert_eq!(
+            head,
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: {via}\r\n\r\n"),
+            "offer {i}"
+        );
+        assert_eq!(body, b"http1");
+    }
+    let seen = origin.requests();
+    for (i, (conn, got)) in seen.iter().enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(got),
+            format!("GET /h2c/{i} HTTP/1.1\r\nHost: {a}\r\nAccept: */*\r\nVia: {via}\r\n\r\n"),
+        );
+        assert_eq!(*conn, 0);
+    }
+    assert_eq!(origin.accepted(), 1);
+
+    // h2c beside websocket: the WebSocket upgrade goes through alone.
+    let mut ws = TcpStream::connect(proxy.addr).await.expect("connect");
+    ws.write_all(
+        format!(
+            "GET http://{a}/chat HTTP/1.1\r\nHost: {a}\r\nConnection: keep-alive, Upgrade, HTTP2-Settings\r\nUpgrade: h2c, websocket\r\n{settings}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, head, _) = read_response(&mut ws).await;
+    assert_eq!(status, 101, "{head}");
+    assert_eq!(
+        head,
+        format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nVia: {via}\r\n\r\n")
+    );
+    echoes(&mut ws, b"frame", b"frame").await;
+    let seen = origin.requests();
+    let (_, got) = seen.last().expect("the upgrade request");
+    assert_eq!(
+        String::from_utf8_lossy(got),
+        format!("GET /chat HTTP/1.1\r\nHost: {a}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nVia: {via}\r\n\r\n")
+    );
+    drop(ws);
+
+    // curl's own h2c offer (`--http2` on an http:// URL through a proxy).
+    if support::have_curl() {
+        let url = format!("http://{a}/curl");
+        let (code, out, err) =
+            support::curl(&["--http2", "-i", "-x", &proxy.proxy_url(), &url]).await;
+        assert_eq!(code, 0, "{err}");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nhttp1"), "{out}");
+        let seen = origin.requests();
+        let (_, got) = seen.last().expect("curl's request");
+        let got = String::from_utf8_lossy(got).to_ascii_lowercase();
+        assert!(got.starts_with("get /curl http/1.1\r\n"), "{got}");
+        assert!(
+            !got.contains("h2c") && !got.contains("http2-settings") && !got.contains("upgrade"),
+            "{got}"
+        );
+    } else {
+        support::skip_or_fail("curl is not installed");
+    }
+
+    // An origin that switches to h2c unasked: 502, not a 101.
+    let rogue = RawHttpOrigin::start(fixed(H2C)).await;
+    let r = one(
+        proxy.addr,
+        &format!(
+            "GET http://{r}/ HTTP/1.1\r\nHost: {r}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            r = rogue.addr
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    let r = get(proxy.addr, &format!("http://{}/", rogue.addr)).await;
+    assert_eq!(r.status, 502, "{}", r.head);
 }

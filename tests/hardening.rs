@@ -358,7 +358,7 @@ async fn spawn_process(extra: &str) -> Process {
     std::fs::write(
         &cfg,
         format!(
-            "[listen]\nexplicit = [\"{proxy}\"]\nadmin = \"{admin}\"\n{}[access]\ndeny_destinations = []\n{extra}",
+            "[listen]\nexplicit = [\"{proxy}\"]\nadmin = \"{admin}\"\n{}[access]\ndeny_destinations = []\nconnect_ports = [\"1-65535\"]\n{extra}",
             // The caller may bring its own [log] section.
             if extra.contains("[log]") { "" } else { "[log]\naccess = \"off\"\nlevel = \"warn\"\n" }
         ),

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use super::body::{read_prefix, CountedBody, FlowLog, IdleTimeoutBody, LoggedBody, PrefixedBody};
 use super::conn::ConnCtx;
+use super::hop_by_hop;
 use super::refuse::{self, empty, FlowError, ProxyBody};
 use super::upstream::{self, DestGuard, Resolver};
 use super::Shared;
@@ -55,7 +56,11 @@ impl UpstreamClient {
             .pool_idle_timeout(cfg.limits.upstream_idle_timeout)
             .pool_max_idle_per_host(64)
             .set_host(false)
-            .http1_preserve_header_case(false)
+            // Header names go upstream as the client wrote them (the case
+            // map travels in the request's extensions); the few this proxy
+            // adds (Via, framing) in title case.
+            .http1_preserve_header_case(true)
+            .http1_title_case_headers(true)
             .build(connector);
         UpstreamClient { client }
     }
@@ -150,7 +155,13 @@ pub async fn serve_with<I>(
         .max_buf_size(limits.max_request_head_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true)
-        .half_close(false);
+        .half_close(false)
+        // Responses reach the client with the origin's header names as
+        // written, and without a Date the origin did not send; refusals
+        // carry their own (refuse.rs).
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .auto_date_header(false);
     let conn = builder.serve_connection(io, svc).with_upgrades();
     let mut shutdown = shared.shutdown.subscribe();
     tokio::pin!(conn);
@@ -296,10 +307,7 @@ async fn forward(
         .filter(|h| !h.is_empty())
         .ok_or(FlowError::BadRequest("no host in the request target"))?
         .to_string();
-    let port = parts.uri.port_u16().unwrap_or(80);
-    if port == 0 {
-        return Err(FlowError::BadRequest("port 0"));
-    }
+    let port = super::target::http_port(&parts.uri)?;
     if !shared.access_log.is_off() {
         rec.host = Some(host.clone());
     }
@@ -338,8 +346,19 @@ async fn forward(
     let verdict = findings.verdict();
     shared.record_verdict(ctx.listener, engine, &verdict, rec);
 
-    // Build the upstream request.
-    let upgrade = is_upgrade(&parts.headers);
+    // Build the upstream request: only the rewrites a forward proxy must
+    // make (hop-by-hop fields, an h2c offer, Host from the target, Via).
+    let upgrade = hop_by_hop::strip_request(&mut parts.headers);
+    let offered: Vec<HeaderValue> = if upgrade {
+        parts
+            .headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     let client_upgrade = upgrade.then(|| {
         // Take the client's upgrade handle before the request is consumed.
         let mut tmp = Request::new(());
@@ -348,20 +367,7 @@ async fn forward(
         std::mem::swap(tmp.extensions_mut(), &mut parts.extensions);
         on
     });
-    let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(proto) = upgrade_proto.filter(|_| upgrade) {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, proto);
-    }
-    let authority_host = parts.uri.authority().map(|a| {
-        a.as_str()
-            .rsplit_once('@')
-            .map_or(a.as_str(), |(_, h)| h)
-            .to_string()
-    });
+    let authority_host = parts.uri.authority().map(|a| a.as_str().to_string());
     if let Some(h) = authority_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         parts.headers.insert(header::HOST, h);
     }
@@ -387,40 +393,49 @@ async fn forward(
         };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_on) = client_upgrade {
-            let upstream_on = hyper::upgrade::on(&mut resp);
-            let shared2 = Arc::clone(shared);
-            let engine2 = Arc::clone(engine);
-            let mut rec2 = std::mem::take(rec);
-            rec2.status = 101;
-            // The relay outlives the HTTP server's part of the connection:
-            // it keeps the connection's slot under the caps.
-            let slot = ctx.slot.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                match tokio::try_join!(client_on, upstream_on) {
-                    Ok((c, u)) => {
-                        super::relay::relay_upgraded(
-                            &shared2,
-                            &engine2,
-                            TokioIo::new(c),
-                            TokioIo::new(u),
-                            &mut rec2,
-                        )
-                        .await;
-                    }
-                    Err(e) => rec2.error = Some(format!("upgrade failed: {e}")),
+        // Only to a protocol the client offered and this proxy passed on
+        // (never h2c): anything else would leave the client's connection
+        // in a protocol nobody inspects.
+        let Some(client_on) =
+            client_upgrade.filter(|_| hop_by_hop::switches_to_offered(&offered, resp.headers()))
+        else {
+            return Err(FlowError::UpstreamProtocol(
+                "101 Switching Protocols to a protocol the request did not offer".into(),
+            ));
+        };
+        let upstream_on = hyper::upgrade::on(&mut resp);
+        let shared2 = Arc::clone(shared);
+        let engine2 = Arc::clone(engine);
+        let mut rec2 = std::mem::take(rec);
+        rec2.status = 101;
+        // The relay outlives the HTTP server's part of the connection:
+        // it keeps the connection's slot under the caps.
+        let slot = ctx.slot.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tokio::try_join!(client_on, upstream_on) {
+                Ok((c, u)) => {
+                    super::relay::relay_upgraded(
+                        &shared2,
+                        &engine2,
+                        TokioIo::new(c),
+                        TokioIo::new(u),
+                        &mut rec2,
+                    )
+                    .await;
                 }
-                shared2.access_log.write(rec2);
-            });
-            let (mut rparts, _) = resp.into_parts();
-            append_via(&mut rparts.headers, &shared.via);
-            return Ok(Response::from_parts(rparts, empty()));
-        }
+                Err(e) => rec2.error = Some(format!("upgrade failed: {e}")),
+            }
+            shared2.access_log.write(rec2);
+        });
+        let (mut rparts, _) = resp.into_parts();
+        hop_by_hop::strip_response(&mut rparts.headers, true);
+        append_via(&mut rparts.headers, &shared.via);
+        return Ok(Response::from_parts(rparts, empty()));
     }
 
     let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
+    hop_by_hop::strip_response(&mut rparts.headers, false);
     append_via(&mut rparts.headers, &shared.via);
     rec.status = rparts.status.as_u16();
     let log = FlowLog {
@@ -452,60 +467,6 @@ fn came_through_us(headers: &HeaderMap, ours: &[u8]) -> bool {
         .get_all(header::VIA)
         .iter()
         .any(|v| v.as_bytes().windows(ours.len().max(1)).any(|w| w == ours))
-}
-
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Hop-by-hop fields that are removed whether Connection names them or not
-/// (header names are lower case).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "te"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-            | "trailer"
-            | "proxy-connection"
-            | "keep-alive"
-    )
-}
-
-/// Remove hop-by-hop fields (RFC 9110 §7.6.1): Connection and every field
-/// it names, and the fixed list. One pass over the names first: most heads
-/// have none of them, and removing is a hash lookup per name; then only the
-/// fields present are removed.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    // One lookup of Connection; its values are walked per name.
-    let connection = headers.get_all(header::CONNECTION);
-    let named = |name: &HeaderName| {
-        connection
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
-    };
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_hop_by_hop(k) || named(k))
-        .cloned()
-        .collect();
-    for n in doomed {
-        headers.remove(n);
-    }
 }
 
 fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
@@ -545,44 +506,5 @@ fn map_client_error(e: hyper_util::client::legacy::Error) -> FlowError {
         FlowError::Connect(e.to_string())
     } else {
         FlowError::UpstreamReset(e.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_fields_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic eDp5"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key(header::ACCEPT));
-
-        // A Connection-less head: end-to-end fields stay, a lone
-        // Keep-Alive goes.
-        let mut h = HeaderMap::new();
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2, "{h:?}");
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2, "{h:?}");
-        assert!(!h.contains_key("keep-alive"));
     }
 }

@@ -14,11 +14,13 @@ pub mod body;
 pub mod conn;
 pub mod connect;
 pub mod explicit;
+pub mod hop_by_hop;
 pub mod listener;
 pub mod origdst;
 pub mod prefixed;
 pub mod refuse;
 pub mod relay;
+pub mod target;
 pub mod transparent;
 pub mod tunnel;
 pub mod upstream;
@@ -162,6 +164,10 @@ impl Shared {
         match e {
             FlowError::Blocked(d) => {
                 self.record_verdict(listener, engine, &Verdict::Block(*d), rec);
+            }
+            FlowError::PortNotAllowed(_) => {
+                let d = target::port_refusal();
+                self.record_verdict(listener, engine, &Verdict::Block(d), rec);
             }
             FlowError::DeniedDestination(_) => {
                 rec.verdict = "block";

@@ -24,6 +24,8 @@ pub enum FlowError {
     /// A destination the access rules never reach (loopback, link-local,
     /// the proxy itself...).
     DeniedDestination(IpAddr),
+    /// A CONNECT to a port `[access] connect_ports` does not list.
+    PortNotAllowed(u16),
     /// The client sent something malformed.
     BadRequest(&'static str),
     /// Name resolution failed.
@@ -47,6 +49,7 @@ impl FlowError {
         match self {
             FlowError::Blocked(_) => "blocked",
             FlowError::DeniedDestination(_) => "denied_destination",
+            FlowError::PortNotAllowed(_) => "port_not_allowed",
             FlowError::BadRequest(_) => "bad_request",
             FlowError::Dns(_) => "dns",
             FlowError::ConnectRefused(_) => "connect_refused",
@@ -62,13 +65,18 @@ impl FlowError {
     pub fn is_upstream(&self) -> bool {
         !matches!(
             self,
-            FlowError::Blocked(_) | FlowError::BadRequest(_) | FlowError::DeniedDestination(_)
+            FlowError::Blocked(_)
+                | FlowError::BadRequest(_)
+                | FlowError::DeniedDestination(_)
+                | FlowError::PortNotAllowed(_)
         )
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            FlowError::Blocked(_) | FlowError::DeniedDestination(_) => StatusCode::FORBIDDEN,
+            FlowError::Blocked(_)
+            | FlowError::DeniedDestination(_)
+            | FlowError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
             FlowError::BadRequest(_) => StatusCode::BAD_REQUEST,
             FlowError::ConnectTimeout(_) | FlowError::UpstreamTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -94,6 +102,9 @@ impl fmt::Display for FlowError {
             FlowError::Blocked(_) => write!(f, "refused by policy"),
             FlowError::DeniedDestination(ip) => {
                 write!(f, "destination {ip} is not reachable through this proxy")
+            }
+            FlowError::PortNotAllowed(port) => {
+                write!(f, "CONNECT to port {port} is not allowed by this proxy")
             }
             FlowError::BadRequest(why) => write!(f, "bad request: {why}"),
             FlowError::Dns(e) => write!(f, "DNS lookup failed: {e}"),
@@ -143,8 +154,15 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The page for a flow error: its status, HTML body and the app named in
-/// `X-Chatwall-Block`, if any.
+/// `Date` for a response this proxy makes (RFC 9110 §6.6.1): the HTTP
+/// server adds none, so that forwarded responses carry only the origin's.
+fn date_now() -> HeaderValue {
+    HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+        .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+}
+
+/// The page for a flow error: its status, HTML body and what
+/// `X-Chatwall-Block` names (the app, `port` or `destination`), if any.
 fn page(err: &FlowError, set: &SignatureSet) -> (StatusCode, String, Option<String>) {
     let status = err.status();
     match err {
@@ -168,14 +186,20 @@ fn page(err: &FlowError, set: &SignatureSet) -> (StatusCode, String, Option<Stri
             );
             (status, body, Some(id))
         }
+        FlowError::PortNotAllowed(port) => (
+            status,
+            format!(
+                "<!doctype html>\n<html><head><title>Port {port} not allowed</title></head>\n<body>\n<h1>Access refused</h1>\n<p>CONNECT to port {port} is not allowed by this proxy. Ask the network's administrators to add it to <code>connect_ports</code> if it is needed.</p>\n<p>chatwall</p>\n</body></html>\n",
+            ),
+            Some("port".to_string()),
+        ),
         other => {
             let body = format!(
                 "<!doctype html>\n<html><head><title>{code}</title></head>\n<body>\n<h1>{code}</h1>\n<p>{msg}</p>\n<p>chatwall</p>\n</body></html>\n",
                 code = status,
                 msg = escape(&other.to_string()),
             );
-            let app =
-                matches!(other, FlowError::DeniedDestination(_)).then(|| "destination".into());
+            let app = matches!(other, FlowError::DeniedDestination(_)).then(|| "destination".into());
             (status, body, app)
         }
     }
@@ -193,6 +217,7 @@ pub fn respond(err: &FlowError, set: &SignatureSet) -> Response<ProxyBody> {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::DATE, date_now());
     if let Some(app) = app.and_then(|a| HeaderValue::from_str(&a).ok()) {
         h.insert("x-chatwall-block", app);
     }
@@ -230,6 +255,7 @@ pub fn proxy_auth_required(realm: &str) -> Response<ProxyBody> {
     *resp.status_mut() = StatusCode::PROXY_AUTHENTICATION_REQUIRED;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(header::DATE, date_now());
     if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
         h.insert(header::PROXY_AUTHENTICATE, v);
     }

@@ -47,8 +47,42 @@ pub fn base_toml(log: &std::path::Path) -> String {
     )
 }
 
-/// Sections that let a test proxy reach loopback origins.
-pub const OPEN: &str = "[access]\ndeny_destinations = []\n";
+/// Sections that let a test proxy reach loopback origins, on any port.
+pub const OPEN: &str = "[access]\ndeny_destinations = []\nconnect_ports = [\"1-65535\"]\n";
+
+/// `connect_ports` of test proxies: loopback origins listen on random
+/// ports, which the default (443 only) refuses to CONNECT to.
+pub const CONNECT_ANY_PORT: &str = "connect_ports = [\"1-65535\"]\n";
+
+/// `extra` sections for a test proxy, with every port open to CONNECT
+/// unless `extra` sets `connect_ports` itself (a test of the default
+/// writes `connect_ports = [443]`): added to its `[access]` section, or as
+/// one of its own.
+pub fn with_connect_ports(extra: &str) -> String {
+    if extra.contains("connect_ports") {
+        return extra.to_string();
+    }
+    let mut out = String::with_capacity(extra.len() + 64);
+    let mut added = false;
+    for line in extra.split_inclusive('\n') {
+        out.push_str(line);
+        if !added && line.trim() == "[access]" {
+            if !line.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(CONNECT_ANY_PORT);
+            added = true;
+        }
+    }
+    if !added {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str("\n[access]\n");
+        out.push_str(CONNECT_ANY_PORT);
+    }
+    out
+}
 
 impl Proxy {
     /// A proxy that may reach loopback origins, with the bundled set.
@@ -56,13 +90,18 @@ impl Proxy {
         Proxy::start(OPEN).await
     }
 
-    /// A proxy with `extra` TOML sections after the base ones.
+    /// A proxy with `extra` TOML sections after the base ones (and every
+    /// port open to CONNECT unless `extra` says otherwise, see
+    /// [`with_connect_ports`]).
     pub async fn start(extra: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let log_path = dir.path().join("access.log");
         let config_path = dir.path().join("chatwall.toml");
-        std::fs::write(&config_path, format!("{}{}", base_toml(&log_path), extra))
-            .expect("write config");
+        std::fs::write(
+            &config_path,
+            format!("{}{}", base_toml(&log_path), with_connect_ports(extra)),
+        )
+        .expect("write config");
         Proxy::start_file(dir, config_path, log_path).await
     }
 

@@ -148,12 +148,7 @@ pub async fn open(
     auth: &http::uri::Authority,
     rec: &mut Record,
 ) -> Result<(TcpStream, Flow), FlowError> {
-    let port = auth
-        .port_u16()
-        .filter(|&p| p != 0)
-        .ok_or(FlowError::BadRequest(
-            "CONNECT needs an explicit, non-zero port",
-        ))?;
+    let port = super::target::connect_port(auth)?;
     let raw_host = auth.host().trim_start_matches('[').trim_end_matches(']');
     let host = if raw_host.parse::<std::net::IpAddr>().is_ok() {
         raw_host.to_string()
@@ -170,6 +165,8 @@ pub async fn open(
     let who = ctx.client.who();
     let mut findings = Findings::default();
     let allowlisted = decide::name(engine, &who, &host, port, &mut findings)?;
+    // After the name's verdict (an IM name or port keeps its app), before DNS.
+    super::target::check_connect_port(&engine.config.connect_ports, port)?;
     let addrs = upstream::resolve_checked(
         shared,
         engine,
