@@ -571,7 +571,13 @@ pub struct Requests<'e> {
     /// Fill method and target for logs.
     want_log: bool,
     state: ReqState,
+    /// Bytes of the current head parsed so far without finding its end.
+    head_scanned: usize,
 }
+
+/// A partial head is parsed again after this many more bytes even without
+/// a possible end, so that bytes that are not HTTP are found early.
+const RESCAN_BYTES: usize = 1024;
 
 impl<'e> Requests<'e> {
     pub fn new(
@@ -593,6 +599,7 @@ impl<'e> Requests<'e> {
             via,
             want_log,
             state: ReqState::Head,
+            head_scanned: 0,
         }
     }
 
@@ -643,6 +650,21 @@ impl<'e> Requests<'e> {
         if buf.is_empty() {
             return Step::NeedMore;
         }
+        // A head dripped a few bytes at a time is parsed again only once
+        // its end may be there (or enough came to find an error), so its
+        // cost stays linear in its length.
+        let seen = self.head_scanned;
+        let fresh = &buf[seen.saturating_sub(3).min(buf.len())..];
+        let may_end = fresh.windows(2).any(|w| w == b"\n\n") || fresh.windows(3).any(|w| w == b"\n\r\n");
+        if seen > 0
+            && !may_end
+            && buf.len() < seen + RESCAN_BYTES
+            && buf.len() <= self.limits.max_head
+            && cue != ReqCue::Ended
+        {
+            return Step::NeedMore;
+        }
+        self.head_scanned = buf.len();
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
         let head_len = match req.parse(buf) {
@@ -756,6 +778,7 @@ impl<'e> Requests<'e> {
         switch: bool,
         request: Box<RequestInfo>,
     ) -> Step {
+        self.head_scanned = 0;
         self.state = match Following::new(body) {
             Some(body) => ReqState::Body { body, switch },
             None if switch => ReqState::Opaque,
