@@ -96,8 +96,14 @@ impl Engine {
     }
 
     /// What a ClientHello says: its SNI, ALPN or JA4 (unless the SNI is on
-    /// the allow-list), and ECH or legacy ESNI.
-    pub fn hello_evidence(&self, hello: &ClientHello) -> [Option<Detection>; 2] {
+    /// the allow-list), every further host name of a server_name list that
+    /// holds several (each unless it is on the allow-list itself), and ECH or
+    /// legacy ESNI. An allow-listed first name does not vouch for the others:
+    /// a server may act on any of them.
+    pub fn hello_evidence<'a>(
+        &'a self,
+        hello: &'a ClientHello,
+    ) -> impl Iterator<Item = Option<Detection>> + 'a {
         let sni_allowlisted = hello
             .sni
             .as_deref()
@@ -113,6 +119,107 @@ impl Engine {
             reason: Reason::Ech,
             offset: None,
         });
-        [named, ech]
+        let more = hello.sni_more.iter().map(move |name| {
+            if self.policy.allows_name(name) {
+                None
+            } else {
+                self.signatures.classify_sni(name)
+            }
+        });
+        [named, ech].into_iter().chain(more)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::tls::{inspect_client_hello, Hello};
+    use crate::policy::Verdict;
+
+    fn engine(config: &str) -> Engine {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chatwall.toml");
+        std::fs::write(&path, config).expect("write config");
+        let cfg = Config::load(Some(&path)).expect("config loads");
+        Engine::build(cfg).expect("engine builds")
+    }
+
+    fn client() -> std::net::IpAddr {
+        std::net::IpAddr::from([10, 0, 0, 1])
+    }
+
+    /// A ClientHello (RFC 8446 §4.1.2) whose server_name list holds `names`.
+    fn hello_naming(names: &[&str]) -> ClientHello {
+        let mut list = Vec::new();
+        for name in names {
+            list.push(0); // host_name
+            list.extend((name.len() as u16).to_be_bytes());
+            list.extend(name.as_bytes());
+        }
+        let mut sni = (list.len() as u16).to_be_bytes().to_vec();
+        sni.extend(list);
+        let mut extensions = vec![0x00, 0x00];
+        extensions.extend((sni.len() as u16).to_be_bytes());
+        extensions.extend(sni);
+        let mut body = vec![0x03, 0x03];
+        body.extend([0x5a; 32]); // random
+        body.push(0); // legacy_session_id
+        body.extend([0x00, 0x02, 0x13, 0x01]); // cipher_suites
+        body.extend([0x01, 0x00]); // compression methods
+        body.extend((extensions.len() as u16).to_be_bytes());
+        body.extend(extensions);
+        let mut message = vec![0x01, 0x00];
+        message.extend((body.len() as u16).to_be_bytes());
+        message.extend(body);
+        let mut record = vec![0x16, 0x03, 0x01];
+        record.extend((message.len() as u16).to_be_bytes());
+        record.extend(message);
+        match inspect_client_hello(&record) {
+            Hello::Complete(hello) => *hello,
+            other => panic!("not a complete hello: {other:?}"),
+        }
+    }
+
+    /// The first verdict that refuses, else whether any monitors.
+    fn verdict(engine: &Engine, evidence: impl Iterator<Item = Option<Detection>>) -> Verdict {
+        let mut outcome = Verdict::Allow;
+        for d in evidence {
+            match engine.policy.decide(client(), d) {
+                v @ Verdict::Block(_) => return v,
+                v @ Verdict::Monitor(_) => outcome = v,
+                Verdict::Allow => {}
+            }
+        }
+        outcome
+    }
+
+    fn app_of(engine: &Engine, v: Verdict) -> Option<(&str, Reason)> {
+        v.detection()
+            .map(|d| (engine.signatures.app_id(d.app), d.reason))
+    }
+
+    #[test]
+    fn a_second_host_name_in_the_hello_is_checked() {
+        let e = engine("");
+        let hello = hello_naming(&["www.ok.example", "web.whatsapp.com"]);
+        assert_eq!(hello.sni.as_deref(), Some("www.ok.example"));
+        let v = verdict(&e, e.hello_evidence(&hello));
+        assert!(v.is_block(), "{v:?}");
+        assert_eq!(app_of(&e, v), Some(("whatsapp", Reason::Sni)));
+
+        // The first name on the allow-list does not vouch for the second.
+        let e = engine("[[policy.allow]]\nhosts = [\"www.ok.example\"]\n");
+        let v = verdict(&e, e.hello_evidence(&hello));
+        assert_eq!(app_of(&e, v), Some(("whatsapp", Reason::Sni)));
+
+        // The second name on the allow-list gives nothing.
+        let e = engine("[[policy.allow]]\nhosts = [\"*.whatsapp.com\"]\n");
+        assert_eq!(verdict(&e, e.hello_evidence(&hello)), Verdict::Allow);
+
+        // One ordinary name: nothing.
+        let e = engine("");
+        let hello = hello_naming(&["www.ok.example"]);
+        assert_eq!(verdict(&e, e.hello_evidence(&hello)), Verdict::Allow);
+        assert_eq!(e.hello_evidence(&hello).count(), 2);
     }
 }

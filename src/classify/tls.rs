@@ -19,7 +19,9 @@
 //!   reassembled here;
 //! - the ClientHello, RFC 8446 §4.1.2 (and RFC 5246 §7.4.1.2, under which the
 //!   extensions block may be absent);
-//! - server_name, RFC 6066 §3; application_layer_protocol_negotiation,
+//! - server_name, RFC 6066 §3 (every host_name entry: the RFC allows one,
+//!   but a list of several must not let a second name go unseen);
+//!   application_layer_protocol_negotiation,
 //!   RFC 7301 §3.1; supported_versions, RFC 8446 §4.2.1;
 //!   signature_algorithms, RFC 8446 §4.2.3; encrypted_client_hello (0xfe0d,
 //!   draft-ietf-tls-esni) and the legacy ESNI extension (0xffce), presence
@@ -32,8 +34,8 @@
 //! mismatch anywhere makes the stream [`Hello::NotTls`]. Contents that are
 //! consistently encoded but semantically odd (an empty host name, an empty
 //! list) are accepted. Duplicate extensions are accepted; the first of each
-//! kind is the one used. SSL 2.0-compatible hellos (first byte 0x80) are
-//! `NotTls`.
+//! kind is the one used, except server_name, whose host names are all
+//! collected. SSL 2.0-compatible hellos (first byte 0x80) are `NotTls`.
 //!
 //! JA4 follows the text of the specification where the reference
 //! implementations have differed: GREASE is dropped from signature_algorithms
@@ -69,7 +71,15 @@ pub enum Hello {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientHello {
     /// server_name (type host_name) lower-cased, trailing dot removed; None if absent.
+    /// The first such name when the client sent several (logs show this one).
     pub sni: Option<String>,
+    /// The further host_name entries, normalised like [`ClientHello::sni`], in
+    /// wire order: those after the first in the list, then those of any
+    /// repeated server_name extension. RFC 6066 §3 allows one name of each
+    /// type, so this is empty (and unallocated) for every ordinary client; a
+    /// hello that lists more must have each of them checked, or a permitted
+    /// first name could hide a refused second one.
+    pub sni_more: Vec<String>,
     /// ALPN protocol ids in order (lossy UTF-8).
     pub alpn: Vec<String>,
     /// Extension 0xfe0d (encrypted_client_hello) present.
@@ -416,9 +426,11 @@ struct Fields<'a> {
     cipher_suites: Vec<u16>,
     /// Extension types in wire order, duplicates and GREASE included.
     extension_types: Vec<u16>,
-    /// First host_name of the first server_name extension (`Some(None)`
-    /// for an extension without one).
-    server_name: Option<Option<&'a [u8]>>,
+    /// The first host_name of the server_name extensions.
+    server_name: Option<&'a [u8]>,
+    /// Their further host_names, in wire order (empty, unallocated, for a
+    /// hello with one name).
+    more_server_names: Vec<&'a [u8]>,
     /// Protocols of the first ALPN extension.
     alpn: Option<Vec<&'a [u8]>>,
     /// Versions of the first supported_versions extension.
@@ -453,11 +465,17 @@ fn parse_client_hello(body: &[u8]) -> Option<Fields<'_>> {
         let ext_type = extensions.u16()?;
         let data = extensions.vec16()?;
         fields.extension_types.push(ext_type);
-        // Every occurrence must be well formed; the first one is used.
+        // Every occurrence must be well formed; the first one is used, and
+        // every server_name contributes.
         match ext_type {
             EXT_SERVER_NAME => {
-                let host = parse_server_name(data)?;
-                fields.server_name.get_or_insert(host);
+                for name in host_names(server_name_list(data)?) {
+                    if fields.server_name.is_none() {
+                        fields.server_name = Some(name);
+                    } else {
+                        fields.more_server_names.push(name);
+                    }
+                }
             }
             EXT_ALPN => {
                 let protocols = parse_alpn(data)?;
@@ -485,22 +503,33 @@ fn parse_client_hello(body: &[u8]) -> Option<Fields<'_>> {
     Some(fields)
 }
 
-/// server_name extension data (RFC 6066 §3): the first host_name entry, if any.
-fn parse_server_name(data: &[u8]) -> Option<Option<&[u8]>> {
+/// server_name extension data (RFC 6066 §3): the ServerNameList, once every
+/// entry of it is checked to be well formed; `None` if it is not.
+fn server_name_list(data: &[u8]) -> Option<&[u8]> {
     let mut d = Reader::new(data);
-    let mut list = Reader::new(d.vec16()?);
+    let list = d.vec16()?;
     if !d.is_empty() {
         return None;
     }
-    let mut host = None;
-    while !list.is_empty() {
-        let name_type = list.u8()?;
-        let name = list.vec16()?;
-        if name_type == SNI_HOST_NAME && host.is_none() {
-            host = Some(name);
-        }
+    let mut entries = Reader::new(list);
+    while !entries.is_empty() {
+        entries.u8()?; // name_type
+        entries.vec16()?; // HostName, or the opaque name of another type
     }
-    Some(host)
+    Some(list)
+}
+
+/// The host_name entries of a ServerNameList checked by [`server_name_list`],
+/// in order (entries of other name types are skipped).
+fn host_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut entries = Reader::new(list);
+    std::iter::from_fn(move || loop {
+        let name_type = entries.u8()?;
+        let name = entries.vec16()?;
+        if name_type == SNI_HOST_NAME {
+            return Some(name);
+        }
+    })
 }
 
 /// ALPN extension data (RFC 7301 §3.1): the protocol names in order.
@@ -545,8 +574,18 @@ impl Fields<'_> {
 
     fn into_client_hello(self, consumed: usize, ja4: bool) -> ClientHello {
         let ja4 = if ja4 { self.ja4() } else { String::new() };
+        // Names that normalise to nothing (empty, a lone dot) are dropped, so
+        // `sni` is the first usable one and `sni_more` holds the rest.
+        let mut names = self
+            .server_name
+            .into_iter()
+            .chain(self.more_server_names.iter().copied())
+            .filter_map(normalise_host);
+        let sni = names.next();
+        let sni_more = names.collect();
         ClientHello {
-            sni: self.server_name.flatten().and_then(normalise_host),
+            sni,
+            sni_more,
             alpn: self
                 .alpn
                 .iter()
@@ -1131,6 +1170,8 @@ mod tests {
         ]);
         let hello = check_all_prefixes(&spec.record());
         assert_eq!(hello.sni.as_deref(), Some("first.example"));
+        // A second server_name is not dropped: its name is checked too.
+        assert_eq!(hello.sni_more, ["second.example"]);
         assert_eq!(hello.alpn, ["h2"]);
         assert_eq!(hello.version, 0x0304);
         // Every occurrence counts, as in the JA4 reference implementation.
@@ -1139,11 +1180,36 @@ mod tests {
     }
 
     #[test]
-    fn several_host_names_first_wins() {
+    fn several_host_names_are_all_seen() {
         let hello = check_all_prefixes(
-            &Spec::with_extensions(vec![sni(&["one.example", "two.example"])]).record(),
+            &Spec::with_extensions(vec![sni(&["one.example", "Two.Example."])]).record(),
         );
         assert_eq!(hello.sni.as_deref(), Some("one.example"));
+        assert_eq!(hello.sni_more, ["two.example"]);
+
+        // Three names, an entry of another name type between them, and an
+        // empty first name: `sni` is the first usable one.
+        let mut list = Vec::new();
+        for (name_type, name) in [
+            (SNI_HOST_NAME, &b""[..]),
+            (SNI_HOST_NAME, b"evil-im.example"),
+            (7, b"opaque"),
+            (SNI_HOST_NAME, b"www.ok.example"),
+            (SNI_HOST_NAME, b"third.example"),
+        ] {
+            list.push(name_type);
+            list.extend(vec16(name));
+        }
+        let spec = Spec::with_extensions(vec![(EXT_SERVER_NAME, vec16(&list)), alpn(&[b"h2"])]);
+        let hello = check_all_prefixes(&spec.record());
+        assert_eq!(hello.sni.as_deref(), Some("evil-im.example"));
+        assert_eq!(hello.sni_more, ["www.ok.example", "third.example"]);
+        assert_eq!(hello.alpn, ["h2"]);
+
+        // One name: nothing more, and nothing allocated for it.
+        let hello = complete(&modern("only.example").record());
+        assert!(hello.sni_more.is_empty());
+        assert_eq!(hello.sni_more.capacity(), 0);
     }
 
     #[test]
