@@ -128,6 +128,35 @@ impl Engine {
         });
         [named, ech].into_iter().chain(more)
     }
+
+    /// What the names of a server's certificate say
+    /// ([`crate::classify::server_hello::ServerFlight::Names`]): one item per
+    /// name, in order, `None` for a name that is on the allow-list or that no
+    /// rule knows, else a detection with [`Reason::Cert`]. Names are matched
+    /// as an SNI is; a wildcard name `*.example.com` matches suffix rules
+    /// covering all of it and is on the allow-list only if a `*.` pattern
+    /// covers all of it.
+    ///
+    /// Every name counts: a certificate shared by several services (a CDN's,
+    /// or one vendor's for all its products) names the flow after whichever
+    /// of its names a rule knows, so the caller may want to weigh this
+    /// evidence against the SNI it already has.
+    pub fn cert_evidence<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> impl Iterator<Item = Option<Detection>> + 'a {
+        names.iter().map(move |name| {
+            let allowlisted = match name.strip_prefix("*.") {
+                Some(suffix) => self.policy.allows_every_name_under(suffix),
+                None => self.policy.allows_name(name),
+            };
+            if allowlisted {
+                None
+            } else {
+                self.signatures.classify_cert(name)
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -221,5 +250,63 @@ mod tests {
         let hello = hello_naming(&["www.ok.example"]);
         assert_eq!(verdict(&e, e.hello_evidence(&hello)), Verdict::Allow);
         assert_eq!(e.hello_evidence(&hello).count(), 2);
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn certificate_names_are_matched_like_an_sni() {
+        let e = engine("");
+        let cases: &[(&str, Option<&str>)] = &[
+            ("web.whatsapp.com", Some("whatsapp")),
+            ("whatsapp.net", Some("whatsapp")),
+            // A wildcard name is covered by a suffix rule for all of it...
+            ("*.whatsapp.net", Some("whatsapp")),
+            ("*.mmg.whatsapp.net", Some("whatsapp")),
+            ("*.teams.microsoft.com", Some("teams")),
+            // ...but not by exact names under it: Azure Traffic Manager's
+            // wildcard is not Teams because teams.trafficmanager.net is.
+            ("*.trafficmanager.net", None),
+            ("teams.trafficmanager.net", Some("teams")),
+            ("www.example.org", None),
+            ("*.example.org", None),
+            ("*", None),
+            ("", None),
+        ];
+        for (name, app) in cases {
+            let list = names(&[name]);
+            let found: Vec<_> = e.cert_evidence(&list).collect();
+            assert_eq!(found.len(), 1);
+            let got = found[0].map(|d| {
+                assert_eq!(d.reason, Reason::Cert, "{name}");
+                e.signatures.app_id(d.app)
+            });
+            assert_eq!(got, *app, "{name}");
+        }
+        // One item per name, in order; an IM name anywhere refuses.
+        let list = names(&["www.example.org", "*.example.org", "*.whatsapp.net"]);
+        let found: Vec<_> = e.cert_evidence(&list).collect();
+        assert_eq!(found.len(), 3);
+        assert!(found[0].is_none() && found[1].is_none() && found[2].is_some());
+        let v = verdict(&e, e.cert_evidence(&list));
+        assert_eq!(app_of(&e, v), Some(("whatsapp", Reason::Cert)));
+        assert_eq!(Reason::Cert.as_str(), "cert");
+    }
+
+    #[test]
+    fn certificate_names_on_the_allow_list() {
+        let e = engine("[[policy.allow]]\nhosts = [\"*.whatsapp.net\", \"web.whatsapp.com\"]\n");
+        let allowed = names(&["*.whatsapp.net", "mmg.whatsapp.net", "*.mmg.whatsapp.net"]);
+        assert!(e.cert_evidence(&allowed).all(|d| d.is_none()));
+        // An exact allowed name does not cover a wildcard over it.
+        let list = names(&["web.whatsapp.com", "*.whatsapp.com"]);
+        let found: Vec<_> = e.cert_evidence(&list).collect();
+        assert!(found[0].is_none());
+        assert!(found[1].is_some_and(|d| e.signatures.app_id(d.app) == "whatsapp"));
+        // Nor does it cover its parent domain.
+        let list = names(&["whatsapp.net"]);
+        assert!(e.cert_evidence(&list).all(|d| d.is_some()));
     }
 }

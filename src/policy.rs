@@ -171,6 +171,23 @@ impl Policy {
         }
     }
 
+    /// Is every name under `suffix` (one label deeper or more) on the
+    /// allow-list? That is what a wildcard certificate name `*.suffix`
+    /// stands for: only a `*.s` pattern covering the whole of it counts, not
+    /// an exact name that happens to be under it.
+    pub fn allows_every_name_under(&self, suffix: &str) -> bool {
+        if self.cfg.allow_hosts.is_empty() {
+            return false;
+        }
+        let Some(suffix) = normalize_host(suffix) else {
+            return false;
+        };
+        self.cfg.allow_hosts.iter().any(|p| {
+            p.strip_prefix("*.")
+                .is_some_and(|s| s == suffix || pattern_matches(p, &suffix))
+        })
+    }
+
     /// Is this destination address on the allow-list?
     pub fn allows_addr(&self, addr: IpAddr) -> bool {
         self.cfg.allow_nets.contains(addr)

@@ -230,6 +230,20 @@ impl SignatureSet {
             .map(|h| self.detection(h.rule, Reason::Sni, None))
     }
 
+    /// A name from a server certificate: matched as an SNI is (the
+    /// `tls.sni` rules, then the host rules), reported as [`Reason::Cert`].
+    /// A wildcard name `*.example.com` is looked up by its labels below the
+    /// `*`, so it matches only suffix rules that cover all of it
+    /// (`*.example.com`, `*.com`), never an exact rule for one name under it:
+    /// a shared wildcard certificate says nothing about which of its names
+    /// the server is.
+    pub fn classify_cert(&self, name: &str) -> Option<Detection> {
+        self.sni
+            .lookup(name)
+            .or_else(|| self.hosts.lookup(name))
+            .map(|h| self.detection(h.rule, Reason::Cert, None))
+    }
+
     pub fn classify_ip(&self, addr: IpAddr) -> Option<Detection> {
         self.cidrs
             .lookup(addr)
