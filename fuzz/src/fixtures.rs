@@ -157,6 +157,53 @@ pub fn records(message: &[u8], max: usize) -> Vec<u8> {
     out
 }
 
+/// A TLS 1.2 server's first flight (RFC 5246 §7.3) built field by field:
+/// ServerHello, Certificate carrying `chain` (leaf first, RFC 5246 §7.4.2),
+/// ServerHelloDone; in handshake records of at most `max` bytes.
+pub fn server_flight(chain: &[&[u8]], max: usize) -> Vec<u8> {
+    let mut list = Vec::new();
+    for cert in chain {
+        list.extend_from_slice(&len24(cert.len()));
+        list.extend_from_slice(cert);
+    }
+    let mut certificate = len24(list.len()).to_vec();
+    certificate.extend_from_slice(&list);
+    let mut messages = server_hello();
+    messages.push(11); // certificate
+    messages.extend_from_slice(&len24(certificate.len()));
+    messages.extend_from_slice(&certificate);
+    messages.extend_from_slice(&[14, 0, 0, 0]); // server_hello_done
+    records(&messages, max)
+}
+
+/// A TLS 1.2 ServerHello followed by the handshake bytes `next`, in one
+/// record.
+pub fn server_hello_then(next: &[u8]) -> Vec<u8> {
+    let mut messages = server_hello();
+    messages.extend_from_slice(next);
+    records(&messages, usize::MAX)
+}
+
+/// A ServerHello handshake message (RFC 5246 §7.4.1.3): TLS 1.2, fixed
+/// random and session id, ECDHE-RSA-AES128-GCM-SHA256, renegotiation_info.
+fn server_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x03]; // server_version
+    hello.extend_from_slice(&[0x42; 32]); // random
+    hello.push(32); // session_id
+    hello.extend_from_slice(&[0x07; 32]);
+    hello.extend_from_slice(&[0xc0, 0x2f, 0x00]); // cipher_suite, compression
+    hello.extend_from_slice(&prefixed16(&[0xff, 0x01, 0x00, 0x01, 0x00]));
+    let mut message = vec![0x02];
+    message.extend_from_slice(&len24(hello.len()));
+    message.extend_from_slice(&hello);
+    message
+}
+
+fn len24(n: usize) -> [u8; 3] {
+    let [_, a, b, c] = u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
+    [a, b, c]
+}
+
 /// server_name extension data (RFC 6066 §3) with one host_name.
 fn server_name(sni: &str) -> Vec<u8> {
     let mut entry = vec![0];
