@@ -36,7 +36,7 @@ non_tls_on_443 = "block"
 non_http_on_80 = "block"
 ech = "monitor"
 apps = {}
-categories = {}
+categories = { media-relay = "monitor" }
 exceptions = []
 allow = []
 
@@ -990,6 +990,27 @@ mod tests {
         assert!(!c.allow_clients.contains("10.0.0.1".parse().unwrap()));
         assert!(c.deny_destinations.contains("169.254.1.1".parse().unwrap()));
         assert_eq!(c.inspect_bytes, 16384);
+    }
+
+    #[test]
+    fn media_relay_is_monitored_by_default_and_file_entries_add_to_it() {
+        let c = Config::load_default().expect("defaults are valid");
+        assert_eq!(
+            c.policy.categories.get("media-relay"),
+            Some(&Action::Monitor)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chatwall.toml");
+        std::fs::write(&path, "[policy.categories]\nconsumer-im = \"monitor\"\n").expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.policy.categories.len(), 2);
+        assert_eq!(
+            c.policy.categories.get("media-relay"),
+            Some(&Action::Monitor)
+        );
+        std::fs::write(&path, "[policy.categories]\nmedia-relay = \"block\"\n").expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.policy.categories.get("media-relay"), Some(&Action::Block));
     }
 
     #[test]

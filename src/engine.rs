@@ -252,6 +252,32 @@ mod tests {
         assert_eq!(e.hello_evidence(&hello).count(), 2);
     }
 
+    #[test]
+    fn categories_of_the_model_are_known_to_any_signature_set() {
+        // A directory without a media-relay app still takes the built-in
+        // media-relay default, and an explicit entry for it; a misspelt
+        // category is still refused.
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/signatures/valid/localhost-host"
+        );
+        let with = |extra: &str| {
+            let text = format!("[signatures]\ndir = \"{dir}\"\n{extra}");
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let path = tmp.path().join("chatwall.toml");
+            std::fs::write(&path, text).expect("write config");
+            Engine::build(Config::load(Some(&path)).expect("config loads"))
+        };
+        assert!(with("").is_ok());
+        assert!(with("[policy.categories]\nmedia-relay = \"block\"\n").is_ok());
+        let errors = with("[policy.categories]\nmedia-relai = \"block\"\n")
+            .expect_err("a misspelt category");
+        assert!(
+            errors.iter().any(|e| e.contains("media-relai")),
+            "{errors:?}"
+        );
+    }
+
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
     }

@@ -98,7 +98,13 @@ impl Policy {
                 );
             }
         }
-        let known_category = |c: &str| set.apps().iter().any(|a| a.category == c);
+        // A category the set has, or one any set may have (the built-in
+        // media-relay default must not fail against a directory of
+        // signatures without such an app); a misspelt one is an error.
+        let known_category = |c: &str| {
+            crate::signatures::load::CATEGORIES.contains(&c)
+                || set.apps().iter().any(|a| a.category == c)
+        };
         for c in cfg.categories.keys() {
             if !known_category(c) {
                 err(
