@@ -253,6 +253,21 @@ mod tests {
     }
 
     #[test]
+    fn stun_turn_is_monitored_by_default() {
+        let e = engine("");
+        let app = e.signatures.app_index("stun-turn").expect("stun-turn");
+        assert_eq!(
+            e.policy.app_action(usize::from(app)),
+            crate::config::Action::Monitor
+        );
+        let teams = e.signatures.app_index("teams").expect("teams");
+        assert_eq!(
+            e.policy.app_action(usize::from(teams)),
+            crate::config::Action::Block
+        );
+    }
+
+    #[test]
     fn categories_of_the_model_are_known_to_any_signature_set() {
         // A directory without a media-relay app still takes the built-in
         // media-relay default, and an explicit entry for it; a misspelt

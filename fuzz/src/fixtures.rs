@@ -261,7 +261,7 @@ pub fn ssh_banner() -> Vec<u8> {
 }
 
 /// First client bytes of IM protocols, built from their specifications
-/// (the same cases as `tests/inspect.rs`).
+/// (the cases of `tests/inspect.rs`, and STUN/TURN requests).
 pub fn im_first_bytes() -> Vec<(&'static str, Vec<u8>)> {
     let mut oscar = vec![0x2a, 0x01, 0x12, 0x34, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x01];
     oscar.extend_from_slice(&[0x00, 0x06, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef]);
@@ -290,7 +290,30 @@ xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
             ],
         ),
         ("irc", b"NICK alice\r\nUSER alice 0 * :Alice\r\n".to_vec()),
+        ("turn-allocate", turn_allocate()),
+        ("stun-binding-framed", {
+            // RFC 4571 §2 length, then an RFC 8489 Binding request.
+            let mut m = vec![0x00, 0x14, 0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+            m.extend_from_slice(&[0x3c; 12]);
+            m
+        }),
+        ("ms-turn-allocate", {
+            // [MS-TURN] §2.1.4 framing, §2.2.2 header, MAGIC-COOKIE first.
+            let mut m = vec![0x02, 0x00, 0x00, 0x1c, 0x00, 0x03, 0x00, 0x08];
+            m.extend_from_slice(&[0x6d; 16]);
+            m.extend_from_slice(&[0x00, 0x0f, 0x00, 0x04, 0x72, 0xc6, 0x4b, 0xc6]);
+            m
+        }),
     ]
+}
+
+/// An RFC 8656 Allocate request: the RFC 8489 header (type 0x0003, length,
+/// magic cookie 0x2112A442, transaction id) and REQUESTED-TRANSPORT UDP.
+pub fn turn_allocate() -> Vec<u8> {
+    let mut m = vec![0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+    m.extend_from_slice(&[0x4b; 12]);
+    m.extend_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]);
+    m
 }
 
 /// First client bytes of ordinary protocols that must pass.
