@@ -36,7 +36,7 @@ non_tls_on_443 = "block"
 non_http_on_80 = "block"
 ech = "monitor"
 apps = {}
-categories = {}
+categories = { media-relay = "monitor" }
 exceptions = []
 allow = []
 
@@ -1251,6 +1251,27 @@ mod tests {
         assert!(!s.contains(29) && s.contains(30) && s.contains(40) && !s.contains(41));
         assert!(!PortSet::default().contains(443));
         assert!(PortSet::from_ranges(vec![(1, 100), (101, 65535)]).is_all());
+    }
+
+    #[test]
+    fn media_relay_is_monitored_by_default_and_file_entries_add_to_it() {
+        let c = Config::load_default().expect("defaults are valid");
+        assert_eq!(
+            c.policy.categories.get("media-relay"),
+            Some(&Action::Monitor)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chatwall.toml");
+        std::fs::write(&path, "[policy.categories]\nconsumer-im = \"monitor\"\n").expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.policy.categories.len(), 2);
+        assert_eq!(
+            c.policy.categories.get("media-relay"),
+            Some(&Action::Monitor)
+        );
+        std::fs::write(&path, "[policy.categories]\nmedia-relay = \"block\"\n").expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.policy.categories.get("media-relay"), Some(&Action::Block));
     }
 
     #[test]

@@ -655,7 +655,8 @@ impl<'e> Requests<'e> {
         // cost stays linear in its length.
         let seen = self.head_scanned;
         let fresh = &buf[seen.saturating_sub(3).min(buf.len())..];
-        let may_end = fresh.windows(2).any(|w| w == b"\n\n") || fresh.windows(3).any(|w| w == b"\n\r\n");
+        let may_end =
+            fresh.windows(2).any(|w| w == b"\n\n") || fresh.windows(3).any(|w| w == b"\n\r\n");
         if seen > 0
             && !may_end
             && buf.len() < seen + RESCAN_BYTES

@@ -98,7 +98,13 @@ impl Policy {
                 );
             }
         }
-        let known_category = |c: &str| set.apps().iter().any(|a| a.category == c);
+        // A category the set has, or one any set may have (the built-in
+        // media-relay default must not fail against a directory of
+        // signatures without such an app); a misspelt one is an error.
+        let known_category = |c: &str| {
+            crate::signatures::load::CATEGORIES.contains(&c)
+                || set.apps().iter().any(|a| a.category == c)
+        };
         for c in cfg.categories.keys() {
             if !known_category(c) {
                 err(
@@ -169,6 +175,23 @@ impl Policy {
             Some(n) => self.cfg.allow_hosts.iter().any(|p| pattern_matches(p, &n)),
             None => false,
         }
+    }
+
+    /// Is every name under `suffix` (one label deeper or more) on the
+    /// allow-list? That is what a wildcard certificate name `*.suffix`
+    /// stands for: only a `*.s` pattern covering the whole of it counts, not
+    /// an exact name that happens to be under it.
+    pub fn allows_every_name_under(&self, suffix: &str) -> bool {
+        if self.cfg.allow_hosts.is_empty() {
+            return false;
+        }
+        let Some(suffix) = normalize_host(suffix) else {
+            return false;
+        };
+        self.cfg.allow_hosts.iter().any(|p| {
+            p.strip_prefix("*.")
+                .is_some_and(|s| s == suffix || pattern_matches(p, &suffix))
+        })
     }
 
     /// Is this destination address on the allow-list?

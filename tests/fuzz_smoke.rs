@@ -1,7 +1,7 @@
 //! Fuzz smoke test: the fuzz targets' logic under `cargo test`, on stable
 //! Rust, without libFuzzer.
 //!
-//! Each target of `fuzz/` (client_hello, payload, http_head,
+//! Each target of `fuzz/` (client_hello, server_flight, payload, http_head,
 //! signature_file, config) gets every seed of its corpus, then a bounded
 //! number of deterministic inputs: pseudo-random bytes (xorshift) and seeds
 //! mutated the way a fuzzer would (bit flips, interesting bytes, cuts,
@@ -14,6 +14,9 @@
 //! `cargo test --test tests fuzz_smoke`. The corpus files under
 //! `fuzz/seeds/` are written by the ignored test `write_fuzz_seeds`:
 //! `cargo test --test tests fuzz_smoke::write_fuzz_seeds -- --ignored`.
+//! The server flights under `tests/fixtures/tls/` that some seeds start
+//! from are captured from rustls by the ignored test
+//! `write_server_flight_fixtures`.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -153,6 +156,11 @@ fn client_hello_target_survives_random_and_mutated_input() {
 }
 
 #[test]
+fn server_flight_target_survives_random_and_mutated_input() {
+    smoke("server_flight", Input::Binary, 5_000, 3_000);
+}
+
+#[test]
 fn payload_target_survives_random_and_mutated_input() {
     smoke("payload", Input::Binary, 2_000, 1_000);
 }
@@ -197,5 +205,78 @@ fn write_fuzz_seeds() {
     for seed in targets::seeds(repo) {
         let path = root.join(seed.target).join(&seed.name);
         std::fs::write(&path, &seed.bytes).expect("write a seed");
+    }
+}
+
+/// Captures real server flights from rustls into `tests/fixtures/tls/`: a
+/// leaf certificate (`leaf.der`, from rcgen) and the server's answer to one
+/// ClientHello in TLS 1.2 (in full-size and in 200-byte records) and in
+/// TLS 1.3. Ignored: run it to refresh them, then `write_fuzz_seeds`.
+#[test]
+#[ignore = "writes tests/fixtures/tls; run on demand"]
+fn write_server_flight_fixtures() {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    std::fs::create_dir_all(&dir).expect("create the fixture directory");
+    let mut params = rcgen::CertificateParams::new(vec![
+        "chat.example.com".to_string(),
+        "*.media.example.com".to_string(),
+    ])
+    .expect("params");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "chat.example.com");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("certificate");
+    let der = cert.der().to_vec();
+    std::fs::write(dir.join("leaf.der"), &der).expect("write the leaf");
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let flight = |versions: &[&'static rustls::SupportedProtocolVersion],
+                  fragment: Option<usize>| {
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(der.clone())],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        server.max_fragment_size = fragment;
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = "chat.example.com".try_into().expect("server name");
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).expect("server");
+        let mut hello = Vec::new();
+        while client.write_tls(&mut hello).expect("write") > 0 {}
+        let mut rest = &hello[..];
+        while !rest.is_empty() {
+            server.read_tls(&mut rest).expect("read");
+            server.process_new_packets().expect("hello accepted");
+        }
+        let mut out = Vec::new();
+        while server.write_tls(&mut out).expect("write") > 0 {}
+        out
+    };
+    for (name, versions, fragment) in [
+        ("rustls-tls12", &[&rustls::version::TLS12][..], None),
+        (
+            "rustls-tls12-small-records",
+            &[&rustls::version::TLS12][..],
+            Some(200),
+        ),
+        ("rustls-tls13", &[&rustls::version::TLS13][..], None),
+    ] {
+        std::fs::write(dir.join(format!("{name}.bin")), flight(versions, fragment))
+            .expect("write a flight");
     }
 }

@@ -479,6 +479,54 @@ async fn payload_monitor_mode_passes_and_logs() {
     );
 }
 
+/// An RFC 8656 Allocate request (RFC 8489 §5 header: type 0x0003, length,
+/// magic cookie 0x2112A442, transaction id) with REQUESTED-TRANSPORT UDP.
+fn turn_allocate() -> Vec<u8> {
+    let mut m = vec![0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+    m.extend_from_slice(&[0x4b; 12]); // transaction id
+    m.extend_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]); // REQUESTED-TRANSPORT
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_over_tcp_is_monitored_and_microsoft_turn_is_refused() {
+    let origin = RawOrigin::start(None, true).await;
+    let proxy = Proxy::start(FAST).await;
+    // Category media-relay is monitored by default: the bytes pass.
+    let allocate = turn_allocate();
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(&allocate).await.expect("write");
+    let mut echo = vec![0u8; allocate.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut echo))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(echo, allocate);
+    drop(s);
+    let log = proxy.wait_log(1).await;
+    assert_eq!(log[0]["app"], "stun-turn", "{log:?}");
+    assert_eq!(log[0]["verdict"], "monitor", "{log:?}");
+    assert_eq!(log[0]["reason"], "payload", "{log:?}");
+    std::fs::write(&proxy.log_path, b"").expect("truncate log");
+
+    // [MS-TURN] over TCP: framing header 02 00 + length, header without
+    // the cookie, MAGIC-COOKIE attribute first. Teams is blocked.
+    let mut ms = vec![0x02, 0x00, 0x00, 0x1c, 0x00, 0x03, 0x00, 0x08];
+    ms.extend_from_slice(&[0x6d; 16]); // transaction id
+    ms.extend_from_slice(&[0x00, 0x0f, 0x00, 0x04, 0x72, 0xc6, 0x4b, 0xc6]);
+    let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(&ms).await.expect("write");
+    assert!(is_refused(&mut s).await, "MS-TURN not refused");
+    let log = proxy.wait_log(1).await;
+    assert_eq!(log[0]["app"], "teams", "{log:?}");
+    assert_eq!(log[0]["verdict"], "block", "{log:?}");
+    assert_eq!(origin.connection_bytes(1), b"");
+}
+
 /// Bind an origin on port 443 of a loopback address, if this host allows it.
 async fn origin_on_443(banner: Option<&'static [u8]>) -> Option<tokio::net::TcpListener> {
     let _ = banner;

@@ -157,6 +157,53 @@ pub fn records(message: &[u8], max: usize) -> Vec<u8> {
     out
 }
 
+/// A TLS 1.2 server's first flight (RFC 5246 §7.3) built field by field:
+/// ServerHello, Certificate carrying `chain` (leaf first, RFC 5246 §7.4.2),
+/// ServerHelloDone; in handshake records of at most `max` bytes.
+pub fn server_flight(chain: &[&[u8]], max: usize) -> Vec<u8> {
+    let mut list = Vec::new();
+    for cert in chain {
+        list.extend_from_slice(&len24(cert.len()));
+        list.extend_from_slice(cert);
+    }
+    let mut certificate = len24(list.len()).to_vec();
+    certificate.extend_from_slice(&list);
+    let mut messages = server_hello();
+    messages.push(11); // certificate
+    messages.extend_from_slice(&len24(certificate.len()));
+    messages.extend_from_slice(&certificate);
+    messages.extend_from_slice(&[14, 0, 0, 0]); // server_hello_done
+    records(&messages, max)
+}
+
+/// A TLS 1.2 ServerHello followed by the handshake bytes `next`, in one
+/// record.
+pub fn server_hello_then(next: &[u8]) -> Vec<u8> {
+    let mut messages = server_hello();
+    messages.extend_from_slice(next);
+    records(&messages, usize::MAX)
+}
+
+/// A ServerHello handshake message (RFC 5246 §7.4.1.3): TLS 1.2, fixed
+/// random and session id, ECDHE-RSA-AES128-GCM-SHA256, renegotiation_info.
+fn server_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x03]; // server_version
+    hello.extend_from_slice(&[0x42; 32]); // random
+    hello.push(32); // session_id
+    hello.extend_from_slice(&[0x07; 32]);
+    hello.extend_from_slice(&[0xc0, 0x2f, 0x00]); // cipher_suite, compression
+    hello.extend_from_slice(&prefixed16(&[0xff, 0x01, 0x00, 0x01, 0x00]));
+    let mut message = vec![0x02];
+    message.extend_from_slice(&len24(hello.len()));
+    message.extend_from_slice(&hello);
+    message
+}
+
+fn len24(n: usize) -> [u8; 3] {
+    let [_, a, b, c] = u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
+    [a, b, c]
+}
+
 /// server_name extension data (RFC 6066 §3) with one host_name.
 fn server_name(sni: &str) -> Vec<u8> {
     let mut entry = vec![0];
@@ -214,7 +261,7 @@ pub fn ssh_banner() -> Vec<u8> {
 }
 
 /// First client bytes of IM protocols, built from their specifications
-/// (the same cases as `tests/inspect.rs`).
+/// (the cases of `tests/inspect.rs`, and STUN/TURN requests).
 pub fn im_first_bytes() -> Vec<(&'static str, Vec<u8>)> {
     let mut oscar = vec![0x2a, 0x01, 0x12, 0x34, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x01];
     oscar.extend_from_slice(&[0x00, 0x06, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef]);
@@ -243,7 +290,30 @@ xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
             ],
         ),
         ("irc", b"NICK alice\r\nUSER alice 0 * :Alice\r\n".to_vec()),
+        ("turn-allocate", turn_allocate()),
+        ("stun-binding-framed", {
+            // RFC 4571 §2 length, then an RFC 8489 Binding request.
+            let mut m = vec![0x00, 0x14, 0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+            m.extend_from_slice(&[0x3c; 12]);
+            m
+        }),
+        ("ms-turn-allocate", {
+            // [MS-TURN] §2.1.4 framing, §2.2.2 header, MAGIC-COOKIE first.
+            let mut m = vec![0x02, 0x00, 0x00, 0x1c, 0x00, 0x03, 0x00, 0x08];
+            m.extend_from_slice(&[0x6d; 16]);
+            m.extend_from_slice(&[0x00, 0x0f, 0x00, 0x04, 0x72, 0xc6, 0x4b, 0xc6]);
+            m
+        }),
     ]
+}
+
+/// An RFC 8656 Allocate request: the RFC 8489 header (type 0x0003, length,
+/// magic cookie 0x2112A442, transaction id) and REQUESTED-TRANSPORT UDP.
+pub fn turn_allocate() -> Vec<u8> {
+    let mut m = vec![0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+    m.extend_from_slice(&[0x4b; 12]);
+    m.extend_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]);
+    m
 }
 
 /// First client bytes of ordinary protocols that must pass.

@@ -21,8 +21,9 @@ use std::sync::OnceLock;
 use chatwall::classify::host::MAX_HOST_LEN;
 use chatwall::classify::http::HeadOutcome;
 use chatwall::classify::payload::{Direction, Outcome};
+use chatwall::classify::server_hello::{self, ServerFlight};
 use chatwall::classify::tls::{self, Hello};
-use chatwall::classify::Detection;
+use chatwall::classify::{Detection, Reason};
 use chatwall::config::Config;
 use chatwall::engine::Engine;
 use chatwall::policy::Policy;
@@ -36,8 +37,9 @@ pub const WINDOW: usize = 16 * 1024;
 pub const SIGNATURE_FILE_NAME: &str = "fuzz.toml";
 
 /// Every target, by the name of its file under `fuzz_targets/`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "client_hello",
+    "server_flight",
     "payload",
     "http_head",
     "signature_file",
@@ -48,6 +50,7 @@ pub const TARGETS: [&str; 5] = [
 pub fn run(name: &str, data: &[u8]) -> bool {
     match name {
         "client_hello" => client_hello(data),
+        "server_flight" => server_flight(data),
         "payload" => payload(data),
         "http_head" => http_head(data),
         "signature_file" => signature_file(data),
@@ -75,6 +78,22 @@ pub fn client_hello(data: &[u8]) {
         let set = bundled();
         if let Some(d) = set.classify_hello(&hello) {
             check_detection(set, &d);
+        }
+    }
+}
+
+/// `server_flight`: the server-flight parser's invariants on prefixes of
+/// `data` ([`server_hello::fuzz_logic`]), then the bundled set's lookup of
+/// every certificate name it finds (arbitrary text, wildcards included).
+pub fn server_flight(data: &[u8]) {
+    server_hello::fuzz_logic(data);
+    if let ServerFlight::Names(names) = server_hello::inspect_server_flight(data) {
+        let set = bundled();
+        for name in &names {
+            if let Some(d) = set.classify_cert(name) {
+                assert_eq!(d.reason, Reason::Cert, "a certificate name is reason cert");
+                check_detection(set, &d);
+            }
         }
     }
 }
@@ -278,9 +297,11 @@ pub struct Seed {
 }
 
 /// The seed corpus: hand-built hellos and protocol first bytes from
-/// [`fixtures`], and the repository's signature and configuration files
-/// (read from `repo`, the main crate's directory). Signature files get
-/// `id = "fuzz"` so that they load under [`SIGNATURE_FILE_NAME`].
+/// [`fixtures`], server flights (captured from rustls and hand-built around
+/// the captured leaf certificate, all under `tests/fixtures/tls/`), and the
+/// repository's signature and configuration files (read from `repo`, the
+/// main crate's directory). Signature files get `id = "fuzz"` so that they
+/// load under [`SIGNATURE_FILE_NAME`].
 pub fn seeds(repo: &Path) -> Vec<Seed> {
     let mut out = Vec::new();
     let mut add = |target: &'static str, name: &str, bytes: Vec<u8>| {
@@ -325,6 +346,38 @@ pub fn seeds(repo: &Path) -> Vec<Seed> {
     let fragmented = fixtures::records(hellos[0].1.get(5..).unwrap_or_default(), 40);
     add("client_hello", "fragmented", fragmented);
 
+    let tls_fixtures = repo.join("tests/fixtures/tls");
+    for path in files_with_extension(&tls_fixtures, "bin") {
+        if let (Some(stem), Ok(bytes)) = (file_stem(&path), std::fs::read(&path)) {
+            add("server_flight", &stem, bytes);
+        }
+    }
+    if let Ok(leaf) = std::fs::read(tls_fixtures.join("leaf.der")) {
+        add(
+            "server_flight",
+            "built",
+            fixtures::server_flight(&[&leaf], usize::MAX),
+        );
+        add(
+            "server_flight",
+            "built-small-records",
+            fixtures::server_flight(&[&leaf], 40),
+        );
+    }
+    add(
+        "server_flight",
+        "no-certificate",
+        fixtures::server_hello_then(&[14, 0, 0, 0]),
+    );
+    add(
+        "server_flight",
+        "abbreviated",
+        fixtures::server_hello_then(&[])
+            .into_iter()
+            .chain([20, 3, 3, 0, 1, 1])
+            .collect(),
+    );
+
     for (name, bytes) in fixtures::im_first_bytes()
         .into_iter()
         .chain(fixtures::ordinary_first_bytes())
@@ -358,12 +411,18 @@ pub fn seeds(repo: &Path) -> Vec<Seed> {
 
 /// The `*.toml` files of a directory, sorted; none if it cannot be read.
 fn toml_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    files_with_extension(dir, "toml")
+}
+
+/// The `*.{extension}` files of a directory, sorted; none if it cannot be
+/// read.
+fn files_with_extension(dir: &Path, extension: &str) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .filter(|p| p.extension().is_some_and(|e| e == extension))
                 .collect()
         })
         .unwrap_or_default();

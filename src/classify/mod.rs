@@ -4,12 +4,14 @@
 //! same code.
 //!
 //! Classifiers answer "this app, by this rule" or nothing; byte classifiers
-//! also answer "need more bytes" (see [`payload::Outcome`], [`tls::Hello`]).
+//! also answer "need more bytes" (see [`payload::Outcome`], [`tls::Hello`],
+//! [`server_hello::ServerFlight`]).
 pub mod addr;
 pub mod h1;
 pub mod host;
 pub mod http;
 pub mod payload;
+pub mod server_hello;
 pub mod sniff;
 pub mod tls;
 
@@ -31,10 +33,12 @@ pub enum Reason {
     Download,
     Alpn,
     Ja4,
+    /// A name in the certificate a TLS 1.2 (or older) server sent in clear.
+    Cert,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Host,
         Reason::Sni,
         Reason::Ip,
@@ -47,6 +51,7 @@ impl Reason {
         Reason::Download,
         Reason::Alpn,
         Reason::Ja4,
+        Reason::Cert,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +68,7 @@ impl Reason {
             Reason::Download => "download",
             Reason::Alpn => "alpn",
             Reason::Ja4 => "ja4",
+            Reason::Cert => "cert",
         }
     }
 }

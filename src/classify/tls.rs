@@ -19,7 +19,9 @@
 //!   reassembled here;
 //! - the ClientHello, RFC 8446 §4.1.2 (and RFC 5246 §7.4.1.2, under which the
 //!   extensions block may be absent);
-//! - server_name, RFC 6066 §3; application_layer_protocol_negotiation,
+//! - server_name, RFC 6066 §3 (every host_name entry: the RFC allows one,
+//!   but a list of several must not let a second name go unseen);
+//!   application_layer_protocol_negotiation,
 //!   RFC 7301 §3.1; supported_versions, RFC 8446 §4.2.1;
 //!   signature_algorithms, RFC 8446 §4.2.3; encrypted_client_hello (0xfe0d,
 //!   draft-ietf-tls-esni) and the legacy ESNI extension (0xffce), presence
@@ -27,13 +29,23 @@
 //! - JA4, the FoxIO TLS client fingerprint, for TLS over TCP:
 //!   <https://github.com/FoxIO-LLC/ja4/blob/main/technical_details/JA4.md>.
 //!
-//! Strictness: every length prefix must fit its container exactly (a record,
-//! the handshake message, the extensions block, an extension's data); a
-//! mismatch anywhere makes the stream [`Hello::NotTls`]. Contents that are
+//! Strictness: the framing must be consistent: every length prefix must fit
+//! its container exactly (a record, the handshake message, the fields of the
+//! ClientHello, the extensions block, each extension's data as a whole); a
+//! mismatch there makes the stream [`Hello::NotTls`]. Inside one extension's
+//! data the parser is as lenient as servers are with extensions they do not
+//! need: a malformed ALPN list, signature_algorithms or supported_versions
+//! body is ignored (as if the extension carried nothing), and extensions this
+//! module does not read (supported_groups, key_share, unknown types) are never
+//! looked into. The hello is still [`Hello::Complete`] and JA4 is computed
+//! from what parsed, since the extension type itself is on the wire. A
+//! malformed server_name body gives no names and sets
+//! [`ClientHello::sni_malformed`] (see there why). Contents that are
 //! consistently encoded but semantically odd (an empty host name, an empty
-//! list) are accepted. Duplicate extensions are accepted; the first of each
-//! kind is the one used. SSL 2.0-compatible hellos (first byte 0x80) are
-//! `NotTls`.
+//! list) are accepted. Duplicate extensions are accepted; the first
+//! well-formed one of each kind is the one used, except server_name, whose
+//! host names are all collected. SSL 2.0-compatible hellos (first byte 0x80)
+//! are `NotTls`.
 //!
 //! JA4 follows the text of the specification where the reference
 //! implementations have differed: GREASE is dropped from signature_algorithms
@@ -69,7 +81,24 @@ pub enum Hello {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientHello {
     /// server_name (type host_name) lower-cased, trailing dot removed; None if absent.
+    /// The first such name when the client sent several (logs show this one).
     pub sni: Option<String>,
+    /// The further host_name entries, normalised like [`ClientHello::sni`], in
+    /// wire order: those after the first in the list, then those of any
+    /// repeated server_name extension. RFC 6066 §3 allows one name of each
+    /// type, so this is empty (and unallocated) for every ordinary client; a
+    /// hello that lists more must have each of them checked, or a permitted
+    /// first name could hide a refused second one.
+    pub sni_more: Vec<String>,
+    /// A server_name extension was present but its body was malformed, so no
+    /// name could be read from it. The hello is still complete: servers differ
+    /// on such a hello (most refuse it with a decode_error alert, a lenient
+    /// one may read a name of its own from it), so refusing it as not-TLS
+    /// would break nothing a server accepts and taking it as TLS without a
+    /// name keeps every other check (CONNECT authority, ALPN, JA4, addresses).
+    /// A caller that refuses hellos without SNI should treat this one the
+    /// same way; none of its names are trusted.
+    pub sni_malformed: bool,
     /// ALPN protocol ids in order (lossy UTF-8).
     pub alpn: Vec<String>,
     /// Extension 0xfe0d (encrypted_client_hello) present.
@@ -416,19 +445,25 @@ struct Fields<'a> {
     cipher_suites: Vec<u16>,
     /// Extension types in wire order, duplicates and GREASE included.
     extension_types: Vec<u16>,
-    /// First host_name of the first server_name extension (`Some(None)`
-    /// for an extension without one).
-    server_name: Option<Option<&'a [u8]>>,
-    /// Protocols of the first ALPN extension.
+    /// The first host_name of the well-formed server_name extensions.
+    server_name: Option<&'a [u8]>,
+    /// Their further host_names, in wire order (empty, unallocated, for a
+    /// hello with one name).
+    more_server_names: Vec<&'a [u8]>,
+    /// A server_name extension whose body did not parse.
+    server_name_malformed: bool,
+    /// Protocols of the first well-formed ALPN extension.
     alpn: Option<Vec<&'a [u8]>>,
-    /// Versions of the first supported_versions extension.
+    /// Versions of the first well-formed supported_versions extension.
     supported_versions: Option<Vec<u16>>,
-    /// Schemes of the first signature_algorithms extension.
+    /// Schemes of the first well-formed signature_algorithms extension.
     signature_algorithms: Option<Vec<u16>>,
 }
 
-/// Parses a ClientHello body (RFC 8446 §4.1.2); `None` if any length is
-/// inconsistent with its container.
+/// Parses a ClientHello body (RFC 8446 §4.1.2); `None` if the framing is
+/// inconsistent: a field or the extensions block that does not fit its
+/// container, or an extension whose data runs past the block. Defects inside
+/// one extension's data leave that extension out (see the module docs).
 fn parse_client_hello(body: &[u8]) -> Option<Fields<'_>> {
     let mut r = Reader::new(body);
     let mut fields = Fields {
@@ -453,31 +488,29 @@ fn parse_client_hello(body: &[u8]) -> Option<Fields<'_>> {
         let ext_type = extensions.u16()?;
         let data = extensions.vec16()?;
         fields.extension_types.push(ext_type);
-        // Every occurrence must be well formed; the first one is used.
+        // A malformed body leaves the extension out; the first well-formed
+        // one of each kind is used, and every server_name contributes.
         match ext_type {
-            EXT_SERVER_NAME => {
-                let host = parse_server_name(data)?;
-                fields.server_name.get_or_insert(host);
-            }
-            EXT_ALPN => {
-                let protocols = parse_alpn(data)?;
-                fields.alpn.get_or_insert(protocols);
-            }
-            EXT_SUPPORTED_VERSIONS => {
-                let mut d = Reader::new(data);
-                let versions = u16_list(d.vec8()?)?;
-                if !d.is_empty() {
-                    return None;
+            EXT_SERVER_NAME => match server_name_list(data) {
+                Some(list) => {
+                    for name in host_names(list) {
+                        if fields.server_name.is_none() {
+                            fields.server_name = Some(name);
+                        } else {
+                            fields.more_server_names.push(name);
+                        }
+                    }
                 }
-                fields.supported_versions.get_or_insert(versions);
-            }
-            EXT_SIGNATURE_ALGORITHMS => {
+                None => fields.server_name_malformed = true,
+            },
+            EXT_ALPN if fields.alpn.is_none() => fields.alpn = parse_alpn(data),
+            EXT_SUPPORTED_VERSIONS if fields.supported_versions.is_none() => {
                 let mut d = Reader::new(data);
-                let schemes = u16_list(d.vec16()?)?;
-                if !d.is_empty() {
-                    return None;
-                }
-                fields.signature_algorithms.get_or_insert(schemes);
+                fields.supported_versions = d.vec8().and_then(u16_list).filter(|_| d.is_empty());
+            }
+            EXT_SIGNATURE_ALGORITHMS if fields.signature_algorithms.is_none() => {
+                let mut d = Reader::new(data);
+                fields.signature_algorithms = d.vec16().and_then(u16_list).filter(|_| d.is_empty());
             }
             _ => {}
         }
@@ -485,22 +518,33 @@ fn parse_client_hello(body: &[u8]) -> Option<Fields<'_>> {
     Some(fields)
 }
 
-/// server_name extension data (RFC 6066 §3): the first host_name entry, if any.
-fn parse_server_name(data: &[u8]) -> Option<Option<&[u8]>> {
+/// server_name extension data (RFC 6066 §3): the ServerNameList, once every
+/// entry of it is checked to be well formed; `None` if it is not.
+fn server_name_list(data: &[u8]) -> Option<&[u8]> {
     let mut d = Reader::new(data);
-    let mut list = Reader::new(d.vec16()?);
+    let list = d.vec16()?;
     if !d.is_empty() {
         return None;
     }
-    let mut host = None;
-    while !list.is_empty() {
-        let name_type = list.u8()?;
-        let name = list.vec16()?;
-        if name_type == SNI_HOST_NAME && host.is_none() {
-            host = Some(name);
-        }
+    let mut entries = Reader::new(list);
+    while !entries.is_empty() {
+        entries.u8()?; // name_type
+        entries.vec16()?; // HostName, or the opaque name of another type
     }
-    Some(host)
+    Some(list)
+}
+
+/// The host_name entries of a ServerNameList checked by [`server_name_list`],
+/// in order (entries of other name types are skipped).
+fn host_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut entries = Reader::new(list);
+    std::iter::from_fn(move || loop {
+        let name_type = entries.u8()?;
+        let name = entries.vec16()?;
+        if name_type == SNI_HOST_NAME {
+            return Some(name);
+        }
+    })
 }
 
 /// ALPN extension data (RFC 7301 §3.1): the protocol names in order.
@@ -545,8 +589,19 @@ impl Fields<'_> {
 
     fn into_client_hello(self, consumed: usize, ja4: bool) -> ClientHello {
         let ja4 = if ja4 { self.ja4() } else { String::new() };
+        // Names that normalise to nothing (empty, a lone dot) are dropped, so
+        // `sni` is the first usable one and `sni_more` holds the rest.
+        let mut names = self
+            .server_name
+            .into_iter()
+            .chain(self.more_server_names.iter().copied())
+            .filter_map(normalise_host);
+        let sni = names.next();
+        let sni_more = names.collect();
         ClientHello {
-            sni: self.server_name.flatten().and_then(normalise_host),
+            sni,
+            sni_more,
+            sni_malformed: self.server_name_malformed,
             alpn: self
                 .alpn
                 .iter()
@@ -1131,6 +1186,8 @@ mod tests {
         ]);
         let hello = check_all_prefixes(&spec.record());
         assert_eq!(hello.sni.as_deref(), Some("first.example"));
+        // A second server_name is not dropped: its name is checked too.
+        assert_eq!(hello.sni_more, ["second.example"]);
         assert_eq!(hello.alpn, ["h2"]);
         assert_eq!(hello.version, 0x0304);
         // Every occurrence counts, as in the JA4 reference implementation.
@@ -1139,11 +1196,154 @@ mod tests {
     }
 
     #[test]
-    fn several_host_names_first_wins() {
+    fn several_host_names_are_all_seen() {
         let hello = check_all_prefixes(
-            &Spec::with_extensions(vec![sni(&["one.example", "two.example"])]).record(),
+            &Spec::with_extensions(vec![sni(&["one.example", "Two.Example."])]).record(),
         );
         assert_eq!(hello.sni.as_deref(), Some("one.example"));
+        assert_eq!(hello.sni_more, ["two.example"]);
+        assert!(!hello.sni_malformed);
+
+        // Three names, an entry of another name type between them, and an
+        // empty first name: `sni` is the first usable one.
+        let mut list = Vec::new();
+        for (name_type, name) in [
+            (SNI_HOST_NAME, &b""[..]),
+            (SNI_HOST_NAME, b"evil-im.example"),
+            (7, b"opaque"),
+            (SNI_HOST_NAME, b"www.ok.example"),
+            (SNI_HOST_NAME, b"third.example"),
+        ] {
+            list.push(name_type);
+            list.extend(vec16(name));
+        }
+        let spec = Spec::with_extensions(vec![(EXT_SERVER_NAME, vec16(&list)), alpn(&[b"h2"])]);
+        let hello = check_all_prefixes(&spec.record());
+        assert_eq!(hello.sni.as_deref(), Some("evil-im.example"));
+        assert_eq!(hello.sni_more, ["www.ok.example", "third.example"]);
+        assert_eq!(hello.alpn, ["h2"]);
+
+        // One name: nothing more, and nothing allocated for it.
+        let hello = complete(&modern("only.example").record());
+        assert!(hello.sni_more.is_empty());
+        assert_eq!(hello.sni_more.capacity(), 0);
+    }
+
+    /// Inside an extension's data, defects leave that extension out and the
+    /// hello complete; the framing around it decides whether it is TLS.
+    #[test]
+    fn malformed_optional_extensions_are_still_tls() {
+        let odd_groups = (0x000a, vec![0x00, 0x03, 0x00, 0x1d, 0x00]);
+        let garbage_key_share = (0x0033, vec![0xde, 0xad, 0xbe, 0xef, 0x01]);
+        let unknown = (0x7e57, vec![0x13, 0x37, 0x00, 0xff, 0x80, 0x42, 0x99]);
+        let cases: [(&str, Ext); 9] = [
+            ("odd supported_groups", odd_groups),
+            ("garbage key_share", garbage_key_share),
+            ("unknown type, random bytes", unknown),
+            ("alpn name past list", (EXT_ALPN, vec![0, 3, 5, b'h', b'2'])),
+            (
+                "alpn trailing byte",
+                (EXT_ALPN, [alpn(&[b"h2"]).1, vec![0]].concat()),
+            ),
+            ("alpn empty data", (EXT_ALPN, Vec::new())),
+            (
+                "odd supported_versions",
+                (EXT_SUPPORTED_VERSIONS, vec![3, 3, 4, 3]),
+            ),
+            (
+                "odd signature_algorithms",
+                (EXT_SIGNATURE_ALGORITHMS, vec![0, 3, 4, 3, 8]),
+            ),
+            (
+                "signature_algorithms trailing byte",
+                (EXT_SIGNATURE_ALGORITHMS, vec![0, 2, 4, 3, 8]),
+            ),
+        ];
+        for (name, bad) in cases {
+            let bad_type = bad.0;
+            let mut extensions = vec![sni(&["chat.example.com"]), bad];
+            if bad_type != EXT_ALPN {
+                extensions.push(alpn(&[b"h2", b"http/1.1"]));
+            }
+            if bad_type != EXT_SIGNATURE_ALGORITHMS {
+                extensions.push(signature_algorithms(&[0x0403]));
+            }
+            if bad_type != EXT_SUPPORTED_VERSIONS {
+                extensions.push(supported_versions(&[0x0304, 0x0303]));
+            }
+            // The bad extension counts like any other.
+            let count = extensions.len();
+            let spec = Spec::with_extensions(extensions);
+            let hello = check_all_prefixes(&spec.record());
+            assert_eq!(hello.sni.as_deref(), Some("chat.example.com"), "{name}");
+            assert!(!hello.sni_malformed, "{name}");
+            let version = if bad_type == EXT_SUPPORTED_VERSIONS {
+                "12" // only legacy_version is left
+            } else {
+                "13"
+            };
+            let (alpn_chars, alpn_list) = if bad_type == EXT_ALPN {
+                ("00", Vec::new())
+            } else {
+                ("h2", vec!["h2".to_owned(), "http/1.1".to_owned()])
+            };
+            assert_eq!(hello.alpn, alpn_list, "{name}");
+            assert!(
+                hello
+                    .ja4
+                    .starts_with(&format!("t{version}d04{count:02}{alpn_chars}_")),
+                "{name}: {}",
+                hello.ja4
+            );
+            // The signature algorithms are in JA4_c unless they were the bad one.
+            let raw = ja4_raw_of(&spec);
+            assert_eq!(
+                raw.ends_with("_0403"),
+                bad_type != EXT_SIGNATURE_ALGORITHMS,
+                "{name}: {raw}"
+            );
+            // The same hello fragmented gives the same answer.
+            let fragmented = check_all_prefixes(&spec.records(&[20, 30]));
+            assert_eq!(without_len(fragmented), without_len(hello), "{name}");
+        }
+    }
+
+    #[test]
+    fn malformed_server_name_is_tls_without_a_name() {
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("list longer than data", vec![0, 9, 0, 0, 1, b'a']),
+            ("name past list", vec![0, 4, 0, 0, 9, b'a']),
+            ("trailing byte", [sni(&["a.example"]).1, vec![0]].concat()),
+            ("half a list length", vec![0]),
+            ("entry without its length", vec![0, 1, 0]),
+        ];
+        for (name, data) in cases {
+            let spec = Spec::with_extensions(vec![
+                (EXT_SERVER_NAME, data),
+                alpn(&[b"h2"]),
+                supported_versions(&[0x0304]),
+            ]);
+            let hello = check_all_prefixes(&spec.record());
+            assert_eq!(hello.sni, None, "{name}");
+            assert!(hello.sni_more.is_empty(), "{name}");
+            assert!(hello.sni_malformed, "{name}");
+            assert_eq!(hello.alpn, ["h2"], "{name}");
+            // The extension is there, so JA4 still says 'd'.
+            assert!(
+                hello.ja4.starts_with("t13d0403h2_"),
+                "{name}: {}",
+                hello.ja4
+            );
+        }
+        // A well-formed server_name next to a malformed one: its name is
+        // read, and the flag still says that one was unreadable.
+        let spec = Spec::with_extensions(vec![
+            (EXT_SERVER_NAME, vec![0, 9]),
+            sni(&["second.example"]),
+        ]);
+        let hello = check_all_prefixes(&spec.record());
+        assert_eq!(hello.sni.as_deref(), Some("second.example"));
+        assert!(hello.sni_malformed);
     }
 
     #[test]
@@ -1617,37 +1817,6 @@ mod tests {
         b.truncate(exts + 1); // half an extensions length
         cases.push(("half a length", b));
 
-        // Extension-level defects, in an otherwise consistent block.
-        let bad_extensions: [(&str, Ext); 7] = [
-            (
-                "sni list longer than data",
-                (EXT_SERVER_NAME, vec![0, 9, 0, 0, 1, b'a']),
-            ),
-            (
-                "sni name past list",
-                (EXT_SERVER_NAME, vec![0, 4, 0, 0, 9, b'a']),
-            ),
-            (
-                "sni trailing byte",
-                (EXT_SERVER_NAME, [sni(&["a"]).1, vec![0]].concat()),
-            ),
-            ("alpn name past list", (EXT_ALPN, vec![0, 3, 5, b'h', b'2'])),
-            (
-                "alpn trailing byte",
-                (EXT_ALPN, [alpn(&[b"h2"]).1, vec![0]].concat()),
-            ),
-            (
-                "odd supported_versions",
-                (EXT_SUPPORTED_VERSIONS, vec![3, 3, 4, 3]),
-            ),
-            (
-                "odd signature_algorithms",
-                (EXT_SIGNATURE_ALGORITHMS, vec![0, 3, 4, 3, 8]),
-            ),
-        ];
-        for (name, ext) in bad_extensions {
-            cases.push((name, Spec::with_extensions(vec![ext]).body()));
-        }
         // An extension whose data runs past the block.
         let mut b = Spec::with_extensions(vec![empty(0x0017)]).body();
         let at = b.len() - 1;

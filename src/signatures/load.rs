@@ -20,6 +20,9 @@ pub const CATEGORIES: &[&str] = &[
     "open-protocol",
     "self-hosted-im",
     "im-gateway",
+    // Not IM by itself: STUN/TURN relays that calls and meetings of any
+    // kind use (monitored by default, see config.rs).
+    "media-relay",
 ];
 
 /// One signature file's text and the name errors should use.

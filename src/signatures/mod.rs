@@ -230,6 +230,20 @@ impl SignatureSet {
             .map(|h| self.detection(h.rule, Reason::Sni, None))
     }
 
+    /// A name from a server certificate: matched as an SNI is (the
+    /// `tls.sni` rules, then the host rules), reported as [`Reason::Cert`].
+    /// A wildcard name `*.example.com` is looked up by its labels below the
+    /// `*`, so it matches only suffix rules that cover all of it
+    /// (`*.example.com`, `*.com`), never an exact rule for one name under it:
+    /// a shared wildcard certificate says nothing about which of its names
+    /// the server is.
+    pub fn classify_cert(&self, name: &str) -> Option<Detection> {
+        self.sni
+            .lookup(name)
+            .or_else(|| self.hosts.lookup(name))
+            .map(|h| self.detection(h.rule, Reason::Cert, None))
+    }
+
     pub fn classify_ip(&self, addr: IpAddr) -> Option<Detection> {
         self.cidrs
             .lookup(addr)
@@ -490,4 +504,230 @@ fn compile(loaded: Vec<LoadedApp>, window: usize) -> Result<SignatureSet, Vec<Fi
         prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
     }
     Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::payload::{Direction, Outcome};
+
+    /// The inspection window of the default configuration.
+    const WINDOW: usize = 16 * 1024;
+
+    fn bundled() -> SignatureSet {
+        SignatureSet::bundled(WINDOW).expect("the bundled set compiles")
+    }
+
+    /// RFC 8489 transaction id: 96 bits, here fixed.
+    const TRANSACTION_ID: [u8; 12] = [
+        0x5a, 0x11, 0x3c, 0x7e, 0x01, 0x02, 0x03, 0x04, 0x9a, 0xbc, 0xde, 0xf0,
+    ];
+
+    /// An RFC 8489 message (§5): type, length of the attributes, magic
+    /// cookie 0x2112A442, transaction id, then the attributes (§14: type,
+    /// length, value padded to a multiple of 4 bytes).
+    fn stun(msg_type: u16, attributes: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (attr_type, value) in attributes {
+            body.extend(attr_type.to_be_bytes());
+            body.extend((value.len() as u16).to_be_bytes());
+            body.extend_from_slice(value);
+            body.resize(body.len().next_multiple_of(4), 0);
+        }
+        let mut out = msg_type.to_be_bytes().to_vec();
+        out.extend((body.len() as u16).to_be_bytes());
+        out.extend([0x21, 0x12, 0xa4, 0x42]);
+        out.extend(TRANSACTION_ID);
+        out.extend(body);
+        out
+    }
+
+    /// RFC 4571 §2: a 2-byte length, then the message.
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut out = (message.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(message);
+        out
+    }
+
+    /// An [MS-TURN] Allocate request over TCP: the §2.1.4 framing header
+    /// (type 0x02 control message, reserved, length), the §2.2.2 header
+    /// (type, length, 16-byte transaction id), the MAGIC-COOKIE attribute
+    /// first (§2.2.2.8), then MS-VERSION (§2.2.2.17, 0x8008).
+    fn ms_turn_allocate(frame_type: u8) -> Vec<u8> {
+        let attributes = [
+            0x00, 0x0f, 0x00, 0x04, 0x72, 0xc6, 0x4b, 0xc6, // MAGIC-COOKIE
+            0x80, 0x08, 0x00, 0x04, 0x00, 0x00, 0x00, 0x06, // MS-VERSION 6
+        ];
+        let mut turn = vec![0x00, 0x03]; // Allocate request
+        turn.extend((attributes.len() as u16).to_be_bytes());
+        turn.extend([0x7f; 16]); // transaction id
+        turn.extend(attributes);
+        let mut out = vec![frame_type, 0x00];
+        out.extend((turn.len() as u16).to_be_bytes());
+        out.extend(turn);
+        out
+    }
+
+    /// REQUESTED-TRANSPORT (RFC 8656 §14.7): protocol 17 (UDP), RFFU.
+    const UDP: (u16, &[u8]) = (0x0019, &[17, 0, 0, 0]);
+
+    /// What the client bytes are attributed to: the app of the matching
+    /// rule and where the completing atom starts, `None` without a match.
+    fn attributed(set: &SignatureSet, bytes: &[u8]) -> Option<(String, usize)> {
+        match set.payload().classify(Direction::Client, bytes) {
+            Outcome::Match { tag, offset } => {
+                let app = set.rule(tag).map(|r| r.app).unwrap_or(UNIDENTIFIED);
+                Some((set.app_id(app).to_owned(), offset))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn stun_and_turn_requests_are_named_stun_turn() {
+        let set = bundled();
+        let binding = stun(0x0001, &[]);
+        assert_eq!(binding.len(), 20);
+        let ice_binding = stun(
+            0x0001,
+            &[
+                (0x0006, b"a3f9:Zq81"),              // USERNAME
+                (0x0024, &[0x6e, 0x7f, 0x1e, 0xff]), // PRIORITY
+                (0x802a, &[1, 2, 3, 4, 5, 6, 7, 8]), // ICE-CONTROLLING
+            ],
+        );
+        let allocate = stun(0x0003, &[UDP]);
+        let allocate_long = stun(
+            0x0003,
+            &[UDP, (0x0006, &[b'u'; 300]), (0x8022, b"webrtc")], // USERNAME, SOFTWARE
+        );
+        let connection_bind = stun(0x000b, &[(0x002a, &[0, 0, 0, 9])]); // CONNECTION-ID
+                                                                        // An RFC 8489 Allocate carrying Microsoft's MS-VERSION: named by its
+                                                                        // header, which completes first (see stun-turn.toml).
+        let allocate_ms = stun(0x0003, &[UDP, (0x8008, &[0, 0, 0, 6])]);
+        let cases: [(&str, Vec<u8>, usize); 9] = [
+            ("Binding", binding.clone(), 4),
+            ("Binding, ICE attributes", ice_binding.clone(), 4),
+            ("Allocate", allocate.clone(), 4),
+            ("Allocate, 300-byte USERNAME", allocate_long, 4),
+            ("ConnectionBind", connection_bind, 4),
+            ("Allocate with MS-VERSION", allocate_ms, 4),
+            ("framed Binding", framed(&binding), 6),
+            ("framed ICE Binding", framed(&ice_binding), 6),
+            ("framed Allocate", framed(&allocate), 6),
+        ];
+        for (name, bytes, cookie_at) in cases {
+            assert_eq!(
+                attributed(&set, &bytes),
+                Some(("stun-turn".to_owned(), cookie_at)),
+                "{name}"
+            );
+            // Decided as soon as the cookie is in, whatever follows.
+            for cut in 0..cookie_at + 4 {
+                assert!(
+                    matches!(
+                        set.payload().classify(Direction::Client, &bytes[..cut]),
+                        Outcome::Pending { .. }
+                    ),
+                    "{name}: prefix {cut}"
+                );
+            }
+            assert!(
+                attributed(&set, &bytes[..cookie_at + 4]).is_some(),
+                "{name}"
+            );
+        }
+        let app = set
+            .app(set.app_index("stun-turn").expect("stun-turn"))
+            .expect("app");
+        assert_eq!(app.category, "media-relay");
+        assert_eq!(
+            set.classify_port(3478).map(|d| set.app_id(d.app)),
+            Some("stun-turn")
+        );
+    }
+
+    #[test]
+    fn microsoft_turn_is_named_teams() {
+        let set = bundled();
+        let allocate = ms_turn_allocate(0x02);
+        assert_eq!(attributed(&set, &allocate), Some(("teams".to_owned(), 24)));
+        // End-to-end data frames (type 0x03) are not a control message.
+        assert_eq!(attributed(&set, &ms_turn_allocate(0x03)), None);
+        // Without the framing header (as over UDP) it is not TURN over TCP.
+        assert_eq!(attributed(&set, &allocate[4..]), None);
+    }
+
+    #[test]
+    fn other_first_bytes_are_not_stun() {
+        let set = bundled();
+        let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng.to_le_bytes()[0]
+                })
+                .collect()
+        };
+        let cookie = [0x21, 0x12, 0xa4, 0x42];
+        let mut cases: Vec<(String, Vec<u8>)> = vec![
+            (
+                "TLS ClientHello".into(),
+                [
+                    &[
+                        0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03,
+                    ][..],
+                    &[0x21; 32],
+                    &[0x00, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00],
+                ]
+                .concat(),
+            ),
+            (
+                "HTTP".into(),
+                b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n".to_vec(),
+            ),
+            (
+                "SSH".into(),
+                b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13.5\r\n".to_vec(),
+            ),
+            // A Binding success response (server side), and ChannelData
+            // (first bits 01): not a client's first message.
+            ("Binding response".into(), stun(0x0101, &[])),
+            (
+                "ChannelData".into(),
+                [&[0x40, 0x00, 0x00, 0x18][..], &cookie, &[0; 20]].concat(),
+            ),
+            // RFC 3489 (no cookie): the old transaction id in its place.
+            (
+                "RFC 3489 Binding".into(),
+                [&[0x00, 0x01, 0x00, 0x00][..], &[0x33; 16]].concat(),
+            ),
+        ];
+        // The right type at 0 but the cookie elsewhere, in random bytes.
+        for at in [2, 3, 5, 8, 12, 20] {
+            let mut bytes = noise(40);
+            bytes[..2].copy_from_slice(&[0x00, 0x01]);
+            bytes[4] ^= 0x80; // never the cookie at 4 by chance
+            bytes[at..at + 4].copy_from_slice(&cookie);
+            if at != 4 {
+                cases.push((format!("cookie at {at}"), bytes));
+            }
+        }
+        // The cookie at 4 after a type no client starts with.
+        for msg_type in [0x0000, 0x0002, 0x0004, 0x0111, 0x8001] {
+            let mut bytes = stun(0x0001, &[]);
+            bytes[..2].copy_from_slice(&u16::to_be_bytes(msg_type));
+            cases.push((format!("type {msg_type:#06x}"), bytes));
+        }
+        for (name, bytes) in cases {
+            let got = attributed(&set, &bytes);
+            assert!(
+                !matches!(&got, Some((app, _)) if app == "stun-turn" || app == "teams"),
+                "{name}: {got:?}"
+            );
+        }
+    }
 }
