@@ -153,6 +153,23 @@ pub fn hello(
     Ok(())
 }
 
+/// The names of a TLS 1.2 (or older) server's certificate, for a flow
+/// whose ClientHello named no server: each name as an SNI would be
+/// (reason `cert`). Only there: with an SNI, the SNI decided, and a
+/// certificate shared by many services would otherwise name the flow after
+/// every one of them.
+pub fn server_certificate(
+    engine: &Engine,
+    who: &Who,
+    names: &[String],
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    for d in engine.cert_evidence(names) {
+        findings.decide(engine, who, d)?;
+    }
+    Ok(())
+}
+
 /// A payload match in the first bytes of one direction, if any.
 pub fn payload_detection(engine: &Engine, dir: Direction, buf: &[u8]) -> Option<Detection> {
     let window = engine.config.inspect_bytes;

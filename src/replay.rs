@@ -50,6 +50,7 @@ use pcap_file::pcapng::{Block, PcapNgReader};
 use pcap_file::{DataLink, PcapError};
 
 use crate::classify::payload::Direction;
+use crate::classify::server_hello::{inspect_server_flight, ServerFlight};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::decide::{self, Cue, Findings, First, FirstBytes, Refusal, ReqCue, Requests, Step};
 use crate::engine::Engine;
@@ -625,6 +626,15 @@ fn replay_flow(
         report.ja4 = Some(h.ja4.clone());
     }
     match result? {
+        // No SNI: the certificate a TLS 1.2 server sent in clear decides.
+        First::Tls if report.sni.is_none() && !allowlisted => {
+            match inspect_server_flight(&flow.server_bytes) {
+                ServerFlight::Names(names) => {
+                    decide::server_certificate(engine, who, &names, findings)
+                }
+                _ => Ok(()),
+            }
+        }
         First::Tls => Ok(()),
         First::Http => requests(engine, who, flow, allowlisted, report, findings),
         // An allow-listed destination is never refused on its payload.

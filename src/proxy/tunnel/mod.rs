@@ -42,8 +42,9 @@ use super::Shared;
 use crate::access_log::Record;
 use crate::classify::host::normalize_host;
 use crate::classify::payload::Direction;
+use crate::classify::server_hello::{inspect_server_flight, ServerFlight, MAX_SERVER_FLIGHT};
 use crate::classify::Detection;
-use crate::decide::{self, Cue, Findings, First, FirstBytes};
+use crate::decide::{self, Cue, Findings, First, FirstBytes, Refusal};
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
 use crate::policy::Verdict;
@@ -68,6 +69,9 @@ pub struct Flow {
     /// Redirected port-80 traffic to a refused address: HTTP gets the 403
     /// page request by request; anything else is reset.
     pub addr_block: Option<Detection>,
+    /// The ClientHello named no server: the server's certificate names
+    /// are checked, where TLS 1.2 and older show them in clear.
+    pub check_cert: bool,
     pub rec: Record,
 }
 
@@ -188,6 +192,7 @@ pub async fn open(
         allowlisted,
         findings,
         addr_block: None,
+        check_cert: false,
         rec: std::mem::take(rec),
     };
     Ok((up, flow))
@@ -290,7 +295,18 @@ pub async fn run(
     };
     // Idle tunnels hold no copy of their first bytes.
     drop(buf);
-    let end = relay::relay(&cx, &client, &up, c2s, s2c).await;
+    let end = if first == First::Tls && flow.check_cert {
+        let up_half = relay::pump(&cx, &client, &up, None, &cx.up);
+        let down_half = async {
+            match server_certificate(&cx, &up, &client).await {
+                Ok(()) => relay::pump(&cx, &up, &client, None, &cx.down).await,
+                Err(end) => end,
+            }
+        };
+        relay::run_pair(&cx, &client, &up, up_half, down_half).await
+    } else {
+        relay::relay(&cx, &client, &up, c2s, s2c).await
+    };
     cx.finish(&mut flow.rec);
     // One verdict per tunnel: a payload block, else the first monitor
     // finding (destination, first bytes, then payload), else allow.
@@ -313,6 +329,62 @@ pub async fn run(
         End::Closed | End::Refused => {}
     }
     shared.access_log.write(flow.rec);
+}
+
+/// Hold the server's first bytes until its certificate's names are known
+/// (TLS 1.2 and older send the Certificate message in clear; TLS 1.3 and
+/// resumed sessions show nothing), decide them, then hand them on. Bounded
+/// by the parser's limit and the first-bytes deadline; whatever cannot be
+/// read passes as it came.
+async fn server_certificate(
+    cx: &RelayCtx<'_>,
+    up: &TcpStream,
+    client: &TcpStream,
+) -> Result<(), End> {
+    let engine = cx.engine;
+    let deadline = tokio::time::Instant::now() + engine.config.first_bytes_timeout;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        match inspect_server_flight(&buf) {
+            ServerFlight::NeedMore if buf.len() < MAX_SERVER_FLIGHT => {}
+            ServerFlight::Names(names) => {
+                let mut findings = Findings::default();
+                let decided = decide::server_certificate(engine, &cx.who, &names, &mut findings);
+                if let Err(Refusal::Blocked(d)) = decided {
+                    return Err(End::Blocked(d));
+                }
+                if let Some(m) = findings.monitor {
+                    cx.monitor
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(m);
+                }
+                break;
+            }
+            _ => break,
+        }
+        let read = tokio::time::timeout_at(deadline, async {
+            loop {
+                up.readable().await?;
+                buf.reserve(relay::COPY_BUF);
+                match up.try_read_buf(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        match read {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                cx.touch();
+                cx.down
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(Err(e)) => return Err(End::Error(e)),
+        }
+    }
+    relay::write_all(client, &buf).await.map_err(End::Error)
 }
 
 /// Reset a tunnel refused on its first bytes; nothing reached the upstream.
@@ -389,6 +461,7 @@ async fn first_bytes(
         };
     };
     if let Some(hello) = check.hello {
+        flow.check_cert = hello.sni.is_none() && !flow.allowlisted;
         if logged {
             flow.rec.sni = hello.sni.clone();
             flow.rec.ja4 = Some(hello.ja4.clone());
@@ -409,6 +482,7 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
         allowlisted: false,
         findings: Findings::default(),
         addr_block: None,
+        check_cert: false,
         rec: Record {
             start: Some(SystemTime::now()),
             client,
