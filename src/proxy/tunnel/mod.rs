@@ -239,7 +239,10 @@ pub async fn run(
     }
 
     if first == First::Http {
-        http1::run(shared, engine, flow, client, buf, upstream).await;
+        // Boxed: its state (buffers, the request follower, the exchange)
+        // exists only for tunnels that carry HTTP, not in every tunnel's
+        // task.
+        Box::pin(http1::run(shared, engine, flow, client, buf, upstream)).await;
         return;
     }
 
@@ -303,7 +306,8 @@ pub async fn run(
                 Err(end) => end,
             }
         };
-        relay::run_pair(&cx, &client, &up, up_half, down_half).await
+        // Boxed: only tunnels without an SNI pay for the held flight.
+        Box::pin(relay::run_pair(&cx, &client, &up, up_half, down_half)).await
     } else {
         relay::relay(&cx, &client, &up, c2s, s2c).await
     };
