@@ -526,6 +526,13 @@ pub enum Step {
         refusal: Refusal,
         request: Box<RequestInfo>,
     },
+    /// Refuse the request whose head was already forwarded (it waited for
+    /// `100 Continue`) on its body: no page can be framed while the server
+    /// answers it, so the tunnel is reset; none of the body was forwarded.
+    Reset {
+        refusal: Refusal,
+        request: Box<RequestInfo>,
+    },
     /// From the front of the buffer on the stream is no longer HTTP (after
     /// an upgrade or a CONNECT): relay it opaquely, payload signatures on.
     Opaque,
@@ -552,6 +559,15 @@ enum ReqState {
     /// A decided head of `head_len` bytes waits for the start of its body.
     Held {
         head_len: usize,
+        body: Body,
+        window: usize,
+        switch: bool,
+        request: Box<RequestInfo>,
+    },
+    /// A forwarded head (its client waits for `100 Continue`) whose body
+    /// is held until the body rules decide; the head is kept for them.
+    BodyHeld {
+        head: Box<[u8]>,
         body: Body,
         window: usize,
         switch: bool,
@@ -627,7 +643,10 @@ impl<'e> Requests<'e> {
 
     /// Is a decided head waiting for its body's start?
     pub fn holding(&self) -> bool {
-        matches!(self.state, ReqState::Held { .. })
+        matches!(
+            self.state,
+            ReqState::Held { .. } | ReqState::BodyHeld { .. }
+        )
     }
 
     /// Look at `buf`, the client's bytes not forwarded yet.
@@ -658,6 +677,7 @@ impl<'e> Requests<'e> {
                 }
             }
             ReqState::Held { .. } => self.held(buf, cue, findings),
+            ReqState::BodyHeld { .. } => self.body_held(buf, cue, findings),
             ReqState::Head => self.head(buf, cue, findings),
         }
     }
@@ -774,6 +794,25 @@ impl<'e> Requests<'e> {
         });
         match decided {
             Err(refusal) => Step::Refuse { refusal, request },
+            Ok(HeadDecision::NeedBody { window })
+                if body != Body::None && h1::expects_continue(&req) =>
+            {
+                // The client sends the body only once the server said
+                // `100 Continue`: holding the head would stall it. The head
+                // goes on; the body is held until the body rules decide.
+                self.head_scanned = 0;
+                self.state = ReqState::BodyHeld {
+                    head: buf[..head_len].into(),
+                    body,
+                    window,
+                    switch,
+                    request: request.clone(),
+                };
+                Step::Forward {
+                    len: head_len,
+                    request: Some(request),
+                }
+            }
             Ok(HeadDecision::NeedBody { window }) if body != Body::None => {
                 self.state = ReqState::Held {
                     head_len,
@@ -786,6 +825,50 @@ impl<'e> Requests<'e> {
             }
             Ok(_) => self.forward_head(head_len, body, switch, request),
         }
+    }
+
+    /// The body of a forwarded head, held until the body rules decide.
+    fn body_held(&mut self, buf: &[u8], cue: ReqCue, findings: &mut Findings) -> Step {
+        let ReqState::BodyHeld { body, window, .. } = &self.state else {
+            return Step::NeedMore;
+        };
+        let (body, window) = (*body, *window);
+        let (prefix, ended) = match h1::body_prefix(body, buf, window) {
+            Ok(p) => p,
+            Err(why) => return Step::Lost(why),
+        };
+        if prefix.len() < window && !ended && cue == ReqCue::Bytes {
+            if buf.len() > window.saturating_mul(8).max(4096) {
+                return Step::Lost("request body framing too sparse to inspect");
+            }
+            return Step::NeedMore;
+        }
+        let ReqState::BodyHeld {
+            head,
+            switch,
+            request,
+            ..
+        } = std::mem::replace(&mut self.state, ReqState::Head)
+        else {
+            return Step::NeedMore;
+        };
+        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(&head), Ok(httparse::Status::Complete(_))) {
+            return Step::Lost("not an HTTP/1.x request");
+        }
+        if let Err(refusal) = request_body(self.engine, &self.who, &req, &prefix, findings) {
+            return Step::Reset { refusal, request };
+        }
+        self.state = match Following::new(body) {
+            Some(body) => ReqState::Body { body, switch },
+            None if switch => ReqState::Opaque,
+            None => ReqState::Head,
+        };
+        if buf.is_empty() {
+            return Step::NeedMore;
+        }
+        self.step(buf, cue, findings)
     }
 
     /// A decided head: forward it and follow its body.
@@ -911,6 +994,7 @@ fn fuzz_drive(engine: &Engine, stream: &[u8], step: usize) -> (Vec<usize>, Strin
                 buf.drain(..len);
             }
             Step::Refuse { refusal, .. } => return (sizes, format!("refused {refusal:?}")),
+            Step::Reset { refusal, .. } => return (sizes, format!("reset {refusal:?}")),
             Step::Opaque => return (sizes, format!("opaque at {forwarded}")),
             Step::Lost(why) => return (sizes, format!("lost at {forwarded}: {why}")),
         }

@@ -714,7 +714,7 @@ fn requests(
                     }
                     rest = &rest[len..];
                 }
-                Step::Refuse { refusal, request } => {
+                Step::Refuse { refusal, request } | Step::Reset { refusal, request } => {
                     report.host.get_or_insert(request.host);
                     return Err(refusal);
                 }
@@ -739,7 +739,7 @@ fn requests(
                 }
                 rest = &rest[len..];
             }
-            Step::Refuse { refusal, request } => {
+            Step::Refuse { refusal, request } | Step::Reset { refusal, request } => {
                 report.host.get_or_insert(request.host);
                 return Err(refusal);
             }

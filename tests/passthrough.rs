@@ -385,6 +385,51 @@ async fn expect_100_continue_with_body_rules_is_relayed_byte_exact() {
     assert_exact_relay(&origin, &sent, &got);
 }
 
+/// A client that waits for `100 Continue` gets it without delay: its head
+/// goes on at once, and its body is held for the body rules. An IM body is
+/// refused by reset; none of it reaches the origin, the head alone did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_with_an_im_body_is_reset_before_the_body_goes() {
+    let script = Script::Http(HttpScript {
+        responses: vec![response("HTTP/1.1 200 OK", b"ok\n")],
+        continue_100: true,
+        close_after: None,
+    });
+    let origin = ScriptOrigin::start(script).await;
+    let proxy = Proxy::start_open().await;
+    let mut s = tunnel(&proxy, &origin).await;
+    let body = b"<body rid='7' xmlns='http://jabber.org/protocol/httpbind' to='example.org'/>";
+    let head = format!(
+        "POST /http-bind HTTP/1.1\r\nHost: bosh.example.test\r\nContent-Type: text/xml\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let started = std::time::Instant::now();
+    s.write_all(head.as_bytes()).await.expect("write head");
+    let interim = read_n(&mut s, CONTINUE_100.len()).await;
+    assert_same_bytes("the origin's 100 Continue", &interim, CONTINUE_100);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "the head was not held: {:?}",
+        started.elapsed()
+    );
+    s.write_all(body).await.expect("write body");
+    let (rest, ending) = read_to_close(&mut s).await;
+    assert!(rest.is_empty(), "nothing after the 100: {}", escape(&rest));
+    assert_eq!(ending, Ending::Reset, "the tunnel is reset");
+    origin.wait_closed(1).await;
+    assert_same_bytes(
+        "the origin got the head and not a byte of the body",
+        &origin.received(0),
+        head.as_bytes(),
+    );
+    let rec = proxy
+        .wait_record(|r| r["method"] == "POST")
+        .await
+        .expect("a record of the POST");
+    assert_eq!(rec["verdict"], "block", "{rec}");
+    assert_eq!(rec["app"], "xmpp", "{rec}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_in_one_write_are_relayed_byte_exact() {
     let conv = conversation();

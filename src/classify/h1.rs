@@ -134,6 +134,12 @@ pub fn is_upgrade(req: &httparse::Request<'_, '_>) -> bool {
         && list(req.headers, "connection").any(|t| t.eq_ignore_ascii_case(b"upgrade"))
 }
 
+/// Does the client wait for `100 Continue` before it sends the body (RFC
+/// 9110 §10.1.1)?
+pub fn expects_continue(req: &httparse::Request<'_, '_>) -> bool {
+    list(req.headers, "expect").any(|t| t.eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Does the request offer a switch to HTTP/2 over cleartext (`h2c`, RFC
 /// 7540 §3.2), which would carry further requests past per-request
 /// inspection?

@@ -75,7 +75,7 @@ fn drive(e: &Engine, input: &[u8], step: usize) -> Vec<Seen> {
                 }
                 buf.drain(..len);
             }
-            Step::Refuse { refusal, request } => {
+            Step::Refuse { refusal, request } | Step::Reset { refusal, request } => {
                 finish(&mut cur, &mut out);
                 let reason = match refusal {
                     Refusal::Blocked(d) => d.reason.as_str(),
@@ -294,9 +294,9 @@ fn a_held_body_is_decided_at_the_deadline_on_what_came() {
     let dst: SocketAddr = DST.parse().expect("addr");
     let mut reqs = Requests::new(&e, who(), dst, None, false);
     let mut f = Findings::default();
-    // Expect: 100-continue: the client waits for the server before the
-    // body, so the head is decided on the head at the deadline.
-    let head = b"POST /http-bind HTTP/1.1\r\nHost: chat.example\r\nContent-Type: text/xml\r\nExpect: 100-continue\r\nContent-Length: 80\r\n\r\n";
+    // A POST that body rules apply to, whose body does not come: decided
+    // on the head when the hold deadline passes.
+    let head = b"POST /http-bind HTTP/1.1\r\nHost: chat.example\r\nContent-Type: text/xml\r\nContent-Length: 80\r\n\r\n";
     assert!(matches!(
         reqs.step(head, ReqCue::Bytes, &mut f),
         Step::NeedMore
@@ -309,6 +309,47 @@ fn a_held_body_is_decided_at_the_deadline_on_what_came() {
         } => assert_eq!(len, head.len()),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn expect_100_continue_sends_the_head_and_holds_the_body() {
+    let e = engine("");
+    // The client waits for the server's 100 before its body: the head goes
+    // at once, the body is held until the body rules decide.
+    let head = "POST /http-bind HTTP/1.1\r\nHost: chat.example\r\nContent-Type: text/xml\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n";
+    let bosh = "<body rid='1' xmlns='http://jabber.org/protocol/httpbind'/>";
+    let h = head.replace("{}", &bosh.len().to_string());
+    let dst: SocketAddr = DST.parse().expect("addr");
+    let mut reqs = Requests::new(&e, who(), dst, None, false);
+    let mut f = Findings::default();
+    match reqs.step(h.as_bytes(), ReqCue::Bytes, &mut f) {
+        Step::Forward {
+            len,
+            request: Some(_),
+        } => assert_eq!(len, h.len()),
+        other => panic!("the head goes at once: {other:?}"),
+    }
+    assert!(reqs.holding());
+    assert!(matches!(
+        reqs.step(b"", ReqCue::Bytes, &mut f),
+        Step::NeedMore
+    ));
+    // An IM body is refused by reset (the head is upstream already).
+    let all = format!("{h}{bosh}");
+    assert_eq!(
+        drive_all(&e, all.as_bytes()),
+        vec![
+            req("chat.example", h.len()),
+            Seen::Refused("chat.example".into(), "http")
+        ]
+    );
+    // An ordinary body passes: head and body are one request.
+    let ok = head.replace("{}", "7");
+    let all = format!("{ok}<a/>xyz");
+    assert_eq!(
+        drive_all(&e, all.as_bytes()),
+        vec![req("chat.example", all.len())]
+    );
 }
 
 #[test]

@@ -400,6 +400,21 @@ async fn requests_up(
             Step::Refuse { refusal, request } => {
                 return refuse(ctx, client, refusal, request).await
             }
+            Step::Reset { refusal, request } => {
+                // Its head went upstream already: no page between
+                // responses; reset, before any of its body went.
+                let e = FlowError::from(refusal);
+                let mut rec = request_record(ctx.shared, ctx.flow, &request);
+                ctx.shared
+                    .record_refusal(ctx.flow.ctx.listener, ctx.engine, &e, &mut rec);
+                rec.error
+                    .get_or_insert_with(|| "reset: refused on its body after its head went".into());
+                ctx.shared.access_log.write(rec);
+                return match refusal {
+                    Refusal::Blocked(d) => End::Blocked(d),
+                    _ => End::Error(io::Error::other("request refused inside the tunnel")),
+                };
+            }
             Step::Opaque | Step::Lost(_) => {
                 st.left_http = true;
                 if let Step::Lost(why) = step {
