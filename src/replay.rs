@@ -699,81 +699,41 @@ fn requests(
 ) -> Result<(), Refusal> {
     let mut reqs = Requests::new(engine, who.clone(), flow.server, None, false);
     let mut rest: &[u8] = &flow.client_bytes;
-    // Each step forwards at least one byte or ends the loop.
-    for _ in 0..=rest.len() {
-        let cue = if flow.client_ended && !flow.partial {
-            ReqCue::Ended
-        } else {
-            ReqCue::Deadline
-        };
-        match reqs.step(rest, ReqCue::Bytes, findings) {
-            Step::NeedMore => match reqs.step(rest, cue, findings) {
-                Step::Forward { len, request } if len > 0 => {
-                    if let Some(r) = request {
-                        report.host.get_or_insert(r.host);
-                    }
-                    rest = &rest[len..];
-                }
-                Step::Refuse { refusal, request } | Step::Reset { refusal, request } => {
-                    report.host.get_or_insert(request.host);
-                    return Err(refusal);
-                }
-                Step::Lost(_) if !rest.is_empty() => {
-                    return decide::generic_for_port(
-                        engine,
-                        who,
-                        flow.server.port(),
-                        allowlisted,
-                        rest,
-                        findings,
-                    )
-                }
-                _ => return Ok(()),
-            },
+    // Once every byte is in, how the wait ended.
+    let end = if flow.client_ended && !flow.partial {
+        ReqCue::Ended
+    } else {
+        ReqCue::Deadline
+    };
+    let mut cue = ReqCue::Bytes;
+    // Each step forwards at least one byte, answers, or changes the cue.
+    for _ in 0..rest.len() * 2 + 4 {
+        match reqs.step(rest, cue, findings) {
+            Step::NeedMore if cue == ReqCue::Bytes => cue = end,
+            Step::NeedMore => return Ok(()),
             Step::Forward { len, request } => {
                 if let Some(r) = request {
                     report.host.get_or_insert(r.host);
                 }
-                if len == 0 {
-                    return Ok(());
-                }
                 rest = &rest[len..];
+                cue = ReqCue::Bytes;
             }
             Step::Refuse { refusal, request } | Step::Reset { refusal, request } => {
                 report.host.get_or_insert(request.host);
                 return Err(refusal);
             }
-            Step::Opaque => {
-                return if allowlisted {
-                    Ok(())
-                } else {
-                    findings.decide(
-                        engine,
-                        who,
-                        decide::payload_detection(engine, Direction::Client, rest),
-                    )
+            step @ (Step::Opaque | Step::Lost(_)) => {
+                if matches!(step, Step::Lost(_)) {
+                    // Not followable as HTTP: the generic rules first.
+                    let port = flow.server.port();
+                    decide::generic_for_port(engine, who, port, allowlisted, rest, findings)?;
                 }
-            }
-            Step::Lost(_) => {
-                // What follows cannot be followed as HTTP: the generic
-                // rules, then payload signatures on the rest.
-                decide::generic_for_port(
-                    engine,
-                    who,
-                    flow.server.port(),
-                    allowlisted,
-                    rest,
-                    findings,
-                )?;
-                return if allowlisted {
-                    Ok(())
-                } else {
-                    findings.decide(
-                        engine,
-                        who,
-                        decide::payload_detection(engine, Direction::Client, rest),
-                    )
-                };
+                if allowlisted {
+                    return Ok(());
+                }
+                // What follows: payload signatures.
+                let found = decide::payload_detection(engine, Direction::Client, rest);
+                return findings.decide(engine, who, found);
             }
         }
     }

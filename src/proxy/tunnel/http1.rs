@@ -28,6 +28,7 @@ use super::{Flow, Upstream};
 use crate::access_log::Record;
 use crate::classify::h1::{self, Asked, Following, Progress, Reply};
 use crate::classify::payload::Direction;
+use crate::classify::Detection;
 use crate::decide::{self, Findings, Refusal, ReqCue, RequestInfo, Requests, Step};
 use crate::engine::Engine;
 use crate::metrics::ListenerKind;
@@ -116,23 +117,20 @@ pub async fn run(
         left_http: false,
     };
 
+    if logged {
+        flow.rec.upstream = Some(flow.dst.to_string());
+    }
+    let ctx = Ctx {
+        shared: &shared,
+        engine: &engine,
+        flow: &flow,
+        exchange: &exchange,
+        cx: &cx,
+    };
     // The first request is decided before an upstream is needed: a
     // redirected port-80 flow connects only for a request that passes.
-    let first = {
-        let ctx = Ctx {
-            shared: &shared,
-            engine: &engine,
-            flow: &flow,
-            exchange: &exchange,
-            cx: &cx,
-        };
-        next_step(&ctx, &client, &mut up_state).await
-    };
-    let lost_refused = match &first {
-        Ok(Step::Lost(why)) => lost_refusal(&engine, &mut flow, &mut up_state, why),
-        _ => None,
-    };
-    let end = match first {
+    let mut failed = None;
+    let end = match next_step(&ctx, &client, &mut up_state).await {
         Err(end) => {
             // The client left before a whole request.
             if let Upstream::Connected(up) = &upstream {
@@ -141,68 +139,59 @@ pub async fn run(
             end
         }
         Ok(Step::Refuse { refusal, request }) => {
-            let ctx = Ctx {
-                shared: &shared,
-                engine: &engine,
-                flow: &flow,
-                exchange: &exchange,
-                cx: &cx,
+            if let Upstream::Connected(up) = &upstream {
+                relay::reset(up);
+            }
+            refuse(&ctx, &client, refusal, request).await
+        }
+        Ok(first) => {
+            let refused = match first {
+                Step::Lost(why) => lost_refusal(&ctx, &mut up_state, why),
+                _ => None,
             };
-            let end = refuse(&ctx, &client, refusal, request).await;
-            if let Upstream::Connected(up) = &upstream {
-                relay::reset(up);
-            }
-            end
-        }
-        Ok(Step::Lost(_)) if lost_refused.is_some() => {
-            // Not followable from its first request, and refused by the
-            // generic rules (or the destination address): no upstream.
-            relay::reset(&client);
-            if let Upstream::Connected(up) = &upstream {
-                relay::reset(up);
-            }
-            lost_refused.map_or(End::Closed, End::Blocked)
-        }
-        Ok(first) => match connect(&shared, &engine, &flow, upstream).await {
-            Err(e) => {
-                // Nothing is pending: the client gets a page naming the
-                // failure, as an explicit request would.
-                if let Step::Forward {
-                    request: Some(request),
-                    ..
-                } = first
-                {
-                    let mut rec = request_record(&shared, &flow, &request);
-                    rec.status = e.status().as_u16();
-                    shared.record_refusal(flow.ctx.listener, &engine, &e, &mut rec);
-                    shared.access_log.write(rec);
-                    let page = refuse::page_bytes(&e, &engine.signatures);
-                    let _ = relay::write_all(&client, &page).await;
-                    relay::shutdown_write(&client);
-                } else {
+            match refused {
+                Some(d) => {
+                    // Not followable from its first request, and refused
+                    // by the generic rules or its address: no upstream.
                     relay::reset(&client);
+                    if let Upstream::Connected(up) = &upstream {
+                        relay::reset(up);
+                    }
+                    End::Blocked(d)
                 }
-                flow.rec.error = Some(e.to_string());
-                End::Closed
+                None => match connect(&ctx, upstream).await {
+                    Err(e) => {
+                        if let Step::Forward {
+                            request: Some(request),
+                            ..
+                        } = first
+                        {
+                            // Nothing is pending: the client gets a page
+                            // naming the failure, as explicit HTTP would.
+                            let mut rec = request_record(&shared, &flow, &request);
+                            rec.status = e.status().as_u16();
+                            shared.record_refusal(flow.ctx.listener, &engine, &e, &mut rec);
+                            shared.access_log.write(rec);
+                            let page = refuse::page_bytes(&e, &engine.signatures);
+                            let _ = relay::write_all(&client, &page).await;
+                            relay::shutdown_write(&client);
+                        } else {
+                            relay::reset(&client);
+                        }
+                        failed = Some(e.to_string());
+                        End::Closed
+                    }
+                    Ok(up) => {
+                        let _own = shared.own_socket(&engine, &up);
+                        let up_half = requests_up(&ctx, &client, &up, &mut up_state, first);
+                        let down_half = responses_down(&ctx, &up, &client);
+                        relay::run_pair(&cx, &client, &up, up_half, down_half).await
+                    }
+                },
             }
-            Ok(up) => {
-                let _own = shared.own_socket(&engine, &up);
-                if logged {
-                    flow.rec.upstream = Some(flow.dst.to_string());
-                }
-                let ctx = Ctx {
-                    shared: &shared,
-                    engine: &engine,
-                    flow: &flow,
-                    exchange: &exchange,
-                    cx: &cx,
-                };
-                let up_half = requests_up(&ctx, &client, &up, &mut up_state, first);
-                let down_half = responses_down(&ctx, &up, &client);
-                relay::run_pair(&cx, &client, &up, up_half, down_half).await
-            }
-        },
+        }
     };
+    flow.rec.error = failed;
     cx.finish(&mut flow.rec);
 
     // Requests whose responses never ended are logged with what is known.
@@ -242,22 +231,18 @@ pub async fn run(
     }
 }
 
-/// What refuses a stream that cannot be followed as HTTP from its first
-/// request: a redirected port-80 flow to a refused address (its requests
-/// would each have been refused), then the generic rules.
-fn lost_refusal(
-    engine: &Engine,
-    flow: &mut Flow,
-    st: &mut Up<'_>,
-    why: &'static str,
-) -> Option<crate::classify::Detection> {
+/// What refuses a stream that cannot be followed as HTTP: a redirected
+/// port-80 flow to a refused address (its requests would each have been
+/// refused), then the generic rules (`non_http_on_80` on port 80).
+fn lost_refusal(ctx: &Ctx<'_>, st: &mut Up<'_>, why: &'static str) -> Option<Detection> {
+    let flow = ctx.flow;
     if let Some(d) = flow.addr_block {
         return Some(d);
     }
-    tracing::debug!(client = %flow.ctx.client.addr, why, "HTTP in a tunnel not followed");
+    tracing::debug!(client = %flow.ctx.client.addr, why, "HTTP in a tunnel not followed further");
     let who = flow.ctx.client.who();
     match decide::generic_for_port(
-        engine,
+        ctx.engine,
         &who,
         flow.dst.port(),
         flow.allowlisted,
@@ -271,12 +256,8 @@ fn lost_refusal(
 
 /// The upstream connection: the CONNECT's, or the original destination's,
 /// connected now.
-async fn connect(
-    shared: &Shared,
-    engine: &Engine,
-    flow: &Flow,
-    upstream: Upstream,
-) -> Result<TcpStream, FlowError> {
+async fn connect(ctx: &Ctx<'_>, upstream: Upstream) -> Result<TcpStream, FlowError> {
+    let (shared, engine, flow) = (ctx.shared, ctx.engine, ctx.flow);
     match upstream {
         Upstream::Connected(s) => Ok(s),
         Upstream::Lazy(addr) => {
@@ -418,16 +399,7 @@ async fn requests_up(
             Step::Opaque | Step::Lost(_) => {
                 st.left_http = true;
                 if let Step::Lost(why) = step {
-                    tracing::debug!(client = %ctx.flow.ctx.client.addr, why, "HTTP in a tunnel not followed further");
-                    let who = ctx.flow.ctx.client.who();
-                    if let Err(Refusal::Blocked(d)) = decide::generic_for_port(
-                        ctx.engine,
-                        &who,
-                        ctx.flow.dst.port(),
-                        ctx.flow.allowlisted,
-                        &st.buf,
-                        &mut st.findings,
-                    ) {
+                    if let Some(d) = lost_refusal(ctx, st, why) {
                         return End::Blocked(d);
                     }
                 }
