@@ -1,8 +1,5 @@
 //! Incremental inspection of a TLS ClientHello at the start of a client stream.
 //!
-//! Dependency: the `sha2` crate, version "0.10", for the truncated SHA-256
-//! hashes of JA4 (`sha2 = "0.10"` in `[dependencies]`).
-//!
 //! This module owns the question "does this tunnel start with a TLS
 //! ClientHello, and what does it say?". The proxy calls
 //! [`inspect_client_hello`] with every byte the client has sent so far, each
