@@ -2175,6 +2175,54 @@ async fn an_upgraded_connection_holds_its_slot() {
     }
 }
 
+/// A WebSocket relay ends when no byte has moved for the tunnel idle
+/// timeout, and never while it is busy, however long that lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_times_out_on_idleness_not_age() {
+    let o = upgrading_origin().await;
+    let idle = Duration::from_millis(300);
+    let proxy = Proxy::start(&format!(
+        "{OPEN}\n[limits]\ntunnel_idle_timeout_ms = {}\n",
+        idle.as_millis()
+    ))
+    .await;
+    let mut ws = TcpStream::connect(proxy.addr).await.expect("connect");
+    ws.write_all(
+        format!(
+            "GET http://{o}/socket HTTP/1.1\r\nHost: {o}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, head, _) = read_response(&mut ws).await;
+    assert_eq!(status, 101, "{head}");
+    // Busy for well past eight idle timeouts (what bounded it before).
+    let busy = Instant::now();
+    while busy.elapsed() < idle * 10 {
+        echoes(&mut ws, b"ping", b"ping").await;
+        tokio::time::sleep(idle / 4).await;
+    }
+    // Then silent: closed within a few idle timeouts.
+    let silent = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, ws.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle relay is closed: {n:?}"
+    );
+    assert!(
+        silent.elapsed() >= idle && silent.elapsed() < idle * 10,
+        "closed after {:?} of silence",
+        silent.elapsed()
+    );
+    let rec = proxy
+        .wait_record(|r| r["status"] == 101)
+        .await
+        .expect("the relay's record");
+    assert_eq!(rec["error"], "idle timeout", "{rec}");
+}
+
 // ---------------------------------------------------------------------------
 // CONNECT ports ([access] connect_ports)
 // ---------------------------------------------------------------------------

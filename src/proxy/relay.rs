@@ -457,28 +457,124 @@ pub(super) async fn run_pair(
 }
 
 /// Relay two upgraded HTTP connections (WebSocket after a 101), counting
-/// bytes, under the tunnel idle timeout.
-pub async fn relay_upgraded<A, B>(
-    shared: &Shared,
-    engine: &Engine,
-    mut a: A,
-    mut b: B,
-    rec: &mut Record,
-) where
+/// bytes, under the tunnel idle timeout: the relay ends once no byte has
+/// moved either way for that long, however long it has been active.
+pub async fn relay_upgraded<A, B>(shared: &Shared, engine: &Engine, a: A, b: B, rec: &mut Record)
+where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let idle = engine.config.limits.tunnel_idle_timeout;
-    // copy_bidirectional has no idle timeout of its own; bound the whole
-    // exchange generously and rely on TCP keep-alive of the peers.
-    match tokio::time::timeout(idle * 8, tokio::io::copy_bidirectional(&mut a, &mut b)).await {
-        Ok(Ok((up, down))) => {
-            rec.bytes_up += up;
-            rec.bytes_down += down;
-            shared.metrics.bytes_up.inc_by(up);
-            shared.metrics.bytes_down.inc_by(down);
+    let clock = Activity::default();
+    let (mut a, mut b) = (Active::new(a, &clock), Active::new(b, &clock));
+    let tick = idle
+        .min(Duration::from_secs(5))
+        .max(Duration::from_millis(10));
+    let result = {
+        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                r = &mut copy => break Some(r),
+                _ = tokio::time::sleep(tick) => if clock.idle_for() >= idle { break None },
+            }
         }
-        Ok(Err(e)) => rec.error = Some(e.to_string()),
-        Err(_) => rec.error = Some("idle".into()),
+    };
+    let (up, down) = (a.read, b.read);
+    rec.bytes_up += up;
+    rec.bytes_down += down;
+    shared.metrics.bytes_up.inc_by(up);
+    shared.metrics.bytes_down.inc_by(down);
+    match result {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => rec.error = Some(e.to_string()),
+        None => rec.error = Some("idle timeout".into()),
+    }
+}
+
+/// When bytes last moved through a relay.
+#[derive(Debug)]
+struct Activity {
+    started: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// A stream that notes every read that brought bytes, and counts them.
+struct Active<'c, T> {
+    inner: T,
+    clock: &'c Activity,
+    read: u64,
+}
+
+impl<'c, T> Active<'c, T> {
+    fn new(inner: T, clock: &'c Activity) -> Self {
+        Active {
+            inner,
+            clock,
+            read: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read += n as u64;
+            this.clock.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
