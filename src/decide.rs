@@ -44,6 +44,10 @@ pub enum Refusal {
     /// A request that already passed through this proxy (its `Via` names
     /// this instance): a forwarding loop.
     Loop,
+    /// A request a server must answer with 400 (RFC 9112 §3.2, §6.3): an
+    /// invalid or repeated Host, framing that servers read differently, a
+    /// head too large or with too many fields. Nothing of it is forwarded.
+    Malformed(&'static str),
 }
 
 /// A flow's findings so far: a block ends the flow, the first monitor
@@ -432,6 +436,99 @@ pub fn request_host(req: &httparse::Request<'_, '_>, dst: SocketAddr) -> String 
         .unwrap_or_else(|| dst.ip().to_string())
 }
 
+/// Does `buf` start with an HTTP/1.x request line (a method token, a
+/// target, the version)? Leading empty lines are skipped, as servers do.
+fn request_line(buf: &[u8]) -> bool {
+    let mut none = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut none);
+    matches!(req.parse(buf), Ok(_) | Err(httparse::Error::TooManyHeaders)) && req.version.is_some()
+}
+
+/// The hosts a request names: the target's (absolute-form, or a CONNECT's
+/// authority), which servers use first (RFC 9112 §3.2.2), and the Host
+/// field's. `primary` is the one logged and decided with the address;
+/// `other`, a different second name, is decided too.
+struct RequestHosts {
+    primary: String,
+    other: Option<String>,
+}
+
+impl RequestHosts {
+    fn of(req: &httparse::Request<'_, '_>, dst: SocketAddr) -> Result<RequestHosts, &'static str> {
+        let mut fields = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"));
+        let field = fields.next();
+        if fields.next().is_some() {
+            // RFC 9112 §3.2: a server must answer 400.
+            return Err("more than one Host field");
+        }
+        let from_field = match field {
+            None => None,
+            Some(h) => Some(host_of_authority(h.value.trim_ascii()).ok_or("invalid Host field")?),
+        };
+        let target = req.path.unwrap_or_default();
+        let from_target = if req.method == Some("CONNECT") {
+            Some(host_of_authority(target.as_bytes()).ok_or("invalid CONNECT target")?)
+        } else if !target.starts_with('/') && target.contains("://") {
+            let uri: http::Uri = target.parse().map_err(|_| "invalid request target")?;
+            let a = uri.authority().ok_or("invalid request target")?;
+            Some(host_of_authority(a.as_str().as_bytes()).ok_or("invalid request target")?)
+        } else {
+            None
+        };
+        Ok(match (from_target, from_field) {
+            (Some(t), Some(f)) => {
+                let other = (!t.eq_ignore_ascii_case(&f)).then_some(f);
+                RequestHosts { primary: t, other }
+            }
+            (Some(one), None) | (None, Some(one)) => RequestHosts {
+                primary: one,
+                other: None,
+            },
+            (None, None) => RequestHosts {
+                primary: dst.ip().to_string(),
+                other: None,
+            },
+        })
+    }
+}
+
+/// The host of `host[:port]` (RFC 9110 §7.2; an IPv6 literal in brackets),
+/// normalised as names are matched; `None` for anything else: a second
+/// colon, userinfo, a path, spaces, bytes that are not a host.
+fn host_of_authority(v: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(v).ok()?;
+    let port_ok = |p: &str| {
+        p.is_empty()
+            || (p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok())
+    };
+    if let Some(rest) = text.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let port = match after {
+            "" => "",
+            _ => after.strip_prefix(':').filter(|p| !p.is_empty())?,
+        };
+        return (port_ok(port))
+            .then(|| v6.parse::<std::net::Ipv6Addr>().ok())
+            .flatten()
+            .map(|ip| ip.to_string());
+    }
+    let (host, port) = match text.split_once(':') {
+        Some((h, p)) if !p.is_empty() => (h, p),
+        Some(_) => return None,
+        None => (text, ""),
+    };
+    if host.is_empty() || !port_ok(port) {
+        return None;
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Some(host.to_string());
+    }
+    crate::classify::host::normalize_host(host)
+}
+
 /// What the head of a request needs before it can be forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadDecision {
@@ -573,8 +670,14 @@ enum ReqState {
         switch: bool,
         request: Box<RequestInfo>,
     },
-    /// Inside a forwarded body; `switch`: not HTTP after it.
+    /// Inside a forwarded body; `switch`: a protocol switch was asked for.
     Body { body: Following, switch: bool },
+    /// A request that asked to switch protocols (Upgrade, CONNECT) went
+    /// on: nothing more passes until its response says whether the server
+    /// switched (then opaque) or not (then HTTP goes on).
+    AwaitSwitch,
+    /// The response to a switch could not be read.
+    Unconfirmed,
     /// Not HTTP any more.
     Opaque,
 }
@@ -641,12 +744,28 @@ impl<'e> Requests<'e> {
         matches!(self.state, ReqState::Opaque)
     }
 
-    /// Is a decided head waiting for its body's start?
+    /// Is a decided head waiting for its body's start (under the hold
+    /// deadline)?
     pub fn holding(&self) -> bool {
-        matches!(
-            self.state,
-            ReqState::Held { .. } | ReqState::BodyHeld { .. }
-        )
+        matches!(self.state, ReqState::Held { .. })
+    }
+
+    /// Does the stream wait for the response to a protocol switch?
+    pub fn awaiting_switch(&self) -> bool {
+        matches!(self.state, ReqState::AwaitSwitch)
+    }
+
+    /// What the response to the awaited switch said: `Some(true)` the
+    /// server switched (101, or 2xx to CONNECT), `Some(false)` it answered
+    /// otherwise and HTTP goes on, `None` it could not be read.
+    pub fn switched(&mut self, outcome: Option<bool>) {
+        if self.awaiting_switch() {
+            self.state = match outcome {
+                Some(true) => ReqState::Opaque,
+                Some(false) => ReqState::Head,
+                None => ReqState::Unconfirmed,
+            };
+        }
     }
 
     /// Look at `buf`, the client's bytes not forwarded yet.
@@ -664,7 +783,7 @@ impl<'e> Requests<'e> {
                     },
                     Ok(Progress::Ended(n)) => {
                         self.state = if *switch {
-                            ReqState::Opaque
+                            ReqState::AwaitSwitch
                         } else {
                             ReqState::Head
                         };
@@ -673,9 +792,16 @@ impl<'e> Requests<'e> {
                             request: None,
                         }
                     }
-                    Err(why) => Step::Lost(why),
+                    // The head went on; its body's framing broke: nothing
+                    // more of it may pass, and no page fits.
+                    Err(why) => Step::Reset {
+                        refusal: Refusal::Malformed(why),
+                        request: Box::default(),
+                    },
                 }
             }
+            ReqState::AwaitSwitch => Step::NeedMore,
+            ReqState::Unconfirmed => Step::Lost("a protocol switch that cannot be confirmed"),
             ReqState::Held { .. } => self.held(buf, cue, findings),
             ReqState::BodyHeld { .. } => self.body_held(buf, cue, findings),
             ReqState::Head => self.head(buf, cue, findings),
@@ -703,41 +829,40 @@ impl<'e> Requests<'e> {
             return Step::NeedMore;
         }
         self.head_scanned = buf.len();
+        let malformed = |why| Step::Refuse {
+            refusal: Refusal::Malformed(why),
+            request: Box::default(),
+        };
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
         let head_len = match req.parse(buf) {
             Ok(httparse::Status::Complete(n)) if n <= self.limits.max_head => n,
-            Ok(httparse::Status::Complete(_)) => return Step::Lost("request head too large"),
+            Ok(httparse::Status::Complete(_)) => return malformed("request head too large"),
             Ok(httparse::Status::Partial) if buf.len() > self.limits.max_head => {
-                return Step::Lost("request head too large")
+                return malformed("request head too large")
             }
             Ok(httparse::Status::Partial) if cue == ReqCue::Ended => {
                 return Step::Lost("the client ended inside a request head")
             }
             Ok(httparse::Status::Partial) => return Step::NeedMore,
-            Err(httparse::Error::TooManyHeaders) => return Step::Lost("too many header fields"),
+            Err(httparse::Error::TooManyHeaders) => return malformed("too many header fields"),
+            // A request line followed by fields httparse refuses (a space
+            // before the colon, a bad name): servers differ on such heads
+            // (some skip the field), so it is refused, not passed on.
+            Err(_) if request_line(buf) => return malformed("malformed request head"),
             Err(_) => return Step::Lost("not an HTTP/1.x request"),
-        };
-        let hosts = req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("host"))
-            .count();
-        if hosts > 1 {
-            // RFC 9110 §7.2: which one would the server use?
-            return Step::Lost("more than one Host field");
-        }
-        let body = match h1::request_body(&req) {
-            Ok(b) => b,
-            Err(why) => return Step::Lost(why),
         };
         let connect = req.method == Some("CONNECT");
         let switch = connect || h1::is_upgrade(&req);
-        let host = request_host(&req, self.dst);
+        let hosts = match RequestHosts::of(&req, self.dst) {
+            Ok(h) => h,
+            Err(why) => return malformed(why),
+        };
         let request = Box::new(RequestInfo {
             asked: Asked {
                 head: req.method == Some("HEAD"),
                 connect,
+                upgrade: switch && !connect,
             },
             method: if self.want_log {
                 req.method.unwrap_or_default().to_string()
@@ -749,7 +874,7 @@ impl<'e> Requests<'e> {
             } else {
                 String::new()
             },
-            host,
+            host: hosts.primary,
         });
         if let Some(via) = self.via {
             let ours = req
@@ -764,6 +889,11 @@ impl<'e> Requests<'e> {
                 };
             }
         }
+        // Framing a server would refuse is refused with 400, but only once
+        // the request's names and rules had their say (an IM request with
+        // odd framing is still the IM request).
+        let framing = h1::request_body(&req);
+        let body = *framing.as_ref().unwrap_or(&Body::None);
         let (engine, who) = (self.engine, &self.who);
         let decided = request_head(
             engine,
@@ -775,6 +905,14 @@ impl<'e> Requests<'e> {
             findings,
         )
         .and_then(|d| {
+            // The Host field, where the target names another host: both
+            // are decided (servers differ on which one they use).
+            if let Some(other) = hosts.other.as_deref() {
+                name(engine, who, other, self.dst.port(), findings)?;
+            }
+            if let Err(why) = framing {
+                return Err(Refusal::Malformed(why));
+            }
             if h1::offers_h2c(&req) {
                 // h2c would carry further requests in HTTP/2 frames, past
                 // per-request inspection; a byte-exact relay cannot strip
@@ -835,11 +973,15 @@ impl<'e> Requests<'e> {
         let (body, window) = (*body, *window);
         let (prefix, ended) = match h1::body_prefix(body, buf, window) {
             Ok(p) => p,
-            Err(why) => return Step::Lost(why),
+            Err(why) => return self.refuse_held(Refusal::Malformed(why)),
         };
-        if prefix.len() < window && !ended && cue == ReqCue::Bytes {
+        // No deadline here: none of the body passes before the rules decide
+        // (a client may not wait them out), only the client's end does.
+        if prefix.len() < window && !ended && cue != ReqCue::Ended {
             if buf.len() > window.saturating_mul(8).max(4096) {
-                return Step::Lost("request body framing too sparse to inspect");
+                return self.refuse_held(Refusal::Malformed(
+                    "request body framing too sparse to inspect",
+                ));
             }
             return Step::NeedMore;
         }
@@ -862,7 +1004,7 @@ impl<'e> Requests<'e> {
         }
         self.state = match Following::new(body) {
             Some(body) => ReqState::Body { body, switch },
-            None if switch => ReqState::Opaque,
+            None if switch => ReqState::AwaitSwitch,
             None => ReqState::Head,
         };
         if buf.is_empty() {
@@ -882,12 +1024,24 @@ impl<'e> Requests<'e> {
         self.head_scanned = 0;
         self.state = match Following::new(body) {
             Some(body) => ReqState::Body { body, switch },
-            None if switch => ReqState::Opaque,
+            None if switch => ReqState::AwaitSwitch,
             None => ReqState::Head,
         };
         Step::Forward {
             len: head_len,
             request: Some(request),
+        }
+    }
+
+    /// Refuse the held request (nothing of it went on).
+    fn refuse_held(&mut self, refusal: Refusal) -> Step {
+        match std::mem::replace(&mut self.state, ReqState::Head) {
+            ReqState::Held { request, .. } => Step::Refuse { refusal, request },
+            ReqState::BodyHeld { request, .. } => Step::Reset { refusal, request },
+            _ => Step::Reset {
+                refusal,
+                request: Box::default(),
+            },
         }
     }
 
@@ -907,17 +1061,45 @@ impl<'e> Requests<'e> {
         let (head_len, body, window) = (*head_len, *body, *window);
         let (prefix, ended) = match h1::body_prefix(body, &buf[head_len..], window) {
             Ok(p) => p,
-            Err(why) => return Step::Lost(why),
+            Err(why) => return self.refuse_held(Refusal::Malformed(why)),
         };
         let held_raw = buf.len() - head_len;
         // Tiny chunks spread a window over many more raw bytes; past this
-        // the body cannot be decided, and the stream is not followed.
+        // the body cannot be decided.
         let raw_cap = window.saturating_mul(8).max(4096);
-        if prefix.len() < window && !ended && cue == ReqCue::Bytes {
+        if prefix.len() < window && !ended {
             if held_raw > raw_cap {
-                return Step::Lost("request body framing too sparse to inspect");
+                return self.refuse_held(Refusal::Malformed(
+                    "request body framing too sparse to inspect",
+                ));
             }
-            return Step::NeedMore;
+            match cue {
+                ReqCue::Bytes => return Step::NeedMore,
+                ReqCue::Deadline => {
+                    // The body is slow to come (the client may wait for a
+                    // 100 it did not ask for): the head goes on, the body
+                    // stays held until the rules can decide, however long.
+                    let ReqState::Held {
+                        switch, request, ..
+                    } = std::mem::replace(&mut self.state, ReqState::Head)
+                    else {
+                        return Step::NeedMore;
+                    };
+                    self.head_scanned = 0;
+                    self.state = ReqState::BodyHeld {
+                        head: buf[..head_len].into(),
+                        body,
+                        window,
+                        switch,
+                        request: request.clone(),
+                    };
+                    return Step::Forward {
+                        len: head_len,
+                        request: Some(request),
+                    };
+                }
+                ReqCue::Ended => {}
+            }
         }
         let ReqState::Held {
             switch, request, ..
@@ -972,6 +1154,8 @@ fn fuzz_drive(engine: &Engine, stream: &[u8], step: usize) -> (Vec<usize>, Strin
             ReqCue::Bytes
         };
         match reqs.step(&buf, cue, &mut findings) {
+            // The server switched (the fuzz input has no server side).
+            Step::NeedMore if reqs.awaiting_switch() => reqs.switched(Some(true)),
             Step::NeedMore if fed == stream.len() => return (sizes, "ended".into()),
             Step::NeedMore => {
                 let end = (fed + step).min(stream.len());

@@ -591,6 +591,16 @@ pub fn decide_flow(engine: &Engine, flow: &TcpFlow) -> FlowReport {
             report.note.get_or_insert("client closed before sending");
             findings.verdict()
         }
+        Err(Refusal::Malformed(why)) => {
+            // A 400 from the proxy: nothing of the request went on.
+            report.note = Some(why);
+            Verdict::Block(Detection {
+                app: UNIDENTIFIED,
+                rule: None,
+                reason: Reason::Http,
+                offset: None,
+            })
+        }
         Err(Refusal::Loop) => {
             report.note = Some("loop");
             findings.verdict()
@@ -709,6 +719,12 @@ fn requests(
     // Each step forwards at least one byte, answers, or changes the cue.
     for _ in 0..rest.len() * 2 + 4 {
         match reqs.step(rest, cue, findings) {
+            Step::NeedMore if reqs.awaiting_switch() => {
+                // Whether the server switched: a 101 (or a 2xx to CONNECT)
+                // among its bytes. The capture's order of the two
+                // directions is not replayed, so this is a close reading.
+                reqs.switched(Some(switch_seen(&flow.server_bytes)))
+            }
             Step::NeedMore if cue == ReqCue::Bytes => cue = end,
             Step::NeedMore => return Ok(()),
             Step::Forward { len, request } => {
@@ -738,6 +754,16 @@ fn requests(
         }
     }
     Ok(())
+}
+
+/// Does the server's side show a protocol switch: a `101` status line, or
+/// `200` to a CONNECT, at the start of a line?
+fn switch_seen(server: &[u8]) -> bool {
+    server.split(|&b| b == b'\n').any(|line| {
+        line.starts_with(b"HTTP/1.1 101")
+            || line.starts_with(b"HTTP/1.0 101")
+            || line.starts_with(b"HTTP/1.1 200 Connection established")
+    })
 }
 
 /// The outcome of replaying a capture.
@@ -1345,10 +1371,11 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                // After an upgrade the stream is opaque: payload rules only.
-                s(("allow", "-", "-")),
-                // Two Host fields cannot be followed: port 80's generic rule.
-                s(("block", "-", "non_http")),
+                // An upgrade the server did not take (no 101 in the
+                // capture): HTTP goes on, and the next request is decided.
+                s(("block", "whatsapp", "download")),
+                // Two Host fields: a 400, nothing forwarded.
+                s(("block", "-", "http")),
                 // An h2c offer would escape per-request inspection; servers
                 // differ on which Connection options they need to switch.
                 s(("block", "-", "http"))

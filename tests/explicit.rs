@@ -2211,8 +2211,9 @@ async fn an_upgraded_connection_times_out_on_idleness_not_age() {
         matches!(n, Ok(Ok(0)) | Ok(Err(_))),
         "the idle relay is closed: {n:?}"
     );
+    // The last echo was up to a quarter of the timeout before the silence.
     assert!(
-        silent.elapsed() >= idle && silent.elapsed() < idle * 10,
+        silent.elapsed() >= idle / 2 && silent.elapsed() < idle * 10,
         "closed after {:?} of silence",
         silent.elapsed()
     );

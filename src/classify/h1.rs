@@ -153,6 +153,8 @@ pub fn offers_h2c(req: &httparse::Request<'_, '_>) -> bool {
 pub struct Asked {
     pub head: bool,
     pub connect: bool,
+    /// The request offered a protocol switch (Upgrade).
+    pub upgrade: bool,
 }
 
 /// How a response is framed.
@@ -515,11 +517,11 @@ mod tests {
         let get = Asked::default();
         let head = Asked {
             head: true,
-            connect: false,
+            ..Asked::default()
         };
         let connect = Asked {
-            head: false,
             connect: true,
+            ..Asked::default()
         };
         let cases: &[(Asked, &[u8], Result<Reply, Lost>)] = &[
             (

@@ -14,7 +14,9 @@ pub enum Sniff {
     Other,
 }
 
-/// Request methods a proxy forwards (RFC 9110 §9).
+/// Request methods common enough to be recognised from their first bytes
+/// (RFC 9110 §9); any other method token is recognised once its request
+/// line is whole.
 const METHODS: &[&[u8]] = &[
     b"GET ",
     b"POST ",
@@ -27,6 +29,10 @@ const METHODS: &[&[u8]] = &[
     b"CONNECT ",
 ];
 
+/// Longest request line looked at for a method that is not in [`METHODS`]
+/// (WebDAV's PROPFIND, MKCOL, REPORT...; caches' PURGE).
+const MAX_LINE: usize = 8192;
+
 /// Classify the start of a client stream.
 pub fn sniff(buf: &[u8]) -> Sniff {
     match buf.first() {
@@ -34,21 +40,55 @@ pub fn sniff(buf: &[u8]) -> Sniff {
         Some(0x16) => return Sniff::Tls,
         _ => {}
     }
+    // A server ignores empty lines before a request line (RFC 9112 §2.2).
+    let start = buf
+        .iter()
+        .take(8)
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len().min(8));
+    let line = &buf[start..];
+    if line.is_empty() {
+        return if start < 8 {
+            Sniff::NeedMore
+        } else {
+            Sniff::Other
+        };
+    }
+    let request_line = |line: &[u8]| {
+        let mut headers = [httparse::EMPTY_HEADER; 0];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(line) {
+            Ok(_) | Err(httparse::Error::TooManyHeaders) => Sniff::Http,
+            Err(_) => Sniff::Other,
+        }
+    };
     for m in METHODS {
-        let n = buf.len().min(m.len());
-        if buf[..n] == m[..n] {
-            if buf.len() < m.len() {
+        let n = line.len().min(m.len());
+        if line[..n] == m[..n] {
+            if line.len() < m.len() {
                 return Sniff::NeedMore;
             }
-            let mut headers = [httparse::EMPTY_HEADER; 0];
-            let mut req = httparse::Request::new(&mut headers);
-            return match req.parse(buf) {
-                Ok(_) | Err(httparse::Error::TooManyHeaders) => Sniff::Http,
-                Err(_) => Sniff::Other,
-            };
+            return request_line(line);
         }
     }
-    Sniff::Other
+    // Another method: a token, then the rest of a whole request line with
+    // an HTTP/1.x version. Line protocols (SMTP, IRC, POP3) have a token and
+    // a space too, but never the version.
+    let token = line.iter().take_while(|&&b| is_tchar(b)).count();
+    match line.get(token) {
+        None if token < 32 => Sniff::NeedMore,
+        Some(b' ') if token > 0 => match line.iter().position(|&b| b == b'\n') {
+            Some(_) => request_line(line),
+            None if line.len() < MAX_LINE => Sniff::NeedMore,
+            None => Sniff::Other,
+        },
+        _ => Sniff::Other,
+    }
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
@@ -65,7 +105,15 @@ mod tests {
             (b"GET ", Sniff::Http),
             (b"GET / HTTP/1.1\r\n", Sniff::Http),
             (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Sniff::Http),
-            (b"GETX", Sniff::Other),
+            (b"GETX", Sniff::NeedMore),
+            (b"GETX / HTTP/1.1\r\n", Sniff::Http),
+            (b"PROPFIND /", Sniff::NeedMore),
+            (b"PROPFIND /dav/ HTTP/1.1\r\nDepth: 1\r\n", Sniff::Http),
+            (b"\r\nGET / HTTP/1.1\r\n", Sniff::Http),
+            (b"\r\n", Sniff::NeedMore),
+            (b"EHLO mail.example.org\r\n", Sniff::Other),
+            (b"NICK chatter\r\nUSER chatter 0 * :x\r\n", Sniff::Other),
+            (b"0123456789abcdef0123456789abcdef0123", Sniff::Other),
             (b"SSH-2.0-OpenSSH\r\n", Sniff::Other),
             (b"PASS x\r\n", Sniff::Other),
             (b"POST /api HTTP/1.1\r\n", Sniff::Http),

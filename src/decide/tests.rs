@@ -54,6 +54,8 @@ fn drive(e: &Engine, input: &[u8], step: usize) -> Vec<Seen> {
             ReqCue::Bytes
         };
         match reqs.step(&buf, cue, &mut findings) {
+            // The server switched protocols, as asked.
+            Step::NeedMore if reqs.awaiting_switch() => reqs.switched(Some(true)),
             Step::NeedMore if fed == input.len() => break,
             Step::NeedMore => {
                 let end = (fed + step).min(input.len());
@@ -82,6 +84,7 @@ fn drive(e: &Engine, input: &[u8], step: usize) -> Vec<Seen> {
                     Refusal::Loop => "loop",
                     Refusal::DeniedDestination(_) => "destination",
                     Refusal::ClosedBeforeSending => "closed",
+                    Refusal::Malformed(_) => "malformed",
                 };
                 out.push(Seen::Refused(request.host.clone(), reason));
                 return out;
@@ -210,33 +213,58 @@ fn upgrades_and_connect_end_http_and_h2c_is_refused() {
 }
 
 #[test]
-fn what_cannot_be_followed_is_lost_not_passed() {
+fn what_servers_could_read_differently_is_refused_with_400() {
     let e = engine("");
     let ok = "GET / HTTP/1.1\r\nHost: a.example\r\n\r\n";
+    // RFC 9112 §3.2 and §6.3: a server must answer these with 400; none
+    // of it goes on, once the names and rules had their say.
     let cases: &[(&str, &str)] = &[
-        (
-            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-            "more than one Host field",
-        ),
+        ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", ""),
+        ("GET / HTTP/1.1\r\nHost: web.whatsapp.com:80:80\r\n\r\n", ""),
+        ("GET / HTTP/1.1\r\nHost: web.whatsapp.com:80 x\r\n\r\n", ""),
+        ("GET / HTTP/1.1\r\nHost: a..example\r\n\r\n", ""),
+        ("GET / HTTP/1.1\r\nHost: user@a.example\r\n\r\n", ""),
+        ("GET / HTTP/1.1\r\nHost: a.example:99999\r\n\r\n", ""),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX Y: z\r\n\r\n", ""),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "both Transfer-Encoding and Content-Length",
+            "a",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
-            "request Transfer-Encoding does not end in chunked",
+            "a",
         ),
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            "differing Content-Length values",
+            "a",
         ),
+    ];
+    for (bad, host) in cases {
+        let all = format!("{ok}{bad}");
+        assert_eq!(
+            drive_all(&e, all.as_bytes()),
+            vec![
+                req("a.example", ok.len()),
+                Seen::Refused(host.to_string(), "malformed")
+            ],
+            "{bad}"
+        );
+    }
+    // An IM request with odd framing is still the IM request.
+    let im = "POST / HTTP/1.1\r\nHost: web.whatsapp.com\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(
+        drive_all(&e, im.as_bytes()),
+        vec![Seen::Refused("web.whatsapp.com".into(), "host")]
+    );
+    // Bytes that are no HTTP request line: not followed (the generic rules
+    // apply to them); a client that leaves inside a head likewise.
+    for (bad, why) in [
         ("\u{0}\u{1}SSH-2.0-x\r\n", "not an HTTP/1.x request"),
         (
             "GET / HTTP/1.1\r\nHost",
             "the client ended inside a request head",
         ),
-    ];
-    for (bad, why) in cases {
+    ] {
         let all = format!("{ok}{bad}");
         assert_eq!(
             drive_all(&e, all.as_bytes()),
@@ -244,8 +272,8 @@ fn what_cannot_be_followed_is_lost_not_passed() {
             "{bad}"
         );
     }
-    // A chunked body whose framing breaks past the body rules' window:
-    // the head was decided and forwarded, the body from its start is lost.
+    // A chunked body whose framing breaks past the body rules' window: the
+    // head went on, so the stream is reset (no page fits).
     let head = "PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
     let body = format!("800\r\n{}\r\n5\r\nhelloXX", "b".repeat(0x800));
     let broken = format!("{head}{body}");
@@ -253,15 +281,14 @@ fn what_cannot_be_followed_is_lost_not_passed() {
         drive(&e, broken.as_bytes(), broken.len()),
         vec![
             req("a", head.len()),
-            Seen::Lost("chunk data longer than its size", body.len())
+            Seen::Refused(String::new(), "malformed")
         ]
     );
-    // Broken inside the window: the head waits for its body and is not
-    // forwarded; all of it is lost.
+    // Broken inside the window: the head was held and never went.
     let early = format!("{head}5\r\nhelloXX");
     assert_eq!(
         drive(&e, early.as_bytes(), early.len()),
-        vec![Seen::Lost("chunk data longer than its size", early.len())]
+        vec![Seen::Refused("a".into(), "malformed")]
     );
     // A head past the limit.
     let e = engine("[limits]\nmax_request_head_bytes = 1024\n");
@@ -269,8 +296,62 @@ fn what_cannot_be_followed_is_lost_not_passed() {
         "GET / HTTP/1.1\r\nHost: a\r\nX-Pad: {}\r\n\r\n",
         "p".repeat(2000)
     );
-    let got = drive(&e, big.as_bytes(), big.len());
-    assert_eq!(got, vec![Seen::Lost("request head too large", big.len())]);
+    assert_eq!(
+        drive(&e, big.as_bytes(), big.len()),
+        vec![Seen::Refused(String::new(), "malformed")]
+    );
+}
+
+#[test]
+fn the_target_and_the_host_field_are_both_decided() {
+    let e = engine("");
+    for im in [
+        "GET http://web.whatsapp.com/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n",
+        "GET http://allowed.example/ HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n",
+        "CONNECT web.whatsapp.com:443 HTTP/1.1\r\nHost: allowed.example\r\n\r\n",
+    ] {
+        let got = drive_all(&e, im.as_bytes());
+        assert_eq!(got.len(), 1, "{im}: {got:?}");
+        assert!(matches!(&got[0], Seen::Refused(_, "host")), "{im}: {got:?}");
+    }
+    let fine = "GET http://allowed.example/x HTTP/1.1\r\nHost: allowed.example\r\n\r\n";
+    assert_eq!(
+        drive_all(&e, fine.as_bytes()),
+        vec![req("allowed.example", fine.len())]
+    );
+}
+
+#[test]
+fn after_an_upgrade_the_server_says_whether_http_goes_on() {
+    let e = engine("");
+    let dst: SocketAddr = DST.parse().expect("addr");
+    let up =
+        b"GET /chat HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n";
+    let next = b"GET / HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n";
+    for switched in [Some(false), Some(true), None] {
+        let mut reqs = Requests::new(&e, who(), dst, None, false);
+        let mut f = Findings::default();
+        assert!(matches!(
+            reqs.step(up, ReqCue::Bytes, &mut f),
+            Step::Forward {
+                request: Some(_),
+                ..
+            }
+        ));
+        // Nothing passes until the response says.
+        assert!(reqs.awaiting_switch());
+        assert!(matches!(
+            reqs.step(next, ReqCue::Bytes, &mut f),
+            Step::NeedMore
+        ));
+        reqs.switched(switched);
+        let step = reqs.step(next, ReqCue::Bytes, &mut f);
+        match switched {
+            Some(false) => assert!(matches!(step, Step::Refuse { .. }), "{step:?}"),
+            Some(true) => assert!(matches!(step, Step::Opaque), "{step:?}"),
+            None => assert!(matches!(step, Step::Lost(_)), "{step:?}"),
+        }
+    }
 }
 
 #[test]
@@ -329,11 +410,11 @@ fn expect_100_continue_sends_the_head_and_holds_the_body() {
         } => assert_eq!(len, h.len()),
         other => panic!("the head goes at once: {other:?}"),
     }
-    assert!(reqs.holding());
-    assert!(matches!(
-        reqs.step(b"", ReqCue::Bytes, &mut f),
-        Step::NeedMore
-    ));
+    // No deadline holds the body's fate: it waits for the body itself.
+    assert!(!reqs.holding());
+    for cue in [ReqCue::Bytes, ReqCue::Deadline] {
+        assert!(matches!(reqs.step(b"", cue, &mut f), Step::NeedMore));
+    }
     // An IM body is refused by reset (the head is upstream already).
     let all = format!("{h}{bosh}");
     assert_eq!(

@@ -133,6 +133,7 @@ impl From<Refusal> for FlowError {
                 FlowError::BadRequest("client closed before sending anything")
             }
             Refusal::Loop => FlowError::LoopDetected,
+            Refusal::Malformed(why) => FlowError::BadRequest(why),
         }
     }
 }

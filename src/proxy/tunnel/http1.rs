@@ -40,6 +40,9 @@ use crate::proxy::{upstream, Shared};
 /// Requests forwarded whose responses have not ended, at most; a client
 /// that pipelines more waits until responses come back.
 const MAX_PENDING: usize = 64;
+/// Header fields of a response head followed (past this, the responses
+/// are no longer followed: later refusals reset instead of a page).
+const RESPONSE_FIELDS: usize = 128;
 /// Room for one read of the client's bytes.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -58,6 +61,11 @@ struct ExchangeState {
     lost: bool,
     /// The upstream ended its side.
     upstream_ended: bool,
+    /// What the response to a request that asked to switch protocols
+    /// said: switched or not (taken by the request side).
+    switch: Option<bool>,
+    /// Final responses that ended so far.
+    answered: u64,
 }
 
 /// What the two directions of one HTTP tunnel share.
@@ -130,7 +138,20 @@ pub async fn run(
     // The first request is decided before an upstream is needed: a
     // redirected port-80 flow connects only for a request that passes.
     let mut failed = None;
-    let end = match next_step(&ctx, &client, &mut up_state).await {
+    // The first request's head comes within the header deadline, as a
+    // client's first request to the proxy would.
+    let header_deadline = engine.config.limits.header_read_timeout;
+    let first = tokio::time::timeout(header_deadline, next_step(&ctx, &client, &mut up_state))
+        .await
+        .unwrap_or(Err(End::Idle));
+    let end = match first {
+        Err(End::Idle) => {
+            relay::reset(&client);
+            if let Upstream::Connected(up) = &upstream {
+                relay::reset(up);
+            }
+            End::Idle
+        }
         Err(end) => {
             // The client left before a whole request.
             if let Upstream::Connected(up) = &upstream {
@@ -183,6 +204,19 @@ pub async fn run(
                     }
                     Ok(up) => {
                         let _own = shared.own_socket(&engine, &up);
+                        // The first request is owed its answer before the
+                        // upstream can say anything: a server that closes
+                        // at once is seen answering nothing.
+                        let first = match first {
+                            Step::Forward {
+                                len,
+                                request: Some(request),
+                            } => {
+                                let _ = admit_request(&ctx, &mut up_state, request).await;
+                                Step::Forward { len, request: None }
+                            }
+                            other => other,
+                        };
                         let up_half = requests_up(&ctx, &client, &up, &mut up_state, first);
                         let down_half = responses_down(&ctx, &up, &client);
                         relay::run_pair(&cx, &client, &up, up_half, down_half).await
@@ -324,6 +358,14 @@ async fn next_step(ctx: &Ctx<'_>, client: &TcpStream, st: &mut Up<'_>) -> Result
     let mut cue = ReqCue::Bytes;
     loop {
         match st.reqs.step(&st.buf, cue, &mut st.findings) {
+            Step::NeedMore if st.reqs.awaiting_switch() => {
+                // Nothing more of the client's passes until the server
+                // says whether it switched protocols.
+                let outcome = switch_outcome(ctx).await;
+                st.reqs.switched(outcome);
+                cue = ReqCue::Bytes;
+                continue;
+            }
             Step::NeedMore if cue == ReqCue::Ended => return Err(End::Closed),
             Step::NeedMore => {}
             step => return Ok(step),
@@ -348,6 +390,30 @@ async fn next_step(ctx: &Ctx<'_>, client: &TcpStream, st: &mut Up<'_>) -> Result
             Err(_) => ReqCue::Ended,
         };
     }
+}
+
+/// Wait for the response to a request that asked to switch protocols:
+/// `Some(switched)`, or `None` when the responses cannot be read, the
+/// upstream ended, or no answer came in time.
+async fn switch_outcome(ctx: &Ctx<'_>) -> Option<bool> {
+    let bound = ctx.engine.config.limits.upstream_response_timeout;
+    tokio::time::timeout(bound, async {
+        loop {
+            let notified = ctx.exchange.changed.notified();
+            {
+                let mut ex = ctx.exchange.lock();
+                if let Some(switched) = ex.switch.take() {
+                    return Some(switched);
+                }
+                if ex.lost || ex.upstream_ended {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    })
+    .await
+    .unwrap_or(None)
 }
 
 /// The client's side of an HTTP tunnel: act on each step.
@@ -601,8 +667,11 @@ async fn bad_gateway(ctx: &Ctx<'_>, client: &TcpStream, resp: &Resp, why: &str) 
     }
     let rec = {
         let mut ex = ctx.exchange.lock();
-        match (resp, ex.pending.is_empty()) {
-            (Resp::Head(partial), false) if partial.is_empty() => ex.pending.pop_front(),
+        // Only for a connection's first request: a server that closes a
+        // kept-alive connection as the next request comes is a race the
+        // client retries on a plain close, not a failure to report.
+        match (resp, ex.pending.is_empty(), ex.answered) {
+            (Resp::Head(partial), false, 0) if partial.is_empty() => ex.pending.pop_front(),
             _ => return false,
         }
     };
@@ -649,6 +718,7 @@ fn observe(ctx: &Ctx<'_>, resp: &mut Resp, mut data: &[u8], max_head: usize) {
                 match progress {
                     Ok(Progress::More) => break,
                     Ok(Progress::Ended(k)) => {
+                        ex.answered += 1;
                         if let Some(rec) = ex.pending.pop_front().and_then(|p| p.rec) {
                             ctx.shared.access_log.write(*rec);
                         }
@@ -665,15 +735,29 @@ fn observe(ctx: &Ctx<'_>, resp: &mut Resp, mut data: &[u8], max_head: usize) {
             }
             Resp::Head(partial) => {
                 let before = partial.len();
-                let mut headers = [httparse::EMPTY_HEADER; 64];
+                if before > 0 {
+                    partial.extend_from_slice(&data[..data.len().min(max_head)]);
+                    // A head that comes in pieces is parsed again only when
+                    // its end may be there, or every KiB: linear cost.
+                    let fresh = &partial[before.saturating_sub(3)..];
+                    let may_end = fresh.windows(2).any(|w| w == b"\n\n")
+                        || fresh.windows(3).any(|w| w == b"\n\r\n");
+                    if !may_end
+                        && before / 1024 == partial.len() / 1024
+                        && partial.len() <= max_head
+                    {
+                        break;
+                    }
+                }
+                let mut headers = [httparse::EMPTY_HEADER; RESPONSE_FIELDS];
                 let mut r = httparse::Response::new(&mut headers);
                 let parsed = if before == 0 {
                     r.parse(data)
                 } else {
-                    partial.extend_from_slice(&data[..data.len().min(max_head)]);
                     r.parse(partial)
                 };
-                let mut ex = ctx.exchange.lock();
+                let mut guard = ctx.exchange.lock();
+                let ex = &mut *guard;
                 let head_len = match parsed {
                     Ok(httparse::Status::Complete(n)) => n,
                     Ok(httparse::Status::Partial) if before + data.len() <= max_head => {
@@ -686,7 +770,6 @@ fn observe(ctx: &Ctx<'_>, resp: &mut Resp, mut data: &[u8], max_head: usize) {
                         // Not a response we can follow.
                         ex.lost = true;
                         changed = true;
-                        drop(ex);
                         *resp = Resp::Off;
                         break;
                     }
@@ -695,7 +778,6 @@ fn observe(ctx: &Ctx<'_>, resp: &mut Resp, mut data: &[u8], max_head: usize) {
                     // A response nobody (that we know of) asked for.
                     ex.lost = true;
                     changed = true;
-                    drop(ex);
                     *resp = Resp::Off;
                     break;
                 };
@@ -712,17 +794,26 @@ fn observe(ctx: &Ctx<'_>, resp: &mut Resp, mut data: &[u8], max_head: usize) {
                             rec.status = status;
                             ctx.shared.access_log.write(*rec);
                         }
+                        // What follows is not HTTP: the request side may
+                        // go opaque.
+                        ex.switch = Some(true);
                         ex.lost = true;
                         changed = true;
                         *resp = Resp::Off;
                     }
                     Ok(Reply::Final(body)) => {
+                        if front.asked.upgrade || front.asked.connect {
+                            // Not switched: HTTP goes on both ways.
+                            ex.switch = Some(false);
+                            changed = true;
+                        }
                         if let Some(rec) = front.rec.as_mut() {
                             rec.status = status;
                         }
                         match Following::new(body) {
                             Some(f) => *resp = Resp::Body(f),
                             None => {
+                                ex.answered += 1;
                                 if let Some(rec) = ex.pending.pop_front().and_then(|p| p.rec) {
                                     ctx.shared.access_log.write(*rec);
                                 }
