@@ -183,6 +183,12 @@ struct RawException {
     #[serde(default)]
     categories: Vec<String>,
     action: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    schedule: Option<Vec<String>>,
+    #[serde(default)]
+    timezone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +359,11 @@ pub struct Exception {
     pub apps: Vec<String>,
     pub categories: Vec<String>,
     pub action: Action,
+    /// `name`, or `#N` (its 1-based position) when it has none: how the
+    /// access log, the metrics and `classify` name it.
+    pub label: String,
+    /// When it applies; `None`: always.
+    pub schedule: Option<crate::schedule::Schedule>,
 }
 
 #[derive(Debug, Clone)]
@@ -744,6 +755,51 @@ pub fn locate(text: &str, section: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// The line of `key` in the `index`-th (from 0) `[[section]]` table of a
+/// TOML text, or with `needle`, of the first line from the key's on (within
+/// that table) holding `"needle"`: the entry of a list spread over lines.
+pub fn locate_in_table(
+    text: &str,
+    section: &str,
+    index: usize,
+    key: &str,
+    needle: Option<&str>,
+) -> Option<usize> {
+    let header = format!("[[{section}]]");
+    let mut seen = 0usize;
+    let mut inside = false;
+    let mut key_line = None;
+    let quoted = needle.map(|n| format!("{n:?}"));
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if inside {
+                break;
+            }
+            if t.split('#').next().unwrap_or("").trim().replace(' ', "") == header {
+                inside = seen == index;
+                seen += 1;
+            }
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if key_line.is_none() {
+            let k = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if k == key && t.contains('=') {
+                key_line = Some(i + 1);
+            }
+        }
+        if let (Some(_), Some(q)) = (key_line, &quoted) {
+            if line.contains(q.as_str()) {
+                return Some(i + 1);
+            }
+        }
+    }
+    key_line
+}
+
 struct Validator<'a> {
     file: &'a str,
     text: &'a str,
@@ -751,6 +807,25 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// An error in the `index`-th `[[policy.exceptions]]` (from 0), at the
+    /// line of its `key`, or of `needle` (a value as written) from there on.
+    fn err_in_exception(
+        &mut self,
+        index: usize,
+        key: &str,
+        needle: Option<&str>,
+        message: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: locate_in_table(self.text, "policy.exceptions", index, key, needle)
+                .or_else(|| locate(self.text, "policy.exceptions", key))
+                .or_else(|| locate(self.text, "policy", "exceptions")),
+            field: format!("policy.exceptions.{key}"),
+            message: message.into(),
+        });
+    }
+
     fn err(&mut self, section: &str, key: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.to_string(),
@@ -900,7 +975,63 @@ fn validate(
         categories.insert(cat.to_ascii_lowercase(), a);
     }
     let mut exceptions = Vec::new();
-    for e in &p.exceptions {
+    let mut names = std::collections::HashSet::new();
+    for (i, e) in p.exceptions.iter().enumerate() {
+        let label = match &e.name {
+            None => format!("#{}", i + 1),
+            Some(n) => {
+                let valid = !n.is_empty()
+                    && n.len() <= 64
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !valid {
+                    v.err_in_exception(
+                        i,
+                        "name",
+                        None,
+                        format!("`{n}`: a name is 1 to 64 letters, digits, '-', '_' or '.'"),
+                    );
+                } else if !names.insert(n.clone()) {
+                    v.err_in_exception(i, "name", None, format!("`{n}` names two exceptions"));
+                }
+                n.clone()
+            }
+        };
+        let schedule = match (&e.schedule, &e.timezone) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                v.err_in_exception(
+                    i,
+                    "timezone",
+                    None,
+                    "a timezone without a schedule; add `schedule` or remove it",
+                );
+                None
+            }
+            (Some(_), None) => {
+                v.err_in_exception(
+                    i,
+                    "schedule",
+                    None,
+                    "a schedule needs its `timezone` (an IANA name such as \"Europe/Berlin\" or \"UTC\")",
+                );
+                None
+            }
+            (Some(entries), Some(tz)) => match crate::schedule::Schedule::new(entries, tz) {
+                Ok(s) => Some(s),
+                Err(err) => {
+                    let (key, needle) = match &err {
+                        crate::schedule::ScheduleError::TimeZone(_) => ("timezone", None),
+                        crate::schedule::ScheduleError::Entry(entry, _) => {
+                            ("schedule", Some(entry.as_str()))
+                        }
+                        crate::schedule::ScheduleError::Empty => ("schedule", None),
+                    };
+                    v.err_in_exception(i, key, needle, err.to_string());
+                    None
+                }
+            },
+        };
         let clients = v.nets("policy.exceptions", "clients", &e.clients);
         let action = v.action("policy.exceptions", "action", &e.action);
         if e.apps.is_empty() && e.categories.is_empty() {
@@ -920,6 +1051,8 @@ fn validate(
                 .map(|c| c.to_ascii_lowercase())
                 .collect(),
             action,
+            label,
+            schedule,
         });
     }
     let mut allow_hosts = Vec::new();
@@ -1272,6 +1405,92 @@ mod tests {
         std::fs::write(&path, "[policy.categories]\nmedia-relay = \"block\"\n").expect("write");
         let c = Config::load(Some(&path)).expect("loads");
         assert_eq!(c.policy.categories.get("media-relay"), Some(&Action::Block));
+    }
+
+    #[test]
+    fn exceptions_take_a_name_a_schedule_and_a_time_zone() {
+        let c = load_text(
+            "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\n\n[[policy.exceptions]]\nname = \"lunch\"\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon-Fri 12:00-13:00\", \"Sat-Sun\"]\ntimezone = \"Europe/Berlin\"\n",
+        )
+        .expect("valid");
+        let e = &c.policy.exceptions;
+        assert_eq!((e[0].label.as_str(), e[0].schedule.is_none()), ("#1", true));
+        assert_eq!(e[1].label, "lunch");
+        let s = e[1].schedule.as_ref().expect("schedule");
+        assert_eq!(s.timezone(), "Europe/Berlin");
+        assert!(s.holds("2025-06-02T10:30:00Z".parse().expect("ts")));
+    }
+
+    #[test]
+    fn bad_schedules_and_time_zones_name_file_line_and_field() {
+        let first = "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Sat-Sun\"]\ntimezone = \"UTC\"\n\n";
+        for (second, line, field, says) in [
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\n  \"Mon-Fri 12:00-13:00\",\n  \"Mon-Fry 18:00-19:00\",\n]\ntimezone = \"UTC\"\n",
+                12,
+                "policy.exceptions.schedule",
+                "not a day",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon 25:00-26:00\"]\ntimezone = \"UTC\"\n",
+                10,
+                "policy.exceptions.schedule",
+                "HH:MM",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon-Fri\"]\ntimezone = \"Europe/Berlln\"\n",
+                11,
+                "policy.exceptions.timezone",
+                "IANA",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon-Fri\"]\n",
+                10,
+                "policy.exceptions.schedule",
+                "timezone",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\ntimezone = \"UTC\"\n",
+                10,
+                "policy.exceptions.timezone",
+                "without a schedule",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = []\ntimezone = \"UTC\"\n",
+                10,
+                "policy.exceptions.schedule",
+                "empty",
+            ),
+            (
+                "[[policy.exceptions]]\nname = \"lunch break\"\napps = [\"slack\"]\naction = \"allow\"\n",
+                8,
+                "policy.exceptions.name",
+                "letters",
+            ),
+        ] {
+            let text = format!("{first}{second}");
+            let e = load_text(&text).expect_err(&text);
+            let err = &e.0[0];
+            assert_eq!(err.line, Some(line), "{text}\n{e}");
+            assert_eq!(err.field, field, "{e}");
+            assert!(err.message.contains(says), "{e}");
+        }
+        let twice = "[[policy.exceptions]]\nname = \"a\"\napps = [\"slack\"]\naction = \"allow\"\n[[policy.exceptions]]\nname = \"a\"\napps = [\"slack\"]\naction = \"block\"\n";
+        let e = load_text(twice).expect_err("twice");
+        assert_eq!(e.0[0].line, Some(6), "{e}");
+        assert!(e.0[0].message.contains("two exceptions"), "{e}");
+    }
+
+    #[test]
+    fn locate_in_table_finds_the_nth_table_and_a_value_in_a_list() {
+        let text =
+            "[[t]]\nk = 1\n\n[[t]]  # second\nj = 2\nk = [\n  \"a\",\n  \"b\",\n]\n[x]\nk = 3\n";
+        assert_eq!(locate_in_table(text, "t", 0, "k", None), Some(2));
+        assert_eq!(locate_in_table(text, "t", 1, "k", None), Some(6));
+        assert_eq!(locate_in_table(text, "t", 1, "k", Some("b")), Some(8));
+        assert_eq!(locate_in_table(text, "t", 1, "k", Some("zz")), Some(6));
+        assert_eq!(locate_in_table(text, "t", 0, "j", None), None);
+        assert_eq!(locate_in_table(text, "t", 2, "k", None), None);
     }
 
     #[test]

@@ -224,6 +224,7 @@ pub fn generic(
         rule: found.and_then(|d| d.rule),
         reason,
         offset: found.and_then(|d| d.offset),
+        exception: None,
     };
     if let Verdict::Block(d) = engine.policy.decide_for(who, Some(d)) {
         return Err(Refusal::Blocked(d));
@@ -767,6 +768,7 @@ impl<'e> Requests<'e> {
                         rule: None,
                         reason: Reason::Http,
                         offset: None,
+                        exception: None,
                     }),
                 )?;
             }

@@ -73,6 +73,9 @@ pub struct Metrics {
     pub refused_clients: IntCounter,
     pub limit_refusals: IntCounterVec,
     pub auth_failures: IntCounter,
+    /// Block and monitor verdicts whose action a `[[policy.exceptions]]`
+    /// entry chose, by its label and the action.
+    pub exception_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -185,6 +188,15 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let exception_decisions = IntCounterVec::new(
+            Opts::new(
+                "chatwall_exception_decisions_total",
+                "Block and monitor verdicts chosen by a policy exception, by exception (its name, or #N) and action.",
+            ),
+            &["exception", "action"],
+        )
+        .expect("valid metric");
+
         reg(Box::new(connections_total.clone()));
         reg(Box::new(connections_active.clone()));
         reg(Box::new(requests_total.clone()));
@@ -199,6 +211,7 @@ impl Metrics {
         reg(Box::new(refused_clients.clone()));
         reg(Box::new(limit_refusals.clone()));
         reg(Box::new(auth_failures.clone()));
+        reg(Box::new(exception_decisions.clone()));
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -234,6 +247,7 @@ impl Metrics {
             refused_clients,
             limit_refusals,
             auth_failures,
+            exception_decisions,
         }
     }
 

@@ -127,9 +127,8 @@ impl fmt::Display for ScheduleError {
 
 /// An IANA time zone of the built-in database (`UTC` included).
 pub fn time_zone(name: &str) -> Result<TimeZone, String> {
-    let refused = || {
-        format!("`{name}` is not an IANA time zone name (such as \"Europe/Berlin\" or \"UTC\")")
-    };
+    let refused =
+        || format!("`{name}` is not an IANA time zone name (such as \"Europe/Berlin\" or \"UTC\")");
     if name.trim().is_empty() || name.trim() != name {
         return Err(refused());
     }
@@ -214,9 +213,7 @@ fn parse_window(text: &str) -> Result<(u16, u16), String> {
         .ok_or_else(|| format!("`{text}` is not a time window HH:MM-HH:MM"))?;
     let (start, end) = (parse_time(start, false)?, parse_time(end, true)?);
     if start == end {
-        return Err(
-            "the window starts where it ends; name the days alone for whole days".into(),
-        );
+        return Err("the window starts where it ends; name the days alone for whole days".into());
     }
     Ok((start, end))
 }
@@ -246,7 +243,16 @@ mod tests {
         assert_eq!(days("Wed-Wed"), 0b000_0100);
         assert_eq!(days("Mon,Wed,Fri"), 0b001_0101);
         assert_eq!(days("MON-TUE,sat"), 0b010_0011);
-        for bad in ["", "Monday", "Mo", "Mon-", "-Fri", "Mon--Fri", "Mon,", "Mon-Tue-Wed"] {
+        for bad in [
+            "",
+            "Monday",
+            "Mo",
+            "Mon-",
+            "-Fri",
+            "Mon--Fri",
+            "Mon,",
+            "Mon-Tue-Wed",
+        ] {
             assert!(parse_days(bad).is_err(), "{bad:?} parsed");
         }
     }
@@ -302,7 +308,14 @@ mod tests {
         assert!(time_zone("Europe/Berlin").is_ok());
         assert!(time_zone("UTC").is_ok());
         assert!(time_zone("America/New_York").is_ok());
-        for bad in ["", "Mars/Olympus", "CEST+2", "+02:00", " Europe/Berlin", "Etc/Unknown"] {
+        for bad in [
+            "",
+            "Mars/Olympus",
+            "CEST+2",
+            "+02:00",
+            " Europe/Berlin",
+            "Etc/Unknown",
+        ] {
             let e = time_zone(bad).expect_err(bad);
             assert!(e.contains("IANA"), "{bad}: {e}");
         }
