@@ -11,4 +11,5 @@ mod hardening;
 mod inspect;
 mod ops;
 mod passthrough;
+mod schedules;
 mod transparent;
