@@ -302,6 +302,20 @@ fn check_config(config: Option<PathBuf>) -> u8 {
             .unwrap_or_else(|| "off".into())
     );
     println!(
+        "admin allow (metrics, reload): {}; reload token: {}",
+        c.admin
+            .allow
+            .nets()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        c.admin
+            .reload_token_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    println!(
         "signatures: {} apps, {} rules from {} (version {})",
         engine.signatures.apps().len(),
         engine.signatures.rules().len(),

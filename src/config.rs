@@ -78,6 +78,10 @@ direct_domains = []
 [auth]
 users_file = ""
 realm = "chatwall"
+
+[admin]
+allow = ["127.0.0.0/8", "::1/128"]
+reload_token_file = ""
 "#;
 
 /// Where a value came from, for error messages.
@@ -133,6 +137,14 @@ struct RawConfig {
     upstream: RawUpstream,
     pac: RawPac,
     auth: RawAuth,
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    allow: Vec<String>,
+    reload_token_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -536,6 +548,70 @@ pub fn load_users(
     }
 }
 
+/// A secret read from a file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The admin listener's access rules.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Clients that may reach `/metrics` and `POST /-/reload` (and any
+    /// other path but the open ones: health, readiness and the PAC file).
+    pub allow: NetSet,
+    pub reload_token_file: Option<PathBuf>,
+    /// The bearer token `POST /-/reload` needs, if any.
+    pub reload_token: Option<Secret>,
+}
+
+/// Read a secret from a file only its owner may read: refused when group
+/// or others have any permission on it. Surrounding white space (a final
+/// newline) is not part of it.
+pub fn read_secret(path: &Path, field: &str) -> Result<Secret, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.display().to_string(),
+        line: None,
+        field: field.to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
+            )));
+        }
+    }
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(err("the token is shorter than 16 characters".into()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(
+            "the token must be one word of printable ASCII characters".into(),
+        ));
+    }
+    Ok(Secret(token.to_string()))
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -557,6 +633,7 @@ pub struct Config {
     pub upstream_mark: u32,
     pub pac: Pac,
     pub auth: Option<Auth>,
+    pub admin: Admin,
 }
 
 impl Config {
@@ -601,7 +678,8 @@ impl Config {
                 .with_list_parse_key("access.deny_destinations")
                 .with_list_parse_key("access.connect_ports")
                 .with_list_parse_key("pac.direct_networks")
-                .with_list_parse_key("pac.direct_domains"),
+                .with_list_parse_key("pac.direct_domains")
+                .with_list_parse_key("admin.allow"),
         );
         let raw: RawConfig = builder
             .build()
@@ -635,6 +713,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         upstream: Option<PartialUpstream>,
         pac: Option<PartialPac>,
         auth: Option<PartialAuth>,
+        admin: Option<PartialAdmin>,
     }
     macro_rules! partial {
         ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -675,6 +754,10 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialAuth {
         users_file: String,
         realm: String
+    });
+    partial!(PartialAdmin {
+        allow: Vec<String>,
+        reload_token_file: String
     });
 
     match toml::from_str::<Partial>(text) {
@@ -1219,6 +1302,25 @@ fn validate(
         direct_domains,
     };
 
+    let admin_allow = NetSet::from_nets(v.nets("admin", "allow", &raw.admin.allow));
+    let (reload_token_file, reload_token) = if raw.admin.reload_token_file.is_empty() {
+        (None, None)
+    } else {
+        let p = relative_to(path, &raw.admin.reload_token_file);
+        match read_secret(&p, "admin.reload_token_file") {
+            Ok(t) => (Some(p), Some(t)),
+            Err(e) => {
+                v.errors.push(e);
+                (Some(p), None)
+            }
+        }
+    };
+    let admin = Admin {
+        allow: admin_allow,
+        reload_token_file,
+        reload_token,
+    };
+
     if listen.explicit.is_empty()
         && listen.transparent_http.is_empty()
         && listen.transparent_tls.is_empty()
@@ -1282,7 +1384,17 @@ fn validate(
         upstream_mark,
         pac,
         auth,
+        admin,
     })
+}
+/// A path as written in the configuration: relative to the file's
+/// directory, if it is relative and there is a file.
+fn relative_to(config: Option<&Path>, written: &str) -> PathBuf {
+    let p = PathBuf::from(written);
+    match (p.is_relative(), config.and_then(Path::parent)) {
+        (true, Some(parent)) if !parent.as_os_str().is_empty() => parent.join(p),
+        _ => p,
+    }
 }
 
 #[cfg(test)]
@@ -1491,6 +1603,66 @@ mod tests {
         assert_eq!(locate_in_table(text, "t", 1, "k", Some("zz")), Some(6));
         assert_eq!(locate_in_table(text, "t", 0, "j", None), None);
         assert_eq!(locate_in_table(text, "t", 2, "k", None), None);
+    }
+
+    #[test]
+    fn admin_allow_defaults_to_loopback_and_takes_prefixes() {
+        let c = Config::load_default().expect("defaults");
+        assert!(c.admin.allow.contains("127.0.0.1".parse().expect("ip")));
+        assert!(c.admin.allow.contains("::1".parse().expect("ip")));
+        assert!(!c.admin.allow.contains("10.0.0.1".parse().expect("ip")));
+        assert!(c.admin.reload_token.is_none());
+        let c = load_text("[admin]\nallow = [\"10.0.0.0/8\"]\n").expect("valid");
+        assert!(!c.admin.allow.contains("127.0.0.1".parse().expect("ip")));
+        assert!(c.admin.allow.contains("10.9.8.7".parse().expect("ip")));
+        let e = load_text("[admin]\n\nallow = [\"10.0.0.0/33\"]\n").expect_err("bad");
+        assert_eq!(
+            (e.0[0].line, e.0[0].field.as_str()),
+            (Some(3), "admin.allow")
+        );
+        let e = load_text("[admin]\nalow = []\n").expect_err("unknown key");
+        assert_eq!(e.0[0].line, Some(2), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_reload_token_file_must_be_private_and_long_enough() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("reload.token");
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, "[admin]\nreload_token_file = \"reload.token\"\n").expect("write");
+        let set = |text: &str, mode: u32| {
+            std::fs::write(&token, text).expect("write token");
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        // Relative to the configuration file; the final newline is not part
+        // of it; never printed.
+        set("0123456789abcdefXYZ\n", 0o600);
+        let c = Config::load(Some(&config)).expect("valid");
+        let t = c.admin.reload_token.as_ref().expect("token");
+        assert_eq!(t.expose(), "0123456789abcdefXYZ");
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        assert_eq!(c.admin.reload_token_file.as_deref(), Some(token.as_path()));
+        set("0123456789abcdefXYZ\n", 0o400);
+        assert!(Config::load(Some(&config)).is_ok());
+        for (text, mode, says) in [
+            ("0123456789abcdefXYZ", 0o640, "group or others"),
+            ("0123456789abcdefXYZ", 0o604, "group or others"),
+            ("0123456789abcdefXYZ", 0o620, "group or others"),
+            ("short", 0o600, "16"),
+            ("0123456789 abcdefXYZ", 0o600, "one word"),
+        ] {
+            set(text, mode);
+            let e = Config::load(Some(&config)).expect_err(says);
+            let err = &e.0[0];
+            assert_eq!(err.field, "admin.reload_token_file", "{e}");
+            assert!(err.message.contains(says), "{mode:o}: {e}");
+            assert!(!e.to_string().contains("0123456789"), "{e}");
+        }
+        std::fs::remove_file(&token).expect("rm");
+        let e = Config::load(Some(&config)).expect_err("missing");
+        assert!(e.0[0].message.contains("cannot read"), "{e}");
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct Metrics {
     /// Block and monitor verdicts whose action a `[[policy.exceptions]]`
     /// entry chose, by its label and the action.
     pub exception_decisions: IntCounterVec,
+    /// Admin requests refused: `client` (outside `admin.allow`), `token`
+    /// (reload without the right bearer token).
+    pub admin_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -196,6 +199,14 @@ impl Metrics {
             &["exception", "action"],
         )
         .expect("valid metric");
+        let admin_refusals = IntCounterVec::new(
+            Opts::new(
+                "chatwall_admin_refusals_total",
+                "Admin requests refused: client (outside admin.allow), token (reload without the right bearer token).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
 
         reg(Box::new(connections_total.clone()));
         reg(Box::new(connections_active.clone()));
@@ -212,6 +223,7 @@ impl Metrics {
         reg(Box::new(limit_refusals.clone()));
         reg(Box::new(auth_failures.clone()));
         reg(Box::new(exception_decisions.clone()));
+        reg(Box::new(admin_refusals.clone()));
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -221,6 +233,9 @@ impl Metrics {
         }
         for l in ["global", "per_client"] {
             limit_refusals.with_label_values(&[l]);
+        }
+        for r in ["client", "token"] {
+            admin_refusals.with_label_values(&[r]);
         }
         let listeners = ListenerKind::ALL
             .iter()
@@ -248,6 +263,7 @@ impl Metrics {
             limit_refusals,
             auth_failures,
             exception_decisions,
+            admin_refusals,
         }
     }
 

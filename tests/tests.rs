@@ -1,6 +1,7 @@
 //! Integration tests: one binary, real sockets on loopback.
 mod support;
 
+mod admin;
 mod cert_names;
 mod cli;
 mod deploy;
