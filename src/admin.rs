@@ -101,7 +101,13 @@ fn refuse(
             .admin_refusals
             .with_label_values(&["client"])
             .inc();
-        tracing::warn!(client = %peer, path, "admin request from a client outside admin.allow; refused");
+        // A scraper on the wrong network would repeat this every few
+        // seconds: only a refused reload is worth a warning.
+        if path == "/-/reload" {
+            tracing::warn!(client = %peer, "reload from a client outside admin.allow; refused");
+        } else {
+            tracing::debug!(client = %peer, path, "admin request from a client outside admin.allow; refused");
+        }
         return Some(text(
             StatusCode::FORBIDDEN,
             "text/plain",
