@@ -39,6 +39,9 @@ pub struct Record {
     pub rule_at: Option<String>,
     /// Byte offset of a payload match in its direction's stream.
     pub offset: Option<u32>,
+    /// The `[[policy.exceptions]]` entry that chose a block or monitor
+    /// verdict: its `name`, or `#N` (1-based position).
+    pub exception: Option<String>,
     pub status: u16,
     pub upstream: Option<String>,
     pub error: Option<String>,

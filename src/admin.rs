@@ -1,6 +1,13 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /-/reload`,
 //! `/proxy.pac` and `/wpad.dat`. Its own listener, its own tiny router.
+//!
+//! Health, readiness and the PAC file are open to every client that reaches
+//! the port (probes and browsers); everything else (`/metrics`, the reload)
+//! only to clients in `[admin] allow`, others get 403. With `[admin]
+//! reload_token_file`, `POST /-/reload` also needs `Authorization: Bearer
+//! <token>`: 401 without it, 403 with another.
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -33,7 +40,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, reloader: Arc<Reloa
             let svc = hyper::service::service_fn(move |req| {
                 let shared = Arc::clone(&shared);
                 let reloader = Arc::clone(&reloader);
-                async move { Ok::<_, Infallible>(route(&shared, &reloader, req).await) }
+                async move { Ok::<_, Infallible>(route(&shared, &reloader, peer, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -55,11 +62,103 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     r
 }
 
+/// Paths every client that reaches the port may use.
+fn open_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/proxy.pac" | "/wpad.dat")
+}
+
+/// Does `Authorization` carry `Bearer <token>`? Compared in time that does
+/// not depend on where the first difference is.
+fn bearer_matches(value: &[u8], token: &str) -> bool {
+    let (scheme, given) = value.split_at(value.len().min(7));
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return false;
+    }
+    let token = token.as_bytes();
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Who may do what: `Some(response)` refuses the request.
+fn refuse(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Option<Response<ProxyBody>> {
+    let path = req.uri().path();
+    if open_path(path) {
+        return None;
+    }
+    let engine = shared.engine.load();
+    let admin = &engine.config.admin;
+    if !admin.allow.contains(peer.ip()) {
+        shared
+            .metrics
+            .admin_refusals
+            .with_label_values(&["client"])
+            .inc();
+        // A scraper on the wrong network would repeat this every few
+        // seconds: only a refused reload is worth a warning.
+        if path == "/-/reload" {
+            tracing::warn!(client = %peer, "reload from a client outside admin.allow; refused");
+        } else {
+            tracing::debug!(client = %peer, path, "admin request from a client outside admin.allow; refused");
+        }
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "forbidden: this client is not in admin.allow\n".into(),
+        ));
+    }
+    let token = match (&admin.reload_token, path) {
+        (Some(t), "/-/reload") => t,
+        _ => return None,
+    };
+    let refusal = match req.headers().get(header::AUTHORIZATION) {
+        None => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "reload needs Authorization: Bearer <token>\n".into(),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"chatwall admin\""),
+            );
+            r
+        }
+        Some(v) if bearer_matches(v.as_bytes(), token.expose()) => return None,
+        Some(_) => text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "forbidden: wrong reload token\n".into(),
+        ),
+    };
+    shared
+        .metrics
+        .admin_refusals
+        .with_label_values(&["token"])
+        .inc();
+    tracing::warn!(client = %peer, "reload without the right bearer token; refused");
+    Some(refusal)
+}
+
 async fn route(
     shared: &Arc<Shared>,
     reloader: &Reloader,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    if let Some(refusal) = refuse(shared, peer, &req) {
+        return refusal;
+    }
+    if crate::pac::is_pac_request(req.method(), req.uri().path()) {
+        return crate::pac::response(&shared.engine.load().config);
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
@@ -90,14 +189,6 @@ async fn route(
                 format!("reload refused, old policy kept:\n{e}\n"),
             ),
         },
-        (&Method::GET, "/proxy.pac") | (&Method::GET, "/wpad.dat") => {
-            let engine = shared.engine.load();
-            text(
-                StatusCode::OK,
-                "application/x-ns-proxy-autoconfig",
-                crate::pac::render(&engine.config),
-            )
-        }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

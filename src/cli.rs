@@ -90,6 +90,27 @@ pub enum SignaturesCommand {
     },
 }
 
+/// For whom and when `classify host|url` decides.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClassifyFor {
+    /// The client address (default 127.0.0.1): exceptions by client prefix.
+    #[arg(long, value_name = "IP")]
+    pub client: Option<IpAddr>,
+    /// The authenticated user: exceptions by user.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// The moment, in RFC 3339 (2025-06-02T12:30:00+02:00): scheduled
+    /// exceptions. Default: now.
+    #[arg(long, value_name = "RFC3339", value_parser = parse_moment)]
+    pub at: Option<jiff::Timestamp>,
+}
+
+fn parse_moment(s: &str) -> Result<jiff::Timestamp, String> {
+    s.parse::<jiff::Timestamp>().map_err(|e| {
+        format!("not an RFC 3339 time with an offset (e.g. 2025-06-02T12:30:00+02:00): {e}")
+    })
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ClassifyCommand {
     /// A host name or address (as in CONNECT host:port).
@@ -99,12 +120,16 @@ pub enum ClassifyCommand {
         port: u16,
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        who: ClassifyFor,
     },
     /// A URL (as in an absolute-form request).
     Url {
         url: String,
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        who: ClassifyFor,
     },
     /// Every TCP flow of a pcap or pcapng capture, replayed through the
     /// proxy's decisions: one verdict per flow.
@@ -277,6 +302,20 @@ fn check_config(config: Option<PathBuf>) -> u8 {
             .unwrap_or_else(|| "off".into())
     );
     println!(
+        "admin allow (metrics, reload): {}; reload token: {}",
+        c.admin
+            .allow
+            .nets()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        c.admin
+            .reload_token_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    println!(
         "signatures: {} apps, {} rules from {} (version {})",
         engine.signatures.apps().len(),
         engine.signatures.rules().len(),
@@ -397,12 +436,17 @@ pub fn explain(engine: &Engine, d: &Detection) -> String {
 }
 
 fn classify(cmd: ClassifyCommand) -> u8 {
-    let (config, host, port, path) = match &cmd {
+    let (config, host, port, path, whom) = match &cmd {
         ClassifyCommand::Pcap { file, json, config } => {
             return classify_pcap(file, *json, config.as_deref())
         }
-        ClassifyCommand::Host { name, port, config } => (config.clone(), name.clone(), *port, None),
-        ClassifyCommand::Url { url, config } => {
+        ClassifyCommand::Host {
+            name,
+            port,
+            config,
+            who,
+        } => (config.clone(), name.clone(), *port, None, who.clone()),
+        ClassifyCommand::Url { url, config, who } => {
             let uri: http::Uri = match url.parse() {
                 Ok(u) => u,
                 Err(e) => {
@@ -428,15 +472,24 @@ fn classify(cmd: ClassifyCommand) -> u8 {
                 _ if uri.scheme_str() == Some("https") => 443,
                 _ => 80,
             };
-            (config.clone(), host.to_string(), port, Some(uri))
+            (
+                config.clone(),
+                host.to_string(),
+                port,
+                Some(uri),
+                who.clone(),
+            )
         }
     };
     let engine = match load_engine(config.as_deref()) {
         Ok(e) => e,
         Err(code) => return code,
     };
-    let client: IpAddr = IpAddr::from([127, 0, 0, 1]);
-    let who = Who::ip(client);
+    let client: IpAddr = whom.client.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let mut who = Who::new(client, whom.user.as_deref().map(std::sync::Arc::from));
+    if let Some(at) = whom.at {
+        who = who.at(at);
+    }
     let set = &engine.signatures;
     let policy = &engine.policy;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -486,15 +539,36 @@ fn classify(cmd: ClassifyCommand) -> u8 {
             }
         }
     }
-    println!("{} {host}:{port}", verdict.as_str());
+    // Which exception made the decision: the one behind a block or
+    // monitor verdict, or for an allow the first that allowed a finding.
+    let decided_by = match verdict.detection() {
+        Some(d) => d.exception.map(usize::from),
+        None => findings
+            .iter()
+            .map(|d| policy.resolve(&who, d))
+            .find_map(|(action, n)| (action == crate::config::Action::Allow).then_some(n)?),
+    };
+    let label = |n: usize| policy.exception_label(n).unwrap_or("?").to_string();
+    match decided_by {
+        Some(n) => println!("{} {host}:{port} exception={}", verdict.as_str(), label(n)),
+        None => println!("{} {host}:{port}", verdict.as_str()),
+    }
+    println!(
+        "  for client {client}, user {}, at {:.0}",
+        who.user.as_deref().unwrap_or("-"),
+        who.moment()
+    );
     if allowlisted {
         println!("  on the allow-list (policy.allow)");
     }
     for d in &findings {
+        let (_, by) = policy.resolve(&who, d);
         println!(
-            "  {} -> {}",
+            "  {} -> {}{}",
             explain(&engine, d),
-            policy.decide(client, Some(*d)).as_str()
+            policy.decide_for(&who, Some(*d)).as_str(),
+            by.map(|n| format!(" (exception {})", label(n)))
+                .unwrap_or_default()
         );
     }
     if findings.is_empty() && !allowlisted {

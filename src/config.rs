@@ -78,6 +78,10 @@ direct_domains = []
 [auth]
 users_file = ""
 realm = "chatwall"
+
+[admin]
+allow = ["127.0.0.0/8", "::1/128"]
+reload_token_file = ""
 "#;
 
 /// Where a value came from, for error messages.
@@ -133,6 +137,14 @@ struct RawConfig {
     upstream: RawUpstream,
     pac: RawPac,
     auth: RawAuth,
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    allow: Vec<String>,
+    reload_token_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +195,12 @@ struct RawException {
     #[serde(default)]
     categories: Vec<String>,
     action: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    schedule: Option<Vec<String>>,
+    #[serde(default)]
+    timezone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +371,11 @@ pub struct Exception {
     pub apps: Vec<String>,
     pub categories: Vec<String>,
     pub action: Action,
+    /// `name`, or `#N` (its 1-based position) when it has none: how the
+    /// access log, the metrics and `classify` name it.
+    pub label: String,
+    /// When it applies; `None`: always.
+    pub schedule: Option<crate::schedule::Schedule>,
 }
 
 #[derive(Debug, Clone)]
@@ -525,6 +548,70 @@ pub fn load_users(
     }
 }
 
+/// A secret read from a file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The admin listener's access rules.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Clients that may reach `/metrics` and `POST /-/reload` (and any
+    /// other path but the open ones: health, readiness and the PAC file).
+    pub allow: NetSet,
+    pub reload_token_file: Option<PathBuf>,
+    /// The bearer token `POST /-/reload` needs, if any.
+    pub reload_token: Option<Secret>,
+}
+
+/// Read a secret from a file only its owner may read: refused when group
+/// or others have any permission on it. Surrounding white space (a final
+/// newline) is not part of it.
+pub fn read_secret(path: &Path, field: &str) -> Result<Secret, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.display().to_string(),
+        line: None,
+        field: field.to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
+            )));
+        }
+    }
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(err("the token is shorter than 16 characters".into()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(
+            "the token must be one word of printable ASCII characters".into(),
+        ));
+    }
+    Ok(Secret(token.to_string()))
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -546,6 +633,7 @@ pub struct Config {
     pub upstream_mark: u32,
     pub pac: Pac,
     pub auth: Option<Auth>,
+    pub admin: Admin,
 }
 
 impl Config {
@@ -590,7 +678,8 @@ impl Config {
                 .with_list_parse_key("access.deny_destinations")
                 .with_list_parse_key("access.connect_ports")
                 .with_list_parse_key("pac.direct_networks")
-                .with_list_parse_key("pac.direct_domains"),
+                .with_list_parse_key("pac.direct_domains")
+                .with_list_parse_key("admin.allow"),
         );
         let raw: RawConfig = builder
             .build()
@@ -624,6 +713,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         upstream: Option<PartialUpstream>,
         pac: Option<PartialPac>,
         auth: Option<PartialAuth>,
+        admin: Option<PartialAdmin>,
     }
     macro_rules! partial {
         ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -664,6 +754,10 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialAuth {
         users_file: String,
         realm: String
+    });
+    partial!(PartialAdmin {
+        allow: Vec<String>,
+        reload_token_file: String
     });
 
     match toml::from_str::<Partial>(text) {
@@ -744,6 +838,51 @@ pub fn locate(text: &str, section: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// The line of `key` in the `index`-th (from 0) `[[section]]` table of a
+/// TOML text, or with `needle`, of the first line from the key's on (within
+/// that table) holding `"needle"`: the entry of a list spread over lines.
+pub fn locate_in_table(
+    text: &str,
+    section: &str,
+    index: usize,
+    key: &str,
+    needle: Option<&str>,
+) -> Option<usize> {
+    let header = format!("[[{section}]]");
+    let mut seen = 0usize;
+    let mut inside = false;
+    let mut key_line = None;
+    let quoted = needle.map(|n| format!("{n:?}"));
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if inside {
+                break;
+            }
+            if t.split('#').next().unwrap_or("").trim().replace(' ', "") == header {
+                inside = seen == index;
+                seen += 1;
+            }
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if key_line.is_none() {
+            let k = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if k == key && t.contains('=') {
+                key_line = Some(i + 1);
+            }
+        }
+        if let (Some(_), Some(q)) = (key_line, &quoted) {
+            if line.contains(q.as_str()) {
+                return Some(i + 1);
+            }
+        }
+    }
+    key_line
+}
+
 struct Validator<'a> {
     file: &'a str,
     text: &'a str,
@@ -751,6 +890,25 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// An error in the `index`-th `[[policy.exceptions]]` (from 0), at the
+    /// line of its `key`, or of `needle` (a value as written) from there on.
+    fn err_in_exception(
+        &mut self,
+        index: usize,
+        key: &str,
+        needle: Option<&str>,
+        message: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: locate_in_table(self.text, "policy.exceptions", index, key, needle)
+                .or_else(|| locate(self.text, "policy.exceptions", key))
+                .or_else(|| locate(self.text, "policy", "exceptions")),
+            field: format!("policy.exceptions.{key}"),
+            message: message.into(),
+        });
+    }
+
     fn err(&mut self, section: &str, key: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.to_string(),
@@ -900,7 +1058,63 @@ fn validate(
         categories.insert(cat.to_ascii_lowercase(), a);
     }
     let mut exceptions = Vec::new();
-    for e in &p.exceptions {
+    let mut names = std::collections::HashSet::new();
+    for (i, e) in p.exceptions.iter().enumerate() {
+        let label = match &e.name {
+            None => format!("#{}", i + 1),
+            Some(n) => {
+                let valid = !n.is_empty()
+                    && n.len() <= 64
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !valid {
+                    v.err_in_exception(
+                        i,
+                        "name",
+                        None,
+                        format!("`{n}`: a name is 1 to 64 letters, digits, '-', '_' or '.'"),
+                    );
+                } else if !names.insert(n.clone()) {
+                    v.err_in_exception(i, "name", None, format!("`{n}` names two exceptions"));
+                }
+                n.clone()
+            }
+        };
+        let schedule = match (&e.schedule, &e.timezone) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                v.err_in_exception(
+                    i,
+                    "timezone",
+                    None,
+                    "a timezone without a schedule; add `schedule` or remove it",
+                );
+                None
+            }
+            (Some(_), None) => {
+                v.err_in_exception(
+                    i,
+                    "schedule",
+                    None,
+                    "a schedule needs its `timezone` (an IANA name such as \"Europe/Berlin\" or \"UTC\")",
+                );
+                None
+            }
+            (Some(entries), Some(tz)) => match crate::schedule::Schedule::new(entries, tz) {
+                Ok(s) => Some(s),
+                Err(err) => {
+                    let (key, needle) = match &err {
+                        crate::schedule::ScheduleError::TimeZone(_) => ("timezone", None),
+                        crate::schedule::ScheduleError::Entry(entry, _) => {
+                            ("schedule", Some(entry.as_str()))
+                        }
+                        crate::schedule::ScheduleError::Empty => ("schedule", None),
+                    };
+                    v.err_in_exception(i, key, needle, err.to_string());
+                    None
+                }
+            },
+        };
         let clients = v.nets("policy.exceptions", "clients", &e.clients);
         let action = v.action("policy.exceptions", "action", &e.action);
         if e.apps.is_empty() && e.categories.is_empty() {
@@ -920,6 +1134,8 @@ fn validate(
                 .map(|c| c.to_ascii_lowercase())
                 .collect(),
             action,
+            label,
+            schedule,
         });
     }
     let mut allow_hosts = Vec::new();
@@ -1086,6 +1302,25 @@ fn validate(
         direct_domains,
     };
 
+    let admin_allow = NetSet::from_nets(v.nets("admin", "allow", &raw.admin.allow));
+    let (reload_token_file, reload_token) = if raw.admin.reload_token_file.is_empty() {
+        (None, None)
+    } else {
+        let p = relative_to(path, &raw.admin.reload_token_file);
+        match read_secret(&p, "admin.reload_token_file") {
+            Ok(t) => (Some(p), Some(t)),
+            Err(e) => {
+                v.errors.push(e);
+                (Some(p), None)
+            }
+        }
+    };
+    let admin = Admin {
+        allow: admin_allow,
+        reload_token_file,
+        reload_token,
+    };
+
     if listen.explicit.is_empty()
         && listen.transparent_http.is_empty()
         && listen.transparent_tls.is_empty()
@@ -1149,7 +1384,17 @@ fn validate(
         upstream_mark,
         pac,
         auth,
+        admin,
     })
+}
+/// A path as written in the configuration: relative to the file's
+/// directory, if it is relative and there is a file.
+fn relative_to(config: Option<&Path>, written: &str) -> PathBuf {
+    let p = PathBuf::from(written);
+    match (p.is_relative(), config.and_then(Path::parent)) {
+        (true, Some(parent)) if !parent.as_os_str().is_empty() => parent.join(p),
+        _ => p,
+    }
 }
 
 #[cfg(test)]
@@ -1272,6 +1517,152 @@ mod tests {
         std::fs::write(&path, "[policy.categories]\nmedia-relay = \"block\"\n").expect("write");
         let c = Config::load(Some(&path)).expect("loads");
         assert_eq!(c.policy.categories.get("media-relay"), Some(&Action::Block));
+    }
+
+    #[test]
+    fn exceptions_take_a_name_a_schedule_and_a_time_zone() {
+        let c = load_text(
+            "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\n\n[[policy.exceptions]]\nname = \"lunch\"\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon-Fri 12:00-13:00\", \"Sat-Sun\"]\ntimezone = \"Europe/Berlin\"\n",
+        )
+        .expect("valid");
+        let e = &c.policy.exceptions;
+        assert_eq!((e[0].label.as_str(), e[0].schedule.is_none()), ("#1", true));
+        assert_eq!(e[1].label, "lunch");
+        let s = e[1].schedule.as_ref().expect("schedule");
+        assert_eq!(s.timezone(), "Europe/Berlin");
+        assert!(s.holds("2025-06-02T10:30:00Z".parse().expect("ts")));
+    }
+
+    #[test]
+    fn bad_schedules_and_time_zones_name_file_line_and_field() {
+        let first = "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Sat-Sun\"]\ntimezone = \"UTC\"\n\n";
+        for (second, line, field, says) in [
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\n  \"Mon-Fri 12:00-13:00\",\n  \"Mon-Fry 18:00-19:00\",\n]\ntimezone = \"UTC\"\n",
+                12,
+                "policy.exceptions.schedule",
+                "not a day",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon 25:00-26:00\"]\ntimezone = \"UTC\"\n",
+                10,
+                "policy.exceptions.schedule",
+                "HH:MM",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon-Fri\"]\ntimezone = \"Europe/Berlln\"\n",
+                11,
+                "policy.exceptions.timezone",
+                "IANA",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = [\"Mon-Fri\"]\n",
+                10,
+                "policy.exceptions.schedule",
+                "timezone",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\ntimezone = \"UTC\"\n",
+                10,
+                "policy.exceptions.timezone",
+                "without a schedule",
+            ),
+            (
+                "[[policy.exceptions]]\napps = [\"slack\"]\naction = \"allow\"\nschedule = []\ntimezone = \"UTC\"\n",
+                10,
+                "policy.exceptions.schedule",
+                "empty",
+            ),
+            (
+                "[[policy.exceptions]]\nname = \"lunch break\"\napps = [\"slack\"]\naction = \"allow\"\n",
+                8,
+                "policy.exceptions.name",
+                "letters",
+            ),
+        ] {
+            let text = format!("{first}{second}");
+            let e = load_text(&text).expect_err(&text);
+            let err = &e.0[0];
+            assert_eq!(err.line, Some(line), "{text}\n{e}");
+            assert_eq!(err.field, field, "{e}");
+            assert!(err.message.contains(says), "{e}");
+        }
+        let twice = "[[policy.exceptions]]\nname = \"a\"\napps = [\"slack\"]\naction = \"allow\"\n[[policy.exceptions]]\nname = \"a\"\napps = [\"slack\"]\naction = \"block\"\n";
+        let e = load_text(twice).expect_err("twice");
+        assert_eq!(e.0[0].line, Some(6), "{e}");
+        assert!(e.0[0].message.contains("two exceptions"), "{e}");
+    }
+
+    #[test]
+    fn locate_in_table_finds_the_nth_table_and_a_value_in_a_list() {
+        let text =
+            "[[t]]\nk = 1\n\n[[t]]  # second\nj = 2\nk = [\n  \"a\",\n  \"b\",\n]\n[x]\nk = 3\n";
+        assert_eq!(locate_in_table(text, "t", 0, "k", None), Some(2));
+        assert_eq!(locate_in_table(text, "t", 1, "k", None), Some(6));
+        assert_eq!(locate_in_table(text, "t", 1, "k", Some("b")), Some(8));
+        assert_eq!(locate_in_table(text, "t", 1, "k", Some("zz")), Some(6));
+        assert_eq!(locate_in_table(text, "t", 0, "j", None), None);
+        assert_eq!(locate_in_table(text, "t", 2, "k", None), None);
+    }
+
+    #[test]
+    fn admin_allow_defaults_to_loopback_and_takes_prefixes() {
+        let c = Config::load_default().expect("defaults");
+        assert!(c.admin.allow.contains("127.0.0.1".parse().expect("ip")));
+        assert!(c.admin.allow.contains("::1".parse().expect("ip")));
+        assert!(!c.admin.allow.contains("10.0.0.1".parse().expect("ip")));
+        assert!(c.admin.reload_token.is_none());
+        let c = load_text("[admin]\nallow = [\"10.0.0.0/8\"]\n").expect("valid");
+        assert!(!c.admin.allow.contains("127.0.0.1".parse().expect("ip")));
+        assert!(c.admin.allow.contains("10.9.8.7".parse().expect("ip")));
+        let e = load_text("[admin]\n\nallow = [\"10.0.0.0/33\"]\n").expect_err("bad");
+        assert_eq!(
+            (e.0[0].line, e.0[0].field.as_str()),
+            (Some(3), "admin.allow")
+        );
+        let e = load_text("[admin]\nalow = []\n").expect_err("unknown key");
+        assert_eq!(e.0[0].line, Some(2), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_reload_token_file_must_be_private_and_long_enough() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("reload.token");
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, "[admin]\nreload_token_file = \"reload.token\"\n").expect("write");
+        let set = |text: &str, mode: u32| {
+            std::fs::write(&token, text).expect("write token");
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        // Relative to the configuration file; the final newline is not part
+        // of it; never printed.
+        set("0123456789abcdefXYZ\n", 0o600);
+        let c = Config::load(Some(&config)).expect("valid");
+        let t = c.admin.reload_token.as_ref().expect("token");
+        assert_eq!(t.expose(), "0123456789abcdefXYZ");
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        assert_eq!(c.admin.reload_token_file.as_deref(), Some(token.as_path()));
+        set("0123456789abcdefXYZ\n", 0o400);
+        assert!(Config::load(Some(&config)).is_ok());
+        for (text, mode, says) in [
+            ("0123456789abcdefXYZ", 0o640, "group or others"),
+            ("0123456789abcdefXYZ", 0o604, "group or others"),
+            ("0123456789abcdefXYZ", 0o620, "group or others"),
+            ("short", 0o600, "16"),
+            ("0123456789 abcdefXYZ", 0o600, "one word"),
+        ] {
+            set(text, mode);
+            let e = Config::load(Some(&config)).expect_err(says);
+            let err = &e.0[0];
+            assert_eq!(err.field, "admin.reload_token_file", "{e}");
+            assert!(err.message.contains(says), "{mode:o}: {e}");
+            assert!(!e.to_string().contains("0123456789"), "{e}");
+        }
+        std::fs::remove_file(&token).expect("rm");
+        let e = Config::load(Some(&config)).expect_err("missing");
+        assert!(e.0[0].message.contains("cannot read"), "{e}");
     }
 
     #[test]

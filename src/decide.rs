@@ -228,6 +228,7 @@ pub fn generic(
         rule: found.and_then(|d| d.rule),
         reason,
         offset: found.and_then(|d| d.offset),
+        exception: None,
     };
     if let Verdict::Block(d) = engine.policy.decide_for(who, Some(d)) {
         return Err(Refusal::Blocked(d));
@@ -925,6 +926,7 @@ impl<'e> Requests<'e> {
                         rule: None,
                         reason: Reason::Http,
                         offset: None,
+                        exception: None,
                     }),
                 )?;
             }

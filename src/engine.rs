@@ -118,6 +118,7 @@ impl Engine {
             rule: None,
             reason: Reason::Ech,
             offset: None,
+            exception: None,
         });
         let more = hello.sni_more.iter().map(move |name| {
             if self.policy.allows_name(name) {

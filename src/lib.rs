@@ -35,5 +35,6 @@ pub mod pac;
 pub mod policy;
 pub mod proxy;
 pub mod replay;
+pub mod schedule;
 pub mod server;
 pub mod signatures;

@@ -73,6 +73,12 @@ pub struct Metrics {
     pub refused_clients: IntCounter,
     pub limit_refusals: IntCounterVec,
     pub auth_failures: IntCounter,
+    /// Block and monitor verdicts whose action a `[[policy.exceptions]]`
+    /// entry chose, by its label and the action.
+    pub exception_decisions: IntCounterVec,
+    /// Admin requests refused: `client` (outside `admin.allow`), `token`
+    /// (reload without the right bearer token).
+    pub admin_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -185,6 +191,23 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let exception_decisions = IntCounterVec::new(
+            Opts::new(
+                "chatwall_exception_decisions_total",
+                "Block and monitor verdicts chosen by a policy exception, by exception (its name, or #N) and action.",
+            ),
+            &["exception", "action"],
+        )
+        .expect("valid metric");
+        let admin_refusals = IntCounterVec::new(
+            Opts::new(
+                "chatwall_admin_refusals_total",
+                "Admin requests refused: client (outside admin.allow), token (reload without the right bearer token).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+
         reg(Box::new(connections_total.clone()));
         reg(Box::new(connections_active.clone()));
         reg(Box::new(requests_total.clone()));
@@ -199,6 +222,8 @@ impl Metrics {
         reg(Box::new(refused_clients.clone()));
         reg(Box::new(limit_refusals.clone()));
         reg(Box::new(auth_failures.clone()));
+        reg(Box::new(exception_decisions.clone()));
+        reg(Box::new(admin_refusals.clone()));
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -208,6 +233,9 @@ impl Metrics {
         }
         for l in ["global", "per_client"] {
             limit_refusals.with_label_values(&[l]);
+        }
+        for r in ["client", "token"] {
+            admin_refusals.with_label_values(&[r]);
         }
         let listeners = ListenerKind::ALL
             .iter()
@@ -234,6 +262,8 @@ impl Metrics {
             refused_clients,
             limit_refusals,
             auth_failures,
+            exception_decisions,
+            admin_refusals,
         }
     }
 

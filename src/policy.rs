@@ -1,11 +1,17 @@
-//! `Detection` + client + configuration → `Verdict`. Pure.
+//! `Detection` + client + configuration → `Verdict`. Pure: the moment a
+//! flow is decided at comes with its [`Who`].
 //!
 //! Order: the allow-list of destinations (names and prefixes) is checked
 //! before any block; then, for a detection, the first client exception that
-//! names the app or its category, then the per-app override, the
-//! per-category override and the default. Generic findings (not TLS on 443,
-//! not HTTP on 80, ECH) take their own knobs.
+//! names the app or its category (and whose schedule, if it has one, holds
+//! at that moment), then the per-app override, the per-category override
+//! and the default. Generic findings (not TLS on 443, not HTTP on 80, ECH)
+//! take their own knobs. A verdict an exception made carries its index in
+//! [`Detection::exception`].
 use std::net::IpAddr;
+use std::sync::OnceLock;
+
+use jiff::Timestamp;
 
 use crate::classify::host::{normalize_host, pattern_matches};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
@@ -13,16 +19,42 @@ use crate::config::{Action, PolicyConfig};
 use crate::signatures::SignatureSet;
 
 /// Who a flow is for: the client address and, with proxy authentication,
-/// the user name.
+/// the user name; and when it is decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Who {
     pub ip: IpAddr,
     pub user: Option<std::sync::Arc<str>>,
+    /// The moment of the decision: given ([`Who::at`]), or read from the
+    /// clock the first time an exception with a schedule needs it, once
+    /// for this `Who` (a flow's decisions share one reading), and never
+    /// when no exception that matches has a schedule.
+    at: OnceLock<Timestamp>,
 }
 
 impl Who {
     pub fn ip(ip: IpAddr) -> Who {
-        Who { ip, user: None }
+        Who::new(ip, None)
+    }
+
+    pub fn new(ip: IpAddr, user: Option<std::sync::Arc<str>>) -> Who {
+        Who {
+            ip,
+            user,
+            at: OnceLock::new(),
+        }
+    }
+
+    /// Decided at this moment instead of now.
+    pub fn at(self, moment: Timestamp) -> Who {
+        Who {
+            at: OnceLock::from(moment),
+            ..self
+        }
+    }
+
+    /// The moment of the decision (the clock, read once).
+    pub fn moment(&self) -> Timestamp {
+        *self.at.get_or_init(Timestamp::now)
     }
 }
 
@@ -68,6 +100,7 @@ struct Exception {
     users: Vec<String>,
     apps: Vec<bool>,
     action: Action,
+    schedule: Option<crate::schedule::Schedule>,
 }
 
 pub struct Policy {
@@ -154,6 +187,7 @@ impl Policy {
                     .map(|a| e.apps.contains(&a.id) || e.categories.contains(&a.category))
                     .collect(),
                 action: e.action,
+                schedule: e.schedule.clone(),
             });
         }
         if !errors.is_empty() {
@@ -199,32 +233,38 @@ impl Policy {
         self.cfg.allow_nets.contains(addr)
     }
 
-    /// The action for a detection from this client.
+    /// The action for a detection from this client, now.
     pub fn action(&self, client: IpAddr, d: &Detection) -> Action {
-        self.action_for(client, None, d)
+        self.resolve(&Who::ip(client), d).0
     }
 
-    /// The action for a detection from this client and user.
-    pub fn action_for(&self, client: IpAddr, user: Option<&str>, d: &Detection) -> Action {
+    /// The action for a detection for `who` at its moment, and the index
+    /// of the exception that chose it (none: the overrides or the default).
+    pub fn resolve(&self, who: &Who, d: &Detection) -> (Action, Option<usize>) {
         match d.reason {
-            Reason::NonTls => return self.cfg.non_tls_on_443,
-            Reason::NonHttp => return self.cfg.non_http_on_80,
-            Reason::Ech => return self.cfg.ech,
+            Reason::NonTls => return (self.cfg.non_tls_on_443, None),
+            Reason::NonHttp => return (self.cfg.non_http_on_80, None),
+            Reason::Ech => return (self.cfg.ech, None),
             _ => {}
         }
         if d.app == UNIDENTIFIED {
-            return self.cfg.default;
+            return (self.cfg.default, None);
         }
         let i = d.app as usize;
-        for e in &self.exceptions {
+        let user = who.user.as_deref();
+        for (n, e) in self.exceptions.iter().enumerate() {
             if e.apps.get(i).copied().unwrap_or(false)
-                && (e.clients.is_empty() || e.clients.contains(client))
+                && (e.clients.is_empty() || e.clients.contains(who.ip))
                 && (e.users.is_empty() || user.is_some_and(|u| e.users.iter().any(|x| x == u)))
+                && e.schedule.as_ref().map_or(true, |s| s.holds(who.moment()))
             {
-                return e.action;
+                return (e.action, Some(n));
             }
         }
-        self.actions.get(i).copied().unwrap_or(self.cfg.default)
+        (
+            self.actions.get(i).copied().unwrap_or(self.cfg.default),
+            None,
+        )
     }
 
     pub fn decide(&self, client: IpAddr, d: Option<Detection>) -> Verdict {
@@ -234,12 +274,24 @@ impl Policy {
     pub fn decide_for(&self, who: &Who, d: Option<Detection>) -> Verdict {
         match d {
             None => Verdict::Allow,
-            Some(d) => match self.action_for(who.ip, who.user.as_deref(), &d) {
-                Action::Allow => Verdict::Allow,
-                Action::Monitor => Verdict::Monitor(d),
-                Action::Block => Verdict::Block(d),
-            },
+            Some(d) => {
+                let (action, exception) = self.resolve(who, &d);
+                let d = Detection {
+                    exception: exception.and_then(|n| u16::try_from(n).ok()),
+                    ..d
+                };
+                match action {
+                    Action::Allow => Verdict::Allow,
+                    Action::Monitor => Verdict::Monitor(d),
+                    Action::Block => Verdict::Block(d),
+                }
+            }
         }
+    }
+
+    /// How logs and metrics name the exception at `index`.
+    pub fn exception_label(&self, index: usize) -> Option<&str> {
+        self.cfg.exceptions.get(index).map(|e| e.label.as_str())
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -249,5 +301,122 @@ impl Policy {
     /// The resolved action of an app for clients no exception names.
     pub fn app_action(&self, app: usize) -> Action {
         self.actions.get(app).copied().unwrap_or(self.cfg.default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::Engine;
+
+    fn engine(config: &str) -> Engine {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chatwall.toml");
+        std::fs::write(&path, config).expect("write config");
+        Engine::build(Config::load(Some(&path)).expect("config")).expect("engine")
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().expect("timestamp")
+    }
+
+    fn slack(e: &Engine) -> Detection {
+        e.signatures.classify_host("app.slack.com").expect("slack")
+    }
+
+    const LUNCH: &str = r#"
+[[policy.exceptions]]
+name = "lunch"
+clients = ["10.1.0.0/16"]
+apps = ["slack"]
+action = "allow"
+schedule = ["Mon-Fri 12:00-13:00", "Sat-Sun"]
+timezone = "Europe/Berlin"
+
+[[policy.exceptions]]
+clients = ["10.1.0.0/16"]
+apps = ["slack"]
+action = "monitor"
+"#;
+
+    #[test]
+    fn a_scheduled_exception_applies_inside_its_window_only() {
+        let e = engine(LUNCH);
+        let d = slack(&e);
+        let client: IpAddr = "10.1.2.3".parse().expect("ip");
+        // Monday 2 June 2025, 12:30 in Berlin (CEST).
+        let inside = Who::ip(client).at(at("2025-06-02T10:30:00Z"));
+        assert_eq!(e.policy.resolve(&inside, &d), (Action::Allow, Some(0)));
+        assert_eq!(e.policy.decide_for(&inside, Some(d)), Verdict::Allow);
+        // 13:30: the next exception decides, and says so.
+        let outside = Who::ip(client).at(at("2025-06-02T11:30:00Z"));
+        assert_eq!(e.policy.resolve(&outside, &d), (Action::Monitor, Some(1)));
+        match e.policy.decide_for(&outside, Some(d)) {
+            Verdict::Monitor(m) => assert_eq!(m.exception, Some(1)),
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(e.policy.exception_label(0), Some("lunch"));
+        assert_eq!(e.policy.exception_label(1), Some("#2"));
+        assert_eq!(e.policy.exception_label(2), None);
+        // Saturday, any hour.
+        let weekend = Who::ip(client).at(at("2025-06-07T03:00:00Z"));
+        assert_eq!(e.policy.resolve(&weekend, &d).0, Action::Allow);
+        // Another client: no exception, the default blocks.
+        let other = Who::ip("10.2.0.1".parse().expect("ip")).at(at("2025-06-02T10:30:00Z"));
+        assert_eq!(e.policy.resolve(&other, &d), (Action::Block, None));
+        match e.policy.decide_for(&other, Some(d)) {
+            Verdict::Block(b) => assert_eq!(b.exception, None),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_scheduled_exception_blocks_outside_its_window() {
+        let e = engine(
+            "[policy]\ndefault = \"allow\"\n[[policy.exceptions]]\nname = \"school-hours\"\napps = [\"slack\"]\naction = \"block\"\nschedule = [\"Mon-Fri 08:00-16:00\"]\ntimezone = \"UTC\"\n",
+        );
+        let d = slack(&e);
+        let who = |t: &str| Who::ip("192.0.2.1".parse().expect("ip")).at(at(t));
+        match e.policy.decide_for(&who("2025-06-03T09:00:00Z"), Some(d)) {
+            Verdict::Block(b) => assert_eq!(b.exception, Some(0)),
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(
+            e.policy.decide_for(&who("2025-06-03T17:00:00Z"), Some(d)),
+            Verdict::Allow
+        );
+    }
+
+    #[test]
+    fn the_clock_is_read_once_per_who_and_only_for_a_schedule() {
+        let e = engine(LUNCH);
+        let d = slack(&e);
+        // No exception matches this client: the clock is never read.
+        let who = Who::ip("192.0.2.1".parse().expect("ip"));
+        let _ = e.policy.decide_for(&who, Some(d));
+        assert!(who.at.get().is_none());
+        // One that does: read once, then kept for every later decision.
+        let who = Who::ip("10.1.2.3".parse().expect("ip"));
+        let _ = e.policy.decide_for(&who, Some(d));
+        let first = *who.at.get().expect("read");
+        let _ = e.policy.decide_for(&who, Some(d));
+        assert_eq!(who.moment(), first);
+        // A Who built at a moment never reads the clock.
+        let fixed = at("2001-02-03T04:05:06Z");
+        assert_eq!(Who::ip(who.ip).at(fixed).moment(), fixed);
+    }
+
+    #[test]
+    fn exceptions_without_schedule_or_name_keep_working() {
+        let e = engine(
+            "[[policy.exceptions]]\nclients = [\"10.0.0.0/8\"]\nusers = [\"alice\"]\napps = [\"slack\"]\naction = \"allow\"\n",
+        );
+        let d = slack(&e);
+        let alice = Who::new("10.0.0.1".parse().expect("ip"), Some("alice".into()));
+        assert_eq!(e.policy.resolve(&alice, &d), (Action::Allow, Some(0)));
+        assert!(alice.at.get().is_none(), "no schedule, no clock");
+        let bob = Who::new("10.0.0.1".parse().expect("ip"), Some("bob".into()));
+        assert_eq!(e.policy.resolve(&bob, &d), (Action::Block, None));
     }
 }

@@ -585,6 +585,7 @@ pub fn decide_flow(engine: &Engine, flow: &TcpFlow) -> FlowReport {
                 rule: None,
                 reason: Reason::Ip,
                 offset: None,
+                exception: None,
             })
         }
         Err(Refusal::ClosedBeforeSending) => {

@@ -443,6 +443,21 @@ fn container_config_listens_everywhere_and_accepts_only_private_clients() {
         !cfg.pac.proxy.is_empty() && !cfg.pac.proxy.contains("0.0.0.0"),
         "PAC clients need a usable address"
     );
+    // /metrics and /-/reload: loopback (HEALTHCHECK, exec) and Docker's
+    // bridge networks (Prometheus in compose), not the client networks that
+    // allow_clients lets in.
+    for ok in ["127.0.0.1", "::1", "172.17.0.1", "172.18.0.3"] {
+        assert!(
+            cfg.admin.allow.contains(ok.parse().expect("ip")),
+            "{ok} should reach the admin endpoints"
+        );
+    }
+    for no in ["10.1.2.3", "192.168.1.10", "fd00::1", "8.8.8.8"] {
+        assert!(
+            !cfg.admin.allow.contains(no.parse().expect("ip")),
+            "{no} must not reach /metrics and /-/reload"
+        );
+    }
     assert!(cfg
         .deny_destinations
         .contains("169.254.169.254".parse().expect("ip")));
@@ -539,24 +554,40 @@ fn transparent_compose_environment_gives_the_redirect_ports() {
 
 #[test]
 fn compose_files_pass_docker_compose_config() {
-    for file in ["docker/compose.yaml", "docker/compose.transparent.yaml"] {
+    // (file, GRAFANA_ADMIN_PASSWORD, passes): the stack with Grafana does not
+    // start without a password of the operator's.
+    for (file, password, passes) in [
+        ("docker/compose.yaml", Some("not-the-default"), true),
+        ("docker/compose.yaml", None, false),
+        ("docker/compose.yaml", Some(""), false),
+        ("docker/compose.transparent.yaml", None, true),
+    ] {
         let mut cmd = Command::new("docker-compose");
         cmd.arg("-f")
             .arg(root().join(file))
             .args(["config", "-q"])
             .env_remove("GRAFANA_ADMIN_PASSWORD");
+        if let Some(p) = password {
+            cmd.env("GRAFANA_ADMIN_PASSWORD", p);
+        }
         let Some(out) = run(&mut cmd, TOOL_TIME) else {
             support::skip_or_fail(
                 "docker-compose is not installed (apt-get install docker-compose)",
             );
             return;
         };
-        assert!(
+        let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(
             out.status.success(),
-            "docker-compose config {file}:\n{}{}",
-            text(&out.stdout),
-            text(&out.stderr)
+            passes,
+            "docker-compose config {file} with GRAFANA_ADMIN_PASSWORD={password:?}:\n{said}"
         );
+        if !passes {
+            assert!(
+                said.contains("set GRAFANA_ADMIN_PASSWORD"),
+                "the refusal says what to set: {said}"
+            );
+        }
     }
 }
 
@@ -652,6 +683,12 @@ fn compose_stack_files_fit_together() {
     // Grafana: the provisioned data source is the one the dashboard names,
     // the provider's path is where compose mounts the dashboards.
     let grafana = at(&compose, "services.grafana");
+    // No default admin password: `${VAR:?message}` makes compose refuse.
+    let password = s(grafana, "environment.GF_SECURITY_ADMIN_PASSWORD");
+    assert!(
+        password.starts_with("${GRAFANA_ADMIN_PASSWORD:?"),
+        "Grafana's admin password has no default: {password}"
+    );
     let mounts = bind_mounts(grafana);
     let mounted = |src: &str| {
         mounts
@@ -1377,6 +1414,14 @@ fn kubernetes_manifests_fit_together() {
         !cfg.allow_clients.contains(IpAddr::from([8, 8, 8, 8])),
         "never an open proxy"
     );
+    // The admin endpoints: loopback (kubectl exec) and the pod network
+    // (Prometheus), narrower than the clients.
+    for ok in ["127.0.0.1", "10.244.3.7"] {
+        assert!(cfg.admin.allow.contains(ok.parse().expect("ip")), "{ok}");
+    }
+    for no in ["10.1.2.3", "192.168.1.10", "8.8.8.8"] {
+        assert!(!cfg.admin.allow.contains(no.parse().expect("ip")), "{no}");
+    }
 
     // The Deployment.
     let dep = one("Deployment");
@@ -1534,6 +1579,9 @@ async fn deploy_readme_commands_match_the_code() {
         "POST http://127.0.0.1:9128/-/reload",
         "SIGUSR1",
         "deploy/systemd/chatwall.logrotate",
+        "GRAFANA_ADMIN_PASSWORD=",
+        "[admin] allow",
+        ":3128/proxy.pac",
     ] {
         assert!(
             readme.contains(must),
@@ -1573,5 +1621,12 @@ async fn deploy_readme_commands_match_the_code() {
             .contains(&format!("\"{returned}\"")),
         "the README quotes {returned}"
     );
+    // The same file on the proxy port, where the README sends clients.
+    let from_proxy_port = support::raw_http(
+        proxy.addr,
+        "GET /proxy.pac HTTP/1.1\r\nHost: chatwall.example.net:3128\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(from_proxy_port, (200, pac));
     proxy.stop().await;
 }

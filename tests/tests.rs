@@ -1,6 +1,7 @@
 //! Integration tests: one binary, real sockets on loopback.
 mod support;
 
+mod admin;
 mod cert_names;
 mod cli;
 mod deploy;
@@ -11,4 +12,5 @@ mod hardening;
 mod inspect;
 mod ops;
 mod passthrough;
+mod schedules;
 mod transparent;

@@ -79,11 +79,14 @@ pub type AppIdx = u16;
 pub const UNIDENTIFIED: AppIdx = u16::MAX;
 
 /// One finding: which app, which rule (index into the set's rule table, or
-/// `None` for generic checks), found how, at which byte offset.
+/// `None` for generic checks), found how, at which byte offset; and once
+/// the policy decided it, which `[[policy.exceptions]]` entry (by index)
+/// chose the action, if one did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Detection {
     pub app: AppIdx,
     pub rule: Option<u32>,
     pub reason: Reason,
     pub offset: Option<u32>,
+    pub exception: Option<u16>,
 }

@@ -16,10 +16,7 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     pub fn who(&self) -> Who {
-        Who {
-            ip: self.addr.ip(),
-            user: self.user.clone(),
-        }
+        Who::new(self.addr.ip(), self.user.clone())
     }
 }
 

@@ -210,6 +210,9 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let engine = shared.engine.load_full();
+    if let Some(pac) = crate::pac::origin_form(&engine.config, &req) {
+        return pac; // the PAC file, before credentials (see pac.rs)
+    }
     let mut rec = new_record(&shared, &ctx, req.method().as_str(), req.uri());
     if let Some(auth) = &engine.config.auth {
         let header = req

@@ -145,6 +145,19 @@ impl Shared {
             }
         }
         rec.offset = d.offset;
+        if let Some(x) = d
+            .exception
+            .and_then(|i| engine.policy.exception_label(i.into()))
+        {
+            rec.exception = Some(x.to_string());
+            if count {
+                let labels = [x, verdict.as_str()];
+                self.metrics
+                    .exception_decisions
+                    .with_label_values(&labels)
+                    .inc();
+            }
+        }
         if d.reason == Reason::Payload {
             tracing::debug!(app, offset = ?d.offset, "payload signature matched");
         }

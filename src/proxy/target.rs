@@ -99,6 +99,7 @@ pub fn port_refusal() -> Detection {
         rule: None,
         reason: Reason::Port,
         offset: None,
+        exception: None,
     }
 }
 

@@ -212,6 +212,7 @@ impl SignatureSet {
             rule: Some(rule),
             reason,
             offset,
+            exception: None,
         }
     }
 
