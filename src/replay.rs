@@ -600,6 +600,7 @@ pub fn decide_flow(engine: &Engine, flow: &TcpFlow) -> FlowReport {
                 rule: None,
                 reason: Reason::Http,
                 offset: None,
+                exception: None,
             })
         }
         Err(Refusal::Loop) => {
