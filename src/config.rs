@@ -36,7 +36,7 @@ non_tls_on_443 = "block"
 non_http_on_80 = "block"
 ech = "monitor"
 apps = {}
-categories = { media-relay = "monitor" }
+categories = { media-relay = "monitor", circumvention = "monitor" }
 exceptions = []
 allow = []
 
@@ -1264,7 +1264,7 @@ mod tests {
         let path = dir.path().join("chatwall.toml");
         std::fs::write(&path, "[policy.categories]\nconsumer-im = \"monitor\"\n").expect("write");
         let c = Config::load(Some(&path)).expect("loads");
-        assert_eq!(c.policy.categories.len(), 2);
+        assert_eq!(c.policy.categories.len(), 3);
         assert_eq!(
             c.policy.categories.get("media-relay"),
             Some(&Action::Monitor)
@@ -1272,6 +1272,28 @@ mod tests {
         std::fs::write(&path, "[policy.categories]\nmedia-relay = \"block\"\n").expect("write");
         let c = Config::load(Some(&path)).expect("loads");
         assert_eq!(c.policy.categories.get("media-relay"), Some(&Action::Block));
+    }
+
+    #[test]
+    fn circumvention_is_monitored_by_default_and_can_be_blocked() {
+        let c = Config::load_default().expect("defaults are valid");
+        assert_eq!(
+            c.policy.categories.get("circumvention"),
+            Some(&Action::Monitor)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chatwall.toml");
+        std::fs::write(&path, "[policy.categories]\ncircumvention = \"block\"\n").expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(
+            c.policy.categories.get("circumvention"),
+            Some(&Action::Block)
+        );
+        // The other built-in entry stays.
+        assert_eq!(
+            c.policy.categories.get("media-relay"),
+            Some(&Action::Monitor)
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 mod support;
 
 mod cert_names;
+mod circumvention;
 mod cli;
 mod deploy;
 mod explicit;
