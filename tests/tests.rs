@@ -13,3 +13,4 @@ mod inspect;
 mod ops;
 mod passthrough;
 mod transparent;
+mod updates;
