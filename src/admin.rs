@@ -160,11 +160,33 @@ async fn route(
         return crate::pac::response(&shared.engine.load().config);
     }
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(),
-        ),
+        (&Method::GET, "/metrics") => {
+            // What `signatures update` recorded beside the signature
+            // directory: read at each scrape, since the update is another
+            // process that may run without a reload.
+            let status_file = shared
+                .engine
+                .load()
+                .config
+                .signatures_dir
+                .as_deref()
+                .map(crate::update::status_path);
+            let status = match status_file {
+                Some(path) => {
+                    tokio::task::spawn_blocking(move || crate::update::read_status(&path))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                None => None,
+            };
+            shared.metrics.set_update_status(status.as_ref());
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                shared.metrics.render(),
+            )
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
             if shared.ready.load(Ordering::Acquire) && !shared.draining.load(Ordering::Acquire) {

@@ -1,5 +1,6 @@
 //! The command line: `run` (the default), `check-config`, `signatures
-//! list|diff`, `classify host|url|pcap`, `export`. Exit codes: 0 success,
+//! list|diff|keygen|sign|update`, `classify host|url|pcap`, `export`. Exit
+//! codes: 0 success,
 //! 1 bad configuration, signatures or capture, 2 bad usage, 3 runtime
 //! failure.
 use std::collections::BTreeMap;
@@ -87,6 +88,36 @@ pub enum SignaturesCommand {
         /// For the inspection window the sets are compiled with.
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// A key pair for signing bundles: DIR/signing.key (0600) and
+    /// DIR/signing.pub (minisign format).
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Pack a signature directory (its *.toml and VERSION) into the bundle
+    /// OUT and write its signature to OUT.sig.
+    Sign {
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        #[arg(long, value_name = "BUNDLE")]
+        out: PathBuf,
+        #[arg(value_name = "SIGDIR")]
+        sigdir: PathBuf,
+    },
+    /// Verify, validate and install a newer signed bundle into
+    /// [signatures] dir, then ask the running chatwall to reload.
+    Update {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// A URL (http:// or https://) or a path of a bundle; its signature
+        /// is at the same place plus `.sig`.
+        #[arg(long, value_name = "URL-OR-PATH")]
+        from: String,
+        /// Check the bundle and print `signatures diff` against the active
+        /// set; install nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -176,6 +207,20 @@ pub fn main() -> ExitCode {
         Command::Signatures {
             command: SignaturesCommand::Diff { a, b, config },
         } => signatures_diff(&a, &b, config.as_deref()),
+        Command::Signatures {
+            command: SignaturesCommand::Keygen { dir },
+        } => signatures_keygen(&dir),
+        Command::Signatures {
+            command: SignaturesCommand::Sign { key, out, sigdir },
+        } => signatures_sign(&key, &out, &sigdir),
+        Command::Signatures {
+            command:
+                SignaturesCommand::Update {
+                    config,
+                    from,
+                    dry_run,
+                },
+        } => crate::update::run(config.as_deref(), &from, dry_run),
         Command::Classify {
             command: ClassifyCommand::Pcap { file, json, config },
         } => classify_pcap(&file, json, config.as_deref()),
@@ -686,7 +731,16 @@ fn signatures_diff(a: &Path, b: &Path, config: Option<&Path>) -> u8 {
             }
         }
     }
-    let (old, new) = (&sets[0], &sets[1]);
+    let report = diff_report(&sets[0], &sets[1]);
+    match write_out(&mut std::io::stdout().lock(), &report) {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
+}
+
+/// `signatures diff` of two loaded sets: apps added and removed, and for
+/// each app in both, the rules (by kind and text) added and removed.
+pub fn diff_report(old: &SignatureSet, new: &SignatureSet) -> String {
     let (mut added, mut removed, mut changed) = (0, 0, 0);
     let mut report = String::new();
     for app in old.apps() {
@@ -754,8 +808,142 @@ fn signatures_diff(a: &Path, b: &Path, config: Option<&Path>) -> u8 {
         "{added} apps added, {removed} removed, {changed} changed ({} -> {})",
         old.origin, new.origin
     );
-    match write_out(&mut std::io::stdout().lock(), &report) {
-        Ok(()) => EXIT_OK,
-        Err(code) => code,
+    report
+}
+
+/// `signatures keygen --dir D`: D/signing.key (0600) and D/signing.pub;
+/// refuses to overwrite either.
+fn signatures_keygen(dir: &Path) -> u8 {
+    let (secret, public) = match crate::signatures::bundle::keygen() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("chatwall: cannot make a key: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    let (key, pubkey) = (dir.join("signing.key"), dir.join("signing.pub"));
+    for p in [&key, &pubkey] {
+        if p.exists() {
+            eprintln!(
+                "chatwall: {} exists; move it away first (its bundles would no longer verify)",
+                p.display()
+            );
+            return EXIT_CONFIG;
+        }
+    }
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| write_new(&key, secret.as_bytes(), 0o600))
+        .and_then(|()| write_new(&pubkey, public.as_bytes(), 0o644));
+    match written {
+        Ok(()) => {
+            println!(
+                "wrote {} (secret, mode 0600) and {} (for [signatures] update_public_key)",
+                key.display(),
+                pubkey.display()
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("chatwall: {}: {e}", dir.display());
+            EXIT_RUNTIME
+        }
+    }
+}
+
+/// Create a file that must not exist yet, with `mode` (Unix).
+fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// `signatures sign --key K --out B SIGDIR`: the set must load on its own
+/// (with the default inspection window) and carry a VERSION.
+fn signatures_sign(key: &Path, out: &Path, sigdir: &Path) -> u8 {
+    use crate::signatures::bundle;
+    let files = match bundle::read_set(sigdir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("chatwall: {}: {e}", sigdir.display());
+            return EXIT_CONFIG;
+        }
+    };
+    let window = match Config::load_default() {
+        Ok(c) => c.inspect_bytes,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_CONFIG;
+        }
+    };
+    if let Err(errs) = SignatureSet::from_dir(sigdir, window) {
+        for e in errs {
+            eprintln!("{e}");
+        }
+        return EXIT_CONFIG;
+    }
+    let secret = match std::fs::read_to_string(key) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chatwall: {}: {e}", key.display());
+            return EXIT_CONFIG;
+        }
+    };
+    let version = match bundle::version_of(&files) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("chatwall: {}: {e}", sigdir.display());
+            return EXIT_CONFIG;
+        }
+    };
+    let packed = match bundle::pack(&files) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("chatwall: cannot pack {}: {e}", sigdir.display());
+            return EXIT_RUNTIME;
+        }
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let trusted = format!("timestamp:{stamp}\tfile:{name}\tchatwall-signatures:{version}");
+    let signature = match bundle::sign(&secret, &packed, &trusted) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chatwall: {}: {e}", key.display());
+            return EXIT_CONFIG;
+        }
+    };
+    let mut sig_path = out.as_os_str().to_os_string();
+    sig_path.push(".sig");
+    let written = std::fs::write(out, &packed).and_then(|()| std::fs::write(&sig_path, signature));
+    match written {
+        Ok(()) => {
+            println!(
+                "signed {} ({} files, VERSION {version}, {} bytes) and {}",
+                out.display(),
+                files.len(),
+                packed.len(),
+                PathBuf::from(sig_path).display()
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("chatwall: {}: {e}", out.display());
+            EXIT_RUNTIME
+        }
     }
 }

@@ -29,6 +29,7 @@ admin = "127.0.0.1:9128"
 
 [signatures]
 dir = ""
+update_public_key = ""
 
 [policy]
 default = "block"
@@ -36,7 +37,7 @@ non_tls_on_443 = "block"
 non_http_on_80 = "block"
 ech = "monitor"
 apps = {}
-categories = { media-relay = "monitor" }
+categories = { media-relay = "monitor", circumvention = "monitor" }
 exceptions = []
 allow = []
 
@@ -168,6 +169,7 @@ struct RawListen {
 #[serde(deny_unknown_fields)]
 struct RawSignatures {
     dir: String,
+    update_public_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -619,6 +621,9 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub listen: Listen,
     pub signatures_dir: Option<PathBuf>,
+    /// The key `signatures update` trusts (`[signatures]
+    /// update_public_key`), as minisign's base64 line; `None` when unset.
+    pub update_public_key: Option<String>,
     pub policy: PolicyConfig,
     pub allow_clients: NetSet,
     pub deny_destinations: NetSet,
@@ -724,7 +729,10 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         };
     }
     partial!(PartialListen { explicit: Vec<String>, transparent_http: Vec<String>, transparent_tls: Vec<String>, transparent: Vec<String>, admin: String });
-    partial!(PartialSignatures { dir: String });
+    partial!(PartialSignatures {
+        dir: String,
+        update_public_key: String
+    });
     partial!(PartialPolicy { default: String, non_tls_on_443: String, non_http_on_80: String, ech: String, apps: BTreeMap<String, String>, categories: BTreeMap<String, String>, exceptions: Vec<RawException>, allow: Vec<RawAllow> });
     partial!(PartialAccess { allow_clients: Vec<String>, deny_destinations: Vec<String>, connect_ports: RawPortList });
     partial!(PartialInspect {
@@ -1010,6 +1018,19 @@ fn parse_ports(v: &RawPorts) -> Result<(u16, u16), String> {
             }
         }
     }
+}
+
+/// A small text file, refused past `limit` bytes.
+fn read_small(path: &Path, limit: u64) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > limit {
+        return Err(format!("larger than {limit} bytes"));
+    }
+    Ok(text)
 }
 
 /// A CIDR prefix, or a bare address as a host prefix. Host bits must be zero.
@@ -1340,6 +1361,32 @@ fn validate(
         })
     };
 
+    let update_public_key = match raw.signatures.update_public_key.trim() {
+        "" => None,
+        value => {
+            // The base64 line itself, or a public key file (relative to
+            // the configuration file).
+            let inline = crate::signatures::bundle::parse_public_key(value);
+            let text = if inline.is_ok() {
+                Ok(value.to_string())
+            } else {
+                let p = PathBuf::from(value);
+                let p = match (p.is_relative(), path.and_then(Path::parent)) {
+                    (true, Some(parent)) if !parent.as_os_str().is_empty() => parent.join(p),
+                    _ => p,
+                };
+                read_small(&p, 4096).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            match text.and_then(|t| crate::signatures::bundle::parse_public_key(&t)) {
+                Ok(key) => Some(key.to_base64()),
+                Err(e) => {
+                    v.err("signatures", "update_public_key", e);
+                    None
+                }
+            }
+        }
+    };
+
     let auth = if raw.auth.users_file.is_empty() {
         None
     } else {
@@ -1371,6 +1418,7 @@ fn validate(
         path: path.map(Path::to_path_buf),
         listen,
         signatures_dir,
+        update_public_key,
         policy,
         allow_clients,
         deny_destinations,
@@ -1509,7 +1557,7 @@ mod tests {
         let path = dir.path().join("chatwall.toml");
         std::fs::write(&path, "[policy.categories]\nconsumer-im = \"monitor\"\n").expect("write");
         let c = Config::load(Some(&path)).expect("loads");
-        assert_eq!(c.policy.categories.len(), 2);
+        assert_eq!(c.policy.categories.len(), 3);
         assert_eq!(
             c.policy.categories.get("media-relay"),
             Some(&Action::Monitor)
@@ -1663,6 +1711,59 @@ mod tests {
         std::fs::remove_file(&token).expect("rm");
         let e = Config::load(Some(&config)).expect_err("missing");
         assert!(e.0[0].message.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn circumvention_is_monitored_by_default_and_can_be_blocked() {
+        let c = Config::load_default().expect("defaults are valid");
+        assert_eq!(
+            c.policy.categories.get("circumvention"),
+            Some(&Action::Monitor)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chatwall.toml");
+        std::fs::write(&path, "[policy.categories]\ncircumvention = \"block\"\n").expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(
+            c.policy.categories.get("circumvention"),
+            Some(&Action::Block)
+        );
+        // The other built-in entry stays.
+        assert_eq!(
+            c.policy.categories.get("media-relay"),
+            Some(&Action::Monitor)
+        );
+    }
+
+    #[test]
+    fn update_public_key_is_a_key_file_or_its_base64_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, public) = crate::signatures::bundle::keygen().expect("keygen");
+        std::fs::write(dir.path().join("signing.pub"), &public).expect("write");
+        let line = public.lines().nth(1).expect("base64 line").to_string();
+        let path = dir.path().join("chatwall.toml");
+        let load = |value: &str| {
+            std::fs::write(
+                &path,
+                format!("[signatures]\n\nupdate_public_key = {value:?}\n"),
+            )
+            .expect("write");
+            Config::load(Some(&path))
+        };
+        assert_eq!(
+            Config::load_default().expect("defaults").update_public_key,
+            None
+        );
+        // Relative to the configuration file.
+        let c = load("signing.pub").expect("a key file");
+        assert_eq!(c.update_public_key.as_deref(), Some(line.as_str()));
+        let c = load(&line).expect("the base64 line");
+        assert_eq!(c.update_public_key.as_deref(), Some(line.as_str()));
+        for bad in ["missing.pub", "RWnotakey", "chatwall.toml"] {
+            let e = load(bad).expect_err(bad);
+            assert_eq!(e.0[0].field, "signatures.update_public_key", "{e}");
+            assert_eq!(e.0[0].line, Some(3), "{e}");
+        }
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //!
 //! Verdicts fold into [`Findings`]: a block ends the flow as a
 //! [`Refusal`], the first monitor verdict is kept, and the first detection
-//! the policy let pass is remembered for reports.
+//! the policy let pass is remembered for reports; a detection of an IM app
+//! takes the place of a kept circumvention one (a public resolver's name
+//! on an IM port is the IM app's flow).
 //!
 //! It leaves IO (reading, deadlines, connecting, writing the refusal) to
 //! `proxy` and `replay`, and the facts about bytes to `classify`.
@@ -52,7 +54,8 @@ pub enum Refusal {
 
 /// A flow's findings so far: a block ends the flow, the first monitor
 /// verdict is kept, and (for reports) the first detection the policy let
-/// pass.
+/// pass. A circumvention app is never the app of a flow that an IM app's
+/// rule also names: a later IM detection replaces a kept circumvention one.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Findings {
     pub monitor: Option<Verdict>,
@@ -67,15 +70,30 @@ impl Findings {
         who: &Who,
         found: Option<Detection>,
     ) -> Result<(), Refusal> {
+        let circumvention = |d: &Detection| {
+            engine
+                .signatures
+                .app(d.app)
+                .is_some_and(|a| a.category == crate::signatures::load::CIRCUMVENTION)
+        };
+        // Keep the first, unless it is circumvention and the new one is not.
+        let takes_over = |kept: Option<&Detection>, new: &Detection| match kept {
+            None => true,
+            Some(old) => circumvention(old) && !circumvention(new),
+        };
         match engine.policy.decide_for(who, found) {
             Verdict::Block(d) => Err(Refusal::Blocked(d)),
-            m @ Verdict::Monitor(_) => {
-                self.monitor.get_or_insert(m);
+            m @ Verdict::Monitor(d) => {
+                if takes_over(self.monitor.as_ref().and_then(Verdict::detection), &d) {
+                    self.monitor = Some(m);
+                }
                 Ok(())
             }
             Verdict::Allow => {
                 if let Some(d) = found {
-                    self.allowed.get_or_insert(d);
+                    if takes_over(self.allowed.as_ref(), &d) {
+                        self.allowed = Some(d);
+                    }
                 }
                 Ok(())
             }

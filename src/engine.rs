@@ -294,6 +294,63 @@ mod tests {
         );
     }
 
+    /// The verdict of a CONNECT to `host:port` as `decide::name` makes it.
+    fn name_verdict(e: &Engine, host: &str, port: u16) -> Verdict {
+        let who = crate::policy::Who::ip(client());
+        let mut found = crate::decide::Findings::default();
+        match crate::decide::name(e, &who, host, port, &mut found) {
+            Err(crate::decide::Refusal::Blocked(d)) => Verdict::Block(d),
+            _ => found.verdict(),
+        }
+    }
+
+    #[test]
+    fn circumvention_apps_are_monitored_and_never_name_an_im_flow() {
+        let e = engine("");
+        for id in [
+            "public-dns-resolvers",
+            "openvpn",
+            "tor",
+            "web-proxies",
+            "nordvpn",
+        ] {
+            let app = e.signatures.app_index(id).unwrap_or_else(|| panic!("{id}"));
+            let app = usize::from(app);
+            assert_eq!(e.signatures.apps()[app].category, "circumvention");
+            assert_eq!(
+                e.policy.app_action(app),
+                crate::config::Action::Monitor,
+                "{id}"
+            );
+        }
+        let v = name_verdict(&e, "dns.google", 443);
+        assert_eq!(app_of(&e, v), Some(("public-dns-resolvers", Reason::Host)));
+        assert!(!v.is_block());
+
+        // An IM rule on the same flow names the IM app, whichever comes
+        // first and whether the IM app is blocked or only monitored.
+        let v = name_verdict(&e, "dns.google", 5222);
+        assert!(v.is_block());
+        assert_eq!(app_of(&e, v), Some(("xmpp", Reason::Port)));
+        let e = engine("[policy]\ndefault = \"monitor\"\n");
+        let v = name_verdict(&e, "dns.google", 5222);
+        assert_eq!(app_of(&e, v), Some(("xmpp", Reason::Port)), "{v:?}");
+        let v = name_verdict(&e, "web.whatsapp.com", 853);
+        assert_eq!(app_of(&e, v), Some(("whatsapp", Reason::Host)), "{v:?}");
+
+        // Blocking circumvention leaves the IM apps' actions alone.
+        let e = engine(
+            "[policy]\ndefault = \"monitor\"\n[policy.categories]\ncircumvention = \"block\"\n",
+        );
+        let whatsapp = usize::from(e.signatures.app_index("whatsapp").expect("whatsapp"));
+        assert_eq!(
+            e.policy.app_action(whatsapp),
+            crate::config::Action::Monitor
+        );
+        assert!(name_verdict(&e, "resolver.example", 853).is_block());
+        assert_eq!(name_verdict(&e, "resolver.example", 53), Verdict::Allow);
+    }
+
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
     }

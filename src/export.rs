@@ -19,6 +19,13 @@
 //!   to the firewall formats. HTTP, payload, TLS fingerprint and download
 //!   rules need the proxy and have no equivalent here.
 //!
+//! Every DNS format (dnsmasq, unbound, RPZ) also answers NXDOMAIN for
+//! Firefox's canary domain `use-application-dns.net`, whatever the policy:
+//! Firefox then keeps DNS over HTTPS off when it is on by default, so its
+//! lookups reach this resolver. A hosts file cannot answer NXDOMAIN (any
+//! entry is an address, which Firefox reads as "DoH allowed"), so the hosts
+//! format says so in a comment instead.
+//!
 //! The output carries no timestamp, so the same set and policy always give
 //! the same bytes.
 use std::collections::BTreeSet;
@@ -34,6 +41,14 @@ use crate::signatures::App;
 const MULTIPORT_MAX: usize = 15;
 /// TTL and SOA timers of the RPZ zone, in seconds.
 const RPZ_TTL: u32 = 300;
+/// Firefox's canary domain: a resolver that answers NXDOMAIN (or no A and
+/// AAAA) for it tells Firefox to keep DNS over HTTPS off (Mozilla support,
+/// "Canary domain - use-application-dns.net"). It does not bind a user who
+/// turned DoH on by hand; enterprise policies do (README, "Circumvention").
+pub const DOH_CANARY: &str = "use-application-dns.net";
+/// The comment above the canary entry of the DNS formats.
+const CANARY_NOTE: &str =
+    "Firefox canary domain, answered NXDOMAIN: keeps Firefox's default DNS over HTTPS off";
 
 /// An output format of `chatwall export`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -356,6 +371,12 @@ impl<'a> Plan<'a> {
             "# A hosts file matches exact names only: for a `*.suffix` rule only the\n\
              # suffix itself is listed, and the names below it still resolve.\n",
         );
+        let _ = writeln!(
+            out,
+            "# {DOH_CANARY} (Firefox's DoH canary) is not listed: a hosts entry answers\n\
+             # an address, which Firefox reads as \"DoH allowed\"; answer NXDOMAIN for it on\n\
+             # the resolver (the dnsmasq, unbound and rpz formats do)."
+        );
         let policy = &self.engine.policy;
         let mut seen = BTreeSet::new();
         for b in &self.blocked {
@@ -385,6 +406,8 @@ impl<'a> Plan<'a> {
             "# dnsmasq matches a domain and every name below it: an exact-name rule also\n\
              # sinkholes the names below it, and a `*.suffix` rule the suffix itself.\n",
         );
+        // An address= without an address answers NXDOMAIN (dnsmasq(8), --address).
+        let _ = write!(out, "\n# {CANARY_NOTE}\naddress=/{DOH_CANARY}/\n");
         for (b, domains) in self.domains() {
             out.push('\n');
             self.app_comment(out, "#", b);
@@ -406,6 +429,10 @@ impl<'a> Plan<'a> {
             "# A local-zone holds a name and every name below it: an exact-name rule also\n\
              # blocks the names below it, and a `*.suffix` rule the suffix itself.\n\
              server:\n",
+        );
+        let _ = write!(
+            out,
+            "\n\t# {CANARY_NOTE}\n\tlocal-zone: \"{DOH_CANARY}.\" always_nxdomain\n"
         );
         for (b, domains) in self.domains() {
             out.push('\n');
@@ -431,6 +458,7 @@ impl<'a> Plan<'a> {
              @ IN SOA localhost. hostmaster.localhost. ( {serial} 3600 600 604800 {RPZ_TTL} )\n\
              \x20 IN NS localhost.\n"
         );
+        let _ = write!(out, "\n; {CANARY_NOTE}\n{DOH_CANARY} CNAME .\n");
         for b in &self.blocked {
             if b.names.is_empty() {
                 continue;
@@ -712,6 +740,34 @@ mod tests {
         let serial = rpz_serial(crate::signatures::BUNDLED_VERSION);
         assert!(serial > 2_026_000_000, "{serial}");
         assert!(rpz.contains(&format!("( {serial} ")), "serial from VERSION");
+    }
+
+    #[test]
+    fn every_dns_format_answers_nxdomain_for_the_firefox_canary() {
+        // Whatever the policy: nothing blocked at all still closes the DoH door.
+        for config in ["", "[policy]\ndefault = \"allow\"\n"] {
+            let e = engine(config);
+            let dnsmasq = export(&e, Format::Dnsmasq);
+            assert!(
+                lines(&dnsmasq).contains(&"address=/use-application-dns.net/"),
+                "{dnsmasq}"
+            );
+            let unbound = export(&e, Format::Unbound);
+            assert!(
+                lines(&unbound)
+                    .contains(&"\tlocal-zone: \"use-application-dns.net.\" always_nxdomain"),
+                "{unbound}"
+            );
+            let rpz = export(&e, Format::Rpz);
+            assert!(
+                lines(&rpz).contains(&"use-application-dns.net CNAME ."),
+                "{rpz}"
+            );
+            // A hosts entry would answer an address: only a comment.
+            let hosts = export(&e, Format::Hosts);
+            assert!(hosts.contains("# use-application-dns.net"), "{hosts}");
+            assert!(!lines(&hosts).iter().any(|l| l.contains(DOH_CANARY)));
+        }
     }
 
     #[test]

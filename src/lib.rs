@@ -19,6 +19,10 @@
 //! them) and `policy` are pure: they import nothing from `proxy`, so the
 //! command line (`classify`, `classify pcap`), the benches, the fuzz targets
 //! and the tests run exactly the code the proxy runs.
+//!
+//! `update` (`chatwall signatures update`) fetches a signed bundle,
+//! validates it as `check-config` does, swaps it into `[signatures] dir`
+//! and asks the running proxy to reload through its admin listener.
 #![forbid(unsafe_code)]
 
 pub mod access_log;
@@ -38,3 +42,4 @@ pub mod replay;
 pub mod schedule;
 pub mod server;
 pub mod signatures;
+pub mod update;

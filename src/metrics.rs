@@ -68,6 +68,9 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     pub inspection_duration: Histogram,
     signatures_loaded: IntGaugeVec,
+    signatures_info: IntGaugeVec,
+    signatures_last_update: IntGauge,
+    signatures_update_failures: IntCounter,
     pub reloads_ok: IntCounter,
     pub reloads_failed: IntCounter,
     pub refused_clients: IntCounter,
@@ -162,6 +165,24 @@ impl Metrics {
             &["app"],
         )
         .expect("valid metric");
+        let signatures_info = IntGaugeVec::new(
+            Opts::new(
+                "chatwall_signatures_info",
+                "The VERSION of the active signature set (1 for that version).",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        let signatures_last_update = IntGauge::new(
+            "chatwall_signatures_last_update_timestamp_seconds",
+            "Unix time of the last successful `chatwall signatures update` of [signatures] dir (0: none recorded).",
+        )
+        .expect("valid metric");
+        let signatures_update_failures = IntCounter::new(
+            "chatwall_signatures_update_failures_total",
+            "Failed `chatwall signatures update` runs recorded beside [signatures] dir.",
+        )
+        .expect("valid metric");
         let reloads = IntCounterVec::new(
             Opts::new("chatwall_reloads_total", "Policy reloads, by result."),
             &["result"],
@@ -217,6 +238,9 @@ impl Metrics {
         reg(Box::new(upstream_errors.clone()));
         reg(Box::new(inspection_duration.clone()));
         reg(Box::new(signatures_loaded.clone()));
+        reg(Box::new(signatures_info.clone()));
+        reg(Box::new(signatures_last_update.clone()));
+        reg(Box::new(signatures_update_failures.clone()));
         reg(Box::new(reloads.clone()));
         reg(Box::new(build_info.clone()));
         reg(Box::new(refused_clients.clone()));
@@ -259,6 +283,9 @@ impl Metrics {
             upstream_errors,
             inspection_duration,
             signatures_loaded,
+            signatures_info,
+            signatures_last_update,
+            signatures_update_failures,
             refused_clients,
             limit_refusals,
             auth_failures,
@@ -275,8 +302,15 @@ impl Metrics {
         self.upstream_errors.with_label_values(&[kind]).inc();
     }
 
-    /// Publish the rule counts of a (new) signature set.
+    /// Publish the rule counts and the version of a (new) signature set.
     pub fn set_signatures(&self, set: &SignatureSet) {
+        self.signatures_info.reset();
+        let version = if set.version.is_empty() {
+            "-"
+        } else {
+            set.version.as_str()
+        };
+        self.signatures_info.with_label_values(&[version]).set(1);
         self.signatures_loaded.reset();
         for (i, app) in set.apps().iter().enumerate() {
             let n = set.rules().iter().filter(|r| r.app as usize == i).count();
@@ -284,6 +318,17 @@ impl Metrics {
                 .with_label_values(&[&app.id])
                 .set(n as i64);
         }
+    }
+
+    /// Publish what `signatures update` recorded beside the signature
+    /// directory (`None`: nothing recorded, or the bundled set).
+    pub fn set_update_status(&self, status: Option<&crate::update::UpdateStatus>) {
+        let (when, failures) = status.map_or((0, 0), |s| (s.last_success, s.failures));
+        self.signatures_last_update
+            .set(i64::try_from(when).unwrap_or(i64::MAX));
+        // A counter that mirrors the file: set to its value.
+        self.signatures_update_failures.reset();
+        self.signatures_update_failures.inc_by(failures);
     }
 
     /// The Prometheus text exposition.

@@ -208,7 +208,7 @@ fn check_config_type_errors_name_the_field() {
 fn check_config_accepts_each_valid_fixture() {
     // (file, a line of the summary it must print)
     let cases: &[(&str, &str)] = &[
-        ("full.toml", "policy: default block, non_tls_on_443 monitor, non_http_on_80 allow, ech block, 2 app and 3 category overrides, 2 exceptions"),
+        ("full.toml", "policy: default block, non_tls_on_443 monitor, non_http_on_80 allow, ech block, 2 app and 4 category overrides, 2 exceptions"),
         ("idn_allow.toml", "policy: default block"),
         ("minimal.toml", "policy: default monitor"),
         ("relative_signatures.toml", "signatures: 2 apps"),
@@ -422,6 +422,7 @@ fn signatures_list_json_has_id_and_category() {
         "self-hosted-im",
         "im-gateway",
         "media-relay",
+        "circumvention",
     ];
     let o = run(&["signatures", "list", "--json"]);
     assert_eq!(o.code, Some(0), "{o:?}");

@@ -1093,6 +1093,63 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     );
 }
 
+/// The signature-update service and timer: what they run and where they
+/// write, and `systemd-analyze verify` on both.
+#[test]
+fn signature_update_units_pass_systemd_analyze_verify() {
+    let service = read("deploy/systemd/chatwall-signatures-update.service");
+    let timer = read("deploy/systemd/chatwall-signatures-update.timer");
+    let svc = unit_section(&service, "Service");
+    let get = |k: &str| -> Option<&str> {
+        svc.iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("Type"), Some("oneshot"));
+    let exec = get("ExecStart").expect("ExecStart");
+    assert!(
+        exec.starts_with(
+            "/usr/local/bin/chatwall signatures update -c /etc/chatwall/chatwall.toml --from "
+        ),
+        "{exec}"
+    );
+    // The state directory holds [signatures] dir and the files beside it.
+    assert_eq!(get("StateDirectory"), Some("chatwall"));
+    assert_eq!(get("ProtectSystem"), Some("strict"));
+    assert_eq!(get("CapabilityBoundingSet"), Some(""));
+    assert!(service.contains("dir = \"/var/lib/chatwall/signatures\""));
+    let t = unit_section(&timer, "Timer");
+    assert!(t.iter().any(|(k, _)| k == "OnCalendar"), "{t:?}");
+    assert!(t.contains(&("Persistent".to_string(), "true".to_string())));
+    assert_eq!(
+        unit_section(&timer, "Install"),
+        [("WantedBy".to_string(), "timers.target".to_string())]
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = dir.path().join("chatwall-signatures-update.service");
+    std::fs::write(
+        &unit,
+        service.replace("/usr/local/bin/chatwall", chatwall_bin()),
+    )
+    .expect("write unit");
+    let timer_path = dir.path().join("chatwall-signatures-update.timer");
+    std::fs::write(&timer_path, &timer).expect("write timer");
+    for path in [&unit, &timer_path] {
+        let Some((ok, complaints)) = verify_unit(path) else {
+            support::skip_or_fail("systemd-analyze is not installed (apt-get install systemd)");
+            return;
+        };
+        assert!(
+            ok && complaints.is_empty(),
+            "systemd-analyze verify {}:\n{}",
+            path.display(),
+            complaints.join("\n")
+        );
+    }
+}
+
 // ----------------------------------------------------------------- logrotate
 
 struct Process {
@@ -1560,6 +1617,110 @@ fn kubernetes_manifests_fit_together() {
         selected.len(),
         1,
         "the ServiceMonitor selects the admin Service"
+    );
+}
+
+/// The signature-update CronJob example: kubernetes-validate, its
+/// configuration loads, its headless Service selects the proxy pods on
+/// their admin port, its volume is the claim it declares.
+#[test]
+fn signature_update_cronjob_is_valid_and_fits_the_deployment() {
+    const FILE: &str = "deploy/k8s/signature-updates/cronjob.yaml";
+    if let Some(cmd) = kubernetes_validate() {
+        let out = run(
+            Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .arg("--strict")
+                .arg(root().join(FILE)),
+            TOOL_TIME,
+        )
+        .expect("kubernetes-validate runs");
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+        assert!(
+            !stdout.contains("ERROR") && !stdout.contains("WARN"),
+            "{stdout}"
+        );
+        assert_eq!(
+            stdout.matches(" passed for resource ").count(),
+            4,
+            "{stdout}"
+        );
+    } else {
+        support::skip_or_fail(
+            "kubernetes-validate is not installed (pip install kubernetes-validate)",
+        );
+    }
+    let Some(docs) = yaml_docs(FILE) else { return };
+    let Some(dep) = yaml_doc(&format!("{K8S}/deployment.yaml")) else {
+        return;
+    };
+    let kind = |k: &str| -> &Value {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k} in {FILE}"))
+    };
+    let pod_labels = at(&dep, "spec.template.metadata.labels");
+    let svc = kind("Service");
+    assert_eq!(
+        at(svc, "spec.clusterIP"),
+        "None",
+        "headless: one record per pod"
+    );
+    assert!(labels_match(at(svc, "spec.selector"), pod_labels));
+    assert_eq!(at(svc, "spec.ports.0.targetPort"), "admin");
+    let ports = at(&dep, "spec.template.spec.containers.0.ports");
+    assert!(ports.as_array().expect("ports").iter().any(
+        |p| p["name"] == "admin" && p["containerPort"] == at(svc, "spec.ports.0.port").clone()
+    ));
+
+    // The job's configuration loads (its directory is on the volume, so
+    // only the configuration itself is checked here) and names the
+    // volume's directory and a key.
+    let cm = kind("ConfigMap");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = dir.path().join("update.toml");
+    let text_of = cm["data"]["update.toml"]
+        .as_str()
+        .expect("data.update.toml");
+    std::fs::write(&toml, text_of).expect("write");
+    let cfg = load_config(&toml);
+    assert_eq!(
+        cfg.signatures_dir.as_deref(),
+        Some(Path::new("/var/lib/chatwall/signatures"))
+    );
+    assert!(cfg.update_public_key.is_some());
+    assert!(cm["data"]["url"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("https://")));
+
+    let cron = kind("CronJob");
+    assert_eq!(s(cron, "apiVersion"), "batch/v1");
+    assert_eq!(s(cron, "spec.concurrencyPolicy"), "Forbid");
+    let pod = at(cron, "spec.jobTemplate.spec.template.spec");
+    assert_eq!(at(pod, "securityContext.runAsUser"), image_uid());
+    let c = at(pod, "containers.0");
+    let script = at(c, "args.0").as_str().expect("script");
+    assert!(
+        script.contains("chatwall signatures update -c /etc/chatwall-update/update.toml --from"),
+        "{script}"
+    );
+    assert!(script.contains(s(svc, "metadata.name")) && script.contains("/-/reload"));
+    let mount = at(c, "volumeMounts")
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["mountPath"] == "/var/lib/chatwall")
+        .expect("the state volume");
+    let volume = at(pod, "volumes")
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume");
+    assert_eq!(
+        at(volume, "persistentVolumeClaim.claimName"),
+        at(kind("PersistentVolumeClaim"), "metadata.name")
     );
 }
 

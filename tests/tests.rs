@@ -3,6 +3,7 @@ mod support;
 
 mod admin;
 mod cert_names;
+mod circumvention;
 mod cli;
 mod deploy;
 mod explicit;
@@ -14,3 +15,4 @@ mod ops;
 mod passthrough;
 mod schedules;
 mod transparent;
+mod updates;

@@ -23,7 +23,15 @@ pub const CATEGORIES: &[&str] = &[
     // Not IM by itself: STUN/TURN relays that calls and meetings of any
     // kind use (monitored by default, see config.rs).
     "media-relay",
+    // Not IM either: what lets users step around the policy (public
+    // encrypted-DNS resolvers, VPN apps, web proxies, Tor). Monitored by
+    // default, see config.rs; never the app of an IM flow's verdict
+    // (decide::Findings).
+    "circumvention",
 ];
+
+/// The category of apps that are not IM but ways around the policy.
+pub const CIRCUMVENTION: &str = "circumvention";
 
 /// One signature file's text and the name errors should use.
 pub struct SourceFile {

@@ -2,6 +2,7 @@
 //! for SNI, a CIDR trie, a port map, ALPN and JA4 tables, the HTTP rules, one
 //! payload automaton per direction and the download rules. Built once per
 //! load or reload and shared by every flow.
+pub mod bundle;
 pub mod load;
 pub mod model;
 
