@@ -71,12 +71,14 @@ pub fn sniff(buf: &[u8]) -> Sniff {
             return request_line(line);
         }
     }
-    // Another method: a token, then the rest of a whole request line with
-    // an HTTP/1.x version. Line protocols (SMTP, IRC, POP3) have a token and
-    // a space too, but never the version.
-    let token = line.iter().take_while(|&&b| is_tchar(b)).count();
+    // Another method: upper-case letters (as every registered method is:
+    // WebDAV's PROPFIND, MKCOL, VERSION-CONTROL...), then the rest of a
+    // whole request line with an HTTP/1.x version. Line protocols (SMTP,
+    // IRC, POP3) have a word and a space too, but never the version; and
+    // anything else (lower case, digits) is not held waiting.
+    let token = line.iter().take_while(|&&b| is_method_char(b)).count();
     match line.get(token) {
-        None if token < 32 => Sniff::NeedMore,
+        None if token < MAX_METHOD => Sniff::NeedMore,
         Some(b' ') if token > 0 => match line.iter().position(|&b| b == b'\n') {
             Some(_) => request_line(line),
             None if line.len() < MAX_LINE => Sniff::NeedMore,
@@ -86,10 +88,14 @@ pub fn sniff(buf: &[u8]) -> Sniff {
     }
 }
 
-/// A token character (RFC 9110 §5.6.2).
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+/// A character of a method name as methods are registered (RFC 9110 §16.1:
+/// tokens; in practice upper-case letters, `-` and `_`).
+fn is_method_char(b: u8) -> bool {
+    b.is_ascii_uppercase() || b == b'-' || b == b'_'
 }
+
+/// Longest method name waited for.
+const MAX_METHOD: usize = 24;
 
 #[cfg(test)]
 mod tests {
@@ -114,6 +120,9 @@ mod tests {
             (b"EHLO mail.example.org\r\n", Sniff::Other),
             (b"NICK chatter\r\nUSER chatter 0 * :x\r\n", Sniff::Other),
             (b"0123456789abcdef0123456789abcdef0123", Sniff::Other),
+            (b"ping-1", Sniff::Other),
+            (b"MKCOL", Sniff::NeedMore),
+            (b"MKCOL /a/ HTTP/1.1\r\n", Sniff::Http),
             (b"SSH-2.0-OpenSSH\r\n", Sniff::Other),
             (b"PASS x\r\n", Sniff::Other),
             (b"POST /api HTTP/1.1\r\n", Sniff::Http),
