@@ -151,6 +151,9 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
 }
 
 /// Hand the connection to the HTTP server, the bytes read so far first.
+/// Boxed: the HTTP server's state (and the request in flight) lives only in
+/// connections that use it, not in every tunnel's task, which holds the
+/// larger of its two paths.
 async fn http(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -159,7 +162,7 @@ async fn http(
     first: Option<http::Response<super::refuse::ProxyBody>>,
 ) {
     let io = TokioIo::new(Prefixed::new(read.freeze(), stream));
-    explicit::serve_with(shared, io, ctx, first).await;
+    Box::pin(explicit::serve_with(shared, io, ctx, first)).await;
 }
 
 /// A CONNECT head that came whole.

@@ -299,15 +299,8 @@ pub async fn run(
     // Idle tunnels hold no copy of their first bytes.
     drop(buf);
     let end = if first == First::Tls && flow.check_cert {
-        let up_half = relay::pump(&cx, &client, &up, None, &cx.up);
-        let down_half = async {
-            match server_certificate(&cx, &up, &client).await {
-                Ok(()) => relay::pump(&cx, &up, &client, None, &cx.down).await,
-                Err(end) => end,
-            }
-        };
         // Boxed: only tunnels without an SNI pay for the held flight.
-        Box::pin(relay::run_pair(&cx, &client, &up, up_half, down_half)).await
+        Box::pin(relay_checking_certificate(&cx, &client, &up)).await
     } else {
         relay::relay(&cx, &client, &up, c2s, s2c).await
     };
@@ -333,6 +326,18 @@ pub async fn run(
         End::Closed | End::Refused => {}
     }
     shared.access_log.write(flow.rec);
+}
+
+/// Relay a TLS tunnel whose server's certificate names are decided first.
+async fn relay_checking_certificate(cx: &RelayCtx<'_>, client: &TcpStream, up: &TcpStream) -> End {
+    let up_half = relay::pump(cx, client, up, None, &cx.up);
+    let down_half = async {
+        match server_certificate(cx, up, client).await {
+            Ok(()) => relay::pump(cx, up, client, None, &cx.down).await,
+            Err(end) => end,
+        }
+    };
+    relay::run_pair(cx, client, up, up_half, down_half).await
 }
 
 /// Hold the server's first bytes until its certificate's names are known
