@@ -404,8 +404,12 @@ pub async fn relay(
     c2s: Option<Inspector>,
     s2c: Option<Inspector>,
 ) -> End {
+    // The directions are pinned here and lent: run_pair's future holds
+    // two references, not a second copy of them (an idle tunnel's task is
+    // mostly these).
     let up = pump(cx, client, upstream, c2s, &cx.up);
     let down = pump(cx, upstream, client, s2c, &cx.down);
+    tokio::pin!(up, down);
     run_pair(cx, client, upstream, up, down).await
 }
 
@@ -417,11 +421,10 @@ pub(super) async fn run_pair(
     cx: &RelayCtx<'_>,
     client: &TcpStream,
     upstream: &TcpStream,
-    up: impl std::future::Future<Output = End>,
-    down: impl std::future::Future<Output = End>,
+    mut up: std::pin::Pin<&mut impl std::future::Future<Output = End>>,
+    mut down: std::pin::Pin<&mut impl std::future::Future<Output = End>>,
 ) -> End {
     cx.touch();
-    tokio::pin!(up, down);
     let (mut up_end, mut down_end): (Option<End>, Option<End>) = (None, None);
     let tick = cx
         .idle

@@ -219,6 +219,7 @@ pub async fn run(
                         };
                         let up_half = requests_up(&ctx, &client, &up, &mut up_state, first);
                         let down_half = responses_down(&ctx, &up, &client);
+                        tokio::pin!(up_half, down_half);
                         relay::run_pair(&cx, &client, &up, up_half, down_half).await
                     }
                 },

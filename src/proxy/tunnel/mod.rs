@@ -337,6 +337,7 @@ async fn relay_checking_certificate(cx: &RelayCtx<'_>, client: &TcpStream, up: &
             Err(end) => end,
         }
     };
+    tokio::pin!(up_half, down_half);
     relay::run_pair(cx, client, up, up_half, down_half).await
 }
 
