@@ -758,11 +758,6 @@ impl<'e> Requests<'e> {
         }
     }
 
-    /// Is the stream past HTTP (upgraded)?
-    pub fn is_opaque(&self) -> bool {
-        matches!(self.state, ReqState::Opaque)
-    }
-
     /// Is a decided head waiting for its body's start (under the hold
     /// deadline)?
     pub fn holding(&self) -> bool {
