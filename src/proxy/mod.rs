@@ -202,19 +202,14 @@ impl Shared {
         }
     }
 
-    /// Remember a tunnel's upstream socket while transparent listeners
-    /// exist (see [`upstream::OwnSockets`]).
-    pub fn own_socket(
-        &self,
-        engine: &Engine,
-        up: &tokio::net::TcpStream,
-    ) -> Option<upstream::OwnSocket> {
+    /// Where tunnels register their upstream sockets: only while
+    /// transparent listeners exist (see [`upstream::OwnSockets`]).
+    pub fn own_sockets(&self, engine: &Engine) -> Option<&Arc<upstream::OwnSockets>> {
         let l = &engine.config.listen;
-        if l.transparent_http.is_empty() && l.transparent_tls.is_empty() && l.transparent.is_empty()
-        {
-            return None;
-        }
-        self.own_sockets.register(up)
+        let transparent = !(l.transparent_http.is_empty()
+            && l.transparent_tls.is_empty()
+            && l.transparent.is_empty());
+        transparent.then_some(&self.own_sockets)
     }
 
     /// The token in `Via` that names this instance (without the protocol

@@ -92,10 +92,18 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
         ListenerKind::TransparentHttp | ListenerKind::TransparentTls => Upstream::Lazy(dst),
         _ => {
             let limits = &engine.config.limits;
-            match upstream::connect(&[dst], limits.connect_timeout, engine.config.upstream_mark)
-                .await
+            match upstream::connect_registered(
+                &[dst],
+                limits.connect_timeout,
+                engine.config.upstream_mark,
+                shared.own_sockets(&engine),
+            )
+            .await
             {
-                Ok((s, _)) => Upstream::Connected(s),
+                Ok((s, _, own)) => {
+                    flow.own = own;
+                    Upstream::Connected(s)
+                }
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
                     flow.rec.error = Some(e.to_string());

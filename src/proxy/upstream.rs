@@ -255,6 +255,85 @@ pub async fn connect(
     Err(last)
 }
 
+/// Connect as [`connect`] does, and register the socket in `own` while its
+/// handshake is under way (the kernel chose the source port at
+/// `connect(2)`): a connection that a REDIRECT rule sends back to chatwall
+/// can be accepted there before the handshake completes on this side, and
+/// must be recognised at once.
+pub async fn connect_registered(
+    addrs: &[SocketAddr],
+    timeout: Duration,
+    mark: u32,
+    own: Option<&Arc<OwnSockets>>,
+) -> Result<(TcpStream, SocketAddr, Option<OwnSocket>), FlowError> {
+    let Some(own) = own else {
+        let (s, a) = connect(addrs, timeout, mark).await?;
+        return Ok((s, a, None));
+    };
+    #[cfg(not(target_os = "linux"))]
+    {
+        // Registered once connected: the loop may take a turn more here.
+        let (s, a) = connect(addrs, timeout, mark).await?;
+        let guard = own.register(&s);
+        return Ok((s, a, guard));
+    }
+    #[cfg(target_os = "linux")]
+    let mut last = FlowError::Connect("no address".into());
+    #[cfg(target_os = "linux")]
+    for &addr in addrs {
+        match tokio::time::timeout(timeout, connect_one_registered(addr, mark, own)).await {
+            Ok(Ok((s, guard))) => {
+                let _ = s.set_nodelay(true);
+                return Ok((s, addr, guard));
+            }
+            Ok(Err(e)) => last = FlowError::from_connect(&addr.to_string(), e),
+            Err(_) => last = FlowError::ConnectTimeout(addr.to_string()),
+        }
+    }
+    #[cfg(target_os = "linux")]
+    Err(last)
+}
+
+/// One non-blocking connect through socket2, registered before it waits.
+#[cfg(target_os = "linux")]
+async fn connect_one_registered(
+    addr: SocketAddr,
+    mark: u32,
+    own: &Arc<OwnSockets>,
+) -> std::io::Result<(TcpStream, Option<OwnSocket>)> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_nonblocking(true)?;
+    if mark != 0 {
+        if let Err(e) = sock.set_mark(mark) {
+            tracing::warn!(error = %e, mark, "cannot set SO_MARK on an upstream socket (needs CAP_NET_ADMIN)");
+        }
+    }
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if in_progress(&e) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    let guard = own.register(&stream);
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    // Writable without an error, yet not connected, is a refusal too.
+    stream.peer_addr()?;
+    Ok((stream, guard))
+}
+
+/// A non-blocking connect that has started (EINPROGRESS).
+#[cfg(target_os = "linux")]
+fn in_progress(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::INPROGRESS.raw_os_error())
+}
+
 #[cfg(target_os = "linux")]
 fn set_mark(sock: &tokio::net::TcpSocket, mark: u32) {
     if let Err(e) = SockRef::from(sock).set_mark(mark) {

@@ -202,8 +202,7 @@ pub async fn run(
                         failed = Some(e.to_string());
                         End::Closed
                     }
-                    Ok(up) => {
-                        let _own = shared.own_socket(&engine, &up);
+                    Ok((up, _own)) => {
                         // The first request is owed its answer before the
                         // upstream can say anything: a server that closes
                         // at once is seen answering nothing.
@@ -291,16 +290,24 @@ fn lost_refusal(ctx: &Ctx<'_>, st: &mut Up<'_>, why: &'static str) -> Option<Det
 
 /// The upstream connection: the CONNECT's, or the original destination's,
 /// connected now.
-async fn connect(ctx: &Ctx<'_>, upstream: Upstream) -> Result<TcpStream, FlowError> {
+async fn connect(
+    ctx: &Ctx<'_>,
+    upstream: Upstream,
+) -> Result<(TcpStream, Option<upstream::OwnSocket>), FlowError> {
     let (shared, engine, flow) = (ctx.shared, ctx.engine, ctx.flow);
     match upstream {
-        Upstream::Connected(s) => Ok(s),
+        Upstream::Connected(s) => Ok((s, None)),
         Upstream::Lazy(addr) => {
             let limits = &engine.config.limits;
-            upstream::connect(&[addr], limits.connect_timeout, engine.config.upstream_mark)
-                .await
-                .map(|(s, _)| s)
-                .inspect_err(|e| {
+            upstream::connect_registered(
+                &[addr],
+                limits.connect_timeout,
+                engine.config.upstream_mark,
+                shared.own_sockets(engine),
+            )
+            .await
+            .map(|(s, _, own)| (s, own))
+            .inspect_err(|e| {
                     shared.metrics.upstream_error(e.kind());
                     tracing::debug!(client = %flow.ctx.client.addr, error = %e, "upstream of an HTTP tunnel");
                 })

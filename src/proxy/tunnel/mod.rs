@@ -72,6 +72,9 @@ pub struct Flow {
     /// The ClientHello named no server: the server's certificate names
     /// are checked, where TLS 1.2 and older show them in clear.
     pub check_cert: bool,
+    /// The upstream socket, registered while transparent listeners exist
+    /// (a redirect loop is recognised by it).
+    pub own: Option<upstream::OwnSocket>,
     pub rec: Record,
 }
 
@@ -182,8 +185,13 @@ pub async fn open(
     )
     .await?;
     let limits = &engine.config.limits;
-    let (up, dst) =
-        upstream::connect(&addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
+    let (up, dst, own) = upstream::connect_registered(
+        &addrs,
+        limits.connect_timeout,
+        engine.config.upstream_mark,
+        shared.own_sockets(engine),
+    )
+    .await?;
     rec.status = 200;
     let flow = Flow {
         ctx,
@@ -193,6 +201,7 @@ pub async fn open(
         findings,
         addr_block: None,
         check_cert: false,
+        own,
         rec: std::mem::take(rec),
     };
     Ok((up, flow))
@@ -209,10 +218,6 @@ pub async fn run(
 ) {
     let started = Instant::now();
     let logged = !shared.access_log.is_off();
-    let mut _own = match &upstream {
-        Upstream::Connected(up) => shared.own_socket(&engine, up),
-        Upstream::Lazy(_) => None,
-    };
     let result = first_bytes(&engine, &mut flow, &client, initial, &upstream, logged).await;
     shared
         .metrics
@@ -250,11 +255,16 @@ pub async fn run(
         Upstream::Connected(s) => s,
         Upstream::Lazy(addr) => {
             let limits = &engine.config.limits;
-            match upstream::connect(&[addr], limits.connect_timeout, engine.config.upstream_mark)
-                .await
+            match upstream::connect_registered(
+                &[addr],
+                limits.connect_timeout,
+                engine.config.upstream_mark,
+                shared.own_sockets(&engine),
+            )
+            .await
             {
-                Ok((s, _)) => {
-                    _own = shared.own_socket(&engine, &s);
+                Ok((s, _, own)) => {
+                    flow.own = own;
                     s
                 }
                 Err(e) => {
@@ -493,6 +503,7 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
         findings: Findings::default(),
         addr_block: None,
         check_cert: false,
+        own: None,
         rec: Record {
             start: Some(SystemTime::now()),
             client,
