@@ -211,7 +211,11 @@ enum Chunk {
         digits: u8,
         size: u64,
     },
-    /// After the size: optional whitespace and extensions up to CR.
+    /// After the size's digits: optional whitespace, then `;` or CR.
+    AfterSize {
+        size: u64,
+    },
+    /// Inside chunk extensions, up to CR.
     Ext {
         size: u64,
     },
@@ -287,8 +291,22 @@ impl Chunked {
                     } else if digits == 0 {
                         return Err("malformed chunk size");
                     } else {
-                        self.state = Chunk::Ext { size };
-                        continue; // look at this byte as the extension part
+                        self.state = Chunk::AfterSize { size };
+                        continue; // look at this byte after the size
+                    }
+                }
+                Chunk::AfterSize { size } => {
+                    // Only optional whitespace, then an extension or the
+                    // line's end (RFC 9112 §7.1.1): `0x46` is not a last
+                    // chunk with an extension `x46` to a server that reads
+                    // sizes with a lenient parser.
+                    self.line += 1;
+                    match b {
+                        b' ' | b'\t' => {}
+                        b';' => self.state = Chunk::Ext { size },
+                        b'\r' => self.state = Chunk::SizeLf { size },
+                        b'\n' => return Err("bare LF in chunk framing"),
+                        _ => return Err("malformed chunk size"),
                     }
                 }
                 Chunk::Ext { size } => {
@@ -628,6 +646,8 @@ mod tests {
             (b"5\r\nhelloX\r\n", "chunk data longer than its size"),
             (b"5\r\nhello\rX", "bare CR in chunk framing"),
             (b"10000000000000000\r\n", "chunk size too large"),
+            (b"0x46\r\n", "malformed chunk size"),
+            (b"5 x\r\nhello\r\n", "malformed chunk size"),
             (b"0\r\nTrailer\n", "bare LF in trailers"),
         ];
         for (input, why) in bad {
