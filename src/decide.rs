@@ -953,18 +953,7 @@ impl<'e> Requests<'e> {
                 // The client sends the body only once the server said
                 // `100 Continue`: holding the head would stall it. The head
                 // goes on; the body is held until the body rules decide.
-                self.head_scanned = 0;
-                self.state = ReqState::BodyHeld {
-                    head: buf[..head_len].into(),
-                    body,
-                    window,
-                    switch,
-                    request: request.clone(),
-                };
-                Step::Forward {
-                    len: head_len,
-                    request: Some(request),
-                }
+                self.hold_body(&buf[..head_len], body, window, switch, request)
             }
             Ok(HeadDecision::NeedBody { window }) if body != Body::None => {
                 self.state = ReqState::Held {
@@ -1048,6 +1037,30 @@ impl<'e> Requests<'e> {
         }
     }
 
+    /// Forward a decided head and hold its body until the body rules
+    /// decide (the head is kept for them).
+    fn hold_body(
+        &mut self,
+        head: &[u8],
+        body: Body,
+        window: usize,
+        switch: bool,
+        request: Box<RequestInfo>,
+    ) -> Step {
+        self.head_scanned = 0;
+        self.state = ReqState::BodyHeld {
+            head: head.into(),
+            body,
+            window,
+            switch,
+            request: request.clone(),
+        };
+        Step::Forward {
+            len: head.len(),
+            request: Some(request),
+        }
+    }
+
     /// Refuse the held request (nothing of it went on).
     fn refuse_held(&mut self, refusal: Refusal) -> Step {
         match std::mem::replace(&mut self.state, ReqState::Head) {
@@ -1100,18 +1113,7 @@ impl<'e> Requests<'e> {
                     else {
                         return Step::NeedMore;
                     };
-                    self.head_scanned = 0;
-                    self.state = ReqState::BodyHeld {
-                        head: buf[..head_len].into(),
-                        body,
-                        window,
-                        switch,
-                        request: request.clone(),
-                    };
-                    return Step::Forward {
-                        len: head_len,
-                        request: Some(request),
-                    };
+                    return self.hold_body(&buf[..head_len], body, window, switch, request);
                 }
                 ReqCue::Ended => {}
             }
