@@ -212,6 +212,29 @@ impl Shared {
         transparent.then_some(&self.own_sockets)
     }
 
+    /// Connect a tunnel's upstream under the configured deadline and mark,
+    /// registered as chatwall's own while transparent listeners exist.
+    pub async fn connect_tunnel_upstream(
+        &self,
+        engine: &Engine,
+        addrs: &[SocketAddr],
+    ) -> Result<
+        (
+            tokio::net::TcpStream,
+            SocketAddr,
+            Option<upstream::OwnSocket>,
+        ),
+        refuse::FlowError,
+    > {
+        upstream::connect_registered(
+            addrs,
+            engine.config.limits.connect_timeout,
+            engine.config.upstream_mark,
+            self.own_sockets(engine),
+        )
+        .await
+    }
+
     /// The token in `Via` that names this instance (without the protocol
     /// version): a request that carries it came through here already.
     pub fn via_token(&self) -> &[u8] {

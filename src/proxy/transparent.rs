@@ -13,7 +13,6 @@ use super::conn::ConnCtx;
 use super::origdst::original_dst;
 use super::refuse::FlowError;
 use super::tunnel::{self, Upstream};
-use super::upstream;
 use super::Shared;
 use crate::decide;
 use crate::metrics::ListenerKind;
@@ -90,29 +89,19 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, ctx: ConnCtx) {
     let upstream = match listener {
         // HTTP and TLS clients speak first: connect once they have.
         ListenerKind::TransparentHttp | ListenerKind::TransparentTls => Upstream::Lazy(dst),
-        _ => {
-            let limits = &engine.config.limits;
-            match upstream::connect_registered(
-                &[dst],
-                limits.connect_timeout,
-                engine.config.upstream_mark,
-                shared.own_sockets(&engine),
-            )
-            .await
-            {
-                Ok((s, _, own)) => {
-                    flow.own = own;
-                    Upstream::Connected(s)
-                }
-                Err(e) => {
-                    shared.metrics.upstream_error(e.kind());
-                    flow.rec.error = Some(e.to_string());
-                    super::relay::reset(&client);
-                    shared.access_log.write(flow.rec);
-                    return;
-                }
+        _ => match shared.connect_tunnel_upstream(&engine, &[dst]).await {
+            Ok((s, _, own)) => {
+                flow.own = own;
+                Upstream::Connected(s)
             }
-        }
+            Err(e) => {
+                shared.metrics.upstream_error(e.kind());
+                flow.rec.error = Some(e.to_string());
+                super::relay::reset(&client);
+                shared.access_log.write(flow.rec);
+                return;
+            }
+        },
     };
     tunnel::run(shared, engine, flow, client, bytes::Bytes::new(), upstream).await;
 }

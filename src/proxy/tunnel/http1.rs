@@ -298,13 +298,7 @@ async fn connect(
     match upstream {
         Upstream::Connected(s) => Ok((s, None)),
         Upstream::Lazy(addr) => {
-            let limits = &engine.config.limits;
-            upstream::connect_registered(
-                &[addr],
-                limits.connect_timeout,
-                engine.config.upstream_mark,
-                shared.own_sockets(engine),
-            )
+            shared.connect_tunnel_upstream(engine, &[addr])
             .await
             .map(|(s, _, own)| (s, own))
             .inspect_err(|e| {

@@ -184,14 +184,7 @@ pub async fn open(
         &mut findings,
     )
     .await?;
-    let limits = &engine.config.limits;
-    let (up, dst, own) = upstream::connect_registered(
-        &addrs,
-        limits.connect_timeout,
-        engine.config.upstream_mark,
-        shared.own_sockets(engine),
-    )
-    .await?;
+    let (up, dst, own) = shared.connect_tunnel_upstream(engine, &addrs).await?;
     rec.status = 200;
     let flow = Flow {
         ctx,
@@ -253,31 +246,21 @@ pub async fn run(
 
     let up = match upstream {
         Upstream::Connected(s) => s,
-        Upstream::Lazy(addr) => {
-            let limits = &engine.config.limits;
-            match upstream::connect_registered(
-                &[addr],
-                limits.connect_timeout,
-                engine.config.upstream_mark,
-                shared.own_sockets(&engine),
-            )
-            .await
-            {
-                Ok((s, _, own)) => {
-                    flow.own = own;
-                    s
-                }
-                Err(e) => {
-                    shared.metrics.upstream_error(e.kind());
-                    flow.rec.error = Some(e.to_string());
-                    let verdict = flow.findings.verdict();
-                    shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
-                    relay::reset(&client);
-                    shared.access_log.write(flow.rec);
-                    return;
-                }
+        Upstream::Lazy(addr) => match shared.connect_tunnel_upstream(&engine, &[addr]).await {
+            Ok((s, _, own)) => {
+                flow.own = own;
+                s
             }
-        }
+            Err(e) => {
+                shared.metrics.upstream_error(e.kind());
+                flow.rec.error = Some(e.to_string());
+                let verdict = flow.findings.verdict();
+                shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
+                relay::reset(&client);
+                shared.access_log.write(flow.rec);
+                return;
+            }
+        },
     };
     if !shared.access_log.is_off() {
         // Connected to flow.dst: the CONNECT's checked address, or the
