@@ -42,4 +42,5 @@ pub mod replay;
 pub mod schedule;
 pub mod server;
 pub mod signatures;
+pub mod tls_inspect;
 pub mod update;
