@@ -1,5 +1,6 @@
 //! The command line: `run` (the default), `check-config`, `signatures
-//! list|diff|keygen|sign|update`, `classify host|url|pcap`, `export`. Exit
+//! list|diff|keygen|sign|update`, `classify host|url|pcap`, `export`,
+//! `ca init|show` (TLS inspection's local CA), `passwd`. Exit
 //! codes: 0 success,
 //! 1 bad configuration, signatures or capture, 2 bad usage, 3 runtime
 //! failure.
@@ -68,6 +69,47 @@ pub enum Command {
     /// A users-file line (`name:$argon2id$...`) for proxy authentication;
     /// the password is read from standard input (first line).
     Passwd { name: String },
+    /// The local CA for TLS inspection.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Make a CA: DIR/ca.key (the key, mode 0600), DIR/ca.pem and DIR/ca.cer
+    /// (the certificate in PEM, and in DER for Windows GPO and MDM); print
+    /// its fingerprints and how to make clients trust it.
+    Init {
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// The CA's common name [default: "chatwall inspection CA <host name>"].
+        #[arg(long, value_name = "NAME")]
+        cn: Option<String>,
+        /// How long the CA is valid, in days.
+        #[arg(long, value_name = "N", default_value_t = 3650,
+              value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Replace existing files (clients trusting the old CA stop
+        /// trusting what chatwall mints).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Describe a CA (subject, key type, validity, fingerprints) and check
+    /// it as the proxy would; exit 1 if the key is not the certificate's,
+    /// others may read the key, or the CA is no CA or expired.
+    Show {
+        /// The directory of ca.pem and ca.key [default: .].
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["cert", "key"])]
+        dir: Option<PathBuf>,
+        /// The CA certificate (PEM; further certificates are the chain).
+        #[arg(long, value_name = "FILE", requires = "key")]
+        cert: Option<PathBuf>,
+        /// The CA key (PEM).
+        #[arg(long, value_name = "FILE", requires = "cert")]
+        key: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,6 +269,24 @@ pub fn main() -> ExitCode {
         Command::Classify { command } => classify(command),
         Command::Export { format, config } => export(format, config.as_deref()),
         Command::Passwd { name } => passwd(&name),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    dir,
+                    cn,
+                    days,
+                    force,
+                },
+        } => ca_init(&dir, cn.as_deref(), days, force),
+        Command::Ca {
+            command: CaCommand::Show { dir, cert, key },
+        } => match (cert, key) {
+            (Some(cert), Some(key)) => ca_show(&cert, &key),
+            _ => {
+                let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+                ca_show(&dir.join("ca.pem"), &dir.join("ca.key"))
+            }
+        },
     };
     ExitCode::from(code)
 }
@@ -946,4 +1006,152 @@ fn signatures_sign(key: &Path, out: &Path, sigdir: &Path) -> u8 {
             EXIT_RUNTIME
         }
     }
+}
+
+/// The default CN of `ca init`: this host's name, or a random suffix.
+fn default_ca_cn() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let suffix = if !host.is_empty() && host.len() <= 40 && host.is_ascii() {
+        host
+    } else {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 4];
+        let _ = ring::rand::SystemRandom::new().fill(&mut b);
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    };
+    format!("chatwall inspection CA {suffix}")
+}
+
+/// How to make clients trust the CA in `dir`.
+fn trust_instructions(dir: &Path) -> String {
+    let pem = dir.join("ca.pem");
+    let cer = dir.join("ca.cer");
+    let (pem, cer) = (pem.display(), cer.display());
+    format!(
+        "Make the managed clients trust it (and keep ca.key on this host only):
+  Debian/Ubuntu:   cp {pem} /usr/local/share/ca-certificates/chatwall.crt && update-ca-certificates
+  Windows:         certutil -addstore Root {cer}   (or a GPO: Trusted Root Certification Authorities)
+  macOS:           security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {pem}
+  Firefox:         enterprise policy Certificates.ImportEnterpriseRoots = true (the system store),
+                   or Certificates.Install = [\"{pem}\"]
+  Chrome/Chromium on Linux (NSS): certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n chatwall -i {pem}
+"
+    )
+}
+
+/// `ca init`: DIR/ca.key (0600, created exclusively), DIR/ca.pem, DIR/ca.cer;
+/// an existing file is replaced only with `--force`.
+fn ca_init(dir: &Path, cn: Option<&str>, days: u32, force: bool) -> u8 {
+    let cn = cn.map_or_else(default_ca_cn, str::to_string);
+    if cn.trim().is_empty() || cn.len() > 64 {
+        eprintln!("chatwall: --cn must have 1 to 64 characters");
+        return EXIT_USAGE;
+    }
+    let (key, pem, cer) = (dir.join("ca.key"), dir.join("ca.pem"), dir.join("ca.cer"));
+    if !force {
+        for p in [&key, &pem, &cer] {
+            if std::fs::symlink_metadata(p).is_ok() {
+                eprintln!(
+                    "chatwall: {} exists; --force replaces it (clients trusting the old CA then distrust what chatwall mints)",
+                    p.display()
+                );
+                return EXIT_CONFIG;
+            }
+        }
+    }
+    let ca = match crate::tls_inspect::ca::generate(&cn, days) {
+        Ok(ca) => ca,
+        Err(e) => {
+            eprintln!("chatwall: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("chatwall: {}: {e}", dir.display());
+        return EXIT_RUNTIME;
+    }
+    for (path, data, mode) in [
+        (&key, ca.key_pem.as_bytes(), 0o600),
+        (&pem, ca.cert_pem.as_bytes(), 0o644),
+        (&cer, ca.cert_der.as_slice(), 0o644),
+    ] {
+        // Replacing: the old file goes first, so the new one is created
+        // with its own mode (never a link's target, never a loose mode).
+        let removed = if force {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        } else {
+            Ok(())
+        };
+        if let Err(e) = removed.and_then(|()| write_new(path, data, mode)) {
+            eprintln!("chatwall: {}: {e}", path.display());
+            return if e.kind() == std::io::ErrorKind::AlreadyExists {
+                EXIT_CONFIG
+            } else {
+                EXIT_RUNTIME
+            };
+        }
+    }
+    println!(
+        "wrote {} (secret, mode 0600), {} and {} (DER)",
+        key.display(),
+        pem.display(),
+        cer.display()
+    );
+    println!("subject: CN={cn}");
+    println!(
+        "valid until: {} ({days} days)",
+        crate::tls_inspect::ca::unix_to_rfc3339(ca.not_after)
+    );
+    println!("SHA-256 fingerprint: {}", ca.sha256);
+    println!("SHA-1 fingerprint: {}", ca.sha1);
+    println!();
+    print!("{}", trust_instructions(dir));
+    EXIT_OK
+}
+
+/// `ca show`: the CA as the proxy would load it.
+fn ca_show(cert: &Path, key: &Path) -> u8 {
+    use crate::tls_inspect::ca::unix_to_rfc3339;
+    let ca = match crate::tls_inspect::Authority::load_any_time(cert, key) {
+        Ok(ca) => ca,
+        Err(e) => {
+            eprintln!("chatwall: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let now = crate::tls_inspect::ca::now_unix();
+    let days_left = (ca.not_after_unix() - now).div_euclid(86_400);
+    println!("certificate: {}", cert.display());
+    println!("key: {} ({}, matches)", key.display(), ca.key_type());
+    println!("subject: {}", ca.subject());
+    println!("not before: {}", unix_to_rfc3339(ca.not_before_unix()));
+    println!(
+        "not after: {} ({})",
+        unix_to_rfc3339(ca.not_after_unix()),
+        if days_left >= 0 {
+            format!("{days_left} days left")
+        } else {
+            "EXPIRED".to_string()
+        }
+    );
+    println!("SHA-256 fingerprint: {}", ca.sha256_fingerprint());
+    println!("SHA-1 fingerprint: {}", ca.sha1_fingerprint());
+    println!(
+        "sent after each leaf: {} certificate(s)",
+        ca.chain_after_leaf().len()
+    );
+    if ca.not_after_unix() <= now {
+        eprintln!(
+            "chatwall: {}: the CA has expired; make a new one (chatwall ca init) and deploy it",
+            cert.display()
+        );
+        return EXIT_CONFIG;
+    }
+    EXIT_OK
 }
