@@ -42,6 +42,10 @@ pub struct Record {
     /// The `[[policy.exceptions]]` entry that chose a block or monitor
     /// verdict: its `name`, or `#N` (1-based position).
     pub exception: Option<String>,
+    /// TLS inspection of the flow: `inspected` (decrypted), `spliced`
+    /// (selected, relayed undecrypted), `page` (a page over chatwall's
+    /// certificate), `client-refused` (the client refused it).
+    pub tls: Option<&'static str>,
     pub status: u16,
     pub upstream: Option<String>,
     pub error: Option<String>,

@@ -17,6 +17,9 @@ use serde::Deserialize;
 use crate::classify::host::normalize_host;
 use crate::classify::NetSet;
 
+mod tls_inspect;
+pub use tls_inspect::{CertErrors, HostPattern, Select, TlsInspect};
+
 /// The built-in defaults, also the documentation of every key's default.
 /// `config/chatwall.toml` repeats them with comments.
 pub const DEFAULTS: &str = r#"
@@ -83,6 +86,21 @@ realm = "chatwall"
 [admin]
 allow = ["127.0.0.0/8", "::1/128"]
 reload_token_file = ""
+
+[tls_inspect]
+enabled = false
+ca_cert = ""
+ca_key = ""
+clients = []
+decrypt = []
+never = []
+never_builtin = true
+upstream_extra_ca = ""
+upstream_cert_errors = "block"
+block_page = true
+handshake_timeout_ms = 10000
+cert_cache_entries = 10000
+cert_cache_ttl_ms = 43200000
 "#;
 
 /// Where a value came from, for error messages.
@@ -139,6 +157,7 @@ struct RawConfig {
     pac: RawPac,
     auth: RawAuth,
     admin: RawAdmin,
+    tls_inspect: tls_inspect::RawTlsInspect,
 }
 
 #[derive(Debug, Deserialize)]
@@ -639,6 +658,8 @@ pub struct Config {
     pub pac: Pac,
     pub auth: Option<Auth>,
     pub admin: Admin,
+    /// `[tls_inspect]`: which HTTPS flows may be decrypted.
+    pub tls_inspect: TlsInspect,
 }
 
 impl Config {
@@ -684,7 +705,10 @@ impl Config {
                 .with_list_parse_key("access.connect_ports")
                 .with_list_parse_key("pac.direct_networks")
                 .with_list_parse_key("pac.direct_domains")
-                .with_list_parse_key("admin.allow"),
+                .with_list_parse_key("admin.allow")
+                .with_list_parse_key("tls_inspect.clients")
+                .with_list_parse_key("tls_inspect.decrypt")
+                .with_list_parse_key("tls_inspect.never"),
         );
         let raw: RawConfig = builder
             .build()
@@ -719,6 +743,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         pac: Option<PartialPac>,
         auth: Option<PartialAuth>,
         admin: Option<PartialAdmin>,
+        tls_inspect: Option<tls_inspect::PartialTlsInspect>,
     }
     macro_rules! partial {
         ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -1411,6 +1436,8 @@ fn validate(
         }
     };
 
+    let tls_inspect = tls_inspect::validate(&mut v, &raw.tls_inspect, path);
+
     if !v.errors.is_empty() {
         return Err(ConfigErrors(v.errors));
     }
@@ -1433,6 +1460,7 @@ fn validate(
         pac,
         auth,
         admin,
+        tls_inspect,
     })
 }
 /// A path as written in the configuration: relative to the file's

@@ -30,6 +30,7 @@ use crate::classify::payload::Direction;
 use crate::classify::sniff::{sniff, Sniff};
 use crate::classify::tls::{inspect_client_hello_with, ClientHello, Hello};
 use crate::classify::{Detection, Reason, UNIDENTIFIED};
+use crate::config::Select;
 use crate::engine::Engine;
 use crate::policy::{Verdict, Who};
 
@@ -269,6 +270,81 @@ pub fn generic_for_port(
         443 => generic(engine, who, allowlisted, buf, Reason::NonTls, findings),
         80 => generic(engine, who, allowlisted, buf, Reason::NonHttp, findings),
         _ => Ok(()),
+    }
+}
+
+/// Whether a TLS flow whose ClientHello passed may be decrypted
+/// (`[tls_inspect]`): inspection on, a listed client, a server name that
+/// `decrypt` selects and no never list names (nor the server's address).
+pub fn decrypt(engine: &Engine, who: &Who, sni: &str, server: IpAddr) -> bool {
+    let t = &engine.config.tls_inspect;
+    if !t.enabled || !inspected_client(engine, who) {
+        return false;
+    }
+    let Some(name) = crate::classify::host::normalize_host(sni) else {
+        return false;
+    };
+    !never_decrypted(engine, &name, Some(server))
+        && t.decrypt.iter().any(|s| selects(engine, s, &name))
+}
+
+/// Whether a refused TLS flow gets the 403 page over chatwall's own
+/// certificate (a browser shows why) instead of a reset: inspection on,
+/// `block_page`, a listed client, and a name on no never list (a pinned
+/// client would fail the handshake anyway).
+pub fn block_page_over_tls(engine: &Engine, who: &Who, sni: &str) -> bool {
+    let t = &engine.config.tls_inspect;
+    if !t.enabled || !t.block_page || !inspected_client(engine, who) {
+        return false;
+    }
+    crate::classify::host::normalize_host(sni).is_some_and(|n| !never_decrypted(engine, &n, None))
+}
+
+/// A client whose flows may be decrypted: by address or by user.
+pub fn inspected_client(engine: &Engine, who: &Who) -> bool {
+    let t = &engine.config.tls_inspect;
+    t.clients.contains(who.ip)
+        || who
+            .user
+            .as_deref()
+            .is_some_and(|u| t.client_users.iter().any(|c| c == u))
+}
+
+/// On the never list (the operator's or the built-in one).
+pub fn never_decrypted(engine: &Engine, name: &str, server: Option<IpAddr>) -> bool {
+    engine.config.tls_inspect.never.iter().any(|s| match s {
+        Select::Net(n) => {
+            server.is_some_and(|ip| n.contains(&crate::classify::addr::canonical(ip)))
+        }
+        other => selects(engine, other, name),
+    })
+}
+
+/// Whether one `decrypt`/`never` entry names this (normalised) server name.
+fn selects(engine: &Engine, select: &Select, name: &str) -> bool {
+    let app = || {
+        engine
+            .signatures
+            .classify_host(name)
+            .and_then(|d| engine.signatures.app(d.app))
+    };
+    match select {
+        Select::Host(p) => p.matches(name),
+        Select::App(id) => app().is_some_and(|a| &a.id == id),
+        Select::Category(c) => app().is_some_and(|a| &a.category == c),
+        Select::Net(_) => false,
+    }
+}
+
+/// Whether a certificate's DNS name covers a (normalised) host: equal
+/// ignoring case, or a wildcard `*.example.com` standing for exactly one
+/// label (RFC 6125 §6.4.3).
+pub fn covers(cert_name: &str, host: &str) -> bool {
+    match cert_name.strip_prefix("*.") {
+        Some(rest) => host
+            .split_once('.')
+            .is_some_and(|(label, tail)| !label.is_empty() && tail.eq_ignore_ascii_case(rest)),
+        None => cert_name.eq_ignore_ascii_case(host),
     }
 }
 
@@ -728,6 +804,9 @@ pub struct Requests<'e> {
     state: ReqState,
     /// Bytes of the current head parsed so far without finding its end.
     head_scanned: usize,
+    /// Inside a decrypted flow: the names the server's certificate covers
+    /// (a request for another host is domain fronting).
+    cover: Option<Box<[String]>>,
 }
 
 /// A partial head is parsed again after this many more bytes even without
@@ -755,7 +834,14 @@ impl<'e> Requests<'e> {
             want_log,
             state: ReqState::Head,
             head_scanned: 0,
+            cover: None,
         }
+    }
+
+    /// Requests inside a decrypted flow: each must name a host that
+    /// `names` (the server certificate's DNS names) covers.
+    pub fn covered_by(&mut self, names: Vec<String>) {
+        self.cover = Some(names.into_boxed_slice());
     }
 
     /// Is a decided head waiting for its body's start (under the hold
@@ -923,6 +1009,24 @@ impl<'e> Requests<'e> {
             // are decided (servers differ on which one they use).
             if let Some(other) = hosts.other.as_deref() {
                 name(engine, who, other, self.dst.port(), findings)?;
+            }
+            if let Some(cover) = self.cover.as_deref() {
+                let fronted = std::iter::once(request.host.as_str())
+                    .chain(hosts.other.as_deref())
+                    .any(|h| !cover.iter().any(|c| covers(c, h)));
+                if fronted {
+                    findings.decide(
+                        engine,
+                        who,
+                        Some(Detection {
+                            app: UNIDENTIFIED,
+                            rule: None,
+                            reason: Reason::Fronting,
+                            offset: None,
+                            exception: None,
+                        }),
+                    )?;
+                }
             }
             if let Err(why) = framing {
                 return Err(Refusal::Malformed(why));

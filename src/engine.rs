@@ -9,6 +9,7 @@ use crate::classify::{Detection, Reason, UNIDENTIFIED};
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::signatures::SignatureSet;
+use crate::tls_inspect::interception::Interception;
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -16,6 +17,9 @@ pub struct Engine {
     pub config: Arc<Config>,
     pub signatures: SignatureSet,
     pub policy: Policy,
+    /// TLS inspection's CA, leaf cache and upstream trust (with
+    /// `[tls_inspect] enabled`).
+    pub tls: Option<Arc<Interception>>,
     pub generation: u64,
 }
 
@@ -61,12 +65,63 @@ impl Engine {
                 })
                 .collect::<Vec<_>>()
         })?;
+        let tls = if config.tls_inspect.enabled {
+            check_tls_selections(&config, &signatures)?;
+            let i = Interception::load(&config.tls_inspect).map_err(|e| vec![e])?;
+            Some(Arc::new(i))
+        } else {
+            None
+        };
         Ok(Engine {
             config: Arc::new(config),
             signatures,
             policy,
+            tls,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
         })
+    }
+}
+
+/// `app:` and `category:` entries of `[tls_inspect]` name apps and
+/// categories the signature set has.
+fn check_tls_selections(config: &Config, signatures: &SignatureSet) -> Result<(), Vec<String>> {
+    use crate::config::Select;
+    let t = &config.tls_inspect;
+    let text = config
+        .path
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let file = config
+        .path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "<defaults>".into());
+    let mut errors = Vec::new();
+    for (key, list) in [("decrypt", &t.decrypt), ("never", &t.never)] {
+        for s in list {
+            let known = match s {
+                Select::App(id) => signatures.apps().iter().any(|a| &a.id == id),
+                Select::Category(c) => signatures.apps().iter().any(|a| &a.category == c),
+                _ => true,
+            };
+            if !known {
+                errors.push(
+                    crate::config::ConfigError {
+                        file: file.clone(),
+                        line: crate::config::locate(&text, "tls_inspect", key),
+                        field: format!("tls_inspect.{key}"),
+                        message: format!("{s:?} names no app or category of the signature set"),
+                    }
+                    .to_string(),
+                );
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
     }
 }
 

@@ -82,7 +82,23 @@ pub struct Metrics {
     /// Admin requests refused: `client` (outside `admin.allow`), `token`
     /// (reload without the right bearer token).
     pub admin_refusals: IntCounterVec,
+    /// TLS inspection: how selected flows went, and the leaf cache.
+    tls_inspect: IntCounterVec,
+    tls_cert_cache: IntCounterVec,
+    tls_cert_mint: Histogram,
+    tls_cert_cache_entries: IntGauge,
 }
+
+/// The `outcome` label of `chatwall_tls_inspect_total`.
+pub const TLS_INSPECT_OUTCOMES: &[&str] = &[
+    "inspected",
+    "spliced_alpn",
+    "spliced_cert_error",
+    "spliced_upstream_error",
+    "upstream_cert_error_page",
+    "block_page",
+    "client_refused",
+];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -248,6 +264,47 @@ impl Metrics {
         reg(Box::new(auth_failures.clone()));
         reg(Box::new(exception_decisions.clone()));
         reg(Box::new(admin_refusals.clone()));
+        let tls_inspect = IntCounterVec::new(
+            Opts::new(
+                "chatwall_tls_inspect_total",
+                "Flows TLS inspection selected or paged, by outcome: inspected (decrypted), spliced_* (relayed undecrypted, and why), upstream_cert_error_page, block_page (a refusal shown over chatwall's certificate), client_refused (the client refused chatwall's certificate).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let tls_cert_cache = IntCounterVec::new(
+            Opts::new(
+                "chatwall_tls_cert_cache_total",
+                "Leaf certificates asked of the cache, by result (hit, miss: minted).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let tls_cert_mint = Histogram::with_opts(
+            HistogramOpts::new(
+                "chatwall_tls_cert_mint_seconds",
+                "Time to mint a leaf certificate (key generation and signing).",
+            )
+            .buckets(vec![
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.1,
+            ]),
+        )
+        .expect("valid metric");
+        let tls_cert_cache_entries = IntGauge::new(
+            "chatwall_tls_cert_cache_entries",
+            "Leaf certificates in the cache.",
+        )
+        .expect("valid metric");
+        reg(Box::new(tls_inspect.clone()));
+        reg(Box::new(tls_cert_cache.clone()));
+        reg(Box::new(tls_cert_mint.clone()));
+        reg(Box::new(tls_cert_cache_entries.clone()));
+        for o in TLS_INSPECT_OUTCOMES {
+            tls_inspect.with_label_values(&[o]);
+        }
+        for r in ["hit", "miss"] {
+            tls_cert_cache.with_label_values(&[r]);
+        }
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -291,7 +348,27 @@ impl Metrics {
             auth_failures,
             exception_decisions,
             admin_refusals,
+            tls_inspect,
+            tls_cert_cache,
+            tls_cert_mint,
+            tls_cert_cache_entries,
         }
+    }
+
+    /// One flow TLS inspection selected or paged (`TLS_INSPECT_OUTCOMES`).
+    pub fn tls_inspect(&self, outcome: &'static str) {
+        self.tls_inspect.with_label_values(&[outcome]).inc();
+    }
+
+    /// One leaf asked of the cache: `hit` or `miss` (minted, taking
+    /// `took`), and the entries it holds now.
+    pub fn tls_cert(&self, result: &'static str, took: std::time::Duration, entries: usize) {
+        self.tls_cert_cache.with_label_values(&[result]).inc();
+        if result == "miss" {
+            self.tls_cert_mint.observe(took.as_secs_f64());
+        }
+        self.tls_cert_cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     pub fn listener(&self, kind: ListenerKind) -> &PerListener {

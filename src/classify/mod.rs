@@ -35,10 +35,13 @@ pub enum Reason {
     Ja4,
     /// A name in the certificate a TLS 1.2 (or older) server sent in clear.
     Cert,
+    /// Inside a decrypted flow, a request for a host the server's
+    /// certificate does not cover (domain fronting).
+    Fronting,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Host,
         Reason::Sni,
         Reason::Ip,
@@ -52,6 +55,7 @@ impl Reason {
         Reason::Alpn,
         Reason::Ja4,
         Reason::Cert,
+        Reason::Fronting,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +73,7 @@ impl Reason {
             Reason::Alpn => "alpn",
             Reason::Ja4 => "ja4",
             Reason::Cert => "cert",
+            Reason::Fronting => "fronting",
         }
     }
 }

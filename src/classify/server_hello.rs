@@ -319,7 +319,7 @@ fn certificate(message: &[u8], offset: usize) -> Option<ServerFlight> {
         return Some(ServerFlight::Hidden);
     }
     let leaf = message.get(leaf_at..leaf_end)?;
-    Some(match leaf_names(leaf) {
+    Some(match certificate_names(leaf) {
         Some(names) => ServerFlight::Names(names),
         None => ServerFlight::Hidden,
     })
@@ -400,7 +400,7 @@ impl<'a> Reader<'a> {
 /// The names of a DER certificate: subject commonNames, then the dNSNames
 /// of every subjectAltName extension; `None` if the certificate does not
 /// parse.
-fn leaf_names(der: &[u8]) -> Option<Vec<String>> {
+pub fn certificate_names(der: &[u8]) -> Option<Vec<String>> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let mut names: Vec<String> = Vec::new();
     let mut add = |raw: &str| {

@@ -21,6 +21,7 @@ pub mod prefixed;
 pub mod refuse;
 pub mod relay;
 pub mod target;
+pub mod tls_wire;
 pub mod transparent;
 pub mod tunnel;
 pub mod upstream;

@@ -41,6 +41,8 @@ pub enum FlowError {
     UpstreamProtocol(String),
     /// The request already passed through this proxy (a forwarding loop).
     LoopDetected,
+    /// The upstream's TLS certificate did not verify (a decrypted flow).
+    UpstreamCertificate(String),
 }
 
 impl FlowError {
@@ -59,6 +61,7 @@ impl FlowError {
             FlowError::UpstreamTimeout => "timeout",
             FlowError::UpstreamProtocol(_) => "protocol",
             FlowError::LoopDetected => "loop",
+            FlowError::UpstreamCertificate(_) => "certificate",
         }
     }
 
@@ -118,6 +121,9 @@ impl fmt::Display for FlowError {
                 f,
                 "forwarding loop: the request already came through this proxy"
             ),
+            FlowError::UpstreamCertificate(e) => {
+                write!(f, "the server's certificate is not trusted: {e}")
+            }
         }
     }
 }

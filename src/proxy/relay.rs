@@ -152,6 +152,65 @@ impl<'a> RelayCtx<'a> {
     }
 }
 
+/// One side of a tunnel as the relay drives it: both directions use it
+/// through a shared reference, one reading while the other writes. A TCP
+/// socket, or a TLS session over one (`proxy::tls_wire`) for decrypted
+/// flows. `readable` then `try_read` keeps an idle side free of buffers.
+pub trait Wire: Sync {
+    /// Wait until `try_read` may have something (or an end) to report.
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Read what is there; `WouldBlock` when nothing is, `Ok(0)` at the end.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// `try_read` into the spare capacity of `buf`.
+    fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize>;
+    /// Write all of `data`.
+    fn write_all(&self, data: &[u8]) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// End this direction in order (FIN; close_notify first over TLS).
+    fn shutdown_write(&self);
+    /// Abort with a reset once dropped.
+    fn reset(&self);
+    /// The socket itself, where bytes may move by splice(2).
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+    /// A tunnel's upstream connected only once its first request passed
+    /// (redirected port 80): a plain socket, as this side's type.
+    fn from_connected(s: TcpStream) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        drop(s);
+        None
+    }
+}
+
+impl Wire for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+    fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+    fn write_all(&self, data: &[u8]) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        write_all(self, data)
+    }
+    fn shutdown_write(&self) {
+        shutdown_write(self)
+    }
+    fn reset(&self) {
+        reset(self)
+    }
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+    fn from_connected(s: TcpStream) -> Option<Self> {
+        Some(s)
+    }
+}
+
 /// Write all of `data` to a socket shared by reference.
 pub async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
@@ -178,10 +237,10 @@ pub fn reset(s: &TcpStream) {
 
 /// One direction: copy `src` to `dst`, inspecting the first bytes while an
 /// inspector is present.
-pub(super) async fn pump(
+pub(super) async fn pump<S: Wire, D: Wire>(
     cx: &RelayCtx<'_>,
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &S,
+    dst: &D,
     mut insp: Option<Inspector>,
     counter: &AtomicU64,
 ) -> End {
@@ -205,7 +264,7 @@ pub(super) async fn pump(
                     if let Some(i) = insp.as_mut() {
                         let from = i.forwarded;
                         i.forwarded = i.buf.len();
-                        if let Err(e) = write_all(dst, &i.buf[from..]).await {
+                        if let Err(e) = dst.write_all(&i.buf[from..]).await {
                             return End::Error(e);
                         }
                     }
@@ -231,11 +290,11 @@ pub(super) async fn pump(
             give_buf(buf);
             if let Some(i) = insp.take() {
                 // The stream ended: nothing can complete a partial match.
-                if let Err(e) = write_all(dst, i.held()).await {
+                if let Err(e) = dst.write_all(i.held()).await {
                     return End::Error(e);
                 }
             }
-            shutdown_write(dst);
+            dst.shutdown_write();
             return End::Closed;
         }
         cx.touch();
@@ -255,14 +314,16 @@ pub(super) async fn pump(
                 }
             }
             None => {
-                let r = write_all(dst, &buf[..n]).await.err().map(End::Error);
+                let r = dst.write_all(&buf[..n]).await.err().map(End::Error);
                 give_buf(buf);
                 if r.is_none() && n == COPY_BUF {
                     // A full buffer: bulk data. Move the rest of this
                     // direction through a pipe in the kernel (splice), when
                     // the platform has it.
-                    if let Some(end) = splice::pump(cx, src, dst, counter).await {
-                        return end;
+                    if let (Some(src), Some(dst)) = (src.tcp(), dst.tcp()) {
+                        if let Some(end) = splice::pump(cx, src, dst, counter).await {
+                            return end;
+                        }
                     }
                 }
                 r
@@ -366,7 +427,7 @@ mod splice {
 /// inspection of this direction is over (everything forwarded, and the
 /// window is full, nothing can match any more, or a monitored or allowed
 /// app matched).
-async fn inspect_step(cx: &RelayCtx<'_>, i: &mut Inspector, dst: &TcpStream) -> Result<bool, End> {
+async fn inspect_step<D: Wire>(cx: &RelayCtx<'_>, i: &mut Inspector, dst: &D) -> Result<bool, End> {
     let scan_len = i.buf.len().min(i.window);
     let outcome = cx
         .engine
@@ -388,7 +449,7 @@ async fn inspect_step(cx: &RelayCtx<'_>, i: &mut Inspector, dst: &TcpStream) -> 
     if upto > i.forwarded {
         let from = i.forwarded;
         i.forwarded = upto;
-        if let Err(e) = write_all(dst, &i.buf[from..upto]).await {
+        if let Err(e) = dst.write_all(&i.buf[from..upto]).await {
             return Err(End::Error(e));
         }
     }
@@ -419,8 +480,8 @@ pub async fn relay(
 /// (`End::Refused`) lets the client read it and resets the upstream only.
 pub(super) async fn run_pair(
     cx: &RelayCtx<'_>,
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: &impl Wire,
+    upstream: &impl Wire,
     mut up: std::pin::Pin<&mut impl std::future::Future<Output = End>>,
     mut down: std::pin::Pin<&mut impl std::future::Future<Output = End>>,
 ) -> End {
@@ -450,10 +511,10 @@ pub(super) async fn run_pair(
     };
     match end {
         End::Blocked(_) | End::Error(_) | End::Idle => {
-            reset(client);
-            reset(upstream);
+            client.reset();
+            upstream.reset();
         }
-        End::Refused => reset(upstream),
+        End::Refused => upstream.reset(),
         End::Closed => {}
     }
     end

@@ -15,3 +15,4 @@ pub mod mint;
 
 pub use ca::{Authority, NewCa};
 pub use mint::{CacheResult, Minter};
+pub mod interception;

@@ -21,7 +21,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::{Flow, Upstream};
@@ -34,7 +33,7 @@ use crate::engine::Engine;
 use crate::metrics::ListenerKind;
 use crate::policy::Verdict;
 use crate::proxy::refuse::{self, FlowError};
-use crate::proxy::relay::{self, End, Inspector, RelayCtx};
+use crate::proxy::relay::{self, End, Inspector, RelayCtx, Wire};
 use crate::proxy::{upstream, Shared};
 
 /// Requests forwarded whose responses have not ended, at most; a client
@@ -104,13 +103,13 @@ struct Ctx<'a> {
 
 /// Relay one tunnel whose first bytes are HTTP/1.x; writes the records of
 /// its requests as their responses end, and the tunnel's own record.
-pub async fn run(
+pub async fn run<C: Wire, U: Wire>(
     shared: Arc<Shared>,
     engine: Arc<Engine>,
     mut flow: Flow,
-    client: TcpStream,
+    client: C,
     buf: BytesMut,
-    upstream: Upstream,
+    upstream: Upstream<U>,
 ) {
     let logged = !shared.access_log.is_off();
     let who = flow.ctx.client.who();
@@ -118,8 +117,12 @@ pub async fn run(
     cx.up
         .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let exchange = Exchange::default();
+    let mut reqs = Requests::new(&engine, who, flow.dst, Some(shared.via_token()), logged);
+    if let Some(tls) = flow.tls.as_mut().filter(|t| t.decrypt) {
+        reqs.covered_by(std::mem::take(&mut tls.cover));
+    }
     let mut up_state = Up {
-        reqs: Requests::new(&engine, who, flow.dst, Some(shared.via_token()), logged),
+        reqs,
         buf,
         findings: Findings::default(),
         left_http: false,
@@ -146,22 +149,22 @@ pub async fn run(
         .unwrap_or(Err(End::Idle));
     let end = match first {
         Err(End::Idle) => {
-            relay::reset(&client);
+            client.reset();
             if let Upstream::Connected(up) = &upstream {
-                relay::reset(up);
+                up.reset();
             }
             End::Idle
         }
         Err(end) => {
             // The client left before a whole request.
             if let Upstream::Connected(up) = &upstream {
-                relay::shutdown_write(up);
+                up.shutdown_write();
             }
             end
         }
         Ok(Step::Refuse { refusal, request }) => {
             if let Upstream::Connected(up) = &upstream {
-                relay::reset(up);
+                up.reset();
             }
             refuse(&ctx, &client, refusal, request).await
         }
@@ -174,9 +177,9 @@ pub async fn run(
                 Some(d) => {
                     // Not followable from its first request, and refused
                     // by the generic rules or its address: no upstream.
-                    relay::reset(&client);
+                    client.reset();
                     if let Upstream::Connected(up) = &upstream {
-                        relay::reset(up);
+                        up.reset();
                     }
                     End::Blocked(d)
                 }
@@ -194,10 +197,10 @@ pub async fn run(
                             shared.record_refusal(flow.ctx.listener, &engine, &e, &mut rec);
                             shared.access_log.write(rec);
                             let page = refuse::page_bytes(&e, &engine.signatures);
-                            let _ = relay::write_all(&client, &page).await;
-                            relay::shutdown_write(&client);
+                            let _ = client.write_all(&page).await;
+                            client.shutdown_write();
                         } else {
-                            relay::reset(&client);
+                            client.reset();
                         }
                         failed = Some(e.to_string());
                         End::Closed
@@ -275,10 +278,13 @@ fn lost_refusal(ctx: &Ctx<'_>, st: &mut Up<'_>, why: &'static str) -> Option<Det
     }
     tracing::debug!(client = %flow.ctx.client.addr, why, "HTTP in a tunnel not followed further");
     let who = flow.ctx.client.who();
+    // Inside a decrypted flow the port's rule (TLS on 443) was met; what
+    // is not HTTP there goes to the payload signatures as in a tunnel.
+    let port = if decrypted(flow) { 0 } else { flow.dst.port() };
     match decide::generic_for_port(
         ctx.engine,
         &who,
-        flow.dst.port(),
+        port,
         flow.allowlisted,
         &st.buf,
         &mut st.findings,
@@ -288,19 +294,29 @@ fn lost_refusal(ctx: &Ctx<'_>, st: &mut Up<'_>, why: &'static str) -> Option<Det
     }
 }
 
+/// A decrypted flow (TLS inspection)?
+fn decrypted(flow: &Flow) -> bool {
+    flow.tls.as_ref().is_some_and(|t| t.decrypt)
+}
+
 /// The upstream connection: the CONNECT's, or the original destination's,
 /// connected now.
-async fn connect(
+async fn connect<U: Wire>(
     ctx: &Ctx<'_>,
-    upstream: Upstream,
-) -> Result<(TcpStream, Option<upstream::OwnSocket>), FlowError> {
+    upstream: Upstream<U>,
+) -> Result<(U, Option<upstream::OwnSocket>), FlowError> {
     let (shared, engine, flow) = (ctx.shared, ctx.engine, ctx.flow);
     match upstream {
         Upstream::Connected(s) => Ok((s, None)),
         Upstream::Lazy(addr) => {
             shared.connect_tunnel_upstream(engine, &[addr])
             .await
-            .map(|(s, _, own)| (s, own))
+            .and_then(|(s, _, own)| {
+                let s = U::from_connected(s).ok_or(FlowError::UpstreamReset(
+                    "no plain connection for this tunnel".into(),
+                ))?;
+                Ok((s, own))
+            })
             .inspect_err(|e| {
                     shared.metrics.upstream_error(e.kind());
                     tracing::debug!(client = %flow.ctx.client.addr, error = %e, "upstream of an HTTP tunnel");
@@ -329,13 +345,14 @@ fn request_record(shared: &Shared, flow: &Flow, req: &RequestInfo) -> Record {
         host: Some(req.host.clone()),
         upstream: Some(flow.dst.to_string()),
         verdict: "allow",
+        tls: flow.rec.tls,
         ..Record::default()
     }
 }
 
 /// Read more client bytes into the buffer. `Ok(0)`: the client ended its
 /// side.
-async fn read_client(ctx: &Ctx<'_>, client: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read_client<C: Wire>(ctx: &Ctx<'_>, client: &C, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
         client.readable().await?;
         buf.reserve(READ_CHUNK);
@@ -355,7 +372,7 @@ async fn read_client(ctx: &Ctx<'_>, client: &TcpStream, buf: &mut BytesMut) -> i
 
 /// Read until the requests say what to do with the front of the buffer.
 /// `Err(End::Closed)`: the client ended its side cleanly.
-async fn next_step(ctx: &Ctx<'_>, client: &TcpStream, st: &mut Up<'_>) -> Result<Step, End> {
+async fn next_step<C: Wire>(ctx: &Ctx<'_>, client: &C, st: &mut Up<'_>) -> Result<Step, End> {
     let hold = ctx.engine.config.first_bytes_timeout;
     let mut cue = ReqCue::Bytes;
     loop {
@@ -419,10 +436,10 @@ async fn switch_outcome(ctx: &Ctx<'_>) -> Option<bool> {
 }
 
 /// The client's side of an HTTP tunnel: act on each step.
-async fn requests_up(
+async fn requests_up<C: Wire, U: Wire>(
     ctx: &Ctx<'_>,
-    client: &TcpStream,
-    up: &TcpStream,
+    client: &C,
+    up: &U,
     st: &mut Up<'_>,
     first: Step,
 ) -> End {
@@ -442,7 +459,7 @@ async fn requests_up(
                     }
                 }
                 let chunk = st.buf.split_to(len.min(st.buf.len()));
-                if let Err(e) = relay::write_all(up, &chunk).await {
+                if let Err(e) = up.write_all(&chunk).await {
                     return End::Error(e);
                 }
             }
@@ -476,7 +493,7 @@ async fn requests_up(
                     Inspector::new(Direction::Client, &st.buf, ctx.engine.config.inspect_bytes)
                 });
                 if inspector.is_none() {
-                    if let Err(e) = relay::write_all(up, &st.buf).await {
+                    if let Err(e) = up.write_all(&st.buf).await {
                         return End::Error(e);
                     }
                 }
@@ -487,7 +504,7 @@ async fn requests_up(
         step = match next_step(ctx, client, st).await {
             Ok(s) => s,
             Err(End::Closed) => {
-                relay::shutdown_write(up);
+                up.shutdown_write();
                 return End::Closed;
             }
             Err(end) => return end,
@@ -543,9 +560,9 @@ async fn admit_request(
 /// Refuse the request at the front of the client's bytes: once every
 /// earlier response has reached the client, the page, then the end of the
 /// tunnel. Where no page can be framed, a reset.
-async fn refuse(
+async fn refuse<C: Wire>(
     ctx: &Ctx<'_>,
-    client: &TcpStream,
+    client: &C,
     refusal: Refusal,
     request: Box<RequestInfo>,
 ) -> End {
@@ -578,9 +595,9 @@ async fn refuse(
     let end = if framed {
         let page = refuse::page_bytes(&e, &ctx.engine.signatures);
         rec.status = e.status().as_u16();
-        match relay::write_all(client, &page).await {
+        match client.write_all(&page).await {
             Ok(()) => {
-                relay::shutdown_write(client);
+                client.shutdown_write();
                 End::Refused
             }
             Err(err) => End::Error(err),
@@ -611,7 +628,7 @@ enum Resp {
 /// The upstream's side of an HTTP tunnel: relayed as it comes, observed to
 /// find where responses end. Once the responses cannot be followed (or
 /// switch protocols) this is a plain relay.
-async fn responses_down(ctx: &Ctx<'_>, up: &TcpStream, client: &TcpStream) -> End {
+async fn responses_down<C: Wire, U: Wire>(ctx: &Ctx<'_>, up: &U, client: &C) -> End {
     let mut resp = Resp::Head(Vec::new());
     let max_head = ctx.engine.config.limits.max_request_head_bytes.max(8192) * 2;
     loop {
@@ -642,12 +659,12 @@ async fn responses_down(ctx: &Ctx<'_>, up: &TcpStream, client: &TcpStream) -> En
             relay::give_buf(buf);
             bad_gateway(ctx, client, &resp, "closed").await;
             ended(ctx, &mut resp);
-            relay::shutdown_write(client);
+            client.shutdown_write();
             return End::Closed;
         }
         ctx.cx.touch();
         ctx.cx.down.fetch_add(n as u64, Ordering::Relaxed);
-        let written = relay::write_all(client, &buf[..n]).await;
+        let written = client.write_all(&buf[..n]).await;
         // Observed once the client has the bytes: a response counts as
         // ended only when all of it reached the client.
         observe(ctx, &mut resp, &buf[..n], max_head);
@@ -663,7 +680,7 @@ async fn responses_down(ctx: &Ctx<'_>, up: &TcpStream, client: &TcpStream) -> En
 /// to an intercepting proxy: it gets a 502 naming the cause, as explicit
 /// HTTP would. (Inside a CONNECT the client addressed the origin, and the
 /// tunnel just closes.) Returns whether the page was written.
-async fn bad_gateway(ctx: &Ctx<'_>, client: &TcpStream, resp: &Resp, why: &str) -> bool {
+async fn bad_gateway<C: Wire>(ctx: &Ctx<'_>, client: &C, resp: &Resp, why: &str) -> bool {
     if ctx.flow.ctx.listener != ListenerKind::TransparentHttp {
         return false;
     }
@@ -685,7 +702,7 @@ async fn bad_gateway(ctx: &Ctx<'_>, client: &TcpStream, resp: &Resp, why: &str) 
         ctx.shared.access_log.write(*rec);
     }
     let page = refuse::page_bytes(&e, &ctx.engine.signatures);
-    relay::write_all(client, &page).await.is_ok()
+    client.write_all(&page).await.is_ok()
 }
 
 /// The upstream ended its side: a body until close ends here.

@@ -22,6 +22,7 @@
 //! port 443 under `non_tls_on_443 = block` — does silence past the deadline
 //! refuse the flow.
 mod http1;
+mod intercept;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,8 +53,8 @@ use crate::policy::Verdict;
 /// The upstream of a tunnel: connected already (CONNECT, so that a failure
 /// is a 502; generic redirected ports, so a server that speaks first is
 /// heard), or connected once the first bytes are decided.
-pub enum Upstream {
-    Connected(TcpStream),
+pub enum Upstream<U = TcpStream> {
+    Connected(U),
     Lazy(SocketAddr),
 }
 
@@ -75,6 +76,9 @@ pub struct Flow {
     /// The upstream socket, registered while transparent listeners exist
     /// (a redirect loop is recognised by it).
     pub own: Option<upstream::OwnSocket>,
+    /// What TLS inspection needs of the ClientHello (only with
+    /// `[tls_inspect]` on and a server name in the hello).
+    pub tls: Option<Box<intercept::TlsFlow>>,
     pub rec: Record,
 }
 
@@ -195,6 +199,7 @@ pub async fn open(
         addr_block: None,
         check_cert: false,
         own,
+        tls: None,
         rec: std::mem::take(rec),
     };
     Ok((up, flow))
@@ -211,18 +216,35 @@ pub async fn run(
 ) {
     let started = Instant::now();
     let logged = !shared.access_log.is_off();
-    let result = first_bytes(&engine, &mut flow, &client, initial, &upstream, logged).await;
+    let (result, buf) = first_bytes(&engine, &mut flow, &client, initial, &upstream, logged).await;
     shared
         .metrics
         .inspection_duration
         .observe(started.elapsed().as_secs_f64());
-    let (first, buf) = match result {
+    let first = match result {
         Ok(x) => x,
+        Err(FlowError::Blocked(d)) if flow.tls.as_ref().is_some_and(|t| t.page) => {
+            // A listed client's browser gets a page it can show.
+            if let Upstream::Connected(up) = &upstream {
+                relay::reset(up);
+            }
+            let page = FlowError::Blocked(d);
+            Box::pin(intercept::page_over_tls(
+                shared, engine, flow, client, buf, page,
+            ))
+            .await;
+            return;
+        }
         Err(e) => {
             refuse_tunnel(&shared, &engine, flow, &client, &upstream, e);
             return;
         }
     };
+    if first == First::Tls && flow.tls.as_ref().is_some_and(|t| t.decrypt) {
+        // Boxed: only decrypted flows carry the TLS sessions.
+        Box::pin(intercept::run(shared, engine, flow, client, buf, upstream)).await;
+        return;
+    }
 
     if let (Some(d), false) = (flow.addr_block, first == First::Http) {
         refuse_tunnel(
@@ -244,24 +266,53 @@ pub async fn run(
         return;
     }
 
-    let up = match upstream {
-        Upstream::Connected(s) => s,
-        Upstream::Lazy(addr) => match shared.connect_tunnel_upstream(&engine, &[addr]).await {
+    let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, upstream).await else {
+        return;
+    };
+    relay_plain(shared, engine, flow, client, up, first, buf).await;
+}
+
+/// The tunnel's upstream: connected already, or now. `None`: it could not
+/// be reached; the client was reset and the flow logged.
+async fn upstream_now(
+    shared: &Shared,
+    engine: &Engine,
+    flow: &mut Flow,
+    client: &TcpStream,
+    upstream: Upstream,
+) -> Option<TcpStream> {
+    match upstream {
+        Upstream::Connected(s) => Some(s),
+        Upstream::Lazy(addr) => match shared.connect_tunnel_upstream(engine, &[addr]).await {
             Ok((s, _, own)) => {
                 flow.own = own;
-                s
+                Some(s)
             }
             Err(e) => {
                 shared.metrics.upstream_error(e.kind());
                 flow.rec.error = Some(e.to_string());
                 let verdict = flow.findings.verdict();
-                shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
-                relay::reset(&client);
-                shared.access_log.write(flow.rec);
-                return;
+                shared.record_verdict(flow.ctx.listener, engine, &verdict, &mut flow.rec);
+                relay::reset(client);
+                shared.access_log.write(std::mem::take(&mut flow.rec));
+                None
             }
         },
-    };
+    }
+}
+
+/// Relay a tunnel that is not followed as HTTP: its first bytes (already
+/// read and decided) go first, then both directions as they come, under
+/// payload signatures where they apply.
+async fn relay_plain(
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    mut flow: Flow,
+    client: TcpStream,
+    up: TcpStream,
+    first: First,
+    buf: BytesMut,
+) {
     if !shared.access_log.is_off() {
         // Connected to flow.dst: the CONNECT's checked address, or the
         // redirected stream's original destination.
@@ -427,7 +478,7 @@ async fn first_bytes(
     initial: Bytes,
     upstream: &Upstream,
     logged: bool,
-) -> Result<(First, BytesMut), FlowError> {
+) -> (Result<First, FlowError>, BytesMut) {
     // JA4 only for rules that match on it, or a log that records it.
     let want_ja4 = logged || engine.signatures.has_ja4_rules();
     let window = engine.config.inspect_bytes;
@@ -465,6 +516,13 @@ async fn first_bytes(
     };
     if let Some(hello) = check.hello {
         flow.check_cert = hello.sni.is_none() && !flow.allowlisted;
+        if engine.config.tls_inspect.enabled {
+            if let Some(sni) = &hello.sni {
+                let who = flow.ctx.client.who();
+                flow.tls =
+                    intercept::TlsFlow::of(engine, &who, sni, &hello.alpn, flow.dst, &result);
+            }
+        }
         if logged {
             flow.rec.sni = hello.sni.clone();
             flow.rec.ja4 = Some(hello.ja4.clone());
@@ -472,7 +530,7 @@ async fn first_bytes(
         }
         tracing::trace!(sni = ?hello.sni, ja4 = %hello.ja4, "ClientHello");
     }
-    result.map(|first| (first, buf))
+    (result, buf)
 }
 
 /// A tunnel set up by a transparent listener.
@@ -487,6 +545,7 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
         addr_block: None,
         check_cert: false,
         own: None,
+        tls: None,
         rec: Record {
             start: Some(SystemTime::now()),
             client,

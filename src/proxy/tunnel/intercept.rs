@@ -1,0 +1,450 @@
+//! TLS inspection of one tunnel (`[tls_inspect]`): a flow whose
+//! ClientHello passed and names a selected server, from a listed client.
+//!
+//! Upstream first: connect and verify the server (the client's SNI and
+//! ALPN, the system's roots plus the operator's), then answer the client
+//! with a leaf minted for the SNI that mirrors the server certificate's
+//! names. The decrypted stream then goes through the same byte-exact HTTP
+//! follower as a plain tunnel (`tunnel::http1`): request by request, the
+//! host rules, the HTTP rules, domain fronting; what is not HTTP gets the
+//! payload signatures.
+//!
+//! - The server's certificate does not verify: the client gets a page
+//!   naming the error over chatwall's certificate (`upstream_cert_errors =
+//!   "block"`), or the flow is relayed undecrypted (`"splice"`) and the
+//!   client judges the certificate itself.
+//! - Any other failed upstream handshake (a client certificate asked for,
+//!   old TLS, a reset): the buffered ClientHello is replayed on a fresh
+//!   connection and the flow is relayed undecrypted.
+//! - A client that offers only protocols other than http/1.1 (h2 alone)
+//!   is relayed undecrypted.
+//! - A client that refuses chatwall's certificate (a pinned app, a client
+//!   without the CA) ends there: nothing was sent upstream but the
+//!   handshake.
+//!
+//! A refused flow from a listed client gets the 403 page over chatwall's
+//! certificate (`page_over_tls`), so that a browser shows why.
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{http1, relay_plain, upstream_now, Flow, Upstream};
+use crate::classify::server_hello::certificate_names;
+use crate::config::CertErrors;
+use crate::decide::{self, First};
+use crate::engine::Engine;
+use crate::policy::{Verdict, Who};
+use crate::proxy::prefixed::Prefixed;
+use crate::proxy::refuse::{self, FlowError};
+use crate::proxy::relay::{self, Wire};
+use crate::proxy::tls_wire::TlsWire;
+use crate::proxy::Shared;
+use crate::tls_inspect::interception::{Interception, HTTP1};
+
+/// What inspection needs of a tunnel's ClientHello.
+#[derive(Debug)]
+pub struct TlsFlow {
+    pub sni: String,
+    /// The client's ALPN offers.
+    pub alpn: Vec<String>,
+    /// The flow passed and `[tls_inspect]` selects it.
+    pub decrypt: bool,
+    /// The flow was refused and gets the page over chatwall's certificate.
+    pub page: bool,
+    /// Decrypted: the DNS names the server's certificate covers.
+    pub cover: Vec<String>,
+}
+
+impl TlsFlow {
+    /// `None` when the flow is neither decrypted nor paged.
+    pub fn of(
+        engine: &Engine,
+        who: &Who,
+        sni: &str,
+        alpn: &[String],
+        dst: SocketAddr,
+        result: &Result<First, FlowError>,
+    ) -> Option<Box<TlsFlow>> {
+        let decrypt =
+            matches!(result, Ok(First::Tls)) && decide::decrypt(engine, who, sni, dst.ip());
+        let page = matches!(result, Err(FlowError::Blocked(_)))
+            && decide::block_page_over_tls(engine, who, sni);
+        (decrypt || page).then(|| {
+            Box::new(TlsFlow {
+                sni: sni.to_string(),
+                alpn: alpn.to_vec(),
+                decrypt,
+                page,
+                cover: Vec::new(),
+            })
+        })
+    }
+
+    fn offers_http1(&self) -> bool {
+        self.alpn.iter().any(|p| p.as_bytes() == HTTP1)
+    }
+}
+
+/// One minted leaf, whatever the client asks.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+/// How an inspected flow went, for `chatwall_tls_inspect_total`.
+fn count(shared: &Shared, outcome: &'static str) {
+    shared.metrics.tls_inspect(outcome);
+}
+
+/// Decrypt and follow one tunnel (its ClientHello is in `hello`).
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    mut flow: Flow,
+    client: TcpStream,
+    hello: BytesMut,
+    upstream: Upstream,
+) {
+    let (Some(tls), Some(info)) = (engine.tls.clone(), flow.tls.take()) else {
+        // Not reachable: decryption is decided only with both present.
+        if let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, upstream).await {
+            relay_plain(shared, engine, flow, client, up, First::Tls, hello).await;
+        }
+        return;
+    };
+    let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, upstream).await else {
+        return;
+    };
+    if !info.alpn.is_empty() && !info.offers_http1() {
+        count(&shared, "spliced_alpn");
+        flow.rec.tls = Some("spliced");
+        relay_plain(shared, engine, flow, client, up, First::Tls, hello).await;
+        return;
+    }
+    let t = &engine.config.tls_inspect;
+    let connector = TlsConnector::from(if info.offers_http1() {
+        Arc::clone(&tls.upstream_http1)
+    } else {
+        Arc::clone(&tls.upstream_plain)
+    });
+    let Ok(name) = ServerName::try_from(info.sni.clone()) else {
+        count(&shared, "spliced_upstream_error");
+        flow.rec.tls = Some("spliced");
+        relay_plain(shared, engine, flow, client, up, First::Tls, hello).await;
+        return;
+    };
+    let handshake = tokio::time::timeout(t.handshake_timeout, connector.connect(name, up)).await;
+    let up_tls = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let cert_error = certificate_error(&e);
+            tracing::debug!(client = %flow.ctx.client.addr, sni = %info.sni, error = %e, "upstream TLS handshake");
+            match cert_error {
+                Some(why) if t.upstream_cert_errors == CertErrors::Block => {
+                    count(&shared, "upstream_cert_error_page");
+                    shared.metrics.upstream_error("certificate");
+                    flow.tls = Some(info);
+                    let page = FlowError::UpstreamCertificate(why);
+                    page_over_tls(shared, engine, flow, client, hello, page).await;
+                }
+                Some(why) => {
+                    count(&shared, "spliced_cert_error");
+                    flow.rec.error =
+                        Some(format!("server certificate: {why}; relayed undecrypted"));
+                    splice_fresh(shared, engine, flow, client, hello).await;
+                }
+                None => {
+                    count(&shared, "spliced_upstream_error");
+                    flow.rec.error = Some(format!("upstream TLS: {e}; relayed undecrypted"));
+                    splice_fresh(shared, engine, flow, client, hello).await;
+                }
+            }
+            return;
+        }
+        Err(_) => {
+            count(&shared, "spliced_upstream_error");
+            flow.rec.error = Some("upstream TLS handshake timed out; relayed undecrypted".into());
+            splice_fresh(shared, engine, flow, client, hello).await;
+            return;
+        }
+    };
+
+    let (leaf, chosen) = {
+        let session = up_tls.get_ref().1;
+        (
+            session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec())
+                .unwrap_or_default(),
+            session.alpn_protocol().map(<[u8]>::to_vec),
+        )
+    };
+    let names = certificate_names(&leaf).unwrap_or_default();
+    let fingerprint: [u8; 32] = Sha256::digest(&leaf).into();
+    let key = match mint(&shared, &tls, &info.sni, names.clone(), fingerprint).await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(sni = %info.sni, error = %e, "minting a certificate");
+            flow.rec.error = Some(format!("minting a certificate: {e}"));
+            finish_refused(&shared, &engine, flow, None);
+            return;
+        }
+    };
+    let client = match accept(&tls, t.handshake_timeout, key, chosen, client, hello).await {
+        Ok(c) => c,
+        Err(e) => {
+            // A pinned app, or a client without the CA.
+            count(&shared, "client_refused");
+            flow.rec.tls = Some("client-refused");
+            flow.rec.error = Some(format!("the client refused chatwall's certificate: {e}"));
+            let (tcp, _) = up_tls.into_inner();
+            relay::reset(&tcp);
+            finish_refused(&shared, &engine, flow, None);
+            return;
+        }
+    };
+    count(&shared, "inspected");
+    let (tcp, session) = up_tls.into_inner();
+    let up = TlsWire::new(tcp, session);
+    flow.rec.tls = Some("inspected");
+    flow.tls = Some(Box::new(TlsFlow {
+        cover: names,
+        ..*info
+    }));
+    http1::run(
+        shared,
+        engine,
+        flow,
+        client,
+        BytesMut::new(),
+        Upstream::Connected(up),
+    )
+    .await;
+}
+
+/// The name of a certificate verification error, if that is what failed.
+fn certificate_error(e: &io::Error) -> Option<String> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    use rustls::CertificateError as C;
+    let why = match inner {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::Expired | C::ExpiredContext { .. } => "it has expired".to_string(),
+            C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet".to_string(),
+            C::UnknownIssuer => "it is signed by an unknown issuer".to_string(),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "it does not name this server".to_string()
+            }
+            C::Revoked => "it is revoked".to_string(),
+            C::BadSignature => "its signature does not verify".to_string(),
+            other => format!("{other:?}"),
+        },
+        _ => return None,
+    };
+    Some(why)
+}
+
+/// A leaf for the SNI from the cache or freshly minted (off the runtime's
+/// threads: concurrent misses for one name wait for one minting).
+async fn mint(
+    shared: &Shared,
+    tls: &Arc<Interception>,
+    sni: &str,
+    names: Vec<String>,
+    fingerprint: [u8; 32],
+) -> Result<Arc<CertifiedKey>, String> {
+    let (tls, sni) = (Arc::clone(tls), sni.to_string());
+    let minted = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let r = tls.minter.leaf(&sni, &names, fingerprint);
+        (r, started.elapsed(), tls.minter.len())
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (result, took, entries) = minted;
+    let (key, cached) = result?;
+    shared.metrics.tls_cert(cached.as_str(), took, entries);
+    Ok(key)
+}
+
+/// The client's handshake with a minted leaf, its ClientHello replayed
+/// from `hello`; ALPN as the upstream chose.
+async fn accept(
+    tls: &Interception,
+    timeout: std::time::Duration,
+    key: Arc<CertifiedKey>,
+    alpn: Option<Vec<u8>>,
+    client: TcpStream,
+    hello: BytesMut,
+) -> io::Result<TlsWire> {
+    let mut cfg = ServerConfig::builder_with_provider(Arc::clone(&tls.provider))
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(key)));
+    cfg.alpn_protocols = alpn.into_iter().collect();
+    let acceptor = TlsAcceptor::from(Arc::new(cfg));
+    let stream = tokio::time::timeout(
+        timeout,
+        acceptor.accept(Prefixed::new(hello.freeze(), client)),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+    let (io, mut session) = stream.into_inner();
+    let (unread, tcp) = io.into_parts();
+    if !unread.is_empty() {
+        // Bytes the client sent with its hello (none, for a client that
+        // waits for the server): they belong to the session.
+        session.read_tls(&mut &unread[..])?;
+        session
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    }
+    Ok(TlsWire::new(tcp, session))
+}
+
+/// Relay the flow undecrypted on a fresh upstream connection, its
+/// ClientHello replayed: the client talks to the server itself.
+async fn splice_fresh(
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    mut flow: Flow,
+    client: TcpStream,
+    hello: BytesMut,
+) {
+    flow.rec.tls = Some("spliced");
+    let dst = flow.dst;
+    let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, Upstream::Lazy(dst)).await
+    else {
+        return;
+    };
+    relay_plain(shared, engine, flow, client, up, First::Tls, hello).await;
+}
+
+/// Answer a listed client with the page for `err` over chatwall's
+/// certificate for its SNI: the handshake, one request read (bounded), the
+/// page, close. A client that refuses the certificate just ends.
+pub(super) async fn page_over_tls(
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    mut flow: Flow,
+    client: TcpStream,
+    hello: BytesMut,
+    err: FlowError,
+) {
+    let verdict = match &err {
+        FlowError::Blocked(d) => Some(Verdict::Block(*d)),
+        _ => None,
+    };
+    let (Some(tls), Some(info)) = (engine.tls.clone(), flow.tls.take()) else {
+        relay::reset(&client);
+        finish_refused(&shared, &engine, flow, verdict);
+        return;
+    };
+    let t = &engine.config.tls_inspect;
+    flow.rec.tls = Some("page");
+    let key = match mint(&shared, &tls, &info.sni, Vec::new(), [0; 32]).await {
+        Ok(k) => k,
+        Err(e) => {
+            flow.rec.error = Some(format!("minting a certificate: {e}"));
+            relay::reset(&client);
+            finish_refused(&shared, &engine, flow, verdict);
+            return;
+        }
+    };
+    let alpn = info.offers_http1().then(|| HTTP1.to_vec());
+    let wire = match accept(&tls, t.handshake_timeout, key, alpn, client, hello).await {
+        Ok(w) => w,
+        Err(e) => {
+            count(&shared, "client_refused");
+            flow.rec.error = Some(format!("the client refused chatwall's certificate: {e}"));
+            finish_refused(&shared, &engine, flow, verdict);
+            return;
+        }
+    };
+    count(
+        &shared,
+        if verdict.is_some() {
+            "block_page"
+        } else {
+            "upstream_cert_error_page"
+        },
+    );
+    // The request is read so that the client sees an answer to it, not a
+    // close before it was sent; whatever it is, the page answers it.
+    let limit = engine.config.limits.max_request_head_bytes;
+    let deadline = engine.config.limits.header_read_timeout;
+    let _ = tokio::time::timeout(deadline, read_head(&wire, limit)).await;
+    let page = refuse::page_bytes(&err, &engine.signatures);
+    flow.rec.status = err.status().as_u16();
+    if let Err(e) = wire.write_all(&page).await {
+        flow.rec.error = Some(e.to_string());
+    }
+    wire.shutdown_write();
+    if verdict.is_none() {
+        flow.rec.error = Some(err.to_string());
+    }
+    finish_refused(&shared, &engine, flow, verdict);
+}
+
+/// Read until the end of a request head (or `limit` bytes, or the end).
+async fn read_head(wire: &TlsWire, limit: usize) {
+    let mut buf = BytesMut::new();
+    while buf.len() < limit {
+        if wire.readable().await.is_err() {
+            return;
+        }
+        match wire.try_read_buf(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {
+                if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
+                {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Log and count a flow that ends here.
+fn finish_refused(shared: &Shared, engine: &Engine, mut flow: Flow, verdict: Option<Verdict>) {
+    let verdict = verdict.unwrap_or_else(|| flow.findings.verdict());
+    shared.record_verdict(flow.ctx.listener, engine, &verdict, &mut flow.rec);
+    shared.access_log.write(flow.rec);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_errors_are_named() {
+        let e = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert_eq!(
+            certificate_error(&e).as_deref(),
+            Some("it is signed by an unknown issuer")
+        );
+        let other = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert_eq!(certificate_error(&other), None);
+        let plain = io::Error::other("reset");
+        assert_eq!(certificate_error(&plain), None);
+    }
+}
