@@ -154,7 +154,6 @@ pub(super) async fn run(
             tracing::debug!(client = %flow.ctx.client.addr, sni = %info.sni, error = %e, "upstream TLS handshake");
             match cert_error {
                 Some(why) if t.upstream_cert_errors == CertErrors::Block => {
-                    count(&shared, "upstream_cert_error_page");
                     shared.metrics.upstream_error("certificate");
                     flow.tls = Some(info);
                     let page = FlowError::UpstreamCertificate(why);
