@@ -729,3 +729,51 @@ async fn a_loose_ca_key_is_refused_naming_the_file() {
     let text = err.join("\n");
     assert!(text.contains("ca.key"), "{text}");
 }
+
+#[tokio::test]
+async fn a_connect_refused_on_its_name_gets_the_page_over_tls_for_listed_clients() {
+    let origin = PlainOrigin::start(&["localhost"]).await;
+    for (clients, page) in [("127.0.0.0/8", true), ("10.0.0.0/8", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (toml, ca) = inspect_toml(
+            dir.path(),
+            &origin.cert_pem,
+            &format!("clients = [\"{clients}\"]\ndecrypt = [\"host:localhost\"]"),
+        );
+        let proxy = Proxy::start(&toml).await;
+        // Refused on the name, before any lookup: no network is needed.
+        let result = tls_through(
+            &proxy,
+            "web.whatsapp.com:443",
+            "web.whatsapp.com",
+            client_config(&ca, &[b"h2", b"http/1.1"]),
+        )
+        .await;
+        if page {
+            let mut tls = result.expect("200, then chatwall's certificate for the name");
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+            tls.write_all(b"GET /favicon.ico HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n")
+                .await
+                .expect("write");
+            let got = read_all(&mut tls).await;
+            let head = head_of(&got);
+            assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("x-chatwall-block: whatsapp"),
+                "{head}"
+            );
+            let recs = proxy.wait_log(1).await;
+            assert!(
+                recs.iter().any(|r| r["tls"] == "page"
+                    && r["verdict"] == "block"
+                    && r["app"] == "whatsapp"),
+                "{recs:?}"
+            );
+        } else {
+            let e = result.expect_err("refused");
+            assert!(e.to_string().contains("CONNECT answered 403"), "{e}");
+        }
+        proxy.stop().await;
+    }
+}

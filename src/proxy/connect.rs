@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use super::conn::ConnCtx;
 use super::explicit;
 use super::prefixed::Prefixed;
+use super::refuse::FlowError;
 use super::relay;
 use super::tunnel::{self, Upstream};
 use super::Shared;
@@ -116,7 +117,6 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     drop(head);
     let head_bytes = buf.split_to(head_len);
     let opened = tunnel::open(&shared, &engine, ctx.clone(), &authority, &mut rec).await;
-    drop(authority);
     match opened {
         Ok((up, flow)) => {
             // The head's bytes share the first read's buffer: an idle
@@ -139,6 +139,18 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
                 Upstream::Connected(up),
             )
             .await;
+        }
+        Err(FlowError::Blocked(d)) if tunnel::page_for_connect(&engine, &ctx, &authority) => {
+            // A listed client's browser shows a page, not a failed tunnel:
+            // the CONNECT is answered, and the refusal comes over TLS.
+            drop(head_bytes);
+            if relay::write_all(&stream, ESTABLISHED).await.is_ok() {
+                // Boxed: tunnels' tasks do not carry this path's state.
+                Box::pin(tunnel::refuse_with_page(
+                    shared, engine, ctx, &authority, rec, stream, buf, d,
+                ))
+                .await;
+            }
         }
         Err(e) => {
             let resp = explicit::refusal(&shared, &engine, &ctx, e, rec);

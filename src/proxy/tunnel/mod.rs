@@ -205,6 +205,52 @@ pub async fn open(
     Ok((up, flow))
 }
 
+/// Whether a CONNECT refused on its name gets the 200 and then the page
+/// over chatwall's certificate (`[tls_inspect] block_page`, a listed
+/// client, a name on port 443 that no never list names).
+pub fn page_for_connect(engine: &Engine, ctx: &ConnCtx, auth: &http::uri::Authority) -> bool {
+    auth.port_u16() == Some(443)
+        && auth.host().parse::<std::net::IpAddr>().is_err()
+        && decide::block_page_over_tls(engine, &ctx.client.who(), auth.host())
+}
+
+/// A CONNECT refused on its name, already answered 200: the refusal page
+/// over chatwall's certificate for the name (`page_for_connect`).
+#[allow(clippy::too_many_arguments)]
+pub async fn refuse_with_page(
+    shared: Arc<Shared>,
+    engine: Arc<Engine>,
+    ctx: ConnCtx,
+    auth: &http::uri::Authority,
+    rec: Record,
+    client: TcpStream,
+    read: BytesMut,
+    d: Detection,
+) {
+    let host = normalize_host(auth.host()).unwrap_or_else(|| auth.host().to_string());
+    let mut flow = Flow {
+        ctx,
+        dst: SocketAddr::from(([0, 0, 0, 0], 443)),
+        host: Some(host.clone()),
+        allowlisted: false,
+        findings: Findings::default(),
+        addr_block: None,
+        check_cert: false,
+        own: None,
+        tls: Some(Box::new(intercept::TlsFlow {
+            sni: host,
+            // Whatever the browser offers, the page is HTTP/1.1.
+            alpn: vec!["http/1.1".into()],
+            decrypt: false,
+            page: true,
+            cover: Vec::new(),
+        })),
+        rec,
+    };
+    flow.rec.status = 200;
+    intercept::page_over_tls(shared, engine, flow, client, read, FlowError::Blocked(d)).await;
+}
+
 /// Inspect and relay one tunnel; writes its access-log record at the end.
 pub async fn run(
     shared: Arc<Shared>,
