@@ -17,7 +17,9 @@ use serde::Deserialize;
 use crate::classify::host::normalize_host;
 use crate::classify::NetSet;
 
+mod tenant;
 mod tls_inspect;
+pub use tenant::{set_fields, TenantRestrictions, TenantRule};
 pub use tls_inspect::{CertErrors, HostPattern, Select, TlsInspect};
 
 /// The built-in defaults, also the documentation of every key's default.
@@ -101,6 +103,16 @@ block_page = true
 handshake_timeout_ms = 10000
 cert_cache_entries = 10000
 cert_cache_ttl_ms = 43200000
+
+[tenant_restrictions]
+microsoft_tenants = []
+microsoft_context = ""
+microsoft_v2_policy = ""
+microsoft_block_consumer = false
+google_allowed_domains = []
+slack_requester = ""
+slack_allowed = []
+dropbox_team_ids = []
 "#;
 
 /// Where a value came from, for error messages.
@@ -158,6 +170,7 @@ struct RawConfig {
     auth: RawAuth,
     admin: RawAdmin,
     tls_inspect: tls_inspect::RawTlsInspect,
+    tenant_restrictions: tenant::RawTenant,
 }
 
 #[derive(Debug, Deserialize)]
@@ -660,6 +673,9 @@ pub struct Config {
     pub admin: Admin,
     /// `[tls_inspect]`: which HTTPS flows may be decrypted.
     pub tls_inspect: TlsInspect,
+    /// `[tenant_restrictions]`: headers for vendors' sign-in requests in
+    /// decrypted flows.
+    pub tenant_restrictions: TenantRestrictions,
 }
 
 impl Config {
@@ -708,7 +724,11 @@ impl Config {
                 .with_list_parse_key("admin.allow")
                 .with_list_parse_key("tls_inspect.clients")
                 .with_list_parse_key("tls_inspect.decrypt")
-                .with_list_parse_key("tls_inspect.never"),
+                .with_list_parse_key("tls_inspect.never")
+                .with_list_parse_key("tenant_restrictions.microsoft_tenants")
+                .with_list_parse_key("tenant_restrictions.google_allowed_domains")
+                .with_list_parse_key("tenant_restrictions.slack_allowed")
+                .with_list_parse_key("tenant_restrictions.dropbox_team_ids"),
         );
         let raw: RawConfig = builder
             .build()
@@ -744,6 +764,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         auth: Option<PartialAuth>,
         admin: Option<PartialAdmin>,
         tls_inspect: Option<tls_inspect::PartialTlsInspect>,
+        tenant_restrictions: Option<tenant::PartialTenant>,
     }
     macro_rules! partial {
         ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -1437,6 +1458,7 @@ fn validate(
     };
 
     let tls_inspect = tls_inspect::validate(&mut v, &raw.tls_inspect, path);
+    let tenant_restrictions = tenant::validate(&mut v, &raw.tenant_restrictions);
 
     if !v.errors.is_empty() {
         return Err(ConfigErrors(v.errors));
@@ -1461,6 +1483,7 @@ fn validate(
         auth,
         admin,
         tls_inspect,
+        tenant_restrictions,
     })
 }
 /// A path as written in the configuration: relative to the file's

@@ -332,6 +332,12 @@ fn selects(engine: &Engine, select: &Select, name: &str) -> bool {
         Select::Host(p) => p.matches(name),
         Select::App(id) => app().is_some_and(|a| &a.id == id),
         Select::Category(c) => app().is_some_and(|a| &a.category == c),
+        Select::Tenant => engine
+            .config
+            .tenant_restrictions
+            .for_host(name)
+            .next()
+            .is_some(),
         Select::Net(_) => false,
     }
 }
@@ -699,6 +705,11 @@ pub struct RequestInfo {
     /// Method and target, for the log (empty unless asked for).
     pub method: String,
     pub target: String,
+    /// The head to send instead of the client's (tenant-restriction
+    /// fields set); `None`: the client's bytes as they are.
+    pub head: Option<Box<[u8]>>,
+    /// The vendor whose tenant-restriction fields `head` sets.
+    pub tenant: Option<&'static str>,
 }
 
 /// What to do with the client's bytes at the front of the buffer.
@@ -807,6 +818,8 @@ pub struct Requests<'e> {
     /// Inside a decrypted flow: the names the server's certificate covers
     /// (a request for another host is domain fronting).
     cover: Option<Box<[String]>>,
+    /// Inside a decrypted flow: set tenant-restriction fields.
+    tenant: bool,
 }
 
 /// A partial head is parsed again after this many more bytes even without
@@ -835,7 +848,14 @@ impl<'e> Requests<'e> {
             state: ReqState::Head,
             head_scanned: 0,
             cover: None,
+            tenant: false,
         }
+    }
+
+    /// Set the `[tenant_restrictions]` fields on the vendors' sign-in
+    /// requests (a decrypted flow).
+    pub fn set_tenant_fields(&mut self) {
+        self.tenant = !self.engine.config.tenant_restrictions.is_empty();
     }
 
     /// Requests inside a decrypted flow: each must name a host that
@@ -975,6 +995,8 @@ impl<'e> Requests<'e> {
                 String::new()
             },
             host: hosts.primary,
+            head: None,
+            tenant: None,
         });
         if let Some(via) = self.via {
             let ours = req
@@ -1049,6 +1071,19 @@ impl<'e> Requests<'e> {
             }
             Ok(d)
         });
+        let mut request = request;
+        if self.tenant && decided.is_ok() {
+            let rules = &engine.config.tenant_restrictions;
+            let mut fields: Vec<(&str, &str)> = Vec::new();
+            for rule in rules.for_host(&request.host) {
+                request.tenant = Some(rule.vendor);
+                fields.extend(rule.fields.iter().map(|(n, v)| (*n, v.as_str())));
+            }
+            if !fields.is_empty() {
+                let head = crate::config::set_fields(&buf[..head_len], &fields);
+                request.head = Some(head.into_boxed_slice());
+            }
+        }
         match decided {
             Err(refusal) => Step::Refuse { refusal, request },
             Ok(HeadDecision::NeedBody { window })

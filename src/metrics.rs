@@ -87,6 +87,7 @@ pub struct Metrics {
     tls_cert_cache: IntCounterVec,
     tls_cert_mint: Histogram,
     tls_cert_cache_entries: IntGauge,
+    tenant_headers: IntCounterVec,
 }
 
 /// The `outcome` label of `chatwall_tls_inspect_total`.
@@ -299,6 +300,18 @@ impl Metrics {
         reg(Box::new(tls_cert_cache.clone()));
         reg(Box::new(tls_cert_mint.clone()));
         reg(Box::new(tls_cert_cache_entries.clone()));
+        let tenant_headers = IntCounterVec::new(
+            Opts::new(
+                "chatwall_tenant_headers_total",
+                "Sign-in requests given tenant-restriction fields, by vendor.",
+            ),
+            &["vendor"],
+        )
+        .expect("valid metric");
+        reg(Box::new(tenant_headers.clone()));
+        for v in ["microsoft", "google", "slack", "dropbox"] {
+            tenant_headers.with_label_values(&[v]);
+        }
         for o in TLS_INSPECT_OUTCOMES {
             tls_inspect.with_label_values(&[o]);
         }
@@ -352,7 +365,13 @@ impl Metrics {
             tls_cert_cache,
             tls_cert_mint,
             tls_cert_cache_entries,
+            tenant_headers,
         }
+    }
+
+    /// One request given a vendor's tenant-restriction fields.
+    pub fn tenant_headers(&self, vendor: &'static str) {
+        self.tenant_headers.with_label_values(&[vendor]).inc();
     }
 
     /// One flow TLS inspection selected or paged (`TLS_INSPECT_OUTCOMES`).

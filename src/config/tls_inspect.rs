@@ -92,6 +92,9 @@ pub enum Select {
     Category(String),
     /// `cidr:PREFIX` (never list only): servers at these addresses.
     Net(IpNet),
+    /// `builtin:tenant`: the sign-in hosts of the vendors configured in
+    /// `[tenant_restrictions]`.
+    Tenant,
 }
 
 impl Select {
@@ -105,11 +108,12 @@ impl Select {
                 .ok_or_else(|| format!("`{value}` is not a host name or *.domain")),
             "app" if !value.is_empty() => Ok(Select::App(value.to_string())),
             "category" if !value.is_empty() => Ok(Select::Category(value.to_string())),
+            "builtin" if value == "tenant" => Ok(Select::Tenant),
             "cidr" if nets => parse_net(value)
                 .map(Select::Net)
                 .ok_or_else(|| format!("`{value}` is not a CIDR prefix")),
             _ => Err(format!(
-                "`{text}`: the kinds are host:, app:, category:{}",
+                "`{text}`: the kinds are host:, app:, category:, builtin:tenant{}",
                 if nets { ", cidr:" } else { "" }
             )),
         }

@@ -90,6 +90,9 @@ struct Up<'e> {
     findings: Findings,
     /// The stream went past HTTP (opaque or not followed).
     left_http: bool,
+    /// The head to send instead of the next forwarded one (tenant
+    /// restrictions set in it).
+    replace: Option<Box<[u8]>>,
 }
 
 /// Everything the request side needs besides its state.
@@ -120,12 +123,14 @@ pub async fn run<C: Wire, U: Wire>(
     let mut reqs = Requests::new(&engine, who, flow.dst, Some(shared.via_token()), logged);
     if let Some(tls) = flow.tls.as_mut().filter(|t| t.decrypt) {
         reqs.covered_by(std::mem::take(&mut tls.cover));
+        reqs.set_tenant_fields();
     }
     let mut up_state = Up {
         reqs,
         buf,
         findings: Findings::default(),
         left_http: false,
+        replace: None,
     };
 
     if logged {
@@ -459,7 +464,11 @@ async fn requests_up<C: Wire, U: Wire>(
                     }
                 }
                 let chunk = st.buf.split_to(len.min(st.buf.len()));
-                if let Err(e) = up.write_all(&chunk).await {
+                let sent = match st.replace.take() {
+                    Some(head) => up.write_all(&head).await,
+                    None => up.write_all(&chunk).await,
+                };
+                if let Err(e) = sent {
                     return End::Error(e);
                 }
             }
@@ -517,8 +526,12 @@ async fn requests_up<C: Wire, U: Wire>(
 async fn admit_request(
     ctx: &Ctx<'_>,
     st: &mut Up<'_>,
-    request: Box<RequestInfo>,
+    mut request: Box<RequestInfo>,
 ) -> Result<(), End> {
+    st.replace = request.head.take();
+    if let Some(vendor) = request.tenant {
+        ctx.shared.metrics.tenant_headers(vendor);
+    }
     let verdict = std::mem::take(&mut st.findings).verdict();
     let mut rec = request_record(ctx.shared, ctx.flow, &request);
     ctx.shared
