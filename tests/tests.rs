@@ -14,5 +14,6 @@ mod inspect;
 mod ops;
 mod passthrough;
 mod schedules;
+mod tls_ca;
 mod transparent;
 mod updates;
