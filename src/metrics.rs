@@ -38,6 +38,40 @@ impl ListenerKind {
     }
 }
 
+/// TLS inspection's certificate metrics: the leaf cache's size, leaves
+/// minted and how long each took, and the CA's notAfter (an alert well
+/// before it passes: a new CA must reach every client first).
+fn tls_cert_metrics() -> (crate::tls_inspect::mint::MintMetrics, IntGauge) {
+    let mint = crate::tls_inspect::mint::MintMetrics {
+        cache_entries: IntGauge::new(
+            "chatwall_tls_cert_cache_entries",
+            "Minted leaf certificates in the cache now.",
+        )
+        .expect("valid metric"),
+        minted: IntCounter::new(
+            "chatwall_tls_certs_minted_total",
+            "Leaf certificates minted for TLS inspection.",
+        )
+        .expect("valid metric"),
+        mint_seconds: Histogram::with_opts(
+            HistogramOpts::new(
+                "chatwall_tls_cert_mint_seconds",
+                "Time to mint one leaf certificate (key, signature).",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.1,
+            ]),
+        )
+        .expect("valid metric"),
+    };
+    let not_after = IntGauge::new(
+        "chatwall_tls_ca_not_after_timestamp_seconds",
+        "Unix time the TLS inspection CA expires (0: no CA loaded).",
+    )
+    .expect("valid metric");
+    (mint, not_after)
+}
+
 /// Which side a flow error comes from, the `kind` label of upstream errors.
 pub const UPSTREAM_ERROR_KINDS: &[&str] = &[
     "dns",
@@ -82,6 +116,10 @@ pub struct Metrics {
     /// Admin requests refused: `client` (outside `admin.allow`), `token`
     /// (reload without the right bearer token).
     pub admin_refusals: IntCounterVec,
+    /// TLS inspection's leaf cache and mints (for `Minter::with_metrics`).
+    pub tls_mint: crate::tls_inspect::mint::MintMetrics,
+    /// The inspection CA's notAfter (0: no CA loaded).
+    pub tls_ca_not_after: IntGauge,
 }
 
 impl Metrics {
@@ -248,6 +286,11 @@ impl Metrics {
         reg(Box::new(auth_failures.clone()));
         reg(Box::new(exception_decisions.clone()));
         reg(Box::new(admin_refusals.clone()));
+        let (tls_mint, tls_ca_not_after) = tls_cert_metrics();
+        reg(Box::new(tls_mint.cache_entries.clone()));
+        reg(Box::new(tls_mint.minted.clone()));
+        reg(Box::new(tls_mint.mint_seconds.clone()));
+        reg(Box::new(tls_ca_not_after.clone()));
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -291,6 +334,8 @@ impl Metrics {
             auth_failures,
             exception_decisions,
             admin_refusals,
+            tls_mint,
+            tls_ca_not_after,
         }
     }
 

@@ -541,4 +541,34 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_minter_keeps_its_metrics() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let new = crate::tls_inspect::ca::generate("metrics CA", 10).unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        std::fs::write(&cert, &new.cert_pem).unwrap();
+        std::fs::write(&key, &new.key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ca = Arc::new(Authority::load(&cert, &key).unwrap());
+        let metrics = crate::metrics::Metrics::new();
+        metrics.tls_ca_not_after.set(ca.not_after_unix());
+        let m = Minter::new(ca, 10, Duration::from_secs(60)).with_metrics(metrics.tls_mint.clone());
+        for sni in ["a.test", "b.test", "a.test"] {
+            m.leaf(sni, &[], [0; 32]).unwrap();
+        }
+        let text = metrics.render();
+        for want in [
+            "chatwall_tls_certs_minted_total 2\n".to_string(),
+            "chatwall_tls_cert_cache_entries 2\n".to_string(),
+            "chatwall_tls_cert_mint_seconds_count 2\n".to_string(),
+            format!(
+                "chatwall_tls_ca_not_after_timestamp_seconds {}\n",
+                new.not_after
+            ),
+        ] {
+            assert!(text.contains(&want), "{want:?} in {text}");
+        }
+    }
 }
