@@ -23,6 +23,10 @@
 //! `update` (`chatwall signatures update`) fetches a signed bundle,
 //! validates it as `check-config` does, swaps it into `[signatures] dir`
 //! and asks the running proxy to reload through its admin listener.
+//!
+//! `tls_inspect` holds TLS inspection's local CA (`chatwall ca init|show`)
+//! and mints the leaf certificates a decrypted flow presents to its client,
+//! cached and bounded; it opens no sockets.
 #![forbid(unsafe_code)]
 
 pub mod access_log;

@@ -38,6 +38,40 @@ impl ListenerKind {
     }
 }
 
+/// TLS inspection's certificate metrics: the leaf cache's size, leaves
+/// minted and how long each took, and the CA's notAfter (an alert well
+/// before it passes: a new CA must reach every client first).
+fn tls_cert_metrics() -> (crate::tls_inspect::mint::MintMetrics, IntGauge) {
+    let mint = crate::tls_inspect::mint::MintMetrics {
+        cache_entries: IntGauge::new(
+            "chatwall_tls_cert_cache_entries",
+            "Minted leaf certificates in the cache now.",
+        )
+        .expect("valid metric"),
+        minted: IntCounter::new(
+            "chatwall_tls_certs_minted_total",
+            "Leaf certificates minted for TLS inspection.",
+        )
+        .expect("valid metric"),
+        mint_seconds: Histogram::with_opts(
+            HistogramOpts::new(
+                "chatwall_tls_cert_mint_seconds",
+                "Time to mint one leaf certificate (key, signature).",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.1,
+            ]),
+        )
+        .expect("valid metric"),
+    };
+    let not_after = IntGauge::new(
+        "chatwall_tls_ca_not_after_timestamp_seconds",
+        "Unix time the TLS inspection CA expires (0: no CA loaded).",
+    )
+    .expect("valid metric");
+    (mint, not_after)
+}
+
 /// Which side a flow error comes from, the `kind` label of upstream errors.
 pub const UPSTREAM_ERROR_KINDS: &[&str] = &[
     "dns",
@@ -85,9 +119,11 @@ pub struct Metrics {
     /// TLS inspection: how selected flows went, and the leaf cache.
     tls_inspect: IntCounterVec,
     tls_cert_cache: IntCounterVec,
-    tls_cert_mint: Histogram,
-    tls_cert_cache_entries: IntGauge,
     tenant_headers: IntCounterVec,
+    /// TLS inspection's leaf cache and mints.
+    pub tls_mint: crate::tls_inspect::mint::MintMetrics,
+    /// The inspection CA's notAfter (0: no CA loaded).
+    pub tls_ca_not_after: IntGauge,
 }
 
 /// The `outcome` label of `chatwall_tls_inspect_total`.
@@ -281,25 +317,8 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
-        let tls_cert_mint = Histogram::with_opts(
-            HistogramOpts::new(
-                "chatwall_tls_cert_mint_seconds",
-                "Time to mint a leaf certificate (key generation and signing).",
-            )
-            .buckets(vec![
-                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.1,
-            ]),
-        )
-        .expect("valid metric");
-        let tls_cert_cache_entries = IntGauge::new(
-            "chatwall_tls_cert_cache_entries",
-            "Leaf certificates in the cache.",
-        )
-        .expect("valid metric");
         reg(Box::new(tls_inspect.clone()));
         reg(Box::new(tls_cert_cache.clone()));
-        reg(Box::new(tls_cert_mint.clone()));
-        reg(Box::new(tls_cert_cache_entries.clone()));
         let tenant_headers = IntCounterVec::new(
             Opts::new(
                 "chatwall_tenant_headers_total",
@@ -318,6 +337,11 @@ impl Metrics {
         for r in ["hit", "miss"] {
             tls_cert_cache.with_label_values(&[r]);
         }
+        let (tls_mint, tls_ca_not_after) = tls_cert_metrics();
+        reg(Box::new(tls_mint.cache_entries.clone()));
+        reg(Box::new(tls_mint.minted.clone()));
+        reg(Box::new(tls_mint.mint_seconds.clone()));
+        reg(Box::new(tls_ca_not_after.clone()));
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -363,13 +387,27 @@ impl Metrics {
             admin_refusals,
             tls_inspect,
             tls_cert_cache,
-            tls_cert_mint,
-            tls_cert_cache_entries,
             tenant_headers,
+            tls_mint,
+            tls_ca_not_after,
         }
     }
 
     /// One request given a vendor's tenant-restriction fields.
+    /// The engine now in force: its inspection CA's expiry (0: none).
+    pub fn set_tls_ca(&self, engine: &crate::engine::Engine) {
+        let not_after = engine
+            .tls
+            .as_ref()
+            .map_or(0, |t| t.minter.authority().not_after_unix());
+        self.tls_ca_not_after.set(not_after);
+        if let Some(t) = &engine.tls {
+            self.tls_mint
+                .cache_entries
+                .set(i64::try_from(t.minter.len()).unwrap_or(i64::MAX));
+        }
+    }
+
     pub fn tenant_headers(&self, vendor: &'static str) {
         self.tenant_headers.with_label_values(&[vendor]).inc();
     }
@@ -384,9 +422,11 @@ impl Metrics {
     pub fn tls_cert(&self, result: &'static str, took: std::time::Duration, entries: usize) {
         self.tls_cert_cache.with_label_values(&[result]).inc();
         if result == "miss" {
-            self.tls_cert_mint.observe(took.as_secs_f64());
+            self.tls_mint.minted.inc();
+            self.tls_mint.mint_seconds.observe(took.as_secs_f64());
         }
-        self.tls_cert_cache_entries
+        self.tls_mint
+            .cache_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 

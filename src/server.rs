@@ -74,6 +74,7 @@ impl Reloader {
                     *old = listen;
                 }
                 shared.metrics.set_signatures(&engine.signatures);
+                shared.metrics.set_tls_ca(&engine);
                 let summary = format!(
                     "{} apps, {} rules, generation {}",
                     engine.signatures.apps().len(),

@@ -14,6 +14,7 @@ mod inspect;
 mod ops;
 mod passthrough;
 mod schedules;
+mod tls_ca;
 mod tls_inspect;
 mod transparent;
 mod updates;

@@ -777,3 +777,66 @@ async fn a_connect_refused_on_its_name_gets_the_page_over_tls_for_listed_clients
         proxy.stop().await;
     }
 }
+
+#[tokio::test]
+async fn tenant_restrictions_are_set_on_sign_in_requests_and_nowhere_else() {
+    // The origin answers as the vendors' sign-in hosts; the tunnels go to
+    // it by address, the ClientHello names the vendor.
+    let origin =
+        PlainOrigin::start(&["login.microsoftonline.com", "app.slack.com", "localhost"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut toml, ca) = inspect_toml(
+        dir.path(),
+        &origin.cert_pem,
+        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"builtin:tenant\", \"host:localhost\"]",
+    );
+    toml.push_str(
+        "[tenant_restrictions]\nmicrosoft_tenants = [\"contoso.com\", \"fabrikam.onmicrosoft.com\"]\nmicrosoft_context = \"456ff232-35l2-5h23-b3b3-3236w0826f3d\"\nslack_requester = \"E0123\"\nslack_allowed = [\"E0123\", \"T0456\"]\n\n[policy]\napps = { slack = \"allow\" }\n",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let authority = format!("127.0.0.1:{}", origin.addr.port());
+    let cases: [(&str, &[u8], &[u8]); 3] = [
+        (
+            "login.microsoftonline.com",
+            b"GET /common/oauth2/authorize?x=1 HTTP/1.1\r\nHost: login.microsoftonline.com\r\nrestrict-access-to-tenants: evil.example\r\nX-Other:  kept \r\n\r\n",
+            b"GET /common/oauth2/authorize?x=1 HTTP/1.1\r\nHost: login.microsoftonline.com\r\nX-Other:  kept \r\nRestrict-Access-To-Tenants: contoso.com,fabrikam.onmicrosoft.com\r\nRestrict-Access-Context: 456ff232-35l2-5h23-b3b3-3236w0826f3d\r\n\r\n",
+        ),
+        (
+            "app.slack.com",
+            b"GET /signin HTTP/1.1\r\nHost: app.slack.com\r\n\r\n",
+            b"GET /signin HTTP/1.1\r\nHost: app.slack.com\r\nX-Slack-Allowed-Workspaces-Requester: E0123\r\nX-Slack-Allowed-Workspaces: E0123,T0456\r\n\r\n",
+        ),
+        (
+            "localhost",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nRestrict-Access-To-Tenants: as-sent\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nRestrict-Access-To-Tenants: as-sent\r\n\r\n",
+        ),
+    ];
+    for (i, (sni, sent, want)) in cases.iter().enumerate() {
+        let mut tls = tls_through(&proxy, &authority, sni, client_config(&ca, &[b"http/1.1"]))
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        tls.write_all(sent).await.expect("write");
+        let got = read_all(&mut tls).await;
+        support::assert_same_bytes(sni, &got, RESPONSE);
+        let seen = origin.received();
+        support::assert_same_bytes(
+            sni,
+            seen.get(i).map(Vec::as_slice).unwrap_or_default(),
+            want,
+        );
+    }
+    assert_eq!(
+        proxy
+            .metric("chatwall_tenant_headers_total{vendor=\"microsoft\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("chatwall_tenant_headers_total{vendor=\"slack\"}")
+            .await,
+        1.0
+    );
+    proxy.stop().await;
+}

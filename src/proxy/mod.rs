@@ -74,6 +74,7 @@ impl Shared {
         own_addrs: Vec<SocketAddr>,
     ) -> Arc<Shared> {
         metrics.set_signatures(&engine.signatures);
+        metrics.set_tls_ca(&engine);
         let guard = Arc::new(upstream::DestGuard {
             own_addrs,
             local_ips: local_ips(),

@@ -310,9 +310,11 @@ impl Authority {
             sha1,
         };
 
-        // The probe: a leaf signed now names the CA's subject exactly.
+        // The probe: a leaf signed now (or, for an expired CA, within its
+        // validity) names the CA's subject exactly.
+        let probe_at = now_unix().min(not_after - 1).max(not_before);
         let probe = authority
-            .sign_leaf("probe.invalid", &[], now_unix().max(not_before))
+            .sign_leaf("probe.invalid", &[], probe_at)
             .map_err(|e| format!("{cert_shown}: cannot mint under this CA: {e}"))?;
         let (_, leaf) = X509Certificate::from_der(probe.der().as_ref())
             .map_err(|e| format!("{cert_shown}: a minted leaf does not parse: {e}"))?;
@@ -445,4 +447,75 @@ pub fn generate(cn: &str, days: u32) -> Result<NewCa, String> {
         key_pem: key.serialize_pem(),
         not_after: (now + time::Duration::days(i64::from(days))).unix_timestamp(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, cert_pem: &str, key_pem: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn colon_hex_is_openssls_form() {
+        assert_eq!(colon_hex(&[0xab, 0x01, 0xff]), "AB:01:FF");
+        assert_eq!(colon_hex(&[]), "");
+    }
+
+    #[test]
+    fn serials_are_positive_and_differ() {
+        let a = random_serial().unwrap();
+        let b = random_serial().unwrap();
+        assert_eq!(a.to_bytes().len(), 16);
+        assert!(a.to_bytes()[0] & 0x80 == 0);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_generated_ca_loads_with_its_fingerprints() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = generate("unit test CA", 10).unwrap();
+        let (cert, key) = write_pair(dir.path(), &new.cert_pem, &new.key_pem);
+        let ca = Authority::load(&cert, &key).unwrap();
+        assert_eq!(ca.sha256_fingerprint(), new.sha256);
+        assert_eq!(ca.sha1_fingerprint(), new.sha1);
+        assert_eq!(ca.not_after_unix(), new.not_after);
+        assert_eq!(ca.subject(), "CN=unit test CA");
+        assert_eq!(ca.key_type(), "ECDSA P-256");
+        assert!(ca.chain_after_leaf().is_empty());
+        assert_eq!(ca.cert_der().as_ref(), new.cert_der.as_slice());
+    }
+
+    #[test]
+    fn an_ed25519_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let (cert, key) = write_pair(dir.path(), &cert.pem(), &key.serialize_pem());
+        let e = Authority::load(&cert, &key).unwrap_err();
+        assert!(e.contains("ca.key") && e.contains("P-256"), "{e}");
+    }
+
+    #[test]
+    fn files_that_are_not_pem_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_pair(dir.path(), "no pem here\n", "nor here\n");
+        let e = Authority::load(&cert, &key).unwrap_err();
+        assert!(e.contains("ca.pem"), "{e}");
+        let new = generate("unit test CA", 10).unwrap();
+        let (cert, key) = write_pair(dir.path(), &new.cert_pem, "nor here\n");
+        let e = Authority::load(&cert, &key).unwrap_err();
+        assert!(e.contains("ca.key"), "{e}");
+        let missing = dir.path().join("missing.pem");
+        let e = Authority::load(&missing, &key).unwrap_err();
+        assert!(e.contains("missing.pem"), "{e}");
+    }
 }

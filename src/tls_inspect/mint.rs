@@ -446,3 +446,129 @@ impl Minter {
         self.report_len();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_as_a_leaf_carries_them() {
+        let dns = |s: &str| Some(LeafName::Dns(s.to_string()));
+        let ip = |s: &str| Some(LeafName::Ip(s.parse().unwrap()));
+        for (raw, want) in [
+            ("chat.example.test", dns("chat.example.test")),
+            ("Chat.Example.TEST.", dns("chat.example.test")),
+            (" a.b ", dns("a.b")),
+            ("*.b.example.test", dns("*.b.example.test")),
+            ("_srv.example.test", dns("_srv.example.test")),
+            ("localhost", dns("localhost")),
+            ("192.0.2.1", ip("192.0.2.1")),
+            ("[2001:db8::1]", ip("2001:db8::1")),
+            ("2001:db8::1", ip("2001:db8::1")),
+            ("", None),
+            (".", None),
+            ("*", None),
+            ("a.*.example.test", None),
+            ("*x.example.test", None),
+            ("a..b", None),
+            ("a b.example.test", None),
+            ("bücher.example", None),
+            ("a/b", None),
+        ] {
+            assert_eq!(LeafName::parse(raw), want, "{raw:?}");
+        }
+        let long_label = format!("{}.test", "a".repeat(64));
+        assert_eq!(LeafName::parse(&long_label), None);
+        let long_name = ["abcdefghi"; 26].join(".");
+        assert!(long_name.len() > 253);
+        assert_eq!(LeafName::parse(&long_name), None);
+    }
+
+    #[test]
+    fn leaf_names_put_the_sni_first_without_repeats_and_cap_the_count() {
+        let names: Vec<String> = ["B.test", "sni.test", "b.test.", "bad name", "10.0.0.1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let got = leaf_names("SNI.test", &names).unwrap();
+        assert_eq!(
+            got,
+            [
+                LeafName::Dns("sni.test".into()),
+                LeafName::Dns("b.test".into()),
+                LeafName::Ip("10.0.0.1".parse().unwrap()),
+            ]
+        );
+        let many: Vec<String> = (0..500).map(|i| format!("n{i}.test")).collect();
+        let got = leaf_names("sni.test", &many).unwrap();
+        assert_eq!(got.len(), MAX_SANS);
+        assert_eq!(got[0], LeafName::Dns("sni.test".into()));
+        assert!(leaf_names("not a name", &[]).is_err());
+    }
+
+    #[test]
+    fn der_lengths_short_and_long() {
+        for (n, want) in [
+            (0usize, vec![0x00]),
+            (0x7f, vec![0x7f]),
+            (0x80, vec![0x81, 0x80]),
+            (0xff, vec![0x81, 0xff]),
+            (0x100, vec![0x82, 0x01, 0x00]),
+            (0x1_0000, vec![0x83, 0x01, 0x00, 0x00]),
+        ] {
+            let mut out = Vec::new();
+            der_len(n, &mut out);
+            assert_eq!(out, want, "{n:#x}");
+        }
+        assert_eq!(
+            general_names(&[
+                LeafName::Dns("a.b".into()),
+                LeafName::Ip("192.0.2.1".parse().unwrap())
+            ]),
+            [0x30, 0x0b, 0x82, 0x03, b'a', b'.', b'b', 0x87, 0x04, 192, 0, 2, 1]
+        );
+    }
+
+    #[test]
+    fn cache_capacity_never_exceeds_max_entries() {
+        assert!(leaf_cache(0).is_none());
+        for max in [1, 2, 31, 63, 64, 100, 1000, 1023, 10_000, 12_345] {
+            let cache = leaf_cache(max).unwrap();
+            let cap = cache.capacity();
+            assert!(
+                cap <= max as u64 && cap * 100 >= max as u64 * 95,
+                "{max}: {cap}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_minter_keeps_its_metrics() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let new = crate::tls_inspect::ca::generate("metrics CA", 10).unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        std::fs::write(&cert, &new.cert_pem).unwrap();
+        std::fs::write(&key, &new.key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ca = Arc::new(Authority::load(&cert, &key).unwrap());
+        let metrics = crate::metrics::Metrics::new();
+        metrics.tls_ca_not_after.set(ca.not_after_unix());
+        let m = Minter::new(ca, 10, Duration::from_secs(60)).with_metrics(metrics.tls_mint.clone());
+        for sni in ["a.test", "b.test", "a.test"] {
+            m.leaf(sni, &[], [0; 32]).unwrap();
+        }
+        let text = metrics.render();
+        for want in [
+            "chatwall_tls_certs_minted_total 2\n".to_string(),
+            "chatwall_tls_cert_cache_entries 2\n".to_string(),
+            "chatwall_tls_cert_mint_seconds_count 2\n".to_string(),
+            format!(
+                "chatwall_tls_ca_not_after_timestamp_seconds {}\n",
+                new.not_after
+            ),
+        ] {
+            assert!(text.contains(&want), "{want:?} in {text}");
+        }
+    }
+}
