@@ -654,9 +654,34 @@ fn classify(cmd: ClassifyCommand) -> u8 {
             .find_map(|(action, n)| (action == crate::config::Action::Allow).then_some(n)?),
     };
     let label = |n: usize| policy.exception_label(n).unwrap_or("?").to_string();
+    // TLS inspection: an HTTPS flow that passes may be decrypted; one that
+    // is refused may get its page over chatwall's certificate.
+    let https = path
+        .as_ref()
+        .map_or(port == 443, |u| u.scheme_str() == Some("https"));
+    let literal = bare.parse::<IpAddr>().ok();
+    let tls_note = if !https || literal.is_some() {
+        None
+    } else if verdict.is_block() {
+        decide::block_page_over_tls(&engine, &who, bare)
+            .then_some("  tls: the client gets the page over chatwall's certificate ([tls_inspect] block_page)")
+    } else if decide::decrypt(&engine, &who, bare, None) {
+        Some("  tls: decrypted ([tls_inspect] selects it for this client); requests inside are decided one by one")
+    } else if engine.config.tls_inspect.enabled {
+        Some("  tls: not decrypted (not selected, not a listed client, or on a never list)")
+    } else {
+        None
+    };
+    let word = match verdict {
+        Verdict::Allow if tls_note.is_some_and(|n| n.starts_with("  tls: decrypted")) => "decrypt",
+        _ => verdict.as_str(),
+    };
     match decided_by {
-        Some(n) => println!("{} {host}:{port} exception={}", verdict.as_str(), label(n)),
-        None => println!("{} {host}:{port}", verdict.as_str()),
+        Some(n) => println!("{word} {host}:{port} exception={}", label(n)),
+        None => println!("{word} {host}:{port}"),
+    }
+    if let Some(note) = tls_note {
+        println!("{note}");
     }
     println!(
         "  for client {client}, user {}, at {:.0}",

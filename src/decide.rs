@@ -276,7 +276,7 @@ pub fn generic_for_port(
 /// Whether a TLS flow whose ClientHello passed may be decrypted
 /// (`[tls_inspect]`): inspection on, a listed client, a server name that
 /// `decrypt` selects and no never list names (nor the server's address).
-pub fn decrypt(engine: &Engine, who: &Who, sni: &str, server: IpAddr) -> bool {
+pub fn decrypt(engine: &Engine, who: &Who, sni: &str, server: Option<IpAddr>) -> bool {
     let t = &engine.config.tls_inspect;
     if !t.enabled || !inspected_client(engine, who) {
         return false;
@@ -284,8 +284,7 @@ pub fn decrypt(engine: &Engine, who: &Who, sni: &str, server: IpAddr) -> bool {
     let Some(name) = crate::classify::host::normalize_host(sni) else {
         return false;
     };
-    !never_decrypted(engine, &name, Some(server))
-        && t.decrypt.iter().any(|s| selects(engine, s, &name))
+    !never_decrypted(engine, &name, server) && t.decrypt.iter().any(|s| selects(engine, s, &name))
 }
 
 /// Whether a refused TLS flow gets the 403 page over chatwall's own

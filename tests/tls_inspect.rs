@@ -840,3 +840,43 @@ async fn tenant_restrictions_are_set_on_sign_in_requests_and_nowhere_else() {
     );
     proxy.stop().await;
 }
+
+#[test]
+fn classify_host_says_decrypt_for_a_selected_client_and_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = make_ca(dir.path());
+    let config = dir.path().join("chatwall.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls_inspect]\nenabled = true\nca_cert = {:?}\nca_key = {:?}\nupstream_extra_ca = {:?}\nclients = [\"10.1.0.0/16\"]\ndecrypt = [\"host:*.example.com\"]\nnever = [\"host:bank.example.com\"]\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            cert.display().to_string(),
+        ),
+    )
+    .expect("write");
+    let run = |name: &str, client: &str| -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatwall"))
+            .args(["classify", "host", name, "-c"])
+            .arg(&config)
+            .args(["--client", client])
+            .output()
+            .expect("chatwall runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = run("www.example.com", "10.1.2.3");
+    assert!(out.starts_with("decrypt www.example.com:443"), "{out}");
+    let out = run("www.example.com", "192.0.2.1");
+    assert!(out.starts_with("allow www.example.com:443"), "{out}");
+    assert!(out.contains("tls: not decrypted"), "{out}");
+    let out = run("bank.example.com", "10.1.2.3");
+    assert!(
+        out.starts_with("allow bank.example.com:443"),
+        "never list: {out}"
+    );
+    let out = run("web.whatsapp.com", "10.1.2.3");
+    assert!(out.starts_with("block web.whatsapp.com:443"), "{out}");
+    assert!(out.contains("page over chatwall's certificate"), "{out}");
+}

@@ -75,7 +75,7 @@ impl TlsFlow {
         result: &Result<First, FlowError>,
     ) -> Option<Box<TlsFlow>> {
         let decrypt =
-            matches!(result, Ok(First::Tls)) && decide::decrypt(engine, who, sni, dst.ip());
+            matches!(result, Ok(First::Tls)) && decide::decrypt(engine, who, sni, Some(dst.ip()));
         let page = matches!(result, Err(FlowError::Blocked(_)))
             && decide::block_page_over_tls(engine, who, sni);
         (decrypt || page).then(|| {
