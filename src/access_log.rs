@@ -42,6 +42,11 @@ pub struct Record {
     /// The `[[policy.exceptions]]` entry that chose a block or monitor
     /// verdict: its `name`, or `#N` (1-based position).
     pub exception: Option<String>,
+    /// The directory group through which that exception matched the user.
+    pub group: Option<String>,
+    /// The user's directory groups, for finding `group`; not logged.
+    #[serde(skip)]
+    pub groups: Option<crate::directory::Groups>,
     pub status: u16,
     pub upstream: Option<String>,
     pub error: Option<String>,

@@ -16,6 +16,8 @@ pub struct Engine {
     pub config: Arc<Config>,
     pub signatures: SignatureSet,
     pub policy: Policy,
+    /// The directory of `[ldap]`, with this snapshot's cache of groups.
+    pub directory: Option<Arc<crate::directory::Directory>>,
     pub generation: u64,
 }
 
@@ -61,10 +63,17 @@ impl Engine {
                 })
                 .collect::<Vec<_>>()
         })?;
+        let directory = match &config.ldap {
+            Some(l) => Some(Arc::new(
+                crate::directory::Directory::new(l).map_err(|e| vec![e])?,
+            )),
+            None => None,
+        };
         Ok(Engine {
             config: Arc::new(config),
             signatures,
             policy,
+            directory,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
         })
     }

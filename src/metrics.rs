@@ -82,6 +82,15 @@ pub struct Metrics {
     /// Admin requests refused: `client` (outside `admin.allow`), `token`
     /// (reload without the right bearer token).
     pub admin_refusals: IntCounterVec,
+    /// Group look-ups by how they were answered: hit (cache, or another
+    /// flow's query), miss (the directory answered), unavailable (it did
+    /// not: `[ldap] on_unavailable` applied).
+    pub directory_lookups: IntCounterVec,
+    /// Basic credentials checked by a bind: ok, wrong, unavailable.
+    pub directory_binds: IntCounterVec,
+    /// Verdicts of exceptions that matched through a directory group, by
+    /// exception, group (as the exception names it) and action.
+    pub group_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -248,6 +257,39 @@ impl Metrics {
         reg(Box::new(auth_failures.clone()));
         reg(Box::new(exception_decisions.clone()));
         reg(Box::new(admin_refusals.clone()));
+        let directory_lookups = IntCounterVec::new(
+            Opts::new(
+                "chatwall_directory_lookups_total",
+                "Directory group look-ups, by result: hit (cached), miss (read from the directory), unavailable (the directory did not answer; ldap.on_unavailable applied).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let directory_binds = IntCounterVec::new(
+            Opts::new(
+                "chatwall_directory_binds_total",
+                "Basic credentials checked by a bind to the directory, by result: ok, wrong, unavailable.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let group_decisions = IntCounterVec::new(
+            Opts::new(
+                "chatwall_group_decisions_total",
+                "Verdicts chosen by a policy exception through a directory group, by exception, group and action.",
+            ),
+            &["exception", "group", "action"],
+        )
+        .expect("valid metric");
+        reg(Box::new(directory_lookups.clone()));
+        reg(Box::new(directory_binds.clone()));
+        reg(Box::new(group_decisions.clone()));
+        for r in ["hit", "miss", "unavailable"] {
+            directory_lookups.with_label_values(&[r]);
+        }
+        for r in ["ok", "wrong", "unavailable"] {
+            directory_binds.with_label_values(&[r]);
+        }
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -291,6 +333,9 @@ impl Metrics {
             auth_failures,
             exception_decisions,
             admin_refusals,
+            directory_lookups,
+            directory_binds,
+            group_decisions,
         }
     }
 
