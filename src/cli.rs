@@ -130,6 +130,10 @@ pub struct ClassifyFor {
     /// The authenticated user: exceptions by user.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+    /// A directory group the user is a member of (a name or a DN; repeat
+    /// for several): exceptions by group, without asking the directory.
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
     /// The moment, in RFC 3339 (2025-06-02T12:30:00+02:00): scheduled
     /// exceptions. Default: now.
     #[arg(long, value_name = "RFC3339", value_parser = parse_moment)]
@@ -532,6 +536,14 @@ fn classify(cmd: ClassifyCommand) -> u8 {
     };
     let client: IpAddr = whom.client.unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let mut who = Who::new(client, whom.user.as_deref().map(std::sync::Arc::from));
+    if !whom.groups.is_empty() {
+        let groups: Vec<String> = whom
+            .groups
+            .iter()
+            .filter_map(|g| crate::config::group_key(g))
+            .collect();
+        who = who.with_groups(Some(groups.into()));
+    }
     if let Some(at) = whom.at {
         who = who.at(at);
     }
@@ -598,11 +610,18 @@ fn classify(cmd: ClassifyCommand) -> u8 {
         Some(n) => println!("{} {host}:{port} exception={}", verdict.as_str(), label(n)),
         None => println!("{} {host}:{port}", verdict.as_str()),
     }
+    let groups = match &who.groups {
+        Some(g) if !g.is_empty() => g.join(","),
+        _ => "-".to_string(),
+    };
     println!(
-        "  for client {client}, user {}, at {:.0}",
+        "  for client {client}, user {}, groups {groups}, at {:.0}",
         who.user.as_deref().unwrap_or("-"),
         who.moment()
     );
+    if let Some(g) = decided_by.and_then(|n| policy.exception_group(n, who.groups.as_deref())) {
+        println!("  through group {g}");
+    }
     if allowlisted {
         println!("  on the allow-list (policy.allow)");
     }
