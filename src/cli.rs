@@ -386,6 +386,26 @@ fn check_config(config: Option<PathBuf>) -> u8 {
         c.policy.exceptions.len()
     );
     println!("CONNECT ports: {}", c.connect_ports);
+    if let Some(l) = &c.ldap {
+        let membership = match &l.membership {
+            crate::config::Membership::Attribute(a) => format!("attribute {a}"),
+            crate::config::Membership::Search { filter, .. } => format!("search {filter}"),
+        };
+        let grouped = c
+            .policy
+            .exceptions
+            .iter()
+            .filter(|e| !e.groups.is_empty())
+            .count();
+        // The directory is not contacted: checking must not depend on it.
+        println!(
+            "directory: {}{}, groups by {membership}, {grouped} exceptions by group, on_unavailable {}{} (not contacted)",
+            l.url,
+            if l.starttls { " (StartTLS)" } else { "" },
+            l.on_unavailable.as_str(),
+            if l.basic_bind { ", Basic by bind" } else { "" },
+        );
+    }
     println!("ok");
     EXIT_OK
 }
