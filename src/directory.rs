@@ -78,7 +78,7 @@ type Binds = HashMap<[u8; 32], (Arc<str>, Instant)>;
 
 pub struct Directory {
     cfg: Ldap,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Arc<rustls::ClientConfig>,
     cache: Mutex<HashMap<Arc<str>, Entry>>,
     inflight: Mutex<HashMap<Arc<str>, InFlight>>,
     /// SHA-256 of a `Proxy-Authorization` value a bind accepted → user,
@@ -92,24 +92,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Directory {
     pub fn new(cfg: &Ldap) -> Result<Directory, String> {
-        let tls = if cfg.ca_certs.is_empty() {
-            // ldap3 then trusts the system's store.
-            None
+        // Our own TLS settings, always: ring as everywhere else in chatwall
+        // (ldap3's default takes the process-wide provider), and the
+        // system's store read even when some of its certificates do not
+        // parse (ldap3's default then trusts nothing).
+        let mut roots = rustls::RootCertStore::empty();
+        if cfg.ca_certs.is_empty() {
+            let native = rustls_native_certs::load_native_certs();
+            for e in &native.errors {
+                tracing::debug!(error = %e, "system CA store");
+            }
+            let (added, ignored) = roots.add_parsable_certificates(native.certs);
+            tracing::debug!(added, ignored, "directory TLS trusts the system's CA store");
         } else {
-            let mut roots = rustls::RootCertStore::empty();
             for der in &cfg.ca_certs {
                 roots
                     .add(rustls::pki_types::CertificateDer::from(der.clone()))
                     .map_err(|e| format!("ldap.ca_file: {e}"))?;
             }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("ldap: {e}"))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Some(Arc::new(config))
-        };
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("ldap: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls = Arc::new(tls);
         Ok(Directory {
             cfg: cfg.clone(),
             tls,
@@ -203,15 +211,13 @@ impl Directory {
         (groups, source)
     }
 
-    /// Connect, bind as the service account, and return the open handle.
-    async fn connect(&self) -> Result<ldap3::Ldap, String> {
-        let mut settings = LdapConnSettings::new()
+    /// A connection (TLS as configured), not yet bound.
+    async fn open(&self) -> Result<ldap3::Ldap, String> {
+        let settings = LdapConnSettings::new()
             .set_conn_timeout(self.cfg.timeout)
-            .set_starttls(self.cfg.starttls);
-        if let Some(tls) = &self.tls {
-            settings = settings.set_config(Arc::clone(tls));
-        }
-        let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &self.cfg.url)
+            .set_starttls(self.cfg.starttls)
+            .set_config(Arc::clone(&self.tls));
+        let (conn, ldap) = LdapConnAsync::with_settings(settings, &self.cfg.url)
             .await
             .map_err(|e| format!("connect to {}: {e}", self.cfg.url))?;
         // The connection's driver ends when the handle is dropped.
@@ -220,6 +226,13 @@ impl Directory {
                 tracing::debug!(error = %e, "directory connection ended");
             }
         });
+        Ok(ldap)
+    }
+
+    /// Connect and bind as the service account (anonymously without
+    /// `bind_dn`).
+    async fn connect(&self) -> Result<ldap3::Ldap, String> {
+        let mut ldap = self.open().await?;
         let password = self
             .cfg
             .bind_password
@@ -355,7 +368,7 @@ impl Directory {
             let Some(entry) = entry else {
                 return Ok(false);
             };
-            let mut ldap = self.connect_anonymous().await?;
+            let mut ldap = self.open().await?;
             let ok = match ldap.simple_bind(&entry.dn, password).await {
                 Ok(r) if r.rc == 0 => true,
                 // 49: invalidCredentials (RFC 4511 §4.1.9).
@@ -390,25 +403,6 @@ impl Directory {
                 BindOutcome::Unavailable
             }
         }
-    }
-
-    /// A connection without the service account's bind (for the user's).
-    async fn connect_anonymous(&self) -> Result<ldap3::Ldap, String> {
-        let mut settings = LdapConnSettings::new()
-            .set_conn_timeout(self.cfg.timeout)
-            .set_starttls(self.cfg.starttls);
-        if let Some(tls) = &self.tls {
-            settings = settings.set_config(Arc::clone(tls));
-        }
-        let (conn, ldap) = LdapConnAsync::with_settings(settings, &self.cfg.url)
-            .await
-            .map_err(|e| format!("connect to {}: {e}", self.cfg.url))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.drive().await {
-                tracing::debug!(error = %e, "directory connection ended");
-            }
-        });
-        Ok(ldap)
     }
 }
 
