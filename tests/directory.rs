@@ -76,6 +76,9 @@ member: uid=bob,ou=people,dc=example,dc=com
 struct Slapd {
     child: Option<Child>,
     addr: SocketAddr,
+    /// With TLS: the ldaps:// address, and the certificate's PEM file
+    /// (self-signed, for 127.0.0.1), which StartTLS on `addr` uses too.
+    ldaps: Option<(SocketAddr, PathBuf)>,
     dir: tempfile::TempDir,
 }
 
@@ -83,6 +86,10 @@ impl Slapd {
     /// Start and populate one, or say why not (and skip, or fail under
     /// CHATWALL_REQUIRE_ALL=1).
     fn start() -> Option<Slapd> {
+        Slapd::start_with(false)
+    }
+
+    fn start_with(tls: bool) -> Option<Slapd> {
         for need in [SLAPD, LDAPADD, SCHEMA] {
             if !Path::new(need).exists() {
                 skip_or_fail(&format!(
@@ -94,7 +101,7 @@ impl Slapd {
         // A port that was free a moment ago may be taken by the time slapd
         // binds: a few tries.
         for _ in 0..5 {
-            if let Some(s) = Slapd::try_start() {
+            if let Some(s) = Slapd::try_start(tls) {
                 s.populate();
                 return Some(s);
             }
@@ -102,15 +109,34 @@ impl Slapd {
         panic!("slapd did not start on any of 5 ports");
     }
 
-    fn try_start() -> Option<Slapd> {
+    fn try_start(tls: bool) -> Option<Slapd> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("db");
         std::fs::create_dir(&db).expect("mkdir db");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+        };
+        let addr = free();
+        let mut urls = format!("ldap://{addr}/");
+        let mut tls_conf = String::new();
+        let ldaps = tls.then(|| {
+            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+                .expect("certificate");
+            let cert = dir.path().join("cert.pem");
+            let key = dir.path().join("key.pem");
+            std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+            std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+            tls_conf = format!(
+                "TLSCertificateFile {}\nTLSCertificateKeyFile {}\n",
+                cert.display(),
+                key.display()
+            );
+            let ldaps = free();
+            urls.push_str(&format!(" ldaps://{ldaps}/"));
+            (ldaps, cert)
+        });
         let modules = if Path::new(MODULES).join("back_mdb.so").exists() {
             format!("modulepath {MODULES}\nmoduleload back_mdb\nmoduleload memberof\n")
         } else {
@@ -120,7 +146,7 @@ impl Slapd {
         std::fs::write(
             &conf,
             format!(
-                "include {SCHEMA}/core.schema\ninclude {SCHEMA}/cosine.schema\ninclude {SCHEMA}/inetorgperson.schema\n{modules}pidfile {}\ndatabase mdb\nsuffix \"{SUFFIX}\"\nrootdn \"{ROOT_DN}\"\nrootpw {ROOT_PW}\ndirectory {}\nmaxsize 10485760\noverlay memberof\n",
+                "include {SCHEMA}/core.schema\ninclude {SCHEMA}/cosine.schema\ninclude {SCHEMA}/inetorgperson.schema\n{modules}{tls_conf}pidfile {}\ndatabase mdb\nsuffix \"{SUFFIX}\"\nrootdn \"{ROOT_DN}\"\nrootpw {ROOT_PW}\ndirectory {}\nmaxsize 10485760\noverlay memberof\n",
                 dir.path().join("slapd.pid").display(),
                 db.display()
             ),
@@ -128,7 +154,7 @@ impl Slapd {
         .expect("write slapd.conf");
         // `-d 0`: in the foreground (a child this test can kill), quiet.
         let child = Command::new(SLAPD)
-            .args(["-h", &format!("ldap://{addr}/"), "-f"])
+            .args(["-h", &urls, "-f"])
             .arg(&conf)
             .args(["-d", "0"])
             .stdin(Stdio::null())
@@ -139,6 +165,7 @@ impl Slapd {
         let mut s = Slapd {
             child: Some(child),
             addr,
+            ldaps,
             dir,
         };
         let deadline = Instant::now() + WAIT;
@@ -150,7 +177,10 @@ impl Slapd {
                     return None;
                 }
             }
-            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            let up = |a: &SocketAddr| {
+                std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok()
+            };
+            if up(&addr) && s.ldaps.as_ref().map_or(true, |(a, _)| up(a)) {
                 return Some(s);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -376,6 +406,65 @@ async fn a_member_gets_the_groups_exception_and_others_do_not() {
         assert_eq!(status, 407);
         proxy.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_is_reached_over_starttls_and_ldaps() {
+    let Some(slapd) = Slapd::start_with(true) else {
+        return;
+    };
+    let (ldaps, cert) = slapd.ldaps.clone().expect("tls");
+    let origin = HttpOrigin::start().await;
+    let cert = cert.display().to_string();
+    for (url, tls) in [
+        (slapd.url(), "starttls = true"),
+        (format!("ldaps://{ldaps}"), ""),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proxy = proxy(
+            dir.path(),
+            &format!(
+                "{}{EXCEPTIONS}",
+                ldap_section(
+                    &slapd,
+                    &url,
+                    &format!("{tls}\nca_file = {cert:?}\nbasic_bind = true")
+                )
+            ),
+        )
+        .await;
+        assert_eq!(
+            get_as(&proxy, &origin, Some("alice:alice-pw")).await.0,
+            200,
+            "{url} {tls}"
+        );
+        assert_eq!(get_as(&proxy, &origin, Some("carol:carol-pw")).await.0, 403);
+        assert_eq!(
+            proxy
+                .metric("chatwall_directory_lookups_total{result=\"miss\"}")
+                .await,
+            2.0
+        );
+        proxy.stop().await;
+    }
+    // A certificate the configuration does not trust: no bind, no groups.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy = proxy(
+        dir.path(),
+        &format!(
+            "{}{EXCEPTIONS}",
+            ldap_section(&slapd, &format!("ldaps://{ldaps}"), "basic_bind = true")
+        ),
+    )
+    .await;
+    assert_eq!(get_as(&proxy, &origin, Some("alice:alice-pw")).await.0, 407);
+    assert_eq!(
+        proxy
+            .metric("chatwall_directory_binds_total{result=\"unavailable\"}")
+            .await,
+        1.0
+    );
+    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
