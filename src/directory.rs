@@ -141,6 +141,13 @@ impl Directory {
             let mut inflight = lock(&self.inflight);
             Arc::clone(inflight.entry(Arc::clone(user)).or_default())
         };
+        // Whatever ends this wait (an answer, or the flow going away), the
+        // query's entry does not outlive it.
+        let _done = Forget {
+            inflight: &self.inflight,
+            user,
+            cell: &cell,
+        };
         let mut fresh = false;
         let answer = cell
             .get_or_init(|| {
@@ -150,7 +157,6 @@ impl Directory {
             .await
             .clone();
         if fresh {
-            lock(&self.inflight).remove(user);
             (answer.0, answer.1)
         } else {
             // Another flow's query answered this one.
@@ -406,6 +412,27 @@ impl Directory {
     }
 }
 
+/// Removes a user's query from the in-flight map once it has answered, or
+/// once nobody waits for it any more (every flow that asked went away).
+struct Forget<'a> {
+    inflight: &'a Mutex<HashMap<Arc<str>, InFlight>>,
+    user: &'a Arc<str>,
+    cell: &'a InFlight,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(self.inflight);
+        let ours = inflight
+            .get(&**self.user)
+            .is_some_and(|c| Arc::ptr_eq(c, self.cell));
+        // Two holders: the map and this waiter.
+        if ours && (self.cell.initialized() || Arc::strong_count(self.cell) <= 2) {
+            inflight.remove(&**self.user);
+        }
+    }
+}
+
 /// Room for one more entry: drop the expired ones, else the one that
 /// expires first. A full cache costs one pass over it per insertion.
 fn make_room(cache: &mut HashMap<Arc<str>, Entry>, now: Instant) {
@@ -493,6 +520,53 @@ mod tests {
             normalize_dn("CN=a\\, b,DC=x")
         );
         assert_eq!(group_key("  "), None);
+    }
+
+    /// A directory at `addr` from a configuration text.
+    fn directory(addr: std::net::SocketAddr, extra: &str) -> Directory {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        let text = format!("[ldap]\nurl = \"ldap://{addr}\"\nbase_dn = \"dc=x\"\n{extra}");
+        std::fs::write(&path, text).expect("write");
+        let cfg = crate::config::Config::load(Some(&path)).expect("config");
+        Directory::new(cfg.ldap.as_ref().expect("ldap")).expect("directory")
+    }
+
+    #[tokio::test]
+    async fn a_query_nobody_waits_for_is_forgotten_and_a_silent_directory_times_out() {
+        // Accepts, then never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                kept.push(s);
+            }
+        });
+        let d = Arc::new(directory(addr, "timeout_ms = 300\ncache_ttl_ms = 60000\n"));
+        let user: Arc<str> = Arc::from("alice");
+        let waiting = {
+            let (d, user) = (Arc::clone(&d), Arc::clone(&user));
+            tokio::spawn(async move { d.groups(&user).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(lock(&d.inflight).len(), 1);
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(
+            lock(&d.inflight).is_empty(),
+            "a cancelled query stays behind"
+        );
+        // Waited for: the timeout applies the fallback, which is cached.
+        let started = Instant::now();
+        let (groups, source) = d.groups(&user).await;
+        assert_eq!((groups.len(), source), (0, Source::Unavailable));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(lock(&d.inflight).is_empty());
+        assert_eq!(d.groups(&user).await.1, Source::Hit);
+        held.abort();
     }
 
     #[test]

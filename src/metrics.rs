@@ -85,9 +85,9 @@ pub struct Metrics {
     /// Group look-ups by how they were answered: hit (cache, or another
     /// flow's query), miss (the directory answered), unavailable (it did
     /// not: `[ldap] on_unavailable` applied).
-    pub directory_lookups: IntCounterVec,
+    directory_lookups: IntCounterVec,
     /// Basic credentials checked by a bind: ok, wrong, unavailable.
-    pub directory_binds: IntCounterVec,
+    directory_binds: IntCounterVec,
     /// Verdicts of exceptions that matched through a directory group, by
     /// exception, group (as the exception names it) and action.
     pub group_decisions: IntCounterVec,
@@ -337,6 +337,17 @@ impl Metrics {
             directory_binds,
             group_decisions,
         }
+    }
+
+    /// Count a group look-up by how it was answered (`hit`, `miss`,
+    /// `unavailable`; children created at startup).
+    pub fn directory_lookup(&self, result: &'static str) {
+        self.directory_lookups.with_label_values(&[result]).inc();
+    }
+
+    /// Count a password checked by a bind (`ok`, `wrong`, `unavailable`).
+    pub fn directory_bind(&self, result: &'static str) {
+        self.directory_binds.with_label_values(&[result]).inc();
     }
 
     pub fn listener(&self, kind: ListenerKind) -> &PerListener {

@@ -242,10 +242,7 @@ impl Shared {
                     BindOutcome::Wrong => "wrong",
                     BindOutcome::Unavailable => "unavailable",
                 };
-                self.metrics
-                    .directory_binds
-                    .with_label_values(&[result])
-                    .inc();
+                self.metrics.directory_bind(result);
                 match bound {
                     BindOutcome::User(u) => AuthOutcome::User(u),
                     // A directory that cannot check a password does not
@@ -258,10 +255,7 @@ impl Shared {
         let groups = match (&outcome, directory) {
             (AuthOutcome::User(user), Some(d)) if engine.policy.needs_groups() => {
                 let (groups, source) = d.groups(user).await;
-                self.metrics
-                    .directory_lookups
-                    .with_label_values(&[source.as_str()])
-                    .inc();
+                self.metrics.directory_lookup(source.as_str());
                 Some(groups)
             }
             _ => None,
