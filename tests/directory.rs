@@ -328,6 +328,20 @@ async fn last_record_of(proxy: &Proxy, user: &str, n: usize) -> serde_json::Valu
         .unwrap_or_else(|| panic!("no record of {user} in {log:?}"))
 }
 
+/// The first access-log record that `matches`, waited for (bounded).
+async fn record_where(
+    proxy: &Proxy,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..200 {
+        if let Some(r) = proxy.log().into_iter().find(&matches) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no such record in {:?}", proxy.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_gets_the_groups_exception_and_others_do_not() {
     let Some(slapd) = Slapd::start() else { return };
@@ -379,6 +393,44 @@ async fn a_member_gets_the_groups_exception_and_others_do_not() {
             1.0
         );
 
+        // A tunnel of bob's: its record names them too.
+        {
+            use base64::Engine as _;
+            let port = origin.addr.port();
+            let creds = base64::engine::general_purpose::STANDARD.encode("bob:bob-pw");
+            let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+            s.write_all(
+                format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\nProxy-Authorization: Basic {creds}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("write");
+            let (status, head, _) = tokio::time::timeout(WAIT, read_response(&mut s))
+                .await
+                .expect("an answer in time");
+            assert_eq!(status, 200, "{head}");
+            s.write_all(
+                format!("GET / HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("write");
+            let (status, _, _) = tokio::time::timeout(WAIT, read_response(&mut s))
+                .await
+                .expect("an answer in time");
+            assert_eq!(status, 200, "through the tunnel");
+        }
+        // (A request inside the tunnel has its own record, which names the
+        // user and the exception.)
+        let rec = record_where(&proxy, |r| r["method"] == "CONNECT").await;
+        assert_eq!(rec["user"], "bob", "{rec}");
+        assert_eq!(rec["verdict"], "monitor", "{rec}");
+        assert_eq!(rec["exception"], "support-watch", "{rec}");
+        assert_eq!(
+            rec["group"], "cn=support,ou=groups,dc=example,dc=com",
+            "{rec}"
+        );
+
         // Again: from the cache.
         let (status, _) = get_as(&proxy, &origin, Some("alice:alice-pw")).await;
         assert_eq!(status, 200);
@@ -393,7 +445,7 @@ async fn a_member_gets_the_groups_exception_and_others_do_not() {
             proxy
                 .metric("chatwall_directory_lookups_total{result=\"hit\"}")
                 .await,
-            1.0
+            2.0
         );
         assert_eq!(
             proxy
