@@ -32,6 +32,11 @@ pub const MAX_GROUPS: i32 = 1000;
 /// per user per interval, not one per request.
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
+/// At most this many look-ups and binds talk to the directory at once; the
+/// others wait their turn within their own timeout (a burst of new users
+/// does not open a connection each at the same moment).
+pub const MAX_CONCURRENT_QUERIES: usize = 32;
+
 /// A user's groups: [`group_key`]s of their names and DNs.
 pub type Groups = Arc<[String]>;
 
@@ -84,6 +89,8 @@ pub struct Directory {
     /// SHA-256 of a `Proxy-Authorization` value a bind accepted → user,
     /// until `cache_ttl` has passed.
     binds: Mutex<Binds>,
+    /// [`MAX_CONCURRENT_QUERIES`].
+    slots: tokio::sync::Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,6 +131,7 @@ impl Directory {
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             binds: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES),
         })
     }
 
@@ -291,6 +299,7 @@ impl Directory {
 
     /// The groups of `user` as the directory has them now.
     async fn query(&self, user: &str) -> Result<Vec<String>, String> {
+        let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
         let mut ldap = self.connect().await?;
         let name_attr = self.cfg.group_name_attribute.as_str();
         let mut groups = Vec::new();
@@ -368,6 +377,7 @@ impl Directory {
             return BindOutcome::Wrong;
         }
         let checked = tokio::time::timeout(self.cfg.timeout, async {
+            let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
             let mut ldap = self.connect().await?;
             let entry = self.find_user(&mut ldap, user, vec!["1.1"]).await?;
             let _ = ldap.unbind().await;
