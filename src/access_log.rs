@@ -46,6 +46,11 @@ pub struct Record {
     /// (selected, relayed undecrypted), `page` (a page over chatwall's
     /// certificate), `client-refused` (the client refused it).
     pub tls: Option<&'static str>,
+    /// The directory group through which that exception matched the user.
+    pub group: Option<String>,
+    /// The user's directory groups, for finding `group`; not logged.
+    #[serde(skip)]
+    pub groups: Option<crate::directory::Groups>,
     pub status: u16,
     pub upstream: Option<String>,
     pub error: Option<String>,

@@ -172,6 +172,10 @@ pub struct ClassifyFor {
     /// The authenticated user: exceptions by user.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+    /// A directory group the user is a member of (a name or a DN; repeat
+    /// for several): exceptions by group, without asking the directory.
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
     /// The moment, in RFC 3339 (2025-06-02T12:30:00+02:00): scheduled
     /// exceptions. Default: now.
     #[arg(long, value_name = "RFC3339", value_parser = parse_moment)]
@@ -442,6 +446,26 @@ fn check_config(config: Option<PathBuf>) -> u8 {
         c.policy.exceptions.len()
     );
     println!("CONNECT ports: {}", c.connect_ports);
+    if let Some(l) = &c.ldap {
+        let membership = match &l.membership {
+            crate::config::Membership::Attribute(a) => format!("attribute {a}"),
+            crate::config::Membership::Search { filter, .. } => format!("search {filter}"),
+        };
+        let grouped = c
+            .policy
+            .exceptions
+            .iter()
+            .filter(|e| !e.groups.is_empty())
+            .count();
+        // The directory is not contacted: checking must not depend on it.
+        println!(
+            "directory: {}{}, groups by {membership}, {grouped} exceptions by group, on_unavailable {}{} (not contacted)",
+            l.url,
+            if l.starttls { " (StartTLS)" } else { "" },
+            l.on_unavailable.as_str(),
+            if l.basic_bind { ", Basic by bind" } else { "" },
+        );
+    }
     println!("ok");
     EXIT_OK
 }
@@ -592,6 +616,14 @@ fn classify(cmd: ClassifyCommand) -> u8 {
     };
     let client: IpAddr = whom.client.unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let mut who = Who::new(client, whom.user.as_deref().map(std::sync::Arc::from));
+    if !whom.groups.is_empty() {
+        let groups: Vec<String> = whom
+            .groups
+            .iter()
+            .filter_map(|g| crate::config::group_key(g))
+            .collect();
+        who = who.with_groups(Some(groups.into()));
+    }
     if let Some(at) = whom.at {
         who = who.at(at);
     }
@@ -683,11 +715,18 @@ fn classify(cmd: ClassifyCommand) -> u8 {
     if let Some(note) = tls_note {
         println!("{note}");
     }
+    let groups = match &who.groups {
+        Some(g) if !g.is_empty() => g.join(","),
+        _ => "-".to_string(),
+    };
     println!(
-        "  for client {client}, user {}, at {:.0}",
+        "  for client {client}, user {}, groups {groups}, at {:.0}",
         who.user.as_deref().unwrap_or("-"),
         who.moment()
     );
+    if let Some(g) = decided_by.and_then(|n| policy.exception_group(n, who.groups.as_deref())) {
+        println!("  through group {g}");
+    }
     if allowlisted {
         println!("  on the allow-list (policy.allow)");
     }

@@ -113,6 +113,24 @@ google_allowed_domains = []
 slack_requester = ""
 slack_allowed = []
 dropbox_team_ids = []
+[ldap]
+url = ""
+starttls = false
+ca_file = ""
+bind_dn = ""
+bind_password_file = ""
+base_dn = ""
+user_filter = "(&(objectClass=person)(uid={user}))"
+group_attribute = "memberOf"
+group_filter = ""
+group_base_dn = ""
+group_name_attribute = "cn"
+nested = false
+cache_ttl_ms = 300000
+cache_entries = 10000
+timeout_ms = 3000
+on_unavailable = "no-groups"
+basic_bind = false
 "#;
 
 /// Where a value came from, for error messages.
@@ -171,6 +189,29 @@ struct RawConfig {
     admin: RawAdmin,
     tls_inspect: tls_inspect::RawTlsInspect,
     tenant_restrictions: tenant::RawTenant,
+    ldap: RawLdap,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLdap {
+    url: String,
+    starttls: bool,
+    ca_file: String,
+    bind_dn: String,
+    bind_password_file: String,
+    base_dn: String,
+    user_filter: String,
+    group_attribute: String,
+    group_filter: String,
+    group_base_dn: String,
+    group_name_attribute: String,
+    nested: bool,
+    cache_ttl_ms: i64,
+    cache_entries: i64,
+    timeout_ms: i64,
+    on_unavailable: String,
+    basic_bind: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +265,8 @@ struct RawException {
     clients: Vec<String>,
     #[serde(default)]
     users: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
     #[serde(default)]
     apps: Vec<String>,
     #[serde(default)]
@@ -402,6 +445,9 @@ impl Action {
 pub struct Exception {
     pub clients: NetSet,
     pub users: Vec<String>,
+    /// Directory groups, as [`group_key`] writes them: a member of any
+    /// one of them matches.
+    pub groups: Vec<String>,
     pub apps: Vec<String>,
     pub categories: Vec<String>,
     pub action: Action,
@@ -676,6 +722,8 @@ pub struct Config {
     /// `[tenant_restrictions]`: headers for vendors' sign-in requests in
     /// decrypted flows.
     pub tenant_restrictions: TenantRestrictions,
+    /// The directory (`[ldap]`), when `url` is set.
+    pub ldap: Option<Ldap>,
 }
 
 impl Config {
@@ -765,6 +813,7 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         admin: Option<PartialAdmin>,
         tls_inspect: Option<tls_inspect::PartialTlsInspect>,
         tenant_restrictions: Option<tenant::PartialTenant>,
+        ldap: Option<PartialLdap>,
     }
     macro_rules! partial {
         ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -812,6 +861,25 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialAdmin {
         allow: Vec<String>,
         reload_token_file: String
+    });
+    partial!(PartialLdap {
+        url: String,
+        starttls: bool,
+        ca_file: String,
+        bind_dn: String,
+        bind_password_file: String,
+        base_dn: String,
+        user_filter: String,
+        group_attribute: String,
+        group_filter: String,
+        group_base_dn: String,
+        group_name_attribute: String,
+        nested: bool,
+        cache_ttl_ms: i64,
+        cache_entries: i64,
+        timeout_ms: i64,
+        on_unavailable: String,
+        basic_bind: bool
     });
 
     match toml::from_str::<Partial>(text) {
@@ -1191,9 +1259,30 @@ fn validate(
                 "an exception names at least one app or category",
             );
         }
+        let mut groups = Vec::new();
+        for g in &e.groups {
+            match group_key(g) {
+                Some(k) => groups.push(k),
+                None => v.err_in_exception(
+                    i,
+                    "groups",
+                    Some(g),
+                    format!("`{g}` is not a group name or DN"),
+                ),
+            }
+        }
+        if !e.groups.is_empty() && raw.ldap.url.is_empty() {
+            v.err_in_exception(
+                i,
+                "groups",
+                None,
+                "groups are read from a directory: set [ldap] url (and the rest of [ldap])",
+            );
+        }
         exceptions.push(Exception {
             clients: NetSet::from_nets(clients),
             users: e.users.clone(),
+            groups,
             apps: e.apps.iter().map(|a| a.to_ascii_lowercase()).collect(),
             categories: e
                 .categories
@@ -1433,7 +1522,19 @@ fn validate(
         }
     };
 
-    let auth = if raw.auth.users_file.is_empty() {
+    let ldap = validate_ldap(&mut v, &raw.ldap, path);
+    let basic_bind = ldap.as_ref().is_some_and(|l| l.basic_bind);
+    let auth = if raw.auth.users_file.is_empty() && basic_bind {
+        // Every name is checked against the directory.
+        if raw.auth.realm.is_empty() || raw.auth.realm.contains('"') {
+            v.err("auth", "realm", "must be non-empty and without quotes");
+        }
+        Some(Auth {
+            realm: raw.auth.realm.clone(),
+            users_file: PathBuf::new(),
+            users: std::collections::HashMap::new(),
+        })
+    } else if raw.auth.users_file.is_empty() {
         None
     } else {
         let p = PathBuf::from(&raw.auth.users_file);
@@ -1484,8 +1585,358 @@ fn validate(
         admin,
         tls_inspect,
         tenant_restrictions,
+        ldap,
     })
 }
+/// The directory behind `[ldap]`: where it is, how chatwall binds to it,
+/// how a user's entry is found and how its group memberships are read.
+#[derive(Debug, Clone)]
+pub struct Ldap {
+    /// `ldaps://host[:port]` or `ldap://host[:port]` (with `starttls`, or
+    /// on a loopback address).
+    pub url: String,
+    pub starttls: bool,
+    pub ca_file: Option<PathBuf>,
+    /// The CA certificates of `ca_file` (DER); empty: the system's store.
+    pub ca_certs: Vec<Vec<u8>>,
+    /// Empty: an anonymous bind.
+    pub bind_dn: String,
+    pub bind_password_file: Option<PathBuf>,
+    pub bind_password: Option<Secret>,
+    pub base_dn: String,
+    /// With `{user}`, replaced by the user name escaped as RFC 4515 §3 says.
+    pub user_filter: String,
+    pub membership: Membership,
+    /// The attribute whose value names a group (`cn`).
+    pub group_name_attribute: String,
+    pub cache_ttl: Duration,
+    pub cache_entries: usize,
+    /// The bound of every exchange with the directory (connect, bind,
+    /// search), together.
+    pub timeout: Duration,
+    pub on_unavailable: OnUnavailable,
+    /// Basic credentials of names not in `[auth] users_file` are checked by
+    /// a simple bind as the user's entry.
+    pub basic_bind: bool,
+}
+
+/// How a user's groups are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// An attribute of the user's entry listing the groups' DNs
+    /// (`memberOf`: Active Directory, OpenLDAP's memberof overlay).
+    Attribute(String),
+    /// A search for group entries: `filter` with `{dn}` (the user's DN) and
+    /// `{user}` (the name), under `base`.
+    Search { filter: String, base: String },
+}
+
+/// What a look-up does when the directory does not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// The user is in no group: group exceptions do not apply to it.
+    NoGroups,
+    /// The groups last read for the user, however old; else no groups.
+    Stale,
+}
+
+impl OnUnavailable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnUnavailable::NoGroups => "no-groups",
+            OnUnavailable::Stale => "stale",
+        }
+    }
+}
+
+/// Active Directory's LDAP_MATCHING_RULE_IN_CHAIN: `member` matched
+/// through nested groups.
+pub const AD_IN_CHAIN: &str = "1.2.840.113556.1.4.1941";
+
+/// How a group is compared: a DN (it holds `=`) lower-cased with the
+/// spaces around its separators removed, else the name lower-cased
+/// (directory names compare case-insensitively). `None`: empty.
+pub fn group_key(name: &str) -> Option<String> {
+    let name = name.trim();
+    if name.is_empty() {
+        return None;
+    }
+    if name.contains('=') {
+        return Some(normalize_dn(name));
+    }
+    Some(name.to_lowercase())
+}
+
+/// A DN in a form to compare: lower case, no spaces around `,`, `+` or
+/// `=`. (Escaped separators keep their backslash, so they stay apart.)
+pub fn normalize_dn(dn: &str) -> String {
+    let mut out = String::with_capacity(dn.len());
+    let mut escaped = false;
+    for c in dn.trim().chars() {
+        if !escaped && matches!(c, ',' | '+' | '=') {
+            while out.ends_with(' ') && !out.ends_with("\\ ") {
+                out.pop();
+            }
+            out.push(c);
+            escaped = false;
+            continue;
+        }
+        if !escaped && c == ' ' && (out.ends_with(',') || out.ends_with('+') || out.ends_with('='))
+        {
+            continue;
+        }
+        escaped = !escaped && c == '\\';
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
+/// Read a file only its owner may read: refused when group or others
+/// have any permission on it.
+fn read_private(path: &Path, field: &str, limit: u64) -> Result<String, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.display().to_string(),
+        line: None,
+        field: field.to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
+            )));
+        }
+    }
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    read_small(path, limit).map_err(err)
+}
+
+/// An LDAP search filter (RFC 4515) with its placeholders filled.
+fn filter_parses(filter: &str) -> bool {
+    let sample = filter.replace("{user}", "x").replace("{dn}", "cn=x");
+    ldap3::parse_filter(&sample).is_ok()
+}
+
+fn validate_ldap(v: &mut Validator<'_>, raw: &RawLdap, path: Option<&Path>) -> Option<Ldap> {
+    if raw.url.is_empty() {
+        if raw.basic_bind {
+            v.err("ldap", "basic_bind", "needs a directory: set [ldap] url");
+        }
+        return None;
+    }
+    let before = v.errors.len();
+    let url = raw.url.trim();
+    let lower = url.to_ascii_lowercase();
+    let host = lower
+        .strip_prefix("ldaps://")
+        .or_else(|| lower.strip_prefix("ldap://"))
+        .map(|rest| rest.split('/').next().unwrap_or(""));
+    match host {
+        None | Some("") => v.err(
+            "ldap",
+            "url",
+            format!("`{url}` is not ldap://host[:port] or ldaps://host[:port]"),
+        ),
+        Some(host) => {
+            let tls = lower.starts_with("ldaps://");
+            if tls && raw.starttls {
+                v.err(
+                    "ldap",
+                    "starttls",
+                    "ldaps:// is TLS already; remove starttls",
+                );
+            }
+            let name = match host.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => host,
+            };
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            let loopback =
+                name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if !tls && !raw.starttls && !loopback {
+                v.err(
+                    "ldap",
+                    "url",
+                    "plain ldap:// would send passwords in clear: use ldaps:// or set starttls = true",
+                );
+            }
+        }
+    }
+    let ca_file = (!raw.ca_file.is_empty()).then(|| relative_to(path, &raw.ca_file));
+    let mut ca_certs = Vec::new();
+    if let Some(p) = &ca_file {
+        use rustls::pki_types::pem::PemObject;
+        match rustls::pki_types::CertificateDer::pem_file_iter(p) {
+            Ok(iter) => {
+                for c in iter {
+                    match c {
+                        Ok(c) => ca_certs.push(c.as_ref().to_vec()),
+                        Err(e) => v.err("ldap", "ca_file", format!("{}: {e}", p.display())),
+                    }
+                }
+                if ca_certs.is_empty() {
+                    v.err(
+                        "ldap",
+                        "ca_file",
+                        format!("{}: no PEM certificate in it", p.display()),
+                    );
+                }
+            }
+            Err(e) => v.err("ldap", "ca_file", format!("{}: {e}", p.display())),
+        }
+    }
+    let (bind_password_file, bind_password) =
+        match (raw.bind_dn.is_empty(), raw.bind_password_file.is_empty()) {
+            (true, true) => (None, None),
+            (true, false) => {
+                v.err("ldap", "bind_password_file", "a password without bind_dn");
+                (None, None)
+            }
+            (false, true) => {
+                v.err(
+                    "ldap",
+                    "bind_password_file",
+                    "bind_dn needs its password file (or remove bind_dn for an anonymous bind)",
+                );
+                (None, None)
+            }
+            (false, false) => {
+                let p = relative_to(path, &raw.bind_password_file);
+                match read_private(&p, "ldap.bind_password_file", 4096) {
+                    Ok(text) => {
+                        // The password is the first line, as written.
+                        let pw = text.lines().next().unwrap_or("").to_string();
+                        if pw.is_empty() {
+                            v.err("ldap", "bind_password_file", "the password is empty");
+                        }
+                        (Some(p), Some(Secret(pw)))
+                    }
+                    Err(e) => {
+                        v.errors.push(e);
+                        (Some(p), None)
+                    }
+                }
+            }
+        };
+    if raw.base_dn.trim().is_empty() {
+        v.err(
+            "ldap",
+            "base_dn",
+            "the subtree users are searched in, e.g. \"dc=example,dc=com\"",
+        );
+    }
+    if !raw.user_filter.contains("{user}") || !filter_parses(&raw.user_filter) {
+        v.err(
+            "ldap",
+            "user_filter",
+            format!(
+                "`{}` is not an LDAP filter holding {{user}}, e.g. \"(&(objectClass=person)(uid={{user}}))\"",
+                raw.user_filter
+            ),
+        );
+    }
+    let attribute = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+    };
+    if !attribute(&raw.group_name_attribute) {
+        v.err(
+            "ldap",
+            "group_name_attribute",
+            format!("`{}` is not an attribute name", raw.group_name_attribute),
+        );
+    }
+    let group_base = if raw.group_base_dn.trim().is_empty() {
+        raw.base_dn.trim().to_string()
+    } else {
+        raw.group_base_dn.trim().to_string()
+    };
+    let membership = match (raw.nested, raw.group_filter.is_empty()) {
+        (true, false) => {
+            v.err(
+                "ldap",
+                "nested",
+                format!("nested writes the group filter itself ((member:{AD_IN_CHAIN}:={{dn}})); remove group_filter or nested"),
+            );
+            Membership::Attribute(raw.group_attribute.clone())
+        }
+        (true, true) => Membership::Search {
+            filter: format!("(member:{AD_IN_CHAIN}:={{dn}})"),
+            base: group_base,
+        },
+        (false, false) => {
+            let holds = raw.group_filter.contains("{dn}") || raw.group_filter.contains("{user}");
+            if !holds || !filter_parses(&raw.group_filter) {
+                v.err(
+                    "ldap",
+                    "group_filter",
+                    format!(
+                        "`{}` is not an LDAP filter holding {{dn}} or {{user}}, e.g. \"(&(objectClass=groupOfNames)(member={{dn}}))\"",
+                        raw.group_filter
+                    ),
+                );
+            }
+            Membership::Search {
+                filter: raw.group_filter.clone(),
+                base: group_base,
+            }
+        }
+        (false, true) => {
+            if !attribute(&raw.group_attribute) {
+                v.err(
+                    "ldap",
+                    "group_attribute",
+                    format!("`{}` is not an attribute name", raw.group_attribute),
+                );
+            }
+            Membership::Attribute(raw.group_attribute.clone())
+        }
+    };
+    let cache_ttl = v.millis("ldap", "cache_ttl_ms", raw.cache_ttl_ms, 0, 86_400_000);
+    let cache_entries = v.count("ldap", "cache_entries", raw.cache_entries, 1, 1_000_000);
+    let timeout = v.millis("ldap", "timeout_ms", raw.timeout_ms, 1, 60_000);
+    let on_unavailable = match raw.on_unavailable.as_str() {
+        "no-groups" => OnUnavailable::NoGroups,
+        "stale" => OnUnavailable::Stale,
+        other => {
+            v.err(
+                "ldap",
+                "on_unavailable",
+                format!("`{other}` is not one of no-groups, stale"),
+            );
+            OnUnavailable::NoGroups
+        }
+    };
+    if v.errors.len() > before {
+        return None;
+    }
+    Some(Ldap {
+        url: url.to_string(),
+        starttls: raw.starttls,
+        ca_file,
+        ca_certs,
+        bind_dn: raw.bind_dn.clone(),
+        bind_password_file,
+        bind_password,
+        base_dn: raw.base_dn.trim().to_string(),
+        user_filter: raw.user_filter.clone(),
+        membership,
+        group_name_attribute: raw.group_name_attribute.clone(),
+        cache_ttl,
+        cache_entries,
+        timeout,
+        on_unavailable,
+        basic_bind: raw.basic_bind,
+    })
+}
+
 /// A path as written in the configuration: relative to the file's
 /// directory, if it is relative and there is a file.
 fn relative_to(config: Option<&Path>, written: &str) -> PathBuf {

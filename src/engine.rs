@@ -20,6 +20,8 @@ pub struct Engine {
     /// TLS inspection's CA, leaf cache and upstream trust (with
     /// `[tls_inspect] enabled`).
     pub tls: Option<Arc<Interception>>,
+    /// The directory of `[ldap]`, with this snapshot's cache of groups.
+    pub directory: Option<Arc<crate::directory::Directory>>,
     pub generation: u64,
 }
 
@@ -72,11 +74,18 @@ impl Engine {
         } else {
             None
         };
+        let directory = match &config.ldap {
+            Some(l) => Some(Arc::new(
+                crate::directory::Directory::new(l).map_err(|e| vec![e])?,
+            )),
+            None => None,
+        };
         Ok(Engine {
             config: Arc::new(config),
             signatures,
             policy,
             tls,
+            directory,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
         })
     }

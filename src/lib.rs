@@ -36,6 +36,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod decide;
+pub mod directory;
 pub mod engine;
 pub mod export;
 pub mod metrics;

@@ -124,6 +124,15 @@ pub struct Metrics {
     pub tls_mint: crate::tls_inspect::mint::MintMetrics,
     /// The inspection CA's notAfter (0: no CA loaded).
     pub tls_ca_not_after: IntGauge,
+    /// Group look-ups by how they were answered: hit (cache, or another
+    /// flow's query), miss (the directory answered), unavailable (it did
+    /// not: `[ldap] on_unavailable` applied).
+    directory_lookups: IntCounterVec,
+    /// Basic credentials checked by a bind: ok, wrong, unavailable.
+    directory_binds: IntCounterVec,
+    /// Verdicts of exceptions that matched through a directory group, by
+    /// exception, group (as the exception names it) and action.
+    pub group_decisions: IntCounterVec,
 }
 
 /// The `outcome` label of `chatwall_tls_inspect_total`.
@@ -317,6 +326,14 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let directory_lookups = IntCounterVec::new(
+            Opts::new(
+                "chatwall_directory_lookups_total",
+                "Directory group look-ups, by result: hit (cached), miss (read from the directory), unavailable (the directory did not answer; ldap.on_unavailable applied).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         reg(Box::new(tls_inspect.clone()));
         reg(Box::new(tls_cert_cache.clone()));
         let tenant_headers = IntCounterVec::new(
@@ -342,6 +359,31 @@ impl Metrics {
         reg(Box::new(tls_mint.minted.clone()));
         reg(Box::new(tls_mint.mint_seconds.clone()));
         reg(Box::new(tls_ca_not_after.clone()));
+        let directory_binds = IntCounterVec::new(
+            Opts::new(
+                "chatwall_directory_binds_total",
+                "Basic credentials checked by a bind to the directory, by result: ok, wrong, unavailable.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let group_decisions = IntCounterVec::new(
+            Opts::new(
+                "chatwall_group_decisions_total",
+                "Verdicts chosen by a policy exception through a directory group, by exception, group and action.",
+            ),
+            &["exception", "group", "action"],
+        )
+        .expect("valid metric");
+        reg(Box::new(directory_lookups.clone()));
+        reg(Box::new(directory_binds.clone()));
+        reg(Box::new(group_decisions.clone()));
+        for r in ["hit", "miss", "unavailable"] {
+            directory_lookups.with_label_values(&[r]);
+        }
+        for r in ["ok", "wrong", "unavailable"] {
+            directory_binds.with_label_values(&[r]);
+        }
 
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -390,10 +432,12 @@ impl Metrics {
             tenant_headers,
             tls_mint,
             tls_ca_not_after,
+            directory_lookups,
+            directory_binds,
+            group_decisions,
         }
     }
 
-    /// One request given a vendor's tenant-restriction fields.
     /// The engine now in force: its inspection CA's expiry (0: none).
     pub fn set_tls_ca(&self, engine: &crate::engine::Engine) {
         let not_after = engine
@@ -408,6 +452,7 @@ impl Metrics {
         }
     }
 
+    /// One request given a vendor's tenant-restriction fields.
     pub fn tenant_headers(&self, vendor: &'static str) {
         self.tenant_headers.with_label_values(&[vendor]).inc();
     }
@@ -428,6 +473,17 @@ impl Metrics {
         self.tls_mint
             .cache_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// Count a group look-up by how it was answered (`hit`, `miss`,
+    /// `unavailable`; children created at startup).
+    pub fn directory_lookup(&self, result: &'static str) {
+        self.directory_lookups.with_label_values(&[result]).inc();
+    }
+
+    /// Count a password checked by a bind (`ok`, `wrong`, `unavailable`).
+    pub fn directory_bind(&self, result: &'static str) {
+        self.directory_binds.with_label_values(&[result]).inc();
     }
 
     pub fn listener(&self, kind: ListenerKind) -> &PerListener {

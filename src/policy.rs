@@ -24,6 +24,10 @@ use crate::signatures::SignatureSet;
 pub struct Who {
     pub ip: IpAddr,
     pub user: Option<std::sync::Arc<str>>,
+    /// The user's directory groups as [`crate::config::group_key`] writes
+    /// them (names and DNs), read before the flow is decided; `None`: not
+    /// read (no exception names groups, or no user).
+    pub groups: Option<std::sync::Arc<[String]>>,
     /// The moment of the decision: given ([`Who::at`]), or read from the
     /// clock the first time an exception with a schedule needs it, once
     /// for this `Who` (a flow's decisions share one reading), and never
@@ -40,8 +44,14 @@ impl Who {
         Who {
             ip,
             user,
+            groups: None,
             at: OnceLock::new(),
         }
+    }
+
+    /// The user is a member of these groups ([`crate::config::group_key`]).
+    pub fn with_groups(self, groups: Option<std::sync::Arc<[String]>>) -> Who {
+        Who { groups, ..self }
     }
 
     /// Decided at this moment instead of now.
@@ -98,6 +108,7 @@ pub struct PolicyError {
 struct Exception {
     clients: crate::classify::NetSet,
     users: Vec<String>,
+    groups: Vec<String>,
     apps: Vec<bool>,
     action: Action,
     schedule: Option<crate::schedule::Schedule>,
@@ -181,6 +192,7 @@ impl Policy {
             exceptions.push(Exception {
                 clients: e.clients.clone(),
                 users: e.users.clone(),
+                groups: e.groups.clone(),
                 apps: set
                     .apps()
                     .iter()
@@ -256,6 +268,7 @@ impl Policy {
             if e.apps.get(i).copied().unwrap_or(false)
                 && (e.clients.is_empty() || e.clients.contains(who.ip))
                 && (e.users.is_empty() || user.is_some_and(|u| e.users.iter().any(|x| x == u)))
+                && (e.groups.is_empty() || matched_group(&e.groups, who).is_some())
                 && e.schedule.as_ref().map_or(true, |s| s.holds(who.moment()))
             {
                 return (e.action, Some(n));
@@ -289,6 +302,25 @@ impl Policy {
         }
     }
 
+    /// Does any exception name directory groups? Only then are a user's
+    /// groups read.
+    pub fn needs_groups(&self) -> bool {
+        self.exceptions.iter().any(|e| !e.groups.is_empty())
+    }
+
+    /// The group (as the exception writes it) through which `who` matched
+    /// the exception at `index`, if it names groups.
+    pub fn exception_group(&self, index: usize, who_groups: Option<&[String]>) -> Option<&str> {
+        let e = self.exceptions.get(index)?;
+        let groups = who_groups?;
+        let n = e.groups.iter().position(|g| groups.contains(g))?;
+        self.cfg
+            .exceptions
+            .get(index)
+            .and_then(|c| c.groups.get(n))
+            .map(String::as_str)
+    }
+
     /// How logs and metrics name the exception at `index`.
     pub fn exception_label(&self, index: usize) -> Option<&str> {
         self.cfg.exceptions.get(index).map(|e| e.label.as_str())
@@ -302,6 +334,15 @@ impl Policy {
     pub fn app_action(&self, app: usize) -> Action {
         self.actions.get(app).copied().unwrap_or(self.cfg.default)
     }
+}
+
+/// The first of `wanted` among the groups of `who`.
+fn matched_group<'a>(wanted: &'a [String], who: &Who) -> Option<&'a str> {
+    let groups = who.groups.as_deref()?;
+    wanted
+        .iter()
+        .find(|g| groups.contains(g))
+        .map(String::as_str)
 }
 
 #[cfg(test)]
@@ -405,6 +446,48 @@ action = "monitor"
         // A Who built at a moment never reads the clock.
         let fixed = at("2001-02-03T04:05:06Z");
         assert_eq!(Who::ip(who.ip).at(fixed).moment(), fixed);
+    }
+
+    #[test]
+    fn group_exceptions_match_members_of_any_listed_group() {
+        let e = engine(
+            "[[policy.exceptions]]\nname = \"sales-im\"\ngroups = [\"Sales\", \"cn=Ops,ou=groups,dc=x\"]\nclients = [\"10.0.0.0/8\"]\napps = [\"slack\"]\naction = \"allow\"\n[ldap]\nurl = \"ldap://127.0.0.1:9\"\nbase_dn = \"dc=x\"\n",
+        );
+        assert!(e.policy.needs_groups());
+        let d = slack(&e);
+        let who = |ip: &str, groups: &[&str]| {
+            let g: Vec<String> = groups
+                .iter()
+                .filter_map(|g| crate::config::group_key(g))
+                .collect();
+            Who::new(ip.parse().expect("ip"), Some("alice".into())).with_groups(Some(g.into()))
+        };
+        let sales = who("10.0.0.1", &["support", "sales"]);
+        assert_eq!(e.policy.resolve(&sales, &d), (Action::Allow, Some(0)));
+        assert_eq!(
+            e.policy.exception_group(0, sales.groups.as_deref()),
+            Some("sales")
+        );
+        let ops = who("10.0.0.1", &["CN=Ops, OU=Groups, DC=x"]);
+        assert_eq!(e.policy.resolve(&ops, &d), (Action::Allow, Some(0)));
+        assert_eq!(
+            e.policy.exception_group(0, ops.groups.as_deref()),
+            Some("cn=ops,ou=groups,dc=x")
+        );
+        // Every field must hold: the client prefix too.
+        assert_eq!(
+            e.policy.resolve(&who("192.0.2.1", &["sales"]), &d).0,
+            Action::Block
+        );
+        // No group, groups not read, or other groups: no exception.
+        assert_eq!(e.policy.resolve(&who("10.0.0.1", &[]), &d).0, Action::Block);
+        assert_eq!(
+            e.policy.resolve(&who("10.0.0.1", &["salesx"]), &d).0,
+            Action::Block
+        );
+        let unread = Who::new("10.0.0.1".parse().expect("ip"), Some("alice".into()));
+        assert_eq!(e.policy.resolve(&unread, &d).0, Action::Block);
+        assert!(!engine("").policy.needs_groups());
     }
 
     #[test]

@@ -134,6 +134,8 @@ const INVALID_CONFIGS: &[(&str, usize, &str)] = &[
     ("bad_cidr.toml", 3, "access.allow_clients"),
     ("bad_connect_ports.toml", 3, "access.connect_ports"),
     ("bad_exception_clients.toml", 5, "policy.exceptions.clients"),
+    ("bad_ldap.toml", 4, "ldap.user_filter"),
+    ("groups_without_ldap.toml", 5, "policy.exceptions.groups"),
     ("bad_listen_addr.toml", 3, "listen.explicit"),
     ("bad_log_format.toml", 2, "log.format"),
     ("bad_timeout.toml", 3, "limits.upstream_response_timeout_ms"),
@@ -210,6 +212,7 @@ fn check_config_accepts_each_valid_fixture() {
     let cases: &[(&str, &str)] = &[
         ("full.toml", "policy: default block, non_tls_on_443 monitor, non_http_on_80 allow, ech block, 2 app and 4 category overrides, 2 exceptions"),
         ("idn_allow.toml", "policy: default block"),
+        ("ldap_groups.toml", "directory: ldap://127.0.0.1:389, groups by search (&(objectClass=groupOfNames)(member={dn})), 1 exceptions by group, on_unavailable stale"),
         ("minimal.toml", "policy: default monitor"),
         ("relative_signatures.toml", "signatures: 2 apps"),
     ];

@@ -6,6 +6,7 @@ mod cert_names;
 mod circumvention;
 mod cli;
 mod deploy;
+mod directory;
 mod explicit;
 mod export_cli;
 mod fuzz_smoke;

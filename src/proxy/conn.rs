@@ -12,11 +12,13 @@ pub struct ClientInfo {
     pub addr: SocketAddr,
     /// The authenticated user, with proxy authentication.
     pub user: Option<Arc<str>>,
+    /// The user's directory groups, when an exception names groups.
+    pub groups: Option<crate::directory::Groups>,
 }
 
 impl ClientInfo {
     pub fn who(&self) -> Who {
-        Who::new(self.addr.ip(), self.user.clone())
+        Who::new(self.addr.ip(), self.user.clone()).with_groups(self.groups.clone())
     }
 }
 

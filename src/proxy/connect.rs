@@ -91,16 +91,17 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     };
     let mut rec = explicit::new_record(&shared, &ctx, "CONNECT", &head.target);
     if let Some(auth) = &engine.config.auth {
-        let outcome =
-            shared
-                .auth
-                .check(auth, engine.generation, head.proxy_authorization.as_deref());
+        let (outcome, groups) = shared
+            .authenticate(&engine, auth, head.proxy_authorization.as_deref())
+            .await;
         match outcome {
             AuthOutcome::User(u) => {
                 if !shared.access_log.is_off() {
                     rec.user = Some(u.to_string());
                 }
+                rec.groups.clone_from(&groups);
                 ctx.client.user = Some(u);
+                ctx.client.groups = groups;
             }
             outcome => {
                 // Answered and counted here, once (a wrong password costs

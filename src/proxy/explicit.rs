@@ -219,10 +219,13 @@ async fn handle(
             .headers()
             .get(header::PROXY_AUTHORIZATION)
             .map(|v| v.as_bytes());
-        match shared.auth.check(auth, engine.generation, header) {
+        let (outcome, groups) = shared.authenticate(&engine, auth, header).await;
+        match outcome {
             crate::auth::AuthOutcome::User(u) => {
                 rec.user = Some(u.to_string());
+                rec.groups.clone_from(&groups);
                 ctx.client.user = Some(u);
+                ctx.client.groups = groups;
             }
             outcome => return auth_refusal(&shared, &ctx, auth, outcome, rec),
         }

@@ -92,6 +92,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, ki
         client: ClientInfo {
             addr: peer,
             user: None,
+            groups: None,
         },
         listener: kind,
         slot: Some(Arc::new(slot)),

@@ -152,13 +152,25 @@ impl Shared {
             .and_then(|i| engine.policy.exception_label(i.into()))
         {
             rec.exception = Some(x.to_string());
+            let group = d.exception.and_then(|i| {
+                engine
+                    .policy
+                    .exception_group(i.into(), rec.groups.as_deref())
+            });
             if count {
                 let labels = [x, verdict.as_str()];
                 self.metrics
                     .exception_decisions
                     .with_label_values(&labels)
                     .inc();
+                if let Some(g) = group {
+                    self.metrics
+                        .group_decisions
+                        .with_label_values(&[x, g, verdict.as_str()])
+                        .inc();
+                }
             }
+            rec.group = group.map(str::to_string);
         }
         if d.reason == Reason::Payload {
             tracing::debug!(app, offset = ?d.offset, "payload signature matched");
@@ -202,6 +214,55 @@ impl Shared {
         if !matches!(e, FlowError::Blocked(_)) {
             rec.error = Some(e.to_string());
         }
+    }
+
+    /// Check a request's proxy credentials: a name in `[auth] users_file`
+    /// against its hash, any other name (with `[ldap] basic_bind`) by a
+    /// bind to the directory. A user's directory groups are read too when
+    /// an exception names groups (cached: see [`crate::directory`]).
+    pub async fn authenticate(
+        &self,
+        engine: &Engine,
+        auth: &crate::config::Auth,
+        header: Option<&[u8]>,
+    ) -> (crate::auth::AuthOutcome, Option<crate::directory::Groups>) {
+        use crate::auth::AuthOutcome;
+        use crate::directory::BindOutcome;
+        let directory = engine.directory.as_deref();
+        let by_bind = directory
+            .filter(|d| d.config().basic_bind)
+            .zip(header)
+            .and_then(|(d, h)| {
+                let (user, password) = crate::auth::parse_basic(h)?;
+                (!auth.users.contains_key(&user)).then_some((d, h, user, password))
+            });
+        let outcome = match by_bind {
+            Some((d, h, user, password)) => {
+                let bound = d.bind(h, &user, &password).await;
+                let result = match &bound {
+                    BindOutcome::User(_) => "ok",
+                    BindOutcome::Wrong => "wrong",
+                    BindOutcome::Unavailable => "unavailable",
+                };
+                self.metrics.directory_bind(result);
+                match bound {
+                    BindOutcome::User(u) => AuthOutcome::User(u),
+                    // A directory that cannot check a password does not
+                    // let anyone in.
+                    BindOutcome::Wrong | BindOutcome::Unavailable => AuthOutcome::Wrong,
+                }
+            }
+            None => self.auth.check(auth, engine.generation, header),
+        };
+        let groups = match (&outcome, directory) {
+            (AuthOutcome::User(user), Some(d)) if engine.policy.needs_groups() => {
+                let (groups, source) = d.groups(user).await;
+                self.metrics.directory_lookup(source.as_str());
+                Some(groups)
+            }
+            _ => None,
+        };
+        (outcome, groups)
     }
 
     /// Where tunnels register their upstream sockets: only while

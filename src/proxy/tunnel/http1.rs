@@ -351,6 +351,7 @@ fn request_record(shared: &Shared, flow: &Flow, req: &RequestInfo) -> Record {
         upstream: Some(flow.dst.to_string()),
         verdict: "allow",
         tls: flow.rec.tls,
+        groups: flow.ctx.client.groups.clone(),
         ..Record::default()
     }
 }
