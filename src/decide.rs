@@ -273,6 +273,17 @@ pub fn generic_for_port(
     }
 }
 
+/// A detection in a flow's content (a download's digest): refused,
+/// monitored or allowed as the policy says for this client.
+pub fn payload_verdict(
+    engine: &Engine,
+    who: &Who,
+    found: Option<Detection>,
+    findings: &mut Findings,
+) -> Result<(), Refusal> {
+    findings.decide(engine, who, found)
+}
+
 /// Whether a TLS flow whose ClientHello passed may be decrypted
 /// (`[tls_inspect]`): inspection on, a listed client, a server name that
 /// `decrypt` selects and no never list names (nor the server's address).
@@ -709,6 +720,9 @@ pub struct RequestInfo {
     pub head: Option<Box<[u8]>>,
     /// The vendor whose tenant-restriction fields `head` sets.
     pub tenant: Option<&'static str>,
+    /// A GET whose response body is hashed against `[[downloads]] sha256`
+    /// rules: its URL (host and target), the key of refusals on retry.
+    pub download: Option<Box<str>>,
 }
 
 /// What to do with the client's bytes at the front of the buffer.
@@ -996,6 +1010,7 @@ impl<'e> Requests<'e> {
             host: hosts.primary,
             head: None,
             tenant: None,
+            download: None,
         });
         if let Some(via) = self.via {
             let ours = req
@@ -1071,6 +1086,19 @@ impl<'e> Requests<'e> {
             Ok(d)
         });
         let mut request = request;
+        // Responses to GETs are hashed when digests are listed; a URL
+        // whose body matched one is refused before its next request goes.
+        let decided = decided.and_then(|d| {
+            if req.method == Some("GET") && engine.signatures.has_sha256() {
+                let url: Box<str> =
+                    format!("{}{}", request.host, req.path.unwrap_or_default()).into();
+                if let Some(hit) = engine.blocked_downloads.get(&url) {
+                    findings.decide(engine, who, Some(hit))?;
+                }
+                request.download = Some(url);
+            }
+            Ok(d)
+        });
         if self.tenant && decided.is_ok() {
             let rules = &engine.config.tenant_restrictions;
             let mut fields: Vec<(&str, &str)> = Vec::new();

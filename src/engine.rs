@@ -22,6 +22,9 @@ pub struct Engine {
     pub tls: Option<Arc<Interception>>,
     /// The directory of `[ldap]`, with this snapshot's cache of groups.
     pub directory: Option<Arc<crate::directory::Directory>>,
+    /// Download URLs whose body matched a `[[downloads]] sha256` rule: the
+    /// next request for one is refused with the page before any byte.
+    pub blocked_downloads: BlockedDownloads,
     pub generation: u64,
 }
 
@@ -86,8 +89,45 @@ impl Engine {
             policy,
             tls,
             directory,
+            blocked_downloads: BlockedDownloads::default(),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
         })
+    }
+}
+
+/// Download URLs (host and target) refused on their body's digest, with
+/// the detection; bounded, the oldest forgotten first. Emptied by a reload
+/// (a new engine).
+#[derive(Debug, Default)]
+pub struct BlockedDownloads {
+    inner: std::sync::Mutex<BlockedInner>,
+}
+
+#[derive(Debug, Default)]
+struct BlockedInner {
+    map: std::collections::HashMap<Box<str>, Detection>,
+    order: std::collections::VecDeque<Box<str>>,
+}
+
+impl BlockedDownloads {
+    /// URLs remembered at most.
+    pub const CAPACITY: usize = 4096;
+
+    pub fn get(&self, url: &str) -> Option<Detection> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.map.get(url).copied()
+    }
+
+    pub fn insert(&self, url: &str, d: Detection) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.map.insert(url.into(), d).is_none() {
+            inner.order.push_back(url.into());
+            while inner.order.len() > Self::CAPACITY {
+                if let Some(old) = inner.order.pop_front() {
+                    inner.map.remove(&old);
+                }
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod circumvention;
 mod cli;
 mod deploy;
 mod directory;
+mod downloads;
 mod explicit;
 mod export_cli;
 mod fuzz_smoke;

@@ -325,7 +325,13 @@ impl SignatureSet {
             .map(|&(_, rule)| self.detection(rule, Reason::Download, None))
     }
 
-    /// A body digest (for `classify pcap` and offline checks).
+    /// Whether any `[[downloads]] sha256` rule is loaded (responses are
+    /// hashed only then).
+    pub fn has_sha256(&self) -> bool {
+        !self.sha256.is_empty()
+    }
+
+    /// A body digest: the `[[downloads]] sha256` rule it matches.
     pub fn classify_sha256(&self, digest: &[u8; 32]) -> Option<Detection> {
         self.sha256
             .get(digest)

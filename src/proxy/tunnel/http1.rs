@@ -50,6 +50,8 @@ struct Pending {
     asked: Asked,
     /// Its access-log record (with the log on).
     rec: Option<Box<Record>>,
+    /// A GET whose response is hashed: its URL.
+    download: Option<Box<str>>,
 }
 
 #[derive(Default)]
@@ -556,6 +558,7 @@ async fn admit_request(
                     ex.pending.push_back(Pending {
                         asked: request.asked,
                         rec: logged.then(|| Box::new(rec)),
+                        download: request.download.clone(),
                     });
                     return;
                 }
@@ -645,9 +648,27 @@ enum Resp {
 async fn responses_down<C: Wire, U: Wire>(ctx: &Ctx<'_>, up: &U, client: &C) -> End {
     let mut resp = Resp::Head(Vec::new());
     let max_head = ctx.engine.config.limits.max_request_head_bytes.max(8192) * 2;
+    let digests = ctx.engine.signatures.has_sha256();
     loop {
         if matches!(resp, Resp::Off) {
             return relay::pump(ctx.cx, up, client, None, &ctx.cx.down).await;
+        }
+        if digests && matches!(&resp, Resp::Head(p) if p.is_empty()) {
+            let url = ctx
+                .exchange
+                .lock()
+                .pending
+                .front()
+                .and_then(|p| p.download.clone());
+            if let Some(url) = url {
+                // Boxed: only responses to GETs, with digests listed.
+                if let Err(end) =
+                    Box::pin(digest_response(ctx, up, client, &mut resp, max_head, &url)).await
+                {
+                    return end;
+                }
+                continue;
+            }
         }
         if let Err(e) = up.readable().await {
             return End::Error(e);
@@ -686,6 +707,232 @@ async fn responses_down<C: Wire, U: Wire>(ctx: &Ctx<'_>, up: &U, client: &C) -> 
         if let Err(e) = written {
             return End::Error(e);
         }
+    }
+}
+
+/// Bytes of a hashed response body held back until its digest is known:
+/// what is cut off when the digest matches (an installer's tail holds its
+/// archive directory or signature; without it the file is unusable).
+const HOLD_BACK: usize = 64 * 1024;
+/// Bodies longer than this are not hashed (they pass on as they come).
+const MAX_HASHED: u64 = 1 << 30;
+
+/// One response to a GET while `[[downloads]] sha256` rules are loaded,
+/// from its first byte: the head passes; a `200` body is hashed as it
+/// passes with its last `HOLD_BACK` bytes held until it ends; a digest
+/// that matches (and that the policy refuses) cuts the response off and
+/// resets the tunnel, and the URL is refused before any byte on the next
+/// request. Anything else goes on as `responses_down` would.
+async fn digest_response<C: Wire, U: Wire>(
+    ctx: &Ctx<'_>,
+    up: &U,
+    client: &C,
+    resp: &mut Resp,
+    max_head: usize,
+    url: &str,
+) -> Result<(), End> {
+    use sha2::Digest as _;
+    let mut data: Vec<u8> = Vec::new();
+    // The head.
+    let (head_len, status, reply) = loop {
+        match read_more(ctx, up, &mut data).await {
+            Ok(0) | Err(_) => {
+                // Ended or failed before a head: as responses_down does.
+                if !data.is_empty() {
+                    hand_back(ctx, client, std::mem::take(&mut data), resp, max_head).await?;
+                }
+                bad_gateway(ctx, client, resp, "closed").await;
+                ended(ctx, resp);
+                client.shutdown_write();
+                return Err(End::Closed);
+            }
+            Ok(_) => {}
+        }
+        let mut headers = [httparse::EMPTY_HEADER; RESPONSE_FIELDS];
+        let mut r = httparse::Response::new(&mut headers);
+        match r.parse(&data) {
+            Ok(httparse::Status::Complete(n)) => {
+                let asked = ctx.exchange.lock().pending.front().map(|p| p.asked);
+                let reply = asked.map(|a| h1::response_body(a, &r));
+                break (n, r.code.unwrap_or(0), reply);
+            }
+            Ok(httparse::Status::Partial) if data.len() <= max_head => continue,
+            _ => return hand_back(ctx, client, data, resp, max_head).await,
+        }
+    };
+    let body = match (status, reply) {
+        (200, Some(Ok(Reply::Final(body)))) => body,
+        _ => return hand_back(ctx, client, data, resp, max_head).await,
+    };
+    let Some(mut following) = Following::new(body) else {
+        return hand_back(ctx, client, data, resp, max_head).await;
+    };
+    // The head passes; the response's record gets its status.
+    let mut body_raw = data.split_off(head_len);
+    client.write_all(&data).await.map_err(End::Error)?;
+    if let Some(rec) = ctx
+        .exchange
+        .lock()
+        .pending
+        .front_mut()
+        .and_then(|p| p.rec.as_mut())
+    {
+        rec.status = status;
+    }
+    let mut hasher = sha2::Sha256::new();
+    let mut hashed: u64 = 0;
+    let mut fed = 0;
+    let end = loop {
+        let progress = following.advance(&body_raw[fed..], &mut |d| {
+            hasher.update(d);
+            hashed += d.len() as u64;
+        });
+        match progress {
+            Ok(Progress::Ended(k)) => break fed + k,
+            Ok(Progress::More) => {}
+            Err(_) => {
+                // Not followable: no digest; pass it on, responses lost.
+                client.write_all(&body_raw).await.map_err(End::Error)?;
+                let mut ex = ctx.exchange.lock();
+                ex.lost = true;
+                drop(ex);
+                *resp = Resp::Off;
+                ctx.exchange.changed.notify_waiters();
+                return Ok(());
+            }
+        }
+        fed = body_raw.len();
+        if hashed > MAX_HASHED {
+            // Too long to hold to its end: it passes, followed as usual.
+            client.write_all(&body_raw).await.map_err(End::Error)?;
+            add_body_bytes(ctx, body_raw.len());
+            *resp = Resp::Body(following);
+            return Ok(());
+        }
+        if body_raw.len() > HOLD_BACK {
+            let cut = body_raw.len() - HOLD_BACK;
+            client
+                .write_all(&body_raw[..cut])
+                .await
+                .map_err(End::Error)?;
+            add_body_bytes(ctx, cut);
+            body_raw.drain(..cut);
+            fed = body_raw.len();
+        }
+        match read_more(ctx, up, &mut body_raw).await {
+            Ok(0) if matches!(following, Following::UntilClose) => break body_raw.len(),
+            Ok(0) | Err(_) => {
+                // Cut short by the server: what was held goes on, as the
+                // client would have seen it without chatwall.
+                client.write_all(&body_raw).await.map_err(End::Error)?;
+                ended(ctx, resp);
+                client.shutdown_write();
+                return Err(End::Closed);
+            }
+            Ok(_) => {}
+        }
+    };
+    let digest: [u8; 32] = hasher.finalize().into();
+    let found = ctx.engine.signatures.classify_sha256(&digest);
+    let mut findings = Findings::default();
+    let refused = decide::payload_verdict(ctx.engine, &ctx.cx.who, found, &mut findings);
+    if let Err(Refusal::Blocked(d)) = refused {
+        ctx.engine.blocked_downloads.insert(url, d);
+        let rec = {
+            let mut ex = ctx.exchange.lock();
+            ex.lost = true;
+            ex.pending.pop_front().and_then(|p| p.rec)
+        };
+        ctx.exchange.changed.notify_waiters();
+        let app = ctx.engine.signatures.app_id(d.app);
+        ctx.shared
+            .metrics
+            .blocked_total
+            .with_label_values(&[app, d.reason.as_str()])
+            .inc();
+        if let Some(mut rec) = rec {
+            ctx.shared.record_verdict(
+                ctx.flow.ctx.listener,
+                ctx.engine,
+                &Verdict::Block(d),
+                &mut rec,
+            );
+            rec.error = Some("cut off: the body's SHA-256 matches a listed download".into());
+            ctx.shared.access_log.write(*rec);
+        }
+        tracing::debug!(client = %ctx.flow.ctx.client.addr, url, "download cut off on its digest");
+        return Err(End::Blocked(d));
+    }
+    if let Some(m) = findings.monitor {
+        let mut ex = ctx.exchange.lock();
+        if let Some(rec) = ex.pending.front_mut().and_then(|p| p.rec.as_mut()) {
+            ctx.shared
+                .record_verdict(ctx.flow.ctx.listener, ctx.engine, &m, rec);
+        }
+    }
+    // It passes: the held bytes, then the response has ended.
+    client
+        .write_all(&body_raw[..end])
+        .await
+        .map_err(End::Error)?;
+    add_body_bytes(ctx, end);
+    {
+        let mut ex = ctx.exchange.lock();
+        ex.answered += 1;
+        if let Some(rec) = ex.pending.pop_front().and_then(|p| p.rec) {
+            ctx.shared.access_log.write(*rec);
+        }
+    }
+    ctx.exchange.changed.notify_waiters();
+    *resp = Resp::Head(Vec::new());
+    let rest = body_raw.split_off(end);
+    if !rest.is_empty() {
+        hand_back(ctx, client, rest, resp, max_head).await?;
+    }
+    Ok(())
+}
+
+/// Read the upstream's next bytes onto `data`.
+async fn read_more<U: Wire>(ctx: &Ctx<'_>, up: &U, data: &mut Vec<u8>) -> io::Result<usize> {
+    let mut buf = relay::take_buf();
+    let n = loop {
+        if let Err(e) = up.readable().await {
+            break Err(e);
+        }
+        match up.try_read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => break other,
+        }
+    };
+    if let Ok(k) = n {
+        data.extend_from_slice(&buf[..k]);
+        if k > 0 {
+            ctx.cx.touch();
+            ctx.cx.down.fetch_add(k as u64, Ordering::Relaxed);
+        }
+    }
+    relay::give_buf(buf);
+    n
+}
+
+/// Pass bytes read on as `responses_down` would (write, then observe).
+async fn hand_back<C: Wire>(
+    ctx: &Ctx<'_>,
+    client: &C,
+    data: Vec<u8>,
+    resp: &mut Resp,
+    max_head: usize,
+) -> Result<(), End> {
+    let written = client.write_all(&data).await;
+    observe(ctx, resp, &data, max_head);
+    written.map_err(End::Error)
+}
+
+/// Body bytes of the front response, for its record.
+fn add_body_bytes(ctx: &Ctx<'_>, n: usize) {
+    let mut ex = ctx.exchange.lock();
+    if let Some(rec) = ex.pending.front_mut().and_then(|p| p.rec.as_mut()) {
+        rec.bytes_down += n as u64;
     }
 }
 
