@@ -70,6 +70,9 @@ shutdown_grace_ms = 30000
 
 [upstream]
 mark = 0
+parent = ""
+parent_credentials_file = ""
+parent_bypass = []
 
 [pac]
 proxy = ""
@@ -329,6 +332,9 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     mark: i64,
+    parent: String,
+    parent_credentials_file: String,
+    parent_bypass: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,21 +593,7 @@ pub fn read_secret(path: &Path, field: &str) -> Result<Secret, ConfigError> {
         field: field.to_string(),
         message,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
-            )));
-        }
-    }
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let text = read_private(path).map_err(err)?;
     let token = text.trim();
     if token.len() < 16 {
         return Err(err("the token is shorter than 16 characters".into()));
@@ -612,6 +604,199 @@ pub fn read_secret(path: &Path, field: &str) -> Result<Secret, ConfigError> {
         ));
     }
     Ok(Secret(token.to_string()))
+}
+
+/// Read a small file only its owner may read (group and others have no
+/// permission on it).
+fn read_private(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
+            ));
+        }
+    }
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    read_small(path, 4096)
+}
+
+/// `[upstream] parent`: a parent proxy that upstream connections go
+/// through (HTTP in absolute form, everything else as a CONNECT tunnel),
+/// except to the destinations of `parent_bypass`.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    /// The host as written (a name, or an IP address without brackets).
+    pub host: String,
+    pub port: u16,
+    /// `host:port` as it is named in messages.
+    pub authority: String,
+    /// The `Proxy-Authorization` value (`Basic ...`) from
+    /// `parent_credentials_file`, if any.
+    pub authorization: Option<Secret>,
+    /// Names that go direct: exact, or `*.suffix` (the names under it).
+    pub bypass_names: Vec<String>,
+    /// Addresses that go direct.
+    pub bypass_nets: NetSet,
+}
+
+impl Parent {
+    /// Does a (normalised) name go direct?
+    pub fn bypasses_name(&self, name: &str) -> bool {
+        self.bypass_names
+            .iter()
+            .any(|p| crate::classify::host::pattern_matches(p, name))
+    }
+
+    /// Does an address go direct?
+    pub fn bypasses_addr(&self, ip: std::net::IpAddr) -> bool {
+        self.bypass_nets
+            .contains(crate::classify::addr::canonical(ip))
+    }
+}
+
+/// Validate `[upstream] parent`, `parent_credentials_file` and
+/// `parent_bypass`.
+fn parent(
+    v: &mut Validator<'_>,
+    path: Option<&Path>,
+    raw: &RawUpstream,
+    listen: &Listen,
+) -> Option<Parent> {
+    let mut bypass_names = Vec::new();
+    let mut nets = Vec::new();
+    for b in &raw.parent_bypass {
+        if let Some(n) = parse_net(b) {
+            nets.push(n);
+            continue;
+        }
+        // `.example.org` is the domain and the names under it (as in
+        // Squid's dstdomain); `*.example.org` only the names under it.
+        let (name, wildcard, itself) = match (b.strip_prefix("*."), b.strip_prefix('.')) {
+            (Some(rest), _) => (rest, true, false),
+            (None, Some(rest)) => (rest, true, true),
+            (None, None) => (b.as_str(), false, true),
+        };
+        match normalize_host(name) {
+            Some(n) => {
+                if wildcard {
+                    bypass_names.push(format!("*.{n}"));
+                }
+                if itself {
+                    bypass_names.push(n);
+                }
+            }
+            None => v.err(
+                "upstream",
+                "parent_bypass",
+                format!("`{b}` is not a host name, `*.suffix`, `.suffix` or CIDR prefix"),
+            ),
+        }
+    }
+    let written = raw.parent.trim();
+    if written.is_empty() {
+        if !raw.parent_credentials_file.is_empty() {
+            v.err(
+                "upstream",
+                "parent_credentials_file",
+                "set, but there is no `parent`",
+            );
+        }
+        if !raw.parent_bypass.is_empty() {
+            v.err("upstream", "parent_bypass", "set, but there is no `parent`");
+        }
+        return None;
+    }
+    let authority = match written.parse::<http::uri::Authority>() {
+        Ok(a) if a.port_u16().is_some_and(|p| p != 0) && !a.as_str().contains('@') => a,
+        _ => {
+            v.err(
+                "upstream",
+                "parent",
+                format!("`{written}` is not host:port"),
+            );
+            return None;
+        }
+    };
+    let port = authority.port_u16().unwrap_or_default();
+    let bare = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let host = if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        let addr = SocketAddr::new(ip, port);
+        if listen.explicit.contains(&addr)
+            || listen.transparent_http.contains(&addr)
+            || listen.transparent_tls.contains(&addr)
+            || listen.transparent.contains(&addr)
+        {
+            v.err(
+                "upstream",
+                "parent",
+                format!("`{written}` is one of chatwall's own listeners"),
+            );
+        }
+        ip.to_string()
+    } else {
+        match normalize_host(bare) {
+            Some(n) => n,
+            None => {
+                v.err(
+                    "upstream",
+                    "parent",
+                    format!("`{bare}` is not a host name or IP address"),
+                );
+                return None;
+            }
+        }
+    };
+    let authorization = if raw.parent_credentials_file.is_empty() {
+        None
+    } else {
+        let p = relative_to(path, &raw.parent_credentials_file);
+        match read_private(&p).and_then(|t| basic_credentials(&t)) {
+            Ok(s) => Some(s),
+            Err(message) => {
+                v.errors.push(ConfigError {
+                    file: p.display().to_string(),
+                    line: None,
+                    field: "upstream.parent_credentials_file".into(),
+                    message,
+                });
+                None
+            }
+        }
+    };
+    Some(Parent {
+        host,
+        port,
+        authority: authority.as_str().to_string(),
+        authorization,
+        bypass_names,
+        bypass_nets: NetSet::from_nets(nets),
+    })
+}
+
+/// `user:password` (one line; surrounding white space dropped) as a
+/// `Proxy-Authorization` value for Basic (RFC 7617).
+fn basic_credentials(text: &str) -> Result<Secret, String> {
+    use base64::Engine as _;
+    let line = text.trim();
+    let Some((user, _password)) = line.split_once(':') else {
+        return Err("expected one line `user:password`".into());
+    };
+    if user.is_empty() || line.chars().any(char::is_control) {
+        return Err("expected one line `user:password` with a non-empty user".into());
+    }
+    Ok(Secret(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(line)
+    )))
 }
 
 /// The validated configuration.
@@ -636,6 +821,8 @@ pub struct Config {
     pub log_level: String,
     pub limits: Limits,
     pub upstream_mark: u32,
+    /// `[upstream] parent`: where upstream connections go, if not direct.
+    pub parent: Option<Parent>,
     pub pac: Pac,
     pub auth: Option<Auth>,
     pub admin: Admin,
@@ -682,6 +869,7 @@ impl Config {
                 .with_list_parse_key("access.allow_clients")
                 .with_list_parse_key("access.deny_destinations")
                 .with_list_parse_key("access.connect_ports")
+                .with_list_parse_key("upstream.parent_bypass")
                 .with_list_parse_key("pac.direct_networks")
                 .with_list_parse_key("pac.direct_domains")
                 .with_list_parse_key("admin.allow"),
@@ -757,7 +945,12 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         max_connections_per_client: i64,
         shutdown_grace_ms: i64
     });
-    partial!(PartialUpstream { mark: i64 });
+    partial!(PartialUpstream {
+        mark: i64,
+        parent: String,
+        parent_credentials_file: String,
+        parent_bypass: Vec<String>
+    });
     partial!(PartialPac { proxy: String, direct_networks: Vec<String>, direct_domains: Vec<String> });
     partial!(PartialAuth {
         users_file: String,
@@ -1309,6 +1502,8 @@ fn validate(
         0
     };
 
+    let parent = parent(&mut v, path, &raw.upstream, &listen);
+
     let direct_networks = v.nets("pac", "direct_networks", &raw.pac.direct_networks);
     let mut direct_domains = Vec::new();
     for d in &raw.pac.direct_domains {
@@ -1430,6 +1625,7 @@ fn validate(
         log_level: raw.log.level,
         limits,
         upstream_mark,
+        parent,
         pac,
         auth,
         admin,
