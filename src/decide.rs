@@ -571,7 +571,12 @@ pub fn request_head(
     findings: &mut Findings,
 ) -> Result<HeadDecision, Refusal> {
     let allowlisted = name(engine, who, host, dst.port(), findings)?;
-    address(engine, who, dst, allowlisted, false, findings)?;
+    if !dst.ip().is_unspecified() {
+        // Unspecified: a tunnel through a parent proxy to a name, whose
+        // addresses only the parent knows (`proxy::parent::unresolved`);
+        // an unspecified destination itself never gets this far.
+        address(engine, who, dst, allowlisted, false, findings)?;
+    }
     if allowlisted {
         return Ok(HeadDecision::Pass);
     }

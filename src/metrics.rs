@@ -47,6 +47,7 @@ pub const UPSTREAM_ERROR_KINDS: &[&str] = &[
     "reset",
     "timeout",
     "protocol",
+    "parent",
     "denied_destination",
 ];
 

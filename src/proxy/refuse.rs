@@ -41,6 +41,12 @@ pub enum FlowError {
     UpstreamProtocol(String),
     /// The request already passed through this proxy (a forwarding loop).
     LoopDetected,
+    /// The parent proxy (`[upstream] parent`, named here) could not be
+    /// reached, or refused the tunnel: `why` says which.
+    Parent {
+        parent: String,
+        why: String,
+    },
 }
 
 impl FlowError {
@@ -59,6 +65,7 @@ impl FlowError {
             FlowError::UpstreamTimeout => "timeout",
             FlowError::UpstreamProtocol(_) => "protocol",
             FlowError::LoopDetected => "loop",
+            FlowError::Parent { .. } => "parent",
         }
     }
 
@@ -118,6 +125,7 @@ impl fmt::Display for FlowError {
                 f,
                 "forwarding loop: the request already came through this proxy"
             ),
+            FlowError::Parent { parent, why } => write!(f, "parent proxy {parent} {why}"),
         }
     }
 }

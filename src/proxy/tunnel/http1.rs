@@ -125,7 +125,7 @@ pub async fn run(
         left_http: false,
     };
 
-    if logged {
+    if logged && flow.rec.upstream.is_none() {
         flow.rec.upstream = Some(flow.dst.to_string());
     }
     let ctx = Ctx {
@@ -327,7 +327,12 @@ fn request_record(shared: &Shared, flow: &Flow, req: &RequestInfo) -> Record {
         method: req.method.clone(),
         target: req.target.clone(),
         host: Some(req.host.clone()),
-        upstream: Some(flow.dst.to_string()),
+        upstream: Some(
+            flow.rec
+                .upstream
+                .clone()
+                .unwrap_or_else(|| flow.dst.to_string()),
+        ),
         verdict: "allow",
         ..Record::default()
     }
