@@ -1868,6 +1868,118 @@ mod tests {
         assert_eq!(e.0[0].line, Some(2), "{e}");
     }
 
+    #[test]
+    fn a_parent_is_host_port_with_bypass_names_and_prefixes() {
+        let none = load_text("").expect("valid");
+        assert!(none.parent.is_none());
+        let c = load_text(
+            "[upstream]\nparent = \"Gateway.Example.org:8080\"\nparent_bypass = [\"intranet.example\", \".corp.example\", \"*.lan.example\", \"10.0.0.0/8\", \"fd00::1\"]\n",
+        )
+        .expect("valid");
+        let p = c.parent.expect("parent");
+        assert_eq!((p.host.as_str(), p.port), ("gateway.example.org", 8080));
+        assert_eq!(p.authority, "Gateway.Example.org:8080");
+        assert!(p.authorization.is_none());
+        for (name, direct) in [
+            ("intranet.example", true),
+            ("www.intranet.example", false),
+            ("corp.example", true),
+            ("a.b.corp.example", true),
+            ("lan.example", false),
+            ("printer.lan.example", true),
+            ("example.org", false),
+        ] {
+            assert_eq!(p.bypasses_name(name), direct, "{name}");
+        }
+        assert!(p.bypasses_addr("10.1.2.3".parse().unwrap()));
+        assert!(p.bypasses_addr("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(p.bypasses_addr("fd00::1".parse().unwrap()));
+        assert!(!p.bypasses_addr("192.0.2.1".parse().unwrap()));
+        let v6 = load_text("[upstream]\nparent = \"[2001:db8::1]:3128\"\n").expect("valid");
+        assert_eq!(v6.parent.expect("parent").host, "2001:db8::1");
+
+        for (text, field) in [
+            (
+                "[upstream]\nparent = \"gateway.example.org\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"gateway.example.org:0\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"user@gateway.example.org:80\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"http://gateway.example.org:80\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"127.0.0.1:3128\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent_bypass = [\"10.0.0.0/8\"]\n",
+                "upstream.parent_bypass",
+            ),
+            (
+                "[upstream]\nparent_credentials_file = \"x\"\n",
+                "upstream.parent_credentials_file",
+            ),
+            (
+                "[upstream]\nparent = \"gw.example:3128\"\nparent_bypass = [\"a b\"]\n",
+                "upstream.parent_bypass",
+            ),
+        ] {
+            let e = load_text(text).expect_err(text);
+            assert_eq!(e.0[0].field, field, "{text}: {e}");
+            assert!(e.0[0].line.is_some(), "{text}: {e}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn parent_credentials_are_user_password_in_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let creds = dir.path().join("parent.credentials");
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            "[upstream]\nparent = \"gw.example:3128\"\nparent_credentials_file = \"parent.credentials\"\n",
+        )
+        .expect("write");
+        let set = |text: &str, mode: u32| {
+            std::fs::write(&creds, text).expect("write credentials");
+            std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        set("alice:pa:ss word\n", 0o600);
+        let c = Config::load(Some(&config)).expect("valid");
+        let a = c.parent.as_ref().and_then(|p| p.authorization.as_ref());
+        // base64("alice:pa:ss word")
+        assert_eq!(
+            a.map(Secret::expose),
+            Some("Basic YWxpY2U6cGE6c3Mgd29yZA==")
+        );
+        assert!(!format!("{c:?}").contains("YWxpY2U"));
+        for (text, mode, says) in [
+            ("alice:hunter2", 0o640, "group or others"),
+            ("alice:hunter2", 0o604, "group or others"),
+            ("alice", 0o600, "user:password"),
+            (":hunter2", 0o600, "non-empty user"),
+            ("alice:hunter2\nbob:other", 0o600, "one line"),
+        ] {
+            set(text, mode);
+            let e = Config::load(Some(&config)).expect_err(says);
+            let err = &e.0[0];
+            assert_eq!(err.field, "upstream.parent_credentials_file", "{e}");
+            assert!(err.file.ends_with("parent.credentials"), "{e}");
+            assert!(err.message.contains(says), "{mode:o}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
     #[cfg(unix)]
     #[test]
     fn the_reload_token_file_must_be_private_and_long_enough() {
