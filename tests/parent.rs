@@ -438,12 +438,17 @@ async fn credentials_go_to_the_parent() {
     let origin = HttpOrigin::start().await;
     let raw = RawOrigin::start(None, true).await;
 
-    // Without credentials the parent's 407 is what the client gets for
-    // HTTP (the parent's own answer), and a 502 naming it for a tunnel.
+    // Without credentials the parent's 407 (for chatwall, not for the
+    // client) is a 502 naming the parent, for HTTP and tunnels alike.
     let proxy = proxy_with_parent(squid.addr, "").await;
     let (status, body) = connect_status(proxy.addr, &raw.addr.to_string()).await;
     assert_eq!(status, 502);
-    assert!(body.contains("answered 407"), "{body}");
+    let named = format!("parent proxy {} answered 407", squid.addr);
+    assert!(body.contains(&named), "{body}");
+    let (status, _, body) = get(&proxy, &format!("http://{}/", origin.addr)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains(&named), "{body}");
     proxy.stop().await;
 
     let creds: PathBuf = squid.dir.path().join("parent.credentials");

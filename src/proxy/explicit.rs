@@ -464,6 +464,17 @@ async fn forward(
         Ok(Err(e)) => return Err(map_client_error(e)),
         Ok(Ok(r)) => r,
     };
+    if let (Hop::Parent(p), StatusCode::PROXY_AUTHENTICATION_REQUIRED) = (hop, resp.status()) {
+        // The parent wants chatwall's credentials, not the client's (whose
+        // Proxy-Authorization is for chatwall and never passed on).
+        return Err(FlowError::Parent {
+            parent: p.authority.clone(),
+            why: format!(
+                "answered 407 {}",
+                resp.status().canonical_reason().unwrap_or_default()
+            ),
+        });
+    }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only to a protocol the client offered and this proxy passed on

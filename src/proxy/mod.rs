@@ -10,6 +10,9 @@
 //!   decisions: crate::decide            tunnel::http1 for HTTP inside) ─ upstream / relay / refuse
 //!   conn: what every stage carries      admin (metrics, health, reload, PAC) on its own listener
 //! ```
+//!
+//! Upstream connections go direct (`upstream`) or, with `[upstream]
+//! parent`, through a parent proxy (`parent`), once every decision is made.
 pub mod body;
 pub mod conn;
 pub mod connect;
