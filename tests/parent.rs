@@ -58,7 +58,8 @@ impl Squid {
         let conf = format!(
             "http_port 127.0.0.1:{port}\n\
              pid_filename {d}/squid.pid\n\
-             access_log stdio:{d}/access.log\n\
+             logformat chatwall %ts.%03tu %>a:%>p %un %rm %ru %>Hs %Sh/%<a\n\
+             access_log stdio:{d}/access.log chatwall\n\
              cache_log {d}/cache.log\n\
              cache_store_log none\n\
              coredump_dir {d}\n\
@@ -209,6 +210,23 @@ async fn http_goes_to_the_parent_in_absolute_form_and_comes_back_whole() {
     }
     let line = squid.wait_logged(&["GET", &url]).await;
     assert!(line.contains("HIER_DIRECT/127.0.0.1"), "{line}");
+    // Both requests came over one pooled connection from chatwall (each
+    // from a new client connection): the same source port at the parent.
+    let log = squid.access_log();
+    let sources: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&url))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(sources.len(), 2, "{log}");
+    assert!(
+        sources[0].starts_with("127.0.0.1:") && !sources[0].ends_with(":0"),
+        "{log}"
+    );
+    assert_eq!(
+        sources[0], sources[1],
+        "a pooled connection is reused:\n{log}"
+    );
     // The origin saw both proxies in Via: chatwall's, then Squid's.
     let seen = origin.requests();
     assert_eq!(seen.len(), 2, "{seen:?}");
