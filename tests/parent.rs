@@ -297,6 +297,50 @@ async fn tunnels_go_through_the_parent_byte_exact_both_ways() {
     proxy.stop().await;
 }
 
+/// A tunnel to a name: the parent resolves it, chatwall still follows the
+/// HTTP inside request by request (on names and rules; no address is
+/// known to check).
+#[tokio::test]
+async fn http_inside_a_tunnel_to_a_name_is_decided_request_by_request() {
+    let Some(squid) = Squid::start("").await else {
+        return;
+    };
+    let origin = HttpOrigin::start().await;
+    let proxy = proxy_with_parent(squid.addr, "").await;
+    let authority = format!("localhost:{}", origin.addr.port());
+    let mut s = connect_tunnel(proxy.addr, &authority)
+        .await
+        .unwrap_or_else(|st| panic!("CONNECT got {st}"));
+    s.write_all(format!("GET /first HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!((status, &body[..]), (200, &b"hello from origin\n"[..]));
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: web.whatsapp.com\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 403, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-chatwall-block: whatsapp"),
+        "{head}"
+    );
+    drop(s);
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 1, "only the first request went on: {seen:?}");
+    assert_eq!(seen[0].uri, "/first");
+    squid.wait_logged(&["CONNECT", &authority]).await;
+    let log = proxy.wait_log(2).await;
+    assert!(
+        log.iter().any(|r| r["upstream"]
+            .as_str()
+            .is_some_and(|u| u == format!("{authority} via {}", squid.addr))),
+        "{log:?}"
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn refusals_happen_before_the_parent_sees_anything() {
     let Some(squid) = Squid::start("").await else {

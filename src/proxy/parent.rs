@@ -18,7 +18,7 @@
 //! parent names the original destination address). A name is resolved only
 //! to see whether `parent_bypass` sends it direct, when that list has CIDR
 //! prefixes; a name that goes direct is resolved and checked as always.
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -315,14 +315,6 @@ impl hyper::rt::Write for Connection {
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
-}
-
-/// The address a tunnel through the parent to a name is decided with: no
-/// address is known (the parent resolves the name), so the unspecified
-/// address with the destination's port, which the per-request address
-/// check inside the tunnel skips (`decide::request_head`).
-pub fn unresolved(port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port)
 }
 
 #[cfg(test)]

@@ -190,9 +190,9 @@ pub async fn open(
                     &mut findings,
                 )
                 .await?;
-                addrs.first().copied().unwrap_or(parent::unresolved(port))
+                addrs.first().copied().unwrap_or(decide::unresolved(port))
             } else {
-                parent::unresolved(port)
+                decide::unresolved(port)
             };
             let authority = parent::authority(&host, port);
             let (up, own) = shared.connect_through(engine, p, &authority).await?;
