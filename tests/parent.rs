@@ -10,6 +10,7 @@
 //! `CHATWALL_REQUIRE_ALL=1`.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -453,6 +454,95 @@ async fn a_dead_parent_is_a_502_naming_it() {
         "{log:?}"
     );
     proxy.stop().await;
+}
+
+/// A scripted parent on a raw socket: for each connection, reads the
+/// CONNECT head, then writes its parts with a pause between them and keeps
+/// the connection open until the client closes; records each head.
+async fn scripted_parent(parts: Vec<&'static [u8]>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (parts, seen) = (parts.clone(), Arc::clone(&seen));
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                if let Ok(mut h) = seen.lock() {
+                    h.push(String::from_utf8_lossy(&head).into_owned());
+                }
+                for p in parts {
+                    if s.write_all(p).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn the_parents_answer_is_read_to_its_end_and_no_further() {
+    // The answer split across segments, and the origin's first bytes in the
+    // same segment as its end: they belong to the tunnel. (`origin.example`
+    // resolves nowhere: the name goes to the parent unresolved.)
+    let (parent, heads) = scripted_parent(vec![
+        b"HTTP/1.1 200 Connection",
+        b" established\r\nVia: 1.1 parent\r",
+        b"\n\r\n220 banner from the origin\r\n",
+    ])
+    .await;
+    let proxy = proxy_with_parent(parent, "").await;
+    let mut s = connect_tunnel(proxy.addr, "origin.example:25")
+        .await
+        .unwrap_or_else(|st| panic!("CONNECT got {st}"));
+    let want = b"220 banner from the origin\r\n";
+    assert_eq!(read_exactly(&mut s, want.len()).await, want);
+    drop(s);
+    let heads = heads.lock().map(|h| h.clone()).unwrap_or_default();
+    assert_eq!(
+        heads,
+        vec!["CONNECT origin.example:25 HTTP/1.1\r\nHost: origin.example:25\r\n\r\n".to_string()]
+    );
+    proxy.stop().await;
+
+    // What is not an answer, or is too long, is a 502 naming the parent.
+    for (parts, says) in [
+        (
+            vec![&b"SSH-2.0-OpenSSH_9.6\r\n\r\n"[..]],
+            "sent an answer that is not HTTP",
+        ),
+        (
+            vec![&b"HTTP/1.1 200 OK\r\n"[..], &[b'X'; 20_000][..]],
+            "answer head over",
+        ),
+        (vec![&b"HTTP/1.1 200 OK\r\n"[..]], "did not answer within"),
+    ] {
+        let (parent, _) = scripted_parent(parts).await;
+        let proxy = Proxy::start(&format!(
+            "[limits]\nupstream_response_timeout_ms = 1000\n\n[upstream]\nparent = \"{parent}\"\n"
+        ))
+        .await;
+        let (status, body) = connect_status(proxy.addr, "origin.example:443").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains(&format!("parent proxy {parent} ")), "{body}");
+        assert!(body.contains(says), "{says}: {body}");
+        proxy.stop().await;
+    }
 }
 
 #[tokio::test]
