@@ -360,6 +360,17 @@ async fn refusals_happen_before_the_parent_sees_anything() {
         Some(&b"whatsapp"[..])
     );
 
+    // By address: an IP literal in a signature's CIDRs is still checked
+    // (Signal's, from the bundled set).
+    let (status, _) = connect_status(proxy.addr, "76.223.92.165:443").await;
+    assert_eq!(status, 403);
+    let (status, headers, _) = get(&proxy, "http://76.223.92.165/").await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        headers.get("x-chatwall-block").map(|v| v.as_bytes()),
+        Some(&b"signal"[..])
+    );
+
     // By ClientHello: the tunnel to the parent is open, but the refused
     // first bytes never reach it.
     let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
@@ -394,6 +405,10 @@ async fn refusals_happen_before_the_parent_sees_anything() {
     assert!(
         !log.contains("whatsapp"),
         "the parent saw an IM name:\n{log}"
+    );
+    assert!(
+        !log.contains("76.223.92.165"),
+        "the parent saw an IM address:\n{log}"
     );
     assert_eq!(
         origin.total_received(),
