@@ -590,13 +590,13 @@ async fn parent_bypass_goes_direct() {
 
 #[tokio::test]
 async fn credentials_go_to_the_parent() {
-    let helper = "/usr/lib/squid/basic_fake_auth";
-    if !Path::new(helper).exists() {
-        skip_or_fail("squid's basic_fake_auth helper is not installed");
+    let auth_program = "/usr/lib/squid/basic_fake_auth";
+    if !Path::new(auth_program).exists() {
+        skip_or_fail("squid's basic_fake_auth program is not installed");
         return;
     }
     let Some(squid) = Squid::start(&format!(
-        "auth_param basic program {helper}\nacl authed proxy_auth REQUIRED\nhttp_access deny !authed"
+        "auth_param basic program {auth_program}\nacl authed proxy_auth REQUIRED\nhttp_access deny !authed"
     ))
     .await
     else {
