@@ -154,7 +154,12 @@ pub fn squid_line(r: &Record, end: SystemTime, elapsed: Duration) -> String {
         _ => "TCP_MISS",
     };
     let hier = match (&r.upstream, r.verdict) {
-        (Some(u), v) if v != "block" => format!("HIER_DIRECT/{}", host_of(u)),
+        // Through a parent proxy: "<destination> via <parent>", which
+        // Squid logs as its parent's host.
+        (Some(u), v) if v != "block" => match u.split_once(" via ") {
+            Some((_, parent)) => format!("FIRSTUP_PARENT/{}", parent_host(parent)),
+            None => format!("HIER_DIRECT/{}", host_of(u)),
+        },
         _ => "HIER_NONE/-".to_string(),
     };
     let client = r
@@ -187,9 +192,40 @@ fn host_of(upstream: &str) -> String {
         .unwrap_or_else(|_| upstream.to_string())
 }
 
+/// The host of a parent proxy's `host:port`, without brackets.
+fn parent_host(parent: &str) -> String {
+    parent
+        .parse::<http::uri::Authority>()
+        .map(|a| {
+            a.host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        })
+        .unwrap_or_else(|_| parent.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn squid_format_names_the_parent_as_the_hierarchy() {
+        assert_eq!(parent_host("gw.example:8080"), "gw.example");
+        assert_eq!(parent_host("[2001:db8::1]:3128"), "2001:db8::1");
+        let r = Record {
+            start: Some(SystemTime::UNIX_EPOCH),
+            client: "192.0.2.1:40000".into(),
+            method: "GET".into(),
+            target: "http://example.org/".into(),
+            status: 200,
+            verdict: "allow",
+            upstream: Some("example.org:80 via gw.example:8080".into()),
+            ..Record::default()
+        };
+        let line = squid_line(&r, SystemTime::UNIX_EPOCH, Duration::ZERO);
+        assert!(line.contains(" FIRSTUP_PARENT/gw.example -"), "{line}");
+    }
 
     #[test]
     fn squid_line_has_the_ten_fields_of_squid() {

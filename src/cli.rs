@@ -466,6 +466,31 @@ fn check_config(config: Option<PathBuf>) -> u8 {
             if l.basic_bind { ", Basic by bind" } else { "" },
         );
     }
+    match &c.parent {
+        None => println!("parent proxy: none (direct)"),
+        Some(p) => {
+            let bypass: Vec<String> = p
+                .bypass_names
+                .iter()
+                .cloned()
+                .chain(p.bypass_nets.nets().map(|n| n.to_string()))
+                .collect();
+            println!(
+                "parent proxy: {} ({} credentials; direct: {})",
+                p.authority,
+                if p.authorization.is_some() {
+                    "with"
+                } else {
+                    "no"
+                },
+                if bypass.is_empty() {
+                    "none".to_string()
+                } else {
+                    bypass.join(", ")
+                }
+            );
+        }
+    }
     println!("ok");
     EXIT_OK
 }

@@ -75,6 +75,9 @@ shutdown_grace_ms = 30000
 
 [upstream]
 mark = 0
+parent = ""
+parent_credentials_file = ""
+parent_bypass = []
 
 [pac]
 proxy = ""
@@ -404,6 +407,9 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     mark: i64,
+    parent: String,
+    parent_credentials_file: String,
+    parent_bypass: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -665,21 +671,7 @@ pub fn read_secret(path: &Path, field: &str) -> Result<Secret, ConfigError> {
         field: field.to_string(),
         message,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
-            )));
-        }
-    }
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let text = read_private(path).map_err(err)?;
     let token = text.trim();
     if token.len() < 16 {
         return Err(err("the token is shorter than 16 characters".into()));
@@ -690,6 +682,199 @@ pub fn read_secret(path: &Path, field: &str) -> Result<Secret, ConfigError> {
         ));
     }
     Ok(Secret(token.to_string()))
+}
+
+/// Read a small file only its owner may read (group and others have no
+/// permission on it).
+fn read_private(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
+            ));
+        }
+    }
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    read_small(path, 4096)
+}
+
+/// `[upstream] parent`: a parent proxy that upstream connections go
+/// through (HTTP in absolute form, everything else as a CONNECT tunnel),
+/// except to the destinations of `parent_bypass`.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    /// The host as written (a name, or an IP address without brackets).
+    pub host: String,
+    pub port: u16,
+    /// `host:port` as it is named in messages.
+    pub authority: String,
+    /// The `Proxy-Authorization` value (`Basic ...`) from
+    /// `parent_credentials_file`, if any.
+    pub authorization: Option<Secret>,
+    /// Names that go direct: exact, or `*.suffix` (the names under it).
+    pub bypass_names: Vec<String>,
+    /// Addresses that go direct.
+    pub bypass_nets: NetSet,
+}
+
+impl Parent {
+    /// Does a (normalised) name go direct?
+    pub fn bypasses_name(&self, name: &str) -> bool {
+        self.bypass_names
+            .iter()
+            .any(|p| crate::classify::host::pattern_matches(p, name))
+    }
+
+    /// Does an address go direct?
+    pub fn bypasses_addr(&self, ip: std::net::IpAddr) -> bool {
+        self.bypass_nets
+            .contains(crate::classify::addr::canonical(ip))
+    }
+}
+
+/// Validate `[upstream] parent`, `parent_credentials_file` and
+/// `parent_bypass`.
+fn parent(
+    v: &mut Validator<'_>,
+    path: Option<&Path>,
+    raw: &RawUpstream,
+    listen: &Listen,
+) -> Option<Parent> {
+    let mut bypass_names = Vec::new();
+    let mut nets = Vec::new();
+    for b in &raw.parent_bypass {
+        if let Some(n) = parse_net(b) {
+            nets.push(n);
+            continue;
+        }
+        // `.example.org` is the domain and the names under it (as in
+        // Squid's dstdomain); `*.example.org` only the names under it.
+        let (name, wildcard, itself) = match (b.strip_prefix("*."), b.strip_prefix('.')) {
+            (Some(rest), _) => (rest, true, false),
+            (None, Some(rest)) => (rest, true, true),
+            (None, None) => (b.as_str(), false, true),
+        };
+        match normalize_host(name) {
+            Some(n) => {
+                if wildcard {
+                    bypass_names.push(format!("*.{n}"));
+                }
+                if itself {
+                    bypass_names.push(n);
+                }
+            }
+            None => v.err(
+                "upstream",
+                "parent_bypass",
+                format!("`{b}` is not a host name, `*.suffix`, `.suffix` or CIDR prefix"),
+            ),
+        }
+    }
+    let written = raw.parent.trim();
+    if written.is_empty() {
+        if !raw.parent_credentials_file.is_empty() {
+            v.err(
+                "upstream",
+                "parent_credentials_file",
+                "set, but there is no `parent`",
+            );
+        }
+        if !raw.parent_bypass.is_empty() {
+            v.err("upstream", "parent_bypass", "set, but there is no `parent`");
+        }
+        return None;
+    }
+    let authority = match written.parse::<http::uri::Authority>() {
+        Ok(a) if a.port_u16().is_some_and(|p| p != 0) && !a.as_str().contains('@') => a,
+        _ => {
+            v.err(
+                "upstream",
+                "parent",
+                format!("`{written}` is not host:port"),
+            );
+            return None;
+        }
+    };
+    let port = authority.port_u16().unwrap_or_default();
+    let bare = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let host = if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        let addr = SocketAddr::new(ip, port);
+        if listen.explicit.contains(&addr)
+            || listen.transparent_http.contains(&addr)
+            || listen.transparent_tls.contains(&addr)
+            || listen.transparent.contains(&addr)
+        {
+            v.err(
+                "upstream",
+                "parent",
+                format!("`{written}` is one of chatwall's own listeners"),
+            );
+        }
+        ip.to_string()
+    } else {
+        match normalize_host(bare) {
+            Some(n) => n,
+            None => {
+                v.err(
+                    "upstream",
+                    "parent",
+                    format!("`{bare}` is not a host name or IP address"),
+                );
+                return None;
+            }
+        }
+    };
+    let authorization = if raw.parent_credentials_file.is_empty() {
+        None
+    } else {
+        let p = relative_to(path, &raw.parent_credentials_file);
+        match read_private(&p).and_then(|t| basic_credentials(&t)) {
+            Ok(s) => Some(s),
+            Err(message) => {
+                v.errors.push(ConfigError {
+                    file: p.display().to_string(),
+                    line: None,
+                    field: "upstream.parent_credentials_file".into(),
+                    message,
+                });
+                None
+            }
+        }
+    };
+    Some(Parent {
+        host,
+        port,
+        authority: authority.as_str().to_string(),
+        authorization,
+        bypass_names,
+        bypass_nets: NetSet::from_nets(nets),
+    })
+}
+
+/// `user:password` (one line; surrounding white space dropped) as a
+/// `Proxy-Authorization` value for Basic (RFC 7617).
+fn basic_credentials(text: &str) -> Result<Secret, String> {
+    use base64::Engine as _;
+    let line = text.trim();
+    let Some((user, _password)) = line.split_once(':') else {
+        return Err("expected one line `user:password`".into());
+    };
+    if user.is_empty() || line.chars().any(char::is_control) {
+        return Err("expected one line `user:password` with a non-empty user".into());
+    }
+    Ok(Secret(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(line)
+    )))
 }
 
 /// The validated configuration.
@@ -714,6 +899,8 @@ pub struct Config {
     pub log_level: String,
     pub limits: Limits,
     pub upstream_mark: u32,
+    /// `[upstream] parent`: where upstream connections go, if not direct.
+    pub parent: Option<Parent>,
     pub pac: Pac,
     pub auth: Option<Auth>,
     pub admin: Admin,
@@ -767,6 +954,7 @@ impl Config {
                 .with_list_parse_key("access.allow_clients")
                 .with_list_parse_key("access.deny_destinations")
                 .with_list_parse_key("access.connect_ports")
+                .with_list_parse_key("upstream.parent_bypass")
                 .with_list_parse_key("pac.direct_networks")
                 .with_list_parse_key("pac.direct_domains")
                 .with_list_parse_key("admin.allow")
@@ -852,7 +1040,12 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
         max_connections_per_client: i64,
         shutdown_grace_ms: i64
     });
-    partial!(PartialUpstream { mark: i64 });
+    partial!(PartialUpstream {
+        mark: i64,
+        parent: String,
+        parent_credentials_file: String,
+        parent_bypass: Vec<String>
+    });
     partial!(PartialPac { proxy: String, direct_networks: Vec<String>, direct_domains: Vec<String> });
     partial!(PartialAuth {
         users_file: String,
@@ -1444,6 +1637,8 @@ fn validate(
         0
     };
 
+    let parent = parent(&mut v, path, &raw.upstream, &listen);
+
     let direct_networks = v.nets("pac", "direct_networks", &raw.pac.direct_networks);
     let mut direct_domains = Vec::new();
     for d in &raw.pac.direct_domains {
@@ -1580,6 +1775,7 @@ fn validate(
         log_level: raw.log.level,
         limits,
         upstream_mark,
+        parent,
         pac,
         auth,
         admin,
@@ -1691,30 +1887,15 @@ pub fn normalize_dn(dn: &str) -> String {
     out
 }
 
-/// Read a file only its owner may read: refused when group or others
-/// have any permission on it.
-fn read_private(path: &Path, field: &str, limit: u64) -> Result<String, ConfigError> {
-    let err = |message: String| ConfigError {
+/// `read_private` for a configuration field: errors name the file and the
+/// field.
+fn read_private_field(path: &Path, field: &str) -> Result<String, ConfigError> {
+    read_private(path).map_err(|message| ConfigError {
         file: path.display().to_string(),
         line: None,
         field: field.to_string(),
         message,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
-            )));
-        }
-    }
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    read_small(path, limit).map_err(err)
+    })
 }
 
 /// An LDAP search filter (RFC 4515) with its placeholders filled.
@@ -1808,7 +1989,7 @@ fn validate_ldap(v: &mut Validator<'_>, raw: &RawLdap, path: Option<&Path>) -> O
             }
             (false, false) => {
                 let p = relative_to(path, &raw.bind_password_file);
-                match read_private(&p, "ldap.bind_password_file", 4096) {
+                match read_private_field(&p, "ldap.bind_password_file") {
                     Ok(text) => {
                         // The password is the first line, as written.
                         let pw = text.lines().next().unwrap_or("").to_string();
@@ -2172,6 +2353,118 @@ mod tests {
         );
         let e = load_text("[admin]\nalow = []\n").expect_err("unknown key");
         assert_eq!(e.0[0].line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn a_parent_is_host_port_with_bypass_names_and_prefixes() {
+        let none = load_text("").expect("valid");
+        assert!(none.parent.is_none());
+        let c = load_text(
+            "[upstream]\nparent = \"Gateway.Example.org:8080\"\nparent_bypass = [\"intranet.example\", \".corp.example\", \"*.lan.example\", \"10.0.0.0/8\", \"fd00::1\"]\n",
+        )
+        .expect("valid");
+        let p = c.parent.expect("parent");
+        assert_eq!((p.host.as_str(), p.port), ("gateway.example.org", 8080));
+        assert_eq!(p.authority, "Gateway.Example.org:8080");
+        assert!(p.authorization.is_none());
+        for (name, direct) in [
+            ("intranet.example", true),
+            ("www.intranet.example", false),
+            ("corp.example", true),
+            ("a.b.corp.example", true),
+            ("lan.example", false),
+            ("printer.lan.example", true),
+            ("example.org", false),
+        ] {
+            assert_eq!(p.bypasses_name(name), direct, "{name}");
+        }
+        assert!(p.bypasses_addr("10.1.2.3".parse().unwrap()));
+        assert!(p.bypasses_addr("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(p.bypasses_addr("fd00::1".parse().unwrap()));
+        assert!(!p.bypasses_addr("192.0.2.1".parse().unwrap()));
+        let v6 = load_text("[upstream]\nparent = \"[2001:db8::1]:3128\"\n").expect("valid");
+        assert_eq!(v6.parent.expect("parent").host, "2001:db8::1");
+
+        for (text, field) in [
+            (
+                "[upstream]\nparent = \"gateway.example.org\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"gateway.example.org:0\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"user@gateway.example.org:80\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"http://gateway.example.org:80\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent = \"127.0.0.1:3128\"\n",
+                "upstream.parent",
+            ),
+            (
+                "[upstream]\nparent_bypass = [\"10.0.0.0/8\"]\n",
+                "upstream.parent_bypass",
+            ),
+            (
+                "[upstream]\nparent_credentials_file = \"x\"\n",
+                "upstream.parent_credentials_file",
+            ),
+            (
+                "[upstream]\nparent = \"gw.example:3128\"\nparent_bypass = [\"a b\"]\n",
+                "upstream.parent_bypass",
+            ),
+        ] {
+            let e = load_text(text).expect_err(text);
+            assert_eq!(e.0[0].field, field, "{text}: {e}");
+            assert!(e.0[0].line.is_some(), "{text}: {e}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn parent_credentials_are_user_password_in_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let creds = dir.path().join("parent.credentials");
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            "[upstream]\nparent = \"gw.example:3128\"\nparent_credentials_file = \"parent.credentials\"\n",
+        )
+        .expect("write");
+        let set = |text: &str, mode: u32| {
+            std::fs::write(&creds, text).expect("write credentials");
+            std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        set("alice:pa:ss word\n", 0o600);
+        let c = Config::load(Some(&config)).expect("valid");
+        let a = c.parent.as_ref().and_then(|p| p.authorization.as_ref());
+        // base64("alice:pa:ss word")
+        assert_eq!(
+            a.map(Secret::expose),
+            Some("Basic YWxpY2U6cGE6c3Mgd29yZA==")
+        );
+        assert!(!format!("{c:?}").contains("YWxpY2U"));
+        for (text, mode, says) in [
+            ("alice:hunter2", 0o640, "group or others"),
+            ("alice:hunter2", 0o604, "group or others"),
+            ("alice", 0o600, "user:password"),
+            (":hunter2", 0o600, "non-empty user"),
+            ("alice:hunter2\nbob:other", 0o600, "one line"),
+        ] {
+            set(text, mode);
+            let e = Config::load(Some(&config)).expect_err(says);
+            let err = &e.0[0];
+            assert_eq!(err.field, "upstream.parent_credentials_file", "{e}");
+            assert!(err.file.ends_with("parent.credentials"), "{e}");
+            assert!(err.message.contains(says), "{mode:o}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
     }
 
     #[cfg(unix)]

@@ -126,6 +126,15 @@ pub fn name(
     Ok(false)
 }
 
+/// The destination of a flow whose address chatwall does not know: a
+/// tunnel through a parent proxy to a name, which the parent resolves. Its
+/// requests are decided on their names and rules, without the address
+/// check (`request_head`). An unspecified destination a client asks for
+/// is refused by `address` before any flow is set up with it.
+pub fn unresolved(port: u16) -> SocketAddr {
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port)
+}
+
 /// One address a flow connects to (a literal, each address a name resolves
 /// to, or a redirected connection's original destination): the denied
 /// ranges, then the CIDR rules. `is_self`: the address is one of the
@@ -663,7 +672,9 @@ pub fn request_head(
     findings: &mut Findings,
 ) -> Result<HeadDecision, Refusal> {
     let allowlisted = name(engine, who, host, dst.port(), findings)?;
-    address(engine, who, dst, allowlisted, false, findings)?;
+    if dst != unresolved(dst.port()) {
+        address(engine, who, dst, allowlisted, false, findings)?;
+    }
     if allowlisted {
         return Ok(HeadDecision::Pass);
     }

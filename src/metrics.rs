@@ -81,6 +81,7 @@ pub const UPSTREAM_ERROR_KINDS: &[&str] = &[
     "reset",
     "timeout",
     "protocol",
+    "parent",
     "denied_destination",
 ];
 

@@ -141,6 +141,8 @@ const INVALID_CONFIGS: &[(&str, usize, &str)] = &[
     ("bad_timeout.toml", 3, "limits.upstream_response_timeout_ms"),
     ("no_listener.toml", 2, "listen.explicit"),
     ("out_of_range.toml", 3, "inspect.client_bytes"),
+    ("bad_parent.toml", 3, "upstream.parent"),
+    ("bad_parent_bypass.toml", 3, "upstream.parent_bypass"),
     ("unknown_key.toml", 3, "bogus"),
     ("unknown_section.toml", 2, "nonsense"),
 ];

@@ -14,6 +14,7 @@ mod fuzz_smoke;
 mod hardening;
 mod inspect;
 mod ops;
+mod parent;
 mod passthrough;
 mod schedules;
 mod tls_ca;

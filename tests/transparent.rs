@@ -418,6 +418,8 @@ struct ChatwallOpts<'a> {
     extra_clients: &'a [&'a str],
     /// Run as this uid (setpriv) instead of root.
     uid: Option<&'a str>,
+    /// `[upstream] parent`, if any.
+    parent: Option<&'a str>,
 }
 
 impl Default for ChatwallOpts<'_> {
@@ -426,6 +428,7 @@ impl Default for ChatwallOpts<'_> {
             mark: MARK,
             extra_clients: &[],
             uid: None,
+            parent: None,
         }
     }
 }
@@ -878,6 +881,10 @@ impl Lab {
             log.display().to_string(),
             opts.mark,
         );
+        let mut config = config;
+        if let Some(parent) = opts.parent {
+            config.push_str(&format!("parent = {parent:?}\n"));
+        }
         let config_path = self.path(&format!("chatwall-{}.toml", self.runs));
         fs::write(&config_path, config).expect("config");
         if opts.uid.is_some() {
@@ -1763,6 +1770,108 @@ fn tls_passes_byte_exact_and_im_sni_is_reset_before_the_upstream() {
     );
 }
 
+/// A parent proxy on the router (a real Squid): redirected streams reach it
+/// as `CONNECT <original destination>`, decided first exactly as without
+/// it; refused flows never reach it; a dead parent is a 502 naming it.
+#[test]
+fn redirected_streams_go_through_a_parent_proxy() {
+    const PARENT: &str = "127.0.0.1:3140";
+    let squid_bin = "/usr/sbin/squid";
+    if !Path::new(squid_bin).exists() {
+        skip_or_fail("transparent::parent: squid is not installed (apt-get install squid)");
+        return;
+    }
+    let Some(mut lab) = Lab::new("parent", Fw::Iptables) else {
+        return;
+    };
+    lab.apply(Fw::Iptables, &base_args());
+    // Squid works as its own user (`proxy`) when started as root.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(lab.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let sq = lab.path("squid");
+    fs::create_dir_all(&sq).expect("squid dir");
+    fs::set_permissions(&sq, fs::Permissions::from_mode(0o777)).expect("chmod squid dir");
+    let d = sq.display();
+    fs::write(
+        sq.join("squid.conf"),
+        format!(
+            "http_port {PARENT}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\n\
+             cache_log {d}/cache.log\ncache_store_log none\ncoredump_dir {d}\ncache deny all\n\
+             cache_mem 8 MB\npinger_enable off\nshutdown_lifetime 0 seconds\nlogfile_rotate 0\n\
+             http_access allow localhost\nhttp_access deny all\n"
+        ),
+    )
+    .expect("squid.conf");
+    /// Stopped however the test ends.
+    struct Stopped(Child);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let squid = Command::new("ip")
+        .args(["netns", "exec", &lab.router, squid_bin, "-N", "-f"])
+        .arg(sq.join("squid.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Stopped)
+        .expect("start squid");
+    let squid_log = || fs::read_to_string(sq.join("access.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs::read_to_string(sq.join("cache.log"))
+        .unwrap_or_default()
+        .contains("Accepting HTTP Socket connections")
+    {
+        assert!(Instant::now() < deadline, "squid did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.start_chatwall(ChatwallOpts {
+        parent: Some(PARENT),
+        ..ChatwallOpts::default()
+    });
+
+    case_http_passes(&lab, &V4, false);
+    case_tls_passes(&lab, &V4, false);
+    case_http_im_host(&lab, &V4);
+    case_tls_im_sni(&lab, &V4);
+    lab.settle();
+    let log = squid_log();
+    for needle in [
+        format!("CONNECT {ORIGIN4}:80"),
+        format!("CONNECT {ORIGIN4}:443"),
+    ] {
+        assert!(log.contains(&needle), "the parent has no {needle}:\n{log}");
+    }
+    assert!(!log.contains("whatsapp"), "{log}");
+    // Two tunnels, no more: the refused flows never reached the parent.
+    assert_eq!(log.lines().count(), 2, "{log}");
+
+    // A dead parent: the HTTP client gets a 502 naming it.
+    drop(squid);
+    let since = lab.records().len();
+    let r = lab.get(
+        &lab.client,
+        "http",
+        "www.example.test",
+        ORIGIN4,
+        "/hello?dead",
+    );
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.text()
+            .contains(&format!("parent proxy {PARENT} refused the connection")),
+        "{}",
+        r.text()
+    );
+    let rec = lab.record(since, "dead parent", |r| {
+        r["listener"] == "transparent_http"
+    });
+    assert!(s(&rec, "error").contains("parent proxy"), "{rec}");
+}
+
 #[test]
 fn im_ports_are_refused_by_port_rules_and_payload_signatures() {
     let Some(mut lab) = Lab::new("imports", Fw::Iptables) else {
@@ -1897,6 +2006,7 @@ fn gateway_local_clients_with_the_owner_exemption() {
         mark: 0,
         extra_clients: &[ROUTER_WAN4, ROUTER_WAN6],
         uid: Some(CHATWALL_UID),
+        parent: None,
     });
     case_local_client(&lab, &V4);
     case_local_client(&lab, &V6);

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use super::body::{read_prefix, CountedBody, FlowLog, IdleTimeoutBody, LoggedBody, PrefixedBody};
 use super::conn::ConnCtx;
 use super::hop_by_hop;
+use super::parent::{self, Hop};
 use super::refuse::{self, empty, FlowError, ProxyBody};
 use super::upstream::{self, DestGuard, Resolver};
 use super::Shared;
@@ -33,9 +34,12 @@ use crate::engine::Engine;
 /// The body type sent upstream.
 pub type UpstreamBody = CountedBody<PrefixedBody>;
 
-/// The pooled upstream HTTP/1.1 client.
+/// The pooled upstream HTTP/1.1 clients: direct, and through the parent
+/// proxy (requests in absolute form; pooled per destination, as
+/// hyper-util keys its pool by the request's origin).
 pub struct UpstreamClient {
     client: Client<Connector, UpstreamBody>,
+    via_parent: Client<ParentConnector, UpstreamBody>,
 }
 
 impl UpstreamClient {
@@ -50,7 +54,8 @@ impl UpstreamClient {
             resolver: Arc::clone(resolver),
             guard: Arc::clone(guard),
         };
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.limits.upstream_idle_timeout)
@@ -60,9 +65,47 @@ impl UpstreamClient {
             // map travels in the request's extensions); the few this proxy
             // adds (Via, framing) in title case.
             .http1_preserve_header_case(true)
-            .http1_title_case_headers(true)
-            .build(connector);
-        UpstreamClient { client }
+            .http1_title_case_headers(true);
+        let via_parent = builder.build(ParentConnector {
+            engine: Arc::clone(engine),
+            resolver: Arc::clone(resolver),
+            guard: Arc::clone(guard),
+        });
+        let client = builder.build(connector);
+        UpstreamClient { client, via_parent }
+    }
+}
+
+/// Connects pooled connections to the parent proxy (`[upstream] parent`
+/// as it is when the connection is made), whatever the request's origin.
+#[derive(Clone)]
+struct ParentConnector {
+    engine: Arc<ArcSwap<Engine>>,
+    resolver: Arc<Resolver>,
+    guard: Arc<DestGuard>,
+}
+
+impl tower_service::Service<Uri> for ParentConnector {
+    type Response = parent::Connection;
+    type Error = FlowError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, FlowError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), FlowError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let engine = this.engine.load_full();
+            let p = engine
+                .config
+                .parent
+                .as_ref()
+                .ok_or_else(|| FlowError::Connect("no parent proxy is configured".into()))?;
+            let (s, _) = parent::connect(&engine, &this.resolver, &this.guard, p, None).await?;
+            Ok(parent::Connection(TokioIo::new(s)))
+        })
     }
 }
 
@@ -337,17 +380,27 @@ async fn forward(
         }
     }
 
-    // Names: every address must pass the CIDR rules and denied ranges.
-    upstream::resolve_checked(
-        shared,
-        engine,
-        &who,
-        &host,
-        port,
-        allowlisted,
-        &mut findings,
-    )
-    .await?;
+    // Names: every address must pass the CIDR rules and denied ranges;
+    // through the parent, which resolves names, only an address the
+    // client named (see `proxy::parent`).
+    let hop = parent::hop(engine, &shared.resolver, &host, port).await;
+    let literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok();
+    if matches!(hop, Hop::Direct) || literal {
+        upstream::resolve_checked(
+            shared,
+            engine,
+            &who,
+            &host,
+            port,
+            allowlisted,
+            &mut findings,
+        )
+        .await?;
+    }
 
     let verdict = findings.verdict();
     shared.record_verdict(ctx.listener, engine, &verdict, rec);
@@ -378,6 +431,17 @@ async fn forward(
         parts.headers.insert(header::HOST, h);
     }
     append_via(&mut parts.headers, &shared.via);
+    if let Hop::Parent(p) = hop {
+        // The client's own Proxy-Authorization went with the hop-by-hop
+        // fields; the parent gets chatwall's.
+        if let Some(v) = p
+            .authorization
+            .as_ref()
+            .and_then(|a| HeaderValue::from_str(a.expose()).ok())
+        {
+            parts.headers.insert(header::PROXY_AUTHORIZATION, v);
+        }
+    }
     parts.version = Version::HTTP_11;
     let up_bytes = Arc::new(AtomicU64::new(0));
     let (prefix, trailers, rest) = body_prefix;
@@ -387,16 +451,33 @@ async fn forward(
     );
     let upstream_req = Request::from_parts(parts, up_body);
     if !shared.access_log.is_off() {
-        rec.upstream = Some(format!("{host}:{port}"));
+        rec.upstream = Some(match hop {
+            Hop::Direct => format!("{host}:{port}"),
+            Hop::Parent(p) => format!("{host}:{port} via {}", p.authority),
+        });
     }
 
     let timeout = engine.config.limits.upstream_response_timeout;
-    let mut resp =
-        match tokio::time::timeout(timeout, shared.http.client.request(upstream_req)).await {
-            Err(_) => return Err(FlowError::UpstreamTimeout),
-            Ok(Err(e)) => return Err(map_client_error(e)),
-            Ok(Ok(r)) => r,
-        };
+    let sent = match hop {
+        Hop::Direct => shared.http.client.request(upstream_req),
+        Hop::Parent(_) => shared.http.via_parent.request(upstream_req),
+    };
+    let mut resp = match tokio::time::timeout(timeout, sent).await {
+        Err(_) => return Err(FlowError::UpstreamTimeout),
+        Ok(Err(e)) => return Err(map_client_error(e)),
+        Ok(Ok(r)) => r,
+    };
+    if let (Hop::Parent(p), StatusCode::PROXY_AUTHENTICATION_REQUIRED) = (hop, resp.status()) {
+        // The parent wants chatwall's credentials, not the client's (whose
+        // Proxy-Authorization is for chatwall and never passed on).
+        return Err(FlowError::Parent {
+            parent: p.authority.clone(),
+            why: format!(
+                "answered 407 {}",
+                resp.status().canonical_reason().unwrap_or_default()
+            ),
+        });
+    }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only to a protocol the client offered and this proxy passed on
@@ -489,6 +570,10 @@ fn map_client_error(e: hyper_util::client::legacy::Error) -> FlowError {
                 FlowError::Dns(m) => FlowError::Dns(m.clone()),
                 FlowError::ConnectRefused(m) => FlowError::ConnectRefused(m.clone()),
                 FlowError::ConnectTimeout(m) => FlowError::ConnectTimeout(m.clone()),
+                FlowError::Parent { parent, why } => FlowError::Parent {
+                    parent: parent.clone(),
+                    why: why.clone(),
+                },
                 other => FlowError::Connect(other.to_string()),
             };
         }

@@ -10,6 +10,9 @@
 //!   decisions: crate::decide            tunnel::http1 for HTTP inside) ─ upstream / relay / refuse
 //!   conn: what every stage carries      admin (metrics, health, reload, PAC) on its own listener
 //! ```
+//!
+//! Upstream connections go direct (`upstream`) or, with `[upstream]
+//! parent`, through a parent proxy (`parent`), once every decision is made.
 pub mod body;
 pub mod conn;
 pub mod connect;
@@ -17,6 +20,7 @@ pub mod explicit;
 pub mod hop_by_hop;
 pub mod listener;
 pub mod origdst;
+pub mod parent;
 pub mod prefixed;
 pub mod refuse;
 pub mod relay;
@@ -275,9 +279,55 @@ impl Shared {
         transparent.then_some(&self.own_sockets)
     }
 
-    /// Connect a tunnel's upstream under the configured deadline and mark,
-    /// registered as chatwall's own while transparent listeners exist.
+    /// Connect a tunnel's upstream known by its address (a redirected
+    /// stream's original destination): through the parent, with a
+    /// `CONNECT` to that address, where one is configured and
+    /// `parent_bypass` does not send the address direct; else directly.
     pub async fn connect_tunnel_upstream(
+        &self,
+        engine: &Engine,
+        addrs: &[SocketAddr],
+    ) -> Result<
+        (
+            tokio::net::TcpStream,
+            SocketAddr,
+            Option<upstream::OwnSocket>,
+        ),
+        refuse::FlowError,
+    > {
+        if let Some(&dst) = addrs.first() {
+            if let parent::Hop::Parent(p) = parent::hop_for_addr(engine, dst.ip()) {
+                let authority = parent::authority(&dst.ip().to_string(), dst.port());
+                let (s, own) = self.connect_through(engine, p, &authority).await?;
+                return Ok((s, dst, own));
+            }
+        }
+        self.connect_tunnel_direct(engine, addrs).await
+    }
+
+    /// Open a tunnel to `authority` through the parent proxy, under the
+    /// same deadlines, mark and registration as a direct one.
+    pub async fn connect_through(
+        &self,
+        engine: &Engine,
+        p: &crate::config::Parent,
+        authority: &str,
+    ) -> Result<(tokio::net::TcpStream, Option<upstream::OwnSocket>), refuse::FlowError> {
+        parent::open_tunnel(
+            engine,
+            &self.resolver,
+            &self.guard,
+            p,
+            authority,
+            self.own_sockets(engine),
+        )
+        .await
+    }
+
+    /// Connect a tunnel's upstream directly under the configured deadline
+    /// and mark, registered as chatwall's own while transparent listeners
+    /// exist.
+    pub async fn connect_tunnel_direct(
         &self,
         engine: &Engine,
         addrs: &[SocketAddr],

@@ -43,6 +43,12 @@ pub enum FlowError {
     LoopDetected,
     /// The upstream's TLS certificate did not verify (a decrypted flow).
     UpstreamCertificate(String),
+    /// The parent proxy (`[upstream] parent`, named here) could not be
+    /// reached, or refused the tunnel: `why` says which.
+    Parent {
+        parent: String,
+        why: String,
+    },
 }
 
 impl FlowError {
@@ -62,6 +68,7 @@ impl FlowError {
             FlowError::UpstreamProtocol(_) => "protocol",
             FlowError::LoopDetected => "loop",
             FlowError::UpstreamCertificate(_) => "certificate",
+            FlowError::Parent { .. } => "parent",
         }
     }
 
@@ -124,6 +131,7 @@ impl fmt::Display for FlowError {
             FlowError::UpstreamCertificate(e) => {
                 write!(f, "the server's certificate is not trusted: {e}")
             }
+            FlowError::Parent { parent, why } => write!(f, "parent proxy {parent} {why}"),
         }
     }
 }

@@ -135,7 +135,7 @@ pub async fn run<C: Wire, U: Wire>(
         replace: None,
     };
 
-    if logged {
+    if logged && flow.rec.upstream.is_none() {
         flow.rec.upstream = Some(flow.dst.to_string());
     }
     let ctx = Ctx {
@@ -350,7 +350,12 @@ fn request_record(shared: &Shared, flow: &Flow, req: &RequestInfo) -> Record {
         method: req.method.clone(),
         target: req.target.clone(),
         host: Some(req.host.clone()),
-        upstream: Some(flow.dst.to_string()),
+        upstream: Some(
+            flow.rec
+                .upstream
+                .clone()
+                .unwrap_or_else(|| flow.dst.to_string()),
+        ),
         verdict: "allow",
         tls: flow.rec.tls,
         groups: flow.ctx.client.groups.clone(),

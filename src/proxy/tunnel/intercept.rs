@@ -43,6 +43,7 @@ use crate::config::CertErrors;
 use crate::decide::{self, First};
 use crate::engine::Engine;
 use crate::policy::{Verdict, Who};
+use crate::proxy::parent;
 use crate::proxy::prefixed::Prefixed;
 use crate::proxy::refuse::{self, FlowError};
 use crate::proxy::relay::{self, Wire};
@@ -326,6 +327,28 @@ async fn splice_fresh(
 ) {
     flow.rec.tls = Some("spliced");
     let dst = flow.dst;
+    // A tunnel to a name through the parent proxy has no address of its
+    // own: the same CONNECT to the parent again.
+    if let (true, Some(host)) = (dst.ip().is_unspecified(), flow.host.clone()) {
+        if let parent::Hop::Parent(p) =
+            parent::hop(&engine, &shared.resolver, &host, dst.port()).await
+        {
+            let authority = parent::authority(&host, dst.port());
+            match shared.connect_through(&engine, p, &authority).await {
+                Ok((up, own)) => {
+                    flow.own = own;
+                    relay_plain(shared, engine, flow, client, up, First::Tls, hello).await;
+                }
+                Err(e) => {
+                    shared.metrics.upstream_error(e.kind());
+                    flow.rec.error = Some(e.to_string());
+                    relay::reset(&client);
+                    finish_refused(&shared, &engine, flow, None);
+                }
+            }
+            return;
+        }
+    }
     let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, Upstream::Lazy(dst)).await
     else {
         return;

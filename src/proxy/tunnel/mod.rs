@@ -38,8 +38,8 @@ use super::conn::ConnCtx;
 use super::prefixed::Prefixed;
 use super::refuse::{empty, FlowError, ProxyBody};
 use super::relay::{self, End, Inspector, RelayCtx};
-use super::upstream;
 use super::Shared;
+use super::{parent, upstream};
 use crate::access_log::Record;
 use crate::classify::host::normalize_host;
 use crate::classify::payload::Direction;
@@ -178,17 +178,47 @@ pub async fn open(
     let allowlisted = decide::name(engine, &who, &host, port, &mut findings)?;
     // After the name's verdict (an IM name or port keeps its app), before DNS.
     super::target::check_connect_port(&engine.config.connect_ports, port)?;
-    let addrs = upstream::resolve_checked(
-        shared,
-        engine,
-        &who,
-        &host,
-        port,
-        allowlisted,
-        &mut findings,
-    )
-    .await?;
-    let (up, dst, own) = shared.connect_tunnel_upstream(engine, &addrs).await?;
+    let literal = host.parse::<std::net::IpAddr>().is_ok();
+    let (up, dst, own) = match parent::hop(engine, &shared.resolver, &host, port).await {
+        parent::Hop::Parent(p) => {
+            // The parent resolves names; an address the client named is
+            // checked here as it would be without a parent.
+            let dst = if literal {
+                let addrs = upstream::resolve_checked(
+                    shared,
+                    engine,
+                    &who,
+                    &host,
+                    port,
+                    allowlisted,
+                    &mut findings,
+                )
+                .await?;
+                addrs.first().copied().unwrap_or(decide::unresolved(port))
+            } else {
+                decide::unresolved(port)
+            };
+            let authority = parent::authority(&host, port);
+            let (up, own) = shared.connect_through(engine, p, &authority).await?;
+            if !shared.access_log.is_off() {
+                rec.upstream = Some(format!("{authority} via {}", p.authority));
+            }
+            (up, dst, own)
+        }
+        parent::Hop::Direct => {
+            let addrs = upstream::resolve_checked(
+                shared,
+                engine,
+                &who,
+                &host,
+                port,
+                allowlisted,
+                &mut findings,
+            )
+            .await?;
+            shared.connect_tunnel_direct(engine, &addrs).await?
+        }
+    };
     rec.status = 200;
     let flow = Flow {
         ctx,
@@ -359,9 +389,10 @@ async fn relay_plain(
     first: First,
     buf: BytesMut,
 ) {
-    if !shared.access_log.is_off() {
+    if !shared.access_log.is_off() && flow.rec.upstream.is_none() {
         // Connected to flow.dst: the CONNECT's checked address, or the
-        // redirected stream's original destination.
+        // redirected stream's original destination (through the parent,
+        // `open` says so).
         flow.rec.upstream = Some(flow.dst.to_string());
     }
 
