@@ -422,7 +422,7 @@ async fn chromium_renders_an_allowed_page_through_a_decrypted_flow() {
         "Chromium's own request: {seen:?}"
     );
     let rec = proxy
-        .wait_record(|r| r["tls"] == "inspected" && r["target"] == "/")
+        .wait_record(|r| r["tls"] == "inspected" && r["target"] == "/" && r["status"] == 200)
         .await;
     assert!(
         rec.is_some(),
@@ -545,7 +545,12 @@ async fn chromium_shows_the_block_page_for_an_im_path_inside_an_allowed_https_ho
         "the request never reached the origin: {lines:?}"
     );
     let rec = proxy
-        .wait_record(|r| r["verdict"] == "block" && r["app"] == "matrix")
+        .wait_record(|r| {
+            r["verdict"] == "block"
+                && r["app"] == "matrix"
+                && r["tls"] == "inspected"
+                && r["target"] == "/_matrix/client/v3/sync"
+        })
         .await;
     assert!(
         rec.is_some(),
