@@ -6,7 +6,8 @@
 //! served it; a refused name and an IM path inside an allowed HTTPS host
 //! must show chatwall's block page, not a certificate interstitial or a
 //! network error page. Everything stays on loopback: the refused name is
-//! refused at CONNECT before any lookup.
+//! refused at CONNECT before any lookup, and so are the Google hosts
+//! Chromium asks for by itself (`BACKGROUND`), which each test checks.
 //!
 //! Without `chromium` or `certutil` (Debian `libnss3-tools`) the tests
 //! skip, or fail under `CHATWALL_REQUIRE_ALL=1`.
@@ -581,10 +582,19 @@ async fn chromium_screenshots_the_block_page() {
     .await;
     let png = std::fs::read(&shot)
         .unwrap_or_else(|e| panic!("no screenshot ({e}); stderr: {}", run.errors()));
+    // The signature, then IHDR: width and height as the window was.
     assert!(
         png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
         "a PNG of {} bytes",
         png.len()
+    );
+    assert_eq!(
+        (png.get(16..20), png.get(20..24)),
+        (
+            Some(&800u32.to_be_bytes()[..]),
+            Some(&600u32.to_be_bytes()[..])
+        ),
+        "an 800x600 image"
     );
     assert!(
         proxy
