@@ -2,6 +2,7 @@
 mod support;
 
 mod admin;
+mod browser;
 mod cert_names;
 mod circumvention;
 mod cli;
