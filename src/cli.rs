@@ -446,6 +446,24 @@ fn check_config(config: Option<PathBuf>) -> u8 {
         c.policy.exceptions.len()
     );
     println!("CONNECT ports: {}", c.connect_ports);
+    let t = &c.tls_inspect;
+    if t.enabled {
+        println!(
+            "TLS inspection: on, CA {}, {} client prefixes and {} users, {} selections, {} never entries{}, upstream certificate errors: {}",
+            t.ca_cert.display(),
+            t.clients.nets().count(),
+            t.client_users.len(),
+            t.decrypt.len(),
+            t.never.len(),
+            if t.never_builtin { " (built-in list included)" } else { "" },
+            match t.upstream_cert_errors {
+                crate::config::CertErrors::Block => "block",
+                crate::config::CertErrors::Splice => "splice",
+            },
+        );
+    } else {
+        println!("TLS inspection: off");
+    }
     if let Some(l) = &c.ldap {
         let membership = match &l.membership {
             crate::config::Membership::Attribute(a) => format!("attribute {a}"),

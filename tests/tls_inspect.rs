@@ -37,6 +37,14 @@ struct PlainOrigin {
 impl PlainOrigin {
     async fn start(names: &[&str]) -> PlainOrigin {
         let (cfg, cert) = support::tls_server_config(names);
+        PlainOrigin::start_with(cfg, cert).await
+    }
+
+    /// With a server configuration of the test's own.
+    async fn start_with(
+        cfg: Arc<rustls::ServerConfig>,
+        cert: CertificateDer<'static>,
+    ) -> PlainOrigin {
         let dir = tempfile::tempdir().expect("tempdir");
         let cert_pem = dir.path().join("origin.pem");
         std::fs::write(&cert_pem, pem(&cert)).expect("write pem");
@@ -879,4 +887,126 @@ fn classify_host_says_decrypt_for_a_selected_client_and_name() {
     let out = run("web.whatsapp.com", "10.1.2.3");
     assert!(out.starts_with("block web.whatsapp.com:443"), "{out}");
     assert!(out.contains("page over chatwall's certificate"), "{out}");
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[tokio::test]
+async fn an_expired_upstream_certificate_gets_a_page_naming_the_error() {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    let cert = params.self_signed(&key).expect("cert");
+    let der = cert.der().clone();
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![der.clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("config");
+    let origin = PlainOrigin::start_with(Arc::new(cfg), der).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (toml, ca) = inspect_toml(
+        dir.path(),
+        &origin.cert_pem,
+        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let authority = format!("localhost:{}", origin.addr.port());
+    let mut tls = tls_through(
+        &proxy,
+        &authority,
+        "localhost",
+        client_config(&ca, &[b"http/1.1"]),
+    )
+    .await
+    .expect("handshake with chatwall's certificate");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let text = String::from_utf8_lossy(&read_all(&mut tls).await).to_string();
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(text.contains("it has expired"), "{text}");
+    assert!(
+        origin.received().iter().all(Vec::is_empty),
+        "no request reached the origin"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_asking_for_a_client_certificate_is_spliced() {
+    // The origin wants a client certificate its own CA signed; the client
+    // has one, chatwall does not.
+    let client_key = rcgen::KeyPair::generate().expect("key");
+    let client_cert = rcgen::CertificateParams::new(vec!["client.test".to_string()])
+        .expect("params")
+        .self_signed(&client_key)
+        .expect("cert");
+    let mut client_roots = rustls::RootCertStore::empty();
+    client_roots.add(client_cert.der().clone()).expect("root");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(client_roots),
+        provider(),
+    )
+    .build()
+    .expect("verifier");
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server_cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .self_signed(&server_key)
+        .expect("cert");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![server_cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+        )
+        .expect("config");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let origin = PlainOrigin::start_with(Arc::new(cfg), server_cert.der().clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (toml, _ca) = inspect_toml(
+        dir.path(),
+        &origin.cert_pem,
+        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(origin.cert.clone()).expect("root");
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![client_cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(client_key.serialize_der().into()),
+        )
+        .expect("client auth");
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let authority = format!("localhost:{}", origin.addr.port());
+    let mut tls = tls_through(&proxy, &authority, "localhost", Arc::new(client))
+        .await
+        .expect("the client's own handshake with the origin");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let got = read_all(&mut tls).await;
+    support::assert_same_bytes("client received", &got, RESPONSE);
+    assert_eq!(
+        proxy
+            .metric("chatwall_tls_inspect_total{outcome=\"spliced_upstream_error\"}")
+            .await,
+        1.0
+    );
+    proxy.stop().await;
 }

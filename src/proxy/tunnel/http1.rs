@@ -358,6 +358,8 @@ fn request_record(shared: &Shared, flow: &Flow, req: &RequestInfo) -> Record {
         ),
         verdict: "allow",
         tls: flow.rec.tls,
+        sni: flow.rec.sni.clone(),
+        alpn: flow.rec.alpn.clone(),
         groups: flow.ctx.client.groups.clone(),
         ..Record::default()
     }

@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -105,6 +106,26 @@ impl ResolvesServerCert for Fixed {
     }
 }
 
+/// Notes whether the server asked for a client certificate (TLS 1.3 shows
+/// a refused one only after the handshake); offers none.
+#[derive(Debug, Default)]
+struct AskedForCertificate(std::sync::atomic::AtomicBool);
+
+impl ResolvesClientCert for AskedForCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// How an inspected flow went, for `chatwall_tls_inspect_total`.
 fn count(shared: &Shared, outcome: &'static str) {
     shared.metrics.tls_inspect(outcome);
@@ -136,11 +157,16 @@ pub(super) async fn run(
         return;
     }
     let t = &engine.config.tls_inspect;
-    let connector = TlsConnector::from(if info.offers_http1() {
-        Arc::clone(&tls.upstream_http1)
+    // A server that asks for a client certificate wants the client's own:
+    // chatwall has none to give, so such a flow is relayed undecrypted.
+    let asked = Arc::new(AskedForCertificate::default());
+    let mut cfg = if info.offers_http1() {
+        (*tls.upstream_http1).clone()
     } else {
-        Arc::clone(&tls.upstream_plain)
-    });
+        (*tls.upstream_plain).clone()
+    };
+    cfg.client_auth_cert_resolver = Arc::clone(&asked) as Arc<dyn ResolvesClientCert>;
+    let connector = TlsConnector::from(Arc::new(cfg));
     let Ok(name) = ServerName::try_from(info.sni.clone()) else {
         count(&shared, "spliced_upstream_error");
         flow.rec.tls = Some("spliced");
@@ -182,6 +208,15 @@ pub(super) async fn run(
         }
     };
 
+    if asked.0.load(std::sync::atomic::Ordering::Relaxed) {
+        count(&shared, "spliced_upstream_error");
+        flow.rec.error =
+            Some("the server asks for a client certificate; relayed undecrypted".into());
+        let (tcp, _) = up_tls.into_inner();
+        relay::reset(&tcp);
+        splice_fresh(shared, engine, flow, client, hello).await;
+        return;
+    }
     let (leaf, chosen) = {
         let session = up_tls.get_ref().1;
         (
