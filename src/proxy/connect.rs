@@ -91,9 +91,10 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     };
     let mut rec = explicit::new_record(&shared, &ctx, "CONNECT", &head.target);
     if let Some(auth) = &engine.config.auth {
-        let (outcome, groups) = shared
-            .authenticate(&engine, auth, head.proxy_authorization.as_deref())
-            .await;
+        // Boxed, as `open` below: an idle tunnel's task is as large as its
+        // largest stage, and these stages are over once it relays.
+        let (outcome, groups) =
+            Box::pin(shared.authenticate(&engine, auth, head.proxy_authorization.as_deref())).await;
         match outcome {
             AuthOutcome::User(u) => {
                 if !shared.access_log.is_off() {
@@ -117,7 +118,14 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     // tunnel.
     drop(head);
     let head_bytes = buf.split_to(head_len);
-    let opened = tunnel::open(&shared, &engine, ctx.clone(), &authority, &mut rec).await;
+    let opened = Box::pin(tunnel::open(
+        &shared,
+        &engine,
+        ctx.clone(),
+        &authority,
+        &mut rec,
+    ))
+    .await;
     match opened {
         Ok((up, flow)) => {
             // The head's bytes share the first read's buffer: an idle

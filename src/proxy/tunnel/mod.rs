@@ -342,7 +342,10 @@ pub async fn run(
         return;
     }
 
-    let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, upstream).await else {
+    // Boxed: connecting (directly or through the parent) is over before
+    // the relay, whose task an idle tunnel keeps.
+    let Some(up) = Box::pin(upstream_now(&shared, &engine, &mut flow, &client, upstream)).await
+    else {
         return;
     };
     relay_plain(shared, engine, flow, client, up, first, buf).await;
