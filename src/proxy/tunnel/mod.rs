@@ -348,7 +348,7 @@ pub async fn run(
     else {
         return;
     };
-    relay_plain(shared, engine, flow, client, up, first, buf).await;
+    relay_plain(&shared, &engine, &mut flow, &client, &up, first, buf).await;
 }
 
 /// The tunnel's upstream: connected already, or now. `None`: it could not
@@ -382,13 +382,15 @@ async fn upstream_now(
 
 /// Relay a tunnel that is not followed as HTTP: its first bytes (already
 /// read and decided) go first, then both directions as they come, under
-/// payload signatures where they apply.
+/// payload signatures where they apply. Everything is lent, not moved: an
+/// idle tunnel's task then holds one copy of the flow, not two (an async
+/// fn's arguments have their own place in its future).
 async fn relay_plain(
-    shared: Arc<Shared>,
-    engine: Arc<Engine>,
-    mut flow: Flow,
-    client: TcpStream,
-    up: TcpStream,
+    shared: &Shared,
+    engine: &Engine,
+    flow: &mut Flow,
+    client: &TcpStream,
+    up: &TcpStream,
     first: First,
     buf: BytesMut,
 ) {
@@ -399,7 +401,7 @@ async fn relay_plain(
         flow.rec.upstream = Some(flow.dst.to_string());
     }
 
-    let cx = RelayCtx::new(&shared, &engine, flow.ctx.client.who());
+    let cx = RelayCtx::new(shared, engine, flow.ctx.client.who());
     let window = engine.config.inspect_bytes;
     // The first bytes were read here; the relay forwards them.
     cx.up
@@ -414,7 +416,7 @@ async fn relay_plain(
         _ => {
             // Allowed TLS, or an allow-listed destination (never refused on
             // its payload): hand the first bytes on, then relay as is.
-            if let Err(e) = relay::write_all(&up, &buf).await {
+            if let Err(e) = relay::write_all(up, &buf).await {
                 flow.rec.error = Some(e.to_string());
             }
             (None, None)
@@ -424,9 +426,9 @@ async fn relay_plain(
     drop(buf);
     let end = if first == First::Tls && flow.check_cert {
         // Boxed: only tunnels without an SNI pay for the held flight.
-        Box::pin(relay_checking_certificate(&cx, &client, &up)).await
+        Box::pin(relay_checking_certificate(&cx, client, up)).await
     } else {
-        relay::relay(&cx, &client, &up, c2s, s2c).await
+        relay::relay(&cx, client, up, c2s, s2c).await
     };
     cx.finish(&mut flow.rec);
     // One verdict per tunnel: a payload block, else the first monitor
@@ -440,7 +442,7 @@ async fn relay_plain(
             .or(relay_monitor)
             .unwrap_or(Verdict::Allow),
     };
-    shared.record_verdict(flow.ctx.listener, &engine, &verdict, &mut flow.rec);
+    shared.record_verdict(flow.ctx.listener, engine, &verdict, &mut flow.rec);
     match end {
         End::Blocked(d) => {
             tracing::debug!(client = %flow.ctx.client.addr, app = engine.signatures.app_id(d.app), "tunnel reset on payload");
@@ -449,7 +451,7 @@ async fn relay_plain(
         End::Error(e) => flow.rec.error = Some(e.to_string()),
         End::Closed | End::Refused => {}
     }
-    shared.access_log.write(flow.rec);
+    shared.access_log.write(std::mem::take(&mut flow.rec));
 }
 
 /// Relay a TLS tunnel whose server's certificate names are decided first.
