@@ -1113,9 +1113,18 @@ impl<'e> Requests<'e> {
         if self.tenant && decided.is_ok() {
             let rules = &engine.config.tenant_restrictions;
             let mut fields: Vec<(&str, &str)> = Vec::new();
-            for rule in rules.for_host(&request.host) {
-                request.tenant = Some(rule.vendor);
-                fields.extend(rule.fields.iter().map(|(n, v)| (*n, v.as_str())));
+            // The rules of both names a request gives (target and Host):
+            // a server may route by either.
+            let names = std::iter::once(request.host.as_str()).chain(hosts.other.as_deref());
+            for name in names {
+                for rule in rules.for_host(name) {
+                    request.tenant = Some(rule.vendor);
+                    for (n, v) in &rule.fields {
+                        if !fields.iter().any(|(have, _)| have.eq_ignore_ascii_case(n)) {
+                            fields.push((n, v.as_str()));
+                        }
+                    }
+                }
             }
             if !fields.is_empty() {
                 let head = crate::config::set_fields(&buf[..head_len], &fields);

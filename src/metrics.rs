@@ -145,6 +145,7 @@ pub const TLS_INSPECT_OUTCOMES: &[&str] = &[
     "upstream_cert_error_page",
     "block_page",
     "client_refused",
+    "refused_undecrypted",
 ];
 
 impl Metrics {

@@ -356,9 +356,16 @@ async fn xmpp_wrapped_in_tls_is_refused_on_its_payload() {
     );
     let proxy = Proxy::start(&toml).await;
     let authority = format!("localhost:{}", origin.addr.port());
-    let mut tls = tls_through(&proxy, &authority, "localhost", client_config(&ca, &[]))
-        .await
-        .expect("handshake");
+    // A client that offers HTTP/1.1 (only such flows are decrypted on
+    // ports other than 443), then speaks XMPP.
+    let mut tls = tls_through(
+        &proxy,
+        &authority,
+        "localhost",
+        client_config(&ca, &[b"http/1.1"]),
+    )
+    .await
+    .expect("handshake");
     // RFC 6120 §4.2: the initiating entity's stream header.
     tls.write_all(b"<?xml version='1.0'?><stream:stream to='example.com' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
         .await
@@ -1007,6 +1014,165 @@ async fn a_server_asking_for_a_client_certificate_is_spliced() {
             .metric("chatwall_tls_inspect_total{outcome=\"spliced_upstream_error\"}")
             .await,
         1.0
+    );
+    proxy.stop().await;
+}
+
+/// A decrypted flow, its first request sent.
+async fn decrypted_flow(proxy: &Proxy, origin: &PlainOrigin, ca: &Path) -> TlsStream<TcpStream> {
+    let authority = format!("localhost:{}", origin.addr.port());
+    tls_through(
+        proxy,
+        &authority,
+        "localhost",
+        client_config(ca, &[b"http/1.1"]),
+    )
+    .await
+    .expect("handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_record_inside_a_decrypted_flow_ends_it_and_stalls_nobody() {
+    let origin = PlainOrigin::start(&["localhost"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (toml, ca) = inspect_toml(
+        dir.path(),
+        &origin.cert_pem,
+        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut bad = Vec::new();
+    for _ in 0..3 {
+        let mut tls = decrypted_flow(&proxy, &origin, &ca).await;
+        tls.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        tls.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // An application-data record that does not decrypt.
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+        record.extend_from_slice(&[0xAA; 32]);
+        tls.get_mut().0.write_all(&record).await.expect("write raw");
+        bad.push(tls);
+    }
+    for mut tls in bad {
+        let ended = tokio::time::timeout(WAIT, async {
+            let mut b = [0u8; 64];
+            loop {
+                match tls.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the flow with the bad record ends");
+    }
+    // Everyone else is served as before.
+    let probe = tokio::time::timeout(WAIT, async {
+        let mut tls = decrypted_flow(&proxy, &origin, &ca).await;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        read_all(&mut tls).await
+    })
+    .await
+    .expect("the proxy still answers");
+    support::assert_same_bytes("probe", &probe, RESPONSE);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_line_that_cannot_be_followed_ends_a_decrypted_flow() {
+    let origin = PlainOrigin::start(&["localhost"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (toml, ca) = inspect_toml(
+        dir.path(),
+        &origin.cert_pem,
+        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut tls = decrypted_flow(&proxy, &origin, &ca).await;
+    tls.write_all(
+        b"GET / HTTP/1.2\r\nHost: localhost\r\n\r\nGET /x HTTP/1.1\r\nHost: other.example\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let _ = read_all(&mut tls).await;
+    assert!(
+        origin.received().iter().all(Vec::is_empty),
+        "decrypted but not followable: nothing relayed, {:?}",
+        origin.received()
+    );
+    let recs = proxy.wait_log(1).await;
+    assert!(
+        recs.iter()
+            .any(|r| r["verdict"] == "block" && r["reason"] == "non_http"),
+        "{recs:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn tenant_restrictions_are_not_skipped_by_the_hello() {
+    let origin = PlainOrigin::start(&["login.microsoftonline.com", "localhost"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut toml, ca) = inspect_toml(
+        dir.path(),
+        &origin.cert_pem,
+        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"builtin:tenant\"]",
+    );
+    toml.push_str(
+        "[tenant_restrictions]\nmicrosoft_tenants = [\"contoso.com\"]\nmicrosoft_context = \"ctx\"\n",
+    );
+    let proxy = Proxy::start(&toml).await;
+    // HTTP/2 only: cannot be decrypted here, so refused, not relayed.
+    let authority = format!("127.0.0.1:{}", origin.addr.port());
+    let refused = tls_through(
+        &proxy,
+        &authority,
+        "login.microsoftonline.com",
+        client_config(&origin.cert_pem, &[b"h2"]),
+    )
+    .await;
+    assert!(refused.is_err(), "an h2-only sign-in flow is refused");
+    // A CONNECT to the sign-in host whose hello names another server.
+    let refused = tls_through(
+        &proxy,
+        &format!("login.microsoftonline.com:{}", origin.addr.port()),
+        "localhost",
+        client_config(&origin.cert_pem, &[b"http/1.1"]),
+    )
+    .await;
+    assert!(refused.is_err(), "a hello naming another server is refused");
+    assert!(
+        origin.received().iter().all(Vec::is_empty),
+        "{:?}",
+        origin.received()
+    );
+    assert_eq!(
+        proxy
+            .metric("chatwall_tls_inspect_total{outcome=\"refused_undecrypted\"}")
+            .await,
+        2.0
+    );
+    // The sign-in host by its own name, over HTTP/1.1, gets the fields.
+    let mut tls = tls_through(
+        &proxy,
+        &authority,
+        "login.microsoftonline.com",
+        client_config(&ca, &[b"http/1.1"]),
+    )
+    .await
+    .expect("decrypted");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: login.microsoftonline.com\r\n\r\n")
+        .await
+        .expect("write");
+    let _ = read_all(&mut tls).await;
+    let seen = origin.received();
+    let text =
+        String::from_utf8_lossy(seen.last().map(Vec::as_slice).unwrap_or_default()).to_string();
+    assert!(
+        text.contains("Restrict-Access-To-Tenants: contoso.com"),
+        "{text}"
     );
     proxy.stop().await;
 }

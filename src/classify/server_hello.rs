@@ -432,6 +432,54 @@ pub fn certificate_names(der: &[u8]) -> Option<Vec<String>> {
     Some(names)
 }
 
+/// The names a certificate vouches for as a TLS client checks them
+/// (RFC 6125; webpki ignores the subject CN): its DNS and IP subject
+/// alternative names, the CN only when there is no SAN at all. For the
+/// names of a decrypted flow's minted leaf and its fronting check.
+pub fn certificate_server_names(der: &[u8]) -> Option<Vec<String>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut names: Vec<String> = Vec::new();
+    let mut sans = false;
+    for extension in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = extension.parsed_extension() {
+            for name in &san.general_names {
+                let text = match name {
+                    GeneralName::DNSName(dns) => {
+                        Some(dns.trim_end_matches('.').to_ascii_lowercase())
+                    }
+                    GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => <[u8; 4]>::try_from(*ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(*ip)
+                            .ok()
+                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                sans = true;
+                if let Some(t) = text.filter(|t| !t.is_empty()) {
+                    if !names.contains(&t) {
+                        names.push(t);
+                    }
+                }
+            }
+        }
+    }
+    if !sans {
+        for cn in cert.subject().iter_common_name() {
+            if let Ok(cn) = cn.as_str() {
+                let cn = cn.trim_end_matches('.').to_ascii_lowercase();
+                if !cn.is_empty() && !names.contains(&cn) {
+                    names.push(cn);
+                }
+            }
+        }
+    }
+    Some(names)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

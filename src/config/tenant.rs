@@ -194,7 +194,11 @@ pub(super) fn validate(v: &mut Validator<'_>, raw: &RawTenant) -> TenantRestrict
 /// head that parsed, blank line included.
 pub fn set_fields(head: &[u8], fields: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + 128);
-    let mut lines = head.split_inclusive(|&b| b == b'\n');
+    // Empty lines before the request line (RFC 9112 §2.2 lets servers
+    // skip them, as httparse does) are dropped.
+    let mut lines = head
+        .split_inclusive(|&b| b == b'\n')
+        .skip_while(|l| l.iter().all(|&b| b == b'\r' || b == b'\n'));
     if let Some(request_line) = lines.next() {
         out.extend_from_slice(request_line);
     }
@@ -225,6 +229,20 @@ pub fn set_fields(head: &[u8], fields: &[(&str, &str)]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_lines_before_the_request_line_are_dropped() {
+        let head = b"\r\n\r\n\nPOST /x HTTP/1.1\r\nHost: login.microsoftonline.com\r\nContent-Length: 0\r\n\r\n";
+        let out = set_fields(head, &[("Restrict-Access-Context", "id")]);
+        assert_eq!(
+            out,
+            b"POST /x HTTP/1.1\r\nHost: login.microsoftonline.com\r\nContent-Length: 0\r\nRestrict-Access-Context: id\r\n\r\n"
+        );
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(matches!(req.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));
+        assert_eq!(req.path, Some("/x"));
+    }
 
     #[test]
     fn fields_are_replaced_and_everything_else_kept() {

@@ -169,6 +169,12 @@ pub trait Wire: Sync {
     fn shutdown_write(&self);
     /// Abort with a reset once dropped.
     fn reset(&self);
+    /// After `try_read` said the end: whether the peer ended in order
+    /// (over TLS, with close_notify). A message delimited by the close
+    /// that ends otherwise may be cut short.
+    fn ended_cleanly(&self) -> bool {
+        true
+    }
     /// The socket itself, where bytes may move by splice(2).
     fn tcp(&self) -> Option<&TcpStream> {
         None

@@ -26,6 +26,9 @@ const READ_STEP: usize = 16 * 1024;
 pub struct TlsWire {
     tcp: TcpStream,
     session: Mutex<rustls::Connection>,
+    /// The peer ended without close_notify (a FIN anyone on the path can
+    /// forge): a close-delimited message that ends so is not whole.
+    unclean_end: std::sync::atomic::AtomicBool,
 }
 
 /// The socket as blocking-style IO that never blocks: what rustls reads
@@ -52,6 +55,7 @@ impl TlsWire {
         TlsWire {
             tcp,
             session: Mutex::new(session.into()),
+            unclean_end: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -88,11 +92,12 @@ impl TlsWire {
         }
     }
 
-    /// Whether decrypted bytes (or the peer's end) wait in the session.
+    /// Whether `try_read` has something to report without the socket:
+    /// decrypted bytes, the peer's end, or a TLS error (rustls keeps it;
+    /// `try_read` returns it, so a failed session never reads as idle).
     fn has_plaintext(&self) -> bool {
         match self.lock().process_new_packets() {
             Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
-            // `try_read` reports the error.
             Err(_) => true,
         }
     }
@@ -115,17 +120,31 @@ impl Wire for TlsWire {
         // Bounded: each turn either returns or moves the socket's bytes
         // into the session, and the socket ends in WouldBlock or EOF.
         for _ in 0..1024 {
+            // A session that failed stays failed (rustls keeps the error):
+            // reported before the socket is looked at, with the alert
+            // rustls queued sent first.
+            if let Err(e) = session.process_new_packets() {
+                let _ = self.send_pending(&mut session);
+                return Err(tls_error(e));
+            }
             match session.reader().read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // The peer closed without close_notify: an end like any
-                // other (HTTP frames its own messages; servers often skip
-                // the alert).
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                // The peer closed without close_notify: an end (servers
+                // often skip the alert; HTTP frames its own messages), noted
+                // for close-delimited ones (`ended_cleanly`).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.unclean_end
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(0);
+                }
                 Err(e) => return Err(e),
             }
             session.read_tls(&mut Sock(&self.tcp))?;
-            session.process_new_packets().map_err(tls_error)?;
+            if let Err(e) = session.process_new_packets() {
+                let _ = self.send_pending(&mut session);
+                return Err(tls_error(e));
+            }
             // A key update or an alert may want an answer.
             self.send_pending(&mut session)?;
         }
@@ -158,5 +177,9 @@ impl Wire for TlsWire {
 
     fn reset(&self) {
         relay::reset(&self.tcp);
+    }
+
+    fn ended_cleanly(&self) -> bool {
+        !self.unclean_end.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

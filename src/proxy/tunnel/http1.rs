@@ -285,9 +285,11 @@ fn lost_refusal(ctx: &Ctx<'_>, st: &mut Up<'_>, why: &'static str) -> Option<Det
     }
     tracing::debug!(client = %flow.ctx.client.addr, why, "HTTP in a tunnel not followed further");
     let who = flow.ctx.client.who();
-    // Inside a decrypted flow the port's rule (TLS on 443) was met; what
-    // is not HTTP there goes to the payload signatures as in a tunnel.
-    let port = if decrypted(flow) { 0 } else { flow.dst.port() };
+    // Inside a decrypted flow (HTTP/1.1 was offered or implied) a stream
+    // that is not HTTP, or stops being followable, is what port 80's rule
+    // is for (`non_http_on_80`): relaying it on would be decrypted but not
+    // inspected. Payload signatures name the app.
+    let port = if decrypted(flow) { 80 } else { flow.dst.port() };
     match decide::generic_for_port(
         ctx.engine,
         &who,
@@ -699,6 +701,16 @@ async fn responses_down<C: Wire, U: Wire>(ctx: &Ctx<'_>, up: &U, client: &C) -> 
         };
         if n == 0 {
             relay::give_buf(buf);
+            if matches!(resp, Resp::Body(Following::UntilClose)) && !up.ended_cleanly() {
+                // A body delimited by the close, ended without close_notify:
+                // it may be cut short, and the client must not take it as
+                // whole (a reset, not an orderly end).
+                ended(ctx, &mut resp);
+                return End::Error(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server ended a close-delimited body without close_notify",
+                ));
+            }
             bad_gateway(ctx, client, &resp, "closed").await;
             ended(ctx, &mut resp);
             client.shutdown_write();

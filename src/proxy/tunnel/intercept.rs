@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{http1, relay_plain, upstream_now, Flow, Upstream};
-use crate::classify::server_hello::certificate_names;
+use crate::classify::server_hello::certificate_server_names;
 use crate::config::CertErrors;
 use crate::decide::{self, First};
 use crate::engine::Engine;
@@ -62,30 +62,68 @@ pub struct TlsFlow {
     pub decrypt: bool,
     /// The flow was refused and gets the page over chatwall's certificate.
     pub page: bool,
+    /// Tenant restrictions apply (a listed client, a vendor's sign-in
+    /// host): refused rather than relayed undecrypted.
+    pub required: bool,
     /// Decrypted: the DNS names the server's certificate covers.
     pub cover: Vec<String>,
 }
 
 impl TlsFlow {
-    /// `None` when the flow is neither decrypted nor paged.
+    /// `None` when the flow is neither decrypted nor paged. `sni` is the
+    /// hello's server name (or the CONNECT's when it names none),
+    /// `connect` the CONNECT's name.
     pub fn of(
         engine: &Engine,
         who: &Who,
         sni: &str,
+        connect: Option<&str>,
         alpn: &[String],
         dst: SocketAddr,
         result: &Result<First, FlowError>,
     ) -> Option<Box<TlsFlow>> {
-        let decrypt =
-            matches!(result, Ok(First::Tls)) && decide::decrypt(engine, who, sni, Some(dst.ip()));
+        // Only what speaks HTTP/1.1 inside: ALPN offers it, or no ALPN on
+        // port 443. (IMAPS, SMTPS and other protocols whose server speaks
+        // first stay spliced.)
+        let http = if alpn.is_empty() {
+            dst.port() == 443
+        } else {
+            alpn.iter().any(|p| p.as_bytes() == HTTP1)
+        };
+        // Tenant restrictions cannot be skipped by what the hello says: a
+        // sign-in host in the SNI or the CONNECT, from a listed client,
+        // is decrypted under the SNI that names it, or refused.
+        let tenant = |name: &str| {
+            crate::classify::host::normalize_host(name).is_some_and(|n| {
+                engine
+                    .config
+                    .tenant_restrictions
+                    .for_host(&n)
+                    .next()
+                    .is_some()
+            })
+        };
+        let required = matches!(result, Ok(First::Tls))
+            && decide::inspected_client(engine, who)
+            && (tenant(sni) || connect.is_some_and(tenant));
+        let same_server = connect.map_or(true, |c| {
+            c.parse::<std::net::IpAddr>().is_ok()
+                || crate::classify::host::normalize_host(c)
+                    == crate::classify::host::normalize_host(sni)
+        });
+        let decrypt = http
+            && (!required || same_server)
+            && matches!(result, Ok(First::Tls))
+            && (decide::decrypt(engine, who, sni, Some(dst.ip())) || (required && tenant(sni)));
         let page = matches!(result, Err(FlowError::Blocked(_)))
             && decide::block_page_over_tls(engine, who, sni);
-        (decrypt || page).then(|| {
+        (decrypt || page || required).then(|| {
             Box::new(TlsFlow {
                 sni: sni.to_string(),
                 alpn: alpn.to_vec(),
                 decrypt,
                 page,
+                required,
                 cover: Vec::new(),
             })
         })
@@ -150,7 +188,13 @@ pub(super) async fn run(
     let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, upstream).await else {
         return;
     };
+    let required = info.required;
     if !info.alpn.is_empty() && !info.offers_http1() {
+        if info.required {
+            flow.tls = Some(info);
+            refuse_undecrypted(&shared, &engine, flow, &client, &Upstream::Connected(up));
+            return;
+        }
         count(&shared, "spliced_alpn");
         flow.rec.tls = Some("spliced");
         relay_plain(&shared, &engine, &mut flow, &client, &up, First::Tls, hello).await;
@@ -168,6 +212,10 @@ pub(super) async fn run(
     cfg.client_auth_cert_resolver = Arc::clone(&asked) as Arc<dyn ResolvesClientCert>;
     let connector = TlsConnector::from(Arc::new(cfg));
     let Ok(name) = ServerName::try_from(info.sni.clone()) else {
+        if required {
+            refuse_undecrypted(&shared, &engine, flow, &client, &Upstream::Connected(up));
+            return;
+        }
         count(&shared, "spliced_upstream_error");
         flow.rec.tls = Some("spliced");
         relay_plain(&shared, &engine, &mut flow, &client, &up, First::Tls, hello).await;
@@ -190,12 +238,12 @@ pub(super) async fn run(
                     count(&shared, "spliced_cert_error");
                     flow.rec.error =
                         Some(format!("server certificate: {why}; relayed undecrypted"));
-                    splice_fresh(shared, engine, flow, client, hello).await;
+                    splice_fresh(shared, engine, flow, client, hello, required).await;
                 }
                 None => {
                     count(&shared, "spliced_upstream_error");
                     flow.rec.error = Some(format!("upstream TLS: {e}; relayed undecrypted"));
-                    splice_fresh(shared, engine, flow, client, hello).await;
+                    splice_fresh(shared, engine, flow, client, hello, required).await;
                 }
             }
             return;
@@ -203,7 +251,7 @@ pub(super) async fn run(
         Err(_) => {
             count(&shared, "spliced_upstream_error");
             flow.rec.error = Some("upstream TLS handshake timed out; relayed undecrypted".into());
-            splice_fresh(shared, engine, flow, client, hello).await;
+            splice_fresh(shared, engine, flow, client, hello, required).await;
             return;
         }
     };
@@ -214,7 +262,7 @@ pub(super) async fn run(
             Some("the server asks for a client certificate; relayed undecrypted".into());
         let (tcp, _) = up_tls.into_inner();
         relay::reset(&tcp);
-        splice_fresh(shared, engine, flow, client, hello).await;
+        splice_fresh(shared, engine, flow, client, hello, required).await;
         return;
     }
     let (leaf, chosen) = {
@@ -228,7 +276,7 @@ pub(super) async fn run(
             session.alpn_protocol().map(<[u8]>::to_vec),
         )
     };
-    let names = certificate_names(&leaf).unwrap_or_default();
+    let names = certificate_server_names(&leaf).unwrap_or_default();
     let fingerprint: [u8; 32] = Sha256::digest(&leaf).into();
     let key = match mint(&shared, &tls, &info.sni, names.clone(), fingerprint).await {
         Ok(k) => k,
@@ -331,6 +379,10 @@ async fn accept(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(Fixed(key)));
     cfg.alpn_protocols = alpn.into_iter().collect();
+    // One configuration per connection: nothing a later handshake could
+    // resume, so no session cache and no tickets.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     let acceptor = TlsAcceptor::from(Arc::new(cfg));
     let stream = tokio::time::timeout(
         timeout,
@@ -351,15 +403,43 @@ async fn accept(
     Ok(TlsWire::new(tcp, session))
 }
 
+/// A flow under tenant restrictions that cannot be decrypted: reset and
+/// logged, never relayed without its fields.
+pub(super) fn refuse_undecrypted(
+    shared: &Shared,
+    engine: &Engine,
+    mut flow: Flow,
+    client: &TcpStream,
+    upstream: &Upstream,
+) {
+    count(shared, "refused_undecrypted");
+    flow.rec.tls = Some("refused");
+    flow.rec
+        .error
+        .get_or_insert_with(|| "tenant restrictions apply and the flow cannot be decrypted".into());
+    relay::reset(client);
+    if let Upstream::Connected(up) = upstream {
+        relay::reset(up);
+    }
+    finish_refused(shared, engine, flow, None);
+}
+
 /// Relay the flow undecrypted on a fresh upstream connection, its
-/// ClientHello replayed: the client talks to the server itself.
+/// ClientHello replayed: the client talks to the server itself. Not for a
+/// flow under tenant restrictions: that one is refused.
 async fn splice_fresh(
     shared: Arc<Shared>,
     engine: Arc<Engine>,
     mut flow: Flow,
     client: TcpStream,
     hello: BytesMut,
+    required: bool,
 ) {
+    if required {
+        let dst = flow.dst;
+        refuse_undecrypted(&shared, &engine, flow, &client, &Upstream::Lazy(dst));
+        return;
+    }
     flow.rec.tls = Some("spliced");
     let dst = flow.dst;
     // A tunnel to a name through the parent proxy has no address of its

@@ -273,6 +273,7 @@ pub async fn refuse_with_page(
             alpn: vec!["http/1.1".into()],
             decrypt: false,
             page: true,
+            required: false,
             cover: Vec::new(),
         })),
         rec,
@@ -316,6 +317,13 @@ pub async fn run(
             return;
         }
     };
+    if first == First::Tls && flow.tls.as_ref().is_some_and(|t| t.required && !t.decrypt) {
+        // Tenant restrictions apply to this flow and it cannot be
+        // decrypted (HTTP/1.1 not offered, or the hello names another
+        // server than the CONNECT): refused, never relayed without them.
+        intercept::refuse_undecrypted(&shared, &engine, flow, &client, &upstream);
+        return;
+    }
     if first == First::Tls && flow.tls.as_ref().is_some_and(|t| t.decrypt) {
         // Boxed: only decrypted flows carry the TLS sessions.
         Box::pin(intercept::run(shared, engine, flow, client, buf, upstream)).await;
@@ -599,10 +607,18 @@ async fn first_bytes(
     if let Some(hello) = check.hello {
         flow.check_cert = hello.sni.is_none() && !flow.allowlisted;
         if engine.config.tls_inspect.enabled {
-            if let Some(sni) = &hello.sni {
+            // Without an SNI the CONNECT's name stands for it.
+            if let Some(name) = hello.sni.as_deref().or(flow.host.as_deref()) {
                 let who = flow.ctx.client.who();
-                flow.tls =
-                    intercept::TlsFlow::of(engine, &who, sni, &hello.alpn, flow.dst, &result);
+                flow.tls = intercept::TlsFlow::of(
+                    engine,
+                    &who,
+                    name,
+                    flow.host.as_deref(),
+                    &hello.alpn,
+                    flow.dst,
+                    &result,
+                );
             }
         }
         if logged {
