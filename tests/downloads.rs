@@ -141,3 +141,71 @@ async fn a_small_listed_body_is_held_whole_and_cut() {
     assert_eq!(ending, Ending::Reset);
     proxy.stop().await;
 }
+
+/// An absolute-form GET through the proxy's HTTP server.
+async fn explicit_get(proxy: &Proxy, origin: &ScriptOrigin, path: &str) -> (Vec<u8>, Ending) {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect proxy");
+    let port = origin.addr.port();
+    s.write_all(
+        format!("GET http://localhost:{port}{path} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    read_to_close(&mut s).await
+}
+
+#[tokio::test]
+async fn explicit_http_downloads_are_hashed_too() {
+    let listed = body(512 * 1024 + 9, 5);
+    let origin = ScriptOrigin::start(Script::http(vec![response(&listed)])).await;
+    let (proxy, _sigs) = proxy_listing(&sha2::Sha256::digest(&listed)).await;
+    let (got, ending) = explicit_get(&proxy, &origin, "/get/setup.exe").await;
+    let body_start = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&got[..body_start]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let body_got = &got[body_start..];
+    assert!(
+        body_got.len() <= listed.len() - HOLD_BACK,
+        "cut off before its last 64 KiB: {} of {} ({ending:?})",
+        body_got.len(),
+        listed.len()
+    );
+    assert_eq!(
+        body_got,
+        &listed[..body_got.len()],
+        "what passed is the server's bytes"
+    );
+    let before = origin.requests();
+    let (got, _) = explicit_get(&proxy, &origin, "/get/setup.exe").await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-chatwall-block: testim"),
+        "{text}"
+    );
+    assert_eq!(
+        origin.requests(),
+        before,
+        "the retry never reached the origin"
+    );
+
+    // Another body on another URL passes whole.
+    let other = body(200 * 1024, 9);
+    let origin2 = ScriptOrigin::start(Script::http(vec![response(&other)])).await;
+    let (got, _) = explicit_get(&proxy, &origin2, "/get/other.exe").await;
+    let start = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .expect("head");
+    support::assert_same_bytes("explicit body", &got[start..], &other);
+    proxy.stop().await;
+}

@@ -320,6 +320,187 @@ where
     }
 }
 
+/// Bytes of a hashed response body held back until its digest is known.
+pub const DIGEST_HOLD_BACK: usize = 64 * 1024;
+/// Bodies longer than this are not hashed (they pass on as they come).
+pub const DIGEST_MAX: u64 = 1 << 30;
+
+/// A response body hashed as it passes against `[[downloads]] sha256`
+/// rules (the explicit path's counterpart of the tunnel follower's
+/// `digest_response`): its last `DIGEST_HOLD_BACK` bytes are held until
+/// it ends; a digest the policy refuses ends it with an error instead (the
+/// client's connection is cut, the file incomplete) and the URL is
+/// refused on its next request.
+pub struct DigestBody<B> {
+    inner: B,
+    engine: Arc<crate::engine::Engine>,
+    shared: Arc<Shared>,
+    who: crate::policy::Who,
+    url: Box<str>,
+    /// `None` once the body is too long to hold (then it just passes).
+    hasher: Option<sha2::Sha256>,
+    hashed: u64,
+    held: std::collections::VecDeque<Bytes>,
+    held_len: usize,
+    trailers: Option<http::HeaderMap>,
+    ended: bool,
+}
+
+impl<B> DigestBody<B> {
+    pub fn new(
+        inner: B,
+        engine: Arc<crate::engine::Engine>,
+        shared: Arc<Shared>,
+        who: crate::policy::Who,
+        url: Box<str>,
+    ) -> Self {
+        use sha2::Digest as _;
+        DigestBody {
+            inner,
+            engine,
+            shared,
+            who,
+            url,
+            hasher: Some(sha2::Sha256::new()),
+            hashed: 0,
+            held: std::collections::VecDeque::new(),
+            held_len: 0,
+            trailers: None,
+            ended: false,
+        }
+    }
+
+    /// The next bytes that may go: what is older than the hold-back (all
+    /// of it once the digest is known or no longer taken).
+    fn release(&mut self) -> Option<Bytes> {
+        let keep = if self.ended || self.hasher.is_none() {
+            0
+        } else {
+            DIGEST_HOLD_BACK
+        };
+        let free = self.held_len.checked_sub(keep).filter(|&f| f > 0)?;
+        let front = self.held.front_mut()?;
+        let chunk = if front.len() <= free {
+            self.held.pop_front()?
+        } else {
+            front.split_to(free)
+        };
+        self.held_len -= chunk.len();
+        Some(chunk)
+    }
+
+    /// The body ended: its digest decides. `Err`: refused.
+    fn decide(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        use sha2::Digest as _;
+        let Some(hasher) = self.hasher.take() else {
+            return Ok(());
+        };
+        let digest: [u8; 32] = hasher.finalize().into();
+        let found = self.engine.signatures.classify_sha256(&digest);
+        let mut findings = crate::decide::Findings::default();
+        if let Err(crate::decide::Refusal::Blocked(d)) =
+            crate::decide::payload_verdict(&self.engine, &self.who, found, &mut findings)
+        {
+            self.engine.blocked_downloads.insert(&self.url, d);
+            let app = self.engine.signatures.app_id(d.app);
+            self.shared
+                .metrics
+                .blocked_total
+                .with_label_values(&[app, d.reason.as_str()])
+                .inc();
+            tracing::debug!(url = %self.url, app, "download cut off on its digest");
+            // The request's own line says the body was aborted; this one
+            // says why (counted once, in chatwall_blocked_total above).
+            if !self.shared.access_log.is_off() {
+                let mut rec = Record {
+                    start: Some(std::time::SystemTime::now()),
+                    counted: true,
+                    client: self.who.ip.to_string(),
+                    user: self.who.user.as_deref().map(str::to_string),
+                    listener: crate::metrics::ListenerKind::Explicit.as_str(),
+                    method: "GET".into(),
+                    target: self.url.to_string(),
+                    status: 200,
+                    error: Some("cut off: the body's SHA-256 matches a listed download".into()),
+                    ..Record::default()
+                };
+                self.shared.record_verdict(
+                    crate::metrics::ListenerKind::Explicit,
+                    &self.engine,
+                    &crate::policy::Verdict::Block(d),
+                    &mut rec,
+                );
+                self.shared.access_log.write(rec);
+            }
+            self.held.clear();
+            self.held_len = 0;
+            return Err(
+                format!("cut off: the body's SHA-256 matches a listed download of {app}").into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl<B> Body for DigestBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        use sha2::Digest as _;
+        let this = &mut *self;
+        // Bounded: each turn takes a frame from the inner body or returns.
+        loop {
+            if let Some(chunk) = this.release() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if this.ended {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        this.hashed += data.len() as u64;
+                        if this.hashed > DIGEST_MAX {
+                            this.hasher = None;
+                        }
+                        if let Some(h) = this.hasher.as_mut() {
+                            h.update(&data);
+                        }
+                        this.held_len += data.len();
+                        this.held.push_back(data);
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers = Some(t);
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    if let Err(e) = this.decide() {
+                        this.ended = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    this.ended = true;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.held.is_empty() && self.trailers.is_none()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::body::{read_prefix, CountedBody, FlowLog, IdleTimeoutBody, LoggedBody, PrefixedBody};
+use super::body::{
+    read_prefix, CountedBody, DigestBody, FlowLog, IdleTimeoutBody, LoggedBody, PrefixedBody,
+};
 use super::conn::ConnCtx;
 use super::hop_by_hop;
 use super::parent::{self, Hop};
@@ -363,6 +365,19 @@ async fn forward(
 
     let mut findings = Findings::default();
     let allowlisted = decide::name(engine, &who, &host, port, &mut findings)?;
+    // Answers to GETs are hashed when digests are listed; a URL whose body
+    // matched one is refused before its next request goes.
+    let download: Option<Box<str>> =
+        (parts.method == http::Method::GET && engine.signatures.has_sha256()).then(|| {
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            format!("{host}{target}").into()
+        });
+    if let Some(hit) = download
+        .as_deref()
+        .and_then(|u| engine.blocked_downloads.get(u))
+    {
+        findings.decide(engine, &who, Some(hit))?;
+    }
 
     // Request rules: downloads, then HTTP head rules, then body rules.
     let mut body_prefix = (Bytes::new(), None, Some(body));
@@ -531,7 +546,13 @@ async fn forward(
         up: Some(up_bytes),
     };
     let idle = engine.config.limits.upstream_response_timeout;
-    let body = IdleTimeoutBody::new(LoggedBody::new(rbody, log, true), idle).boxed();
+    let body = match download {
+        Some(url) if rparts.status == StatusCode::OK => {
+            let hashed = DigestBody::new(rbody, Arc::clone(engine), Arc::clone(shared), who, url);
+            IdleTimeoutBody::new(LoggedBody::new(hashed, log, true), idle).boxed()
+        }
+        _ => IdleTimeoutBody::new(LoggedBody::new(rbody, log, true), idle).boxed(),
+    };
     Ok(Response::from_parts(rparts, body))
 }
 
