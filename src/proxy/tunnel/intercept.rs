@@ -27,6 +27,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::client::ResolvesClientCert;
@@ -527,14 +528,38 @@ pub(super) async fn page_over_tls(
     let _ = tokio::time::timeout(deadline, read_head(&wire, limit)).await;
     let page = refuse::page_bytes(&err, &engine.signatures);
     flow.rec.status = err.status().as_u16();
-    if let Err(e) = wire.write_all(&page).await {
-        flow.rec.error = Some(e.to_string());
+    let written = tokio::time::timeout(deadline, wire.write_all(&page)).await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => flow.rec.error = Some(e.to_string()),
+        Err(_) => flow.rec.error = Some("the client did not take the page in time".into()),
     }
     wire.shutdown_write();
+    // Input the client sent past its request head is read and dropped for
+    // a moment: closing with it unread would be a reset, which can discard
+    // the page before the client reads it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain(&wire)).await;
     if verdict.is_none() {
         flow.rec.error = Some(err.to_string());
     }
     finish_refused(&shared, &engine, flow, verdict);
+}
+
+/// Read and drop what the client sends until it ends (bounded by the
+/// caller's deadline).
+async fn drain(wire: &TlsWire) {
+    let mut buf = [0u8; 4096];
+    loop {
+        if wire.readable().await.is_err() {
+            return;
+        }
+        match wire.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Read until the end of a request head (or `limit` bytes, or the end).
