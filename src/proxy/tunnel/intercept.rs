@@ -594,6 +594,81 @@ fn finish_refused(shared: &Shared, engine: &Engine, mut flow: Flow, verdict: Opt
 mod tests {
     use super::*;
 
+    /// An engine with inspection on for 127.0.0.0/8, `decrypt` as given,
+    /// and Microsoft tenant restrictions.
+    fn engine(decrypt: &str) -> (Engine, tempfile::TempDir) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = crate::tls_inspect::ca::generate("test CA", 2).expect("CA");
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        std::fs::write(&cert, &ca.cert_pem).expect("write");
+        std::fs::write(&key, &ca.key_pem).expect("write");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let config = dir.path().join("chatwall.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[tls_inspect]\nenabled = true\nca_cert = {:?}\nca_key = {:?}\nupstream_extra_ca = {:?}\nclients = [\"127.0.0.0/8\"]\ndecrypt = [{decrypt}]\n\n[tenant_restrictions]\nmicrosoft_tenants = [\"contoso.com\"]\nmicrosoft_context = \"ctx\"\n",
+                cert.display().to_string(),
+                key.display().to_string(),
+                cert.display().to_string(),
+            ),
+        )
+        .expect("write");
+        let cfg = crate::config::Config::load(Some(&config)).expect("config");
+        (Engine::build(cfg).expect("engine"), dir)
+    }
+
+    fn flow(
+        engine: &Engine,
+        client: &str,
+        sni: &str,
+        connect: Option<&str>,
+        alpn: &[&str],
+        port: u16,
+    ) -> Option<Box<TlsFlow>> {
+        let who = Who::ip(client.parse().expect("ip"));
+        let alpn: Vec<String> = alpn.iter().map(|s| s.to_string()).collect();
+        let dst = SocketAddr::from(([192, 0, 2, 1], port));
+        TlsFlow::of(engine, &who, sni, connect, &alpn, dst, &Ok(First::Tls))
+    }
+
+    #[test]
+    fn which_flows_are_decrypted() {
+        let (e, _dir) = engine("\"host:*.example.com\"");
+        let f = flow(
+            &e,
+            "127.0.0.1",
+            "www.example.com",
+            None,
+            &["h2", "http/1.1"],
+            443,
+        );
+        assert!(f.is_some_and(|f| f.decrypt && !f.required));
+        // Not listed, not selected, or not HTTP/1.1: not decrypted.
+        assert!(flow(&e, "10.0.0.1", "www.example.com", None, &["http/1.1"], 443).is_none());
+        assert!(flow(&e, "127.0.0.1", "www.example.org", None, &["http/1.1"], 443).is_none());
+        assert!(flow(&e, "127.0.0.1", "www.example.com", None, &["h2"], 443).is_none());
+        assert!(flow(&e, "127.0.0.1", "imap.example.com", None, &[], 993).is_none());
+        assert!(flow(&e, "127.0.0.1", "www.example.com", None, &[], 443).is_some());
+    }
+
+    #[test]
+    fn tenant_hosts_are_decrypted_or_refused() {
+        let (e, _dir) = engine("\"builtin:tenant\"");
+        let name = "login.microsoftonline.com";
+        let f = flow(&e, "127.0.0.1", name, Some(name), &["http/1.1"], 443).expect("flow");
+        assert!(f.decrypt && f.required);
+        // HTTP/2 only: required, cannot be decrypted (refused by the caller).
+        let f = flow(&e, "127.0.0.1", name, Some(name), &["h2"], 443).expect("flow");
+        assert!(f.required && !f.decrypt);
+        // A CONNECT to the sign-in host whose hello names another server.
+        let f = flow(&e, "127.0.0.1", "localhost", Some(name), &["http/1.1"], 443).expect("flow");
+        assert!(f.required && !f.decrypt);
+        // Not a listed client: nothing applies.
+        assert!(flow(&e, "10.0.0.1", name, Some(name), &["http/1.1"], 443).is_none());
+    }
+
     #[test]
     fn certificate_errors_are_named() {
         let e = io::Error::new(
