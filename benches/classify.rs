@@ -21,6 +21,13 @@
 //!   ClientHello (parse, allow-list, `classify_hello`, ECH, policy), with
 //!   the engine `Engine::build(Config::load_default())`.
 //! - `signatures`: compiling the bundled set (`SignatureSet::bundled`).
+//! - `scaling`: the per-flow cost as the signature set grows. The bundled
+//!   files plus one generated app holding (k - 1) times the bundled set's
+//!   count of exact names, wildcard suffixes, CIDR prefixes and payload
+//!   patterns (k = 1, 10, 100): the `verdict` flows, an address lookup,
+//!   and a 16 KiB random window through the payload automaton (payload
+//!   patterns stop at the set's limit of 4,096 per direction, about 70x).
+//!   Printed at the end: each figure at 10x and 100x over 1x.
 //!
 //! Run: `cargo bench --bench classify -- --measurement-time 3 --warm-up-time 1`
 //! (add a filter such as `payload` to run one group).
@@ -35,7 +42,7 @@ use chatwall::config::Config;
 use chatwall::decide::{self, Cue, Findings, First, FirstBytes, Refusal};
 use chatwall::engine::Engine;
 use chatwall::policy::{Verdict, Who};
-use chatwall::signatures::SignatureSet;
+use chatwall::signatures::{RuleKind, SignatureSet};
 
 #[allow(dead_code)]
 #[path = "../fuzz/src/fixtures.rs"]
@@ -273,12 +280,180 @@ fn bundled() -> SignatureSet {
     SignatureSet::bundled(WINDOW).unwrap_or_else(|e| panic!("bundled set: {e:?}"))
 }
 
+/// A signature directory: the bundled files and one generated app with
+/// `(k - 1)` times the bundled counts of names, suffixes, CIDRs and
+/// payload patterns.
+fn scaled_dir(k: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("signatures");
+    for entry in std::fs::read_dir(&bundled).expect("bundled signatures") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name").to_owned();
+        std::fs::copy(&path, dir.path().join(name)).expect("copy");
+    }
+    let set = bundled_set();
+    let count = |kind: RuleKind| set.rules().iter().filter(|r| r.kind == kind).count().max(1);
+    let (hosts, cidrs, payloads) = (
+        count(RuleKind::Host),
+        count(RuleKind::Cidr),
+        count(RuleKind::Payload),
+    );
+    let extra = k.saturating_sub(1);
+    if extra > 0 {
+        let mut text =
+            String::from("id = \"synthetic\"\nname = \"Synthetic\"\ncategory = \"consumer-im\"\n");
+        let quoted = |v: Vec<String>| {
+            v.iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let names: Vec<String> = (0..hosts * extra)
+            .map(|i| {
+                if i % 2 == 0 {
+                    format!("h{i}.n{}.synthetic.example", i % 97)
+                } else {
+                    format!("*.s{i}.synthetic.example")
+                }
+            })
+            .collect();
+        text.push_str(&format!(
+            "\n[[hosts]]\nnames = [{}]\nsource = \"generated\"\n",
+            quoted(names)
+        ));
+        let nets: Vec<String> = (0..cidrs * extra)
+            .map(|i| format!("100.{}.{}.0/24", 64 + (i / 256) % 64, i % 256))
+            .collect();
+        text.push_str(&format!(
+            "\n[[cidrs]]\nnets = [{}]\nsource = \"generated\"\n",
+            quoted(nets)
+        ));
+        // A direction holds at most 4,096 payload rules (the set refuses
+        // more): the generated patterns stop there.
+        let room = 4096usize.saturating_sub(payloads + 64);
+        for i in 0..(payloads * extra).min(room) {
+            text.push_str(&format!(
+                "\n[[payload]]\ndirection = \"client\"\nmatch = [{{ ascii = \"SYN{i:06}MAGIC\", offset = 0 }}]\nsource = \"generated\"\n"
+            ));
+        }
+        std::fs::write(dir.path().join("synthetic.toml"), text).expect("write");
+    }
+    dir
+}
+
+fn bundled_set() -> SignatureSet {
+    bundled()
+}
+
+fn bench_scaling(c: &mut Criterion) {
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let flows = [
+        Flow {
+            name: "allowed_tls",
+            host: "www.example.org",
+            hello: fixtures::browser_hello("www.example.org", false),
+        },
+        Flow {
+            name: "blocked_by_sni",
+            host: "front.example.net",
+            hello: fixtures::browser_hello("web.whatsapp.com", false),
+        },
+    ];
+    let mut rng = XorShift(7);
+    let window: Vec<u8> = (0..WINDOW).map(|_| rng.next_u64() as u8).collect();
+    let mut group = c.benchmark_group("scaling");
+    let mut medians: Vec<(String, usize, f64)> = Vec::new();
+    for k in [1usize, 10, 100] {
+        let dir = scaled_dir(k);
+        let cfg_dir = tempfile::tempdir().expect("tempdir");
+        let path = cfg_dir.path().join("chatwall.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[signatures]\ndir = {:?}\n",
+                dir.path().display().to_string()
+            ),
+        )
+        .expect("write config");
+        let engine = Engine::build(Config::load(Some(&path)).expect("config")).expect("engine");
+        eprintln!("scaling/{k}x: {} rules", engine.signatures.rules().len());
+        let mut time = |name: &str, f: &mut dyn FnMut()| {
+            let start = std::time::Instant::now();
+            let n = 20_000;
+            for _ in 0..n {
+                f();
+            }
+            medians.push((
+                name.to_string(),
+                k,
+                start.elapsed().as_secs_f64() * 1e9 / n as f64,
+            ));
+        };
+        for flow in &flows {
+            time(flow.name, &mut || {
+                black_box(decide(&engine, client, black_box(flow)));
+            });
+            group.bench_function(BenchmarkId::new(flow.name, format!("{k}x")), |b| {
+                b.iter(|| decide(&engine, client, black_box(flow)))
+            });
+        }
+        let ip = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+        time("address", &mut || {
+            black_box(engine.signatures.classify_ip(black_box(ip)));
+        });
+        group.bench_function(BenchmarkId::new("address", format!("{k}x")), |b| {
+            b.iter(|| engine.signatures.classify_ip(black_box(ip)))
+        });
+        time("payload_16KiB_random", &mut || {
+            black_box(
+                engine
+                    .signatures
+                    .payload()
+                    .classify(Direction::Client, black_box(&window)),
+            );
+        });
+        group.bench_function(
+            BenchmarkId::new("payload_16KiB_random", format!("{k}x")),
+            |b| {
+                b.iter(|| {
+                    engine
+                        .signatures
+                        .payload()
+                        .classify(Direction::Client, black_box(&window))
+                })
+            },
+        );
+    }
+    group.finish();
+    // Quick ratios from the loops above (20,000 runs each).
+    for name in [
+        "allowed_tls",
+        "blocked_by_sni",
+        "address",
+        "payload_16KiB_random",
+    ] {
+        let at = |k: usize| {
+            medians
+                .iter()
+                .find(|(n, kk, _)| n == name && *kk == k)
+                .map_or(f64::NAN, |m| m.2)
+        };
+        eprintln!(
+            "scaling/{name}: {:.0} ns at 1x; 10x/1x {:.2}, 100x/1x {:.2}",
+            at(1),
+            at(10) / at(1),
+            at(100) / at(1)
+        );
+    }
+}
+
 criterion_group!(
     benches,
     bench_hosts,
     bench_client_hello,
     bench_payload,
     bench_verdict,
-    bench_compile
+    bench_compile,
+    bench_scaling
 );
 criterion_main!(benches);
