@@ -193,6 +193,7 @@ impl Drop for Kdc {
 struct Process {
     child: Child,
     proxy: SocketAddr,
+    admin: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -242,6 +243,7 @@ impl Process {
         let p = Process {
             child,
             proxy,
+            admin,
             log,
             _dir: dir,
         };
@@ -590,4 +592,14 @@ async fn negotiate_with_a_stale_key_or_alone_refuses_and_offers_negotiate_only()
     assert!(lower.contains("proxy-authenticate: negotiate"), "{head}");
     assert!(!lower.contains("basic"), "{head}");
     assert!(origin.requests().is_empty());
+    let (status, metrics) = support::raw_http(
+        p.admin,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        support::metric_value(&metrics, "chatwall_auth_failures_total") >= 1.0,
+        "{metrics}"
+    );
 }
