@@ -127,6 +127,8 @@ mod tests {
             realm: "test".into(),
             users_file: "users".into(),
             users: [(u.to_string(), h.to_string())].into_iter().collect(),
+            basic: true,
+            negotiate: None,
         }
     }
 

@@ -332,12 +332,29 @@ fn init_tracing(level: &str) {
         .try_init();
 }
 
+/// `[auth] keytab`: the GSS-API finds an acceptor's keys through
+/// `KRB5_KTNAME`, read by the Kerberos library. Set here, once, while the
+/// process has a single thread (the environment is not safe to change once
+/// other threads may read it); a reload that names another keytab needs a
+/// restart (the file's contents are read at every handshake).
+fn use_keytab(config: &crate::config::Config) {
+    let Some(n) = config.auth.as_ref().and_then(|a| a.negotiate.as_ref()) else {
+        return;
+    };
+    if !n.keytab.as_os_str().is_empty() {
+        let mut name = std::ffi::OsString::from("FILE:");
+        name.push(n.keytab.as_os_str());
+        std::env::set_var("KRB5_KTNAME", name);
+    }
+}
+
 fn run(config: Option<PathBuf>) -> u8 {
     let engine = match load_engine(config.as_deref()) {
         Ok(e) => e,
         Err(code) => return code,
     };
     init_tracing(&engine.config.log_level);
+    use_keytab(&engine.config);
     // One worker per CPU this process may run on (taskset/cpusets count);
     // on a single CPU the current-thread scheduler avoids cross-thread
     // wake-ups altogether.

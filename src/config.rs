@@ -87,6 +87,10 @@ direct_domains = []
 [auth]
 users_file = ""
 realm = "chatwall"
+negotiate = false
+keytab = ""
+negotiate_principal = ""
+strip_realm = true
 
 [admin]
 allow = ["127.0.0.0/8", "::1/128"]
@@ -229,6 +233,10 @@ struct RawAdmin {
 struct RawAuth {
     users_file: String,
     realm: String,
+    negotiate: bool,
+    keytab: String,
+    negotiate_principal: String,
+    strip_realm: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -578,13 +586,32 @@ pub struct Pac {
     pub direct_domains: Vec<String>,
 }
 
-/// Proxy authentication (Basic over `Proxy-Authorization`).
+/// Proxy authentication (Basic and/or Negotiate over
+/// `Proxy-Authorization`).
 #[derive(Debug, Clone)]
 pub struct Auth {
     pub realm: String,
     pub users_file: PathBuf,
     /// User name → Argon2 PHC hash string.
     pub users: std::collections::HashMap<String, String>,
+    /// Basic is offered: a users file or `[ldap] basic_bind`.
+    pub basic: bool,
+    /// `negotiate = true`: SPNEGO/Kerberos single sign-on.
+    pub negotiate: Option<Negotiate>,
+}
+
+/// `[auth] negotiate`: Kerberos tickets (SPNEGO) accepted with the keys of
+/// the proxy's `HTTP/` service principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiate {
+    /// The keytab; empty: the GSS-API default (`KRB5_KTNAME`, else
+    /// `/etc/krb5.keytab`). Read at start (see `cli::run`).
+    pub keytab: PathBuf,
+    /// The acceptor principal (`HTTP/proxy.example.com@REALM`); empty: any
+    /// key in the keytab.
+    pub principal: String,
+    /// The user is the principal without `@REALM`.
+    pub strip_realm: bool,
 }
 
 /// Read a users file: `name:$argon2id$...` lines, `#` comments.
@@ -682,6 +709,73 @@ pub fn read_secret(path: &Path, field: &str) -> Result<Secret, ConfigError> {
         ));
     }
     Ok(Secret(token.to_string()))
+}
+
+/// `[auth] negotiate`, `keytab`, `negotiate_principal`, `strip_realm`.
+fn validate_negotiate(v: &mut Validator, raw: &RawAuth, path: Option<&Path>) -> Option<Negotiate> {
+    if !raw.negotiate {
+        for (key, value) in [
+            ("keytab", &raw.keytab),
+            ("negotiate_principal", &raw.negotiate_principal),
+        ] {
+            if !value.is_empty() {
+                v.err("auth", key, "set, but negotiate = false");
+            }
+        }
+        return None;
+    }
+    let principal = raw.negotiate_principal.trim();
+    if principal != raw.negotiate_principal
+        || principal
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        v.err(
+            "auth",
+            "negotiate_principal",
+            "must be one principal without white space (HTTP/proxy.example.com@REALM)",
+        );
+    }
+    let keytab = if raw.keytab.is_empty() {
+        PathBuf::new()
+    } else {
+        let p = PathBuf::from(&raw.keytab);
+        let p = match (p.is_relative(), path.and_then(Path::parent)) {
+            (true, Some(parent)) if !parent.as_os_str().is_empty() => parent.join(p),
+            _ => p,
+        };
+        if let Err(e) = check_private(&p) {
+            v.err("auth", "keytab", format!("{}: {e}", p.display()));
+        }
+        p
+    };
+    Some(Negotiate {
+        keytab,
+        principal: principal.to_string(),
+        strip_realm: raw.strip_realm,
+    })
+}
+
+/// A regular file only its owner may read (group and others have no
+/// permission on it), without reading it.
+fn check_private(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "mode {mode:04o} lets group or others at a secret; chmod 600 it"
+            ));
+        }
+    }
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| format!("cannot read: {e}"))
 }
 
 /// Read a small file only its owner may read (group and others have no
@@ -1049,7 +1143,11 @@ fn check_file_syntax(file: &str, text: &str) -> Result<(), ConfigErrors> {
     partial!(PartialPac { proxy: String, direct_networks: Vec<String>, direct_domains: Vec<String> });
     partial!(PartialAuth {
         users_file: String,
-        realm: String
+        realm: String,
+        negotiate: bool,
+        keytab: String,
+        negotiate_principal: String,
+        strip_realm: bool
     });
     partial!(PartialAdmin {
         allow: Vec<String>,
@@ -1719,8 +1817,9 @@ fn validate(
 
     let ldap = validate_ldap(&mut v, &raw.ldap, path);
     let basic_bind = ldap.as_ref().is_some_and(|l| l.basic_bind);
-    let auth = if raw.auth.users_file.is_empty() && basic_bind {
-        // Every name is checked against the directory.
+    let negotiate = validate_negotiate(&mut v, &raw.auth, path);
+    let auth = if raw.auth.users_file.is_empty() && (basic_bind || negotiate.is_some()) {
+        // Every Basic name is checked against the directory, if any.
         if raw.auth.realm.is_empty() || raw.auth.realm.contains('"') {
             v.err("auth", "realm", "must be non-empty and without quotes");
         }
@@ -1728,6 +1827,8 @@ fn validate(
             realm: raw.auth.realm.clone(),
             users_file: PathBuf::new(),
             users: std::collections::HashMap::new(),
+            basic: basic_bind,
+            negotiate,
         })
     } else if raw.auth.users_file.is_empty() {
         None
@@ -1745,6 +1846,8 @@ fn validate(
                 realm: raw.auth.realm.clone(),
                 users_file: p,
                 users,
+                basic: true,
+                negotiate,
             }),
             Err(mut e) => {
                 v.errors.append(&mut e);
@@ -2558,6 +2661,82 @@ mod tests {
             let e = load(bad).expect_err(bad);
             assert_eq!(e.0[0].field, "signatures.update_public_key", "{e}");
             assert_eq!(e.0[0].line, Some(3), "{e}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn negotiate_needs_a_private_keytab_and_turns_authentication_on() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keytab = dir.path().join("proxy.keytab");
+        std::fs::write(&keytab, b"\x05\x02").expect("write keytab");
+        std::fs::set_permissions(&keytab, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let path = dir.path().join("chatwall.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).expect("write");
+            Config::load(Some(&path))
+        };
+        // Alone, relative to the configuration file: Negotiate only.
+        let c = load("[auth]\nnegotiate = true\nkeytab = \"proxy.keytab\"\n").expect("valid");
+        let auth = c.auth.expect("authentication on");
+        assert!(!auth.basic);
+        let n = auth.negotiate.expect("negotiate");
+        assert_eq!(n.keytab, keytab);
+        assert!(n.principal.is_empty());
+        assert!(n.strip_realm);
+        // Off by default.
+        let c = Config::load_default().expect("defaults");
+        assert!(c.auth.is_none());
+        // Beside Basic from the directory.
+        let c = load(
+            "[auth]\nnegotiate = true\nnegotiate_principal = \"HTTP/p.example.com@EXAMPLE.COM\"\nstrip_realm = false\n[ldap]\nurl = \"ldap://127.0.0.1\"\nbase_dn = \"dc=example\"\nbasic_bind = true\n",
+        )
+        .expect("valid");
+        let auth = c.auth.expect("authentication on");
+        assert!(auth.basic);
+        let n = auth.negotiate.expect("negotiate");
+        assert_eq!(n.principal, "HTTP/p.example.com@EXAMPLE.COM");
+        assert!(!n.strip_realm);
+        // A keytab group or others may read, a missing one, a bad principal,
+        // keys without negotiate: file, line and field.
+        std::fs::set_permissions(&keytab, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        for (text, field, line, says) in [
+            (
+                "[auth]\nnegotiate = true\nkeytab = \"proxy.keytab\"\n",
+                "auth.keytab",
+                3,
+                "group or others",
+            ),
+            (
+                "[auth]\nnegotiate = true\n\nkeytab = \"missing\"\n",
+                "auth.keytab",
+                4,
+                "cannot read",
+            ),
+            (
+                "[auth]\nnegotiate = true\nnegotiate_principal = \"HTTP/a b\"\n",
+                "auth.negotiate_principal",
+                3,
+                "white space",
+            ),
+            (
+                "[auth]\nkeytab = \"proxy.keytab\"\n",
+                "auth.keytab",
+                2,
+                "negotiate = false",
+            ),
+            (
+                "[auth]\nnegotiate_principal = \"HTTP/x\"\n",
+                "auth.negotiate_principal",
+                2,
+                "negotiate = false",
+            ),
+        ] {
+            let e = load(text).expect_err(says);
+            let err = &e.0[0];
+            assert_eq!((err.field.as_str(), err.line), (field, Some(line)), "{e}");
+            assert!(err.message.contains(says), "{e}");
         }
     }
 

@@ -40,6 +40,7 @@ pub mod directory;
 pub mod engine;
 pub mod export;
 pub mod metrics;
+pub mod negotiate;
 pub mod pac;
 pub mod policy;
 pub mod proxy;

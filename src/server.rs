@@ -73,6 +73,17 @@ impl Reloader {
                     }
                     *old = listen;
                 }
+                let keytab = |e: &Engine| {
+                    e.config
+                        .auth
+                        .as_ref()
+                        .and_then(|a| a.negotiate.as_ref())
+                        .map(|n| n.keytab.clone())
+                        .filter(|k| !k.as_os_str().is_empty())
+                };
+                if keytab(&engine) != keytab(&shared.engine.load()) {
+                    tracing::warn!("[auth] keytab changed in the configuration; it takes effect after a restart");
+                }
                 shared.metrics.set_signatures(&engine.signatures);
                 shared.metrics.set_tls_ca(&engine);
                 let summary = format!(

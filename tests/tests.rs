@@ -14,6 +14,7 @@ mod export_cli;
 mod fuzz_smoke;
 mod hardening;
 mod inspect;
+mod kerberos;
 mod ops;
 mod parent;
 mod passthrough;

@@ -178,9 +178,11 @@ pub async fn serve_with<I>(
     let addr = ctx.client.addr;
     // A lock only on connections that have a decided first response.
     let first = first.map(|r| std::sync::Mutex::new(Some(r)));
+    let negotiated = Negotiated::default();
     let svc = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
         let ctx = ctx.clone();
+        let negotiated = Arc::clone(&negotiated);
         let decided = first.as_ref().and_then(|f| {
             f.lock()
                 .map(|mut f| f.take())
@@ -189,7 +191,7 @@ pub async fn serve_with<I>(
         async move {
             Ok::<_, Infallible>(match decided {
                 Some(resp) => resp,
-                None => handle(shared, ctx, req).await,
+                None => handle(shared, ctx, req, &negotiated).await,
             })
         }
     });
@@ -249,10 +251,16 @@ pub fn new_record(
     }
 }
 
+/// The user a connection authenticated with `Negotiate`: the scheme
+/// authenticates the connection (RFC 4559 §4), and browsers send no
+/// credentials on its later requests.
+type Negotiated = Arc<std::sync::Mutex<Option<Arc<str>>>>;
+
 async fn handle(
     shared: Arc<Shared>,
     mut ctx: ConnCtx,
     req: Request<Incoming>,
+    negotiated: &Negotiated,
 ) -> Response<ProxyBody> {
     let engine = shared.engine.load_full();
     if let Some(pac) = crate::pac::origin_form(&engine.config, &req) {
@@ -264,7 +272,26 @@ async fn handle(
             .headers()
             .get(header::PROXY_AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let (outcome, groups) = shared.authenticate(&engine, auth, header).await;
+        let pinned = match (header, &auth.negotiate) {
+            (None, Some(_)) => negotiated.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            _ => None,
+        };
+        let (outcome, groups) = match pinned {
+            Some(user) => {
+                let groups = shared.groups_of(&engine, &user).await;
+                (crate::auth::AuthOutcome::User(user), groups)
+            }
+            None => shared.authenticate(&engine, auth, header).await,
+        };
+        if auth.negotiate.is_some() && header.is_some_and(|h| crate::negotiate::parse(h).is_some())
+        {
+            // A new handshake replaces (or, failed, drops) the connection's user.
+            let user = match &outcome {
+                crate::auth::AuthOutcome::User(u) => Some(Arc::clone(u)),
+                _ => None,
+            };
+            *negotiated.lock().unwrap_or_else(|e| e.into_inner()) = user;
+        }
         match outcome {
             crate::auth::AuthOutcome::User(u) => {
                 rec.user = Some(u.to_string());
@@ -298,7 +325,7 @@ pub fn auth_refusal(
     if outcome == crate::auth::AuthOutcome::Wrong {
         tracing::warn!(client = %ctx.client.addr, "proxy authentication failed");
     }
-    let resp = refuse::proxy_auth_required(&auth.realm);
+    let resp = refuse::proxy_auth_required(auth);
     rec.status = resp.status().as_u16();
     rec.verdict = "block";
     rec.reason = Some("auth");

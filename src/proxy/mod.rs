@@ -220,10 +220,12 @@ impl Shared {
         }
     }
 
-    /// Check a request's proxy credentials: a name in `[auth] users_file`
-    /// against its hash, any other name (with `[ldap] basic_bind`) by a
-    /// bind to the directory. A user's directory groups are read too when
-    /// an exception names groups (cached: see [`crate::directory`]).
+    /// Check a request's proxy credentials: a Kerberos ticket (`Negotiate`,
+    /// with `[auth] negotiate`) by the GSS-API, a name in `[auth]
+    /// users_file` against its hash, any other name (with `[ldap]
+    /// basic_bind`) by a bind to the directory. A user's directory groups
+    /// are read too when an exception names groups (cached: see
+    /// [`crate::directory`]).
     pub async fn authenticate(
         &self,
         engine: &Engine,
@@ -232,6 +234,30 @@ impl Shared {
     ) -> (crate::auth::AuthOutcome, Option<crate::directory::Groups>) {
         use crate::auth::AuthOutcome;
         use crate::directory::BindOutcome;
+        if let Some((cfg, token)) = auth
+            .negotiate
+            .as_ref()
+            .zip(header.and_then(crate::negotiate::parse))
+        {
+            let outcome = match token {
+                Some(token) => match crate::negotiate::accept_async(cfg, token).await {
+                    Ok(principal) => {
+                        let user = crate::negotiate::user_name(&principal, cfg.strip_realm);
+                        AuthOutcome::User(Arc::from(user))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Negotiate token refused");
+                        AuthOutcome::Wrong
+                    }
+                },
+                None => AuthOutcome::Wrong,
+            };
+            let groups = match &outcome {
+                AuthOutcome::User(user) => self.groups_of(engine, user).await,
+                _ => None,
+            };
+            return (outcome, groups);
+        }
         let directory = engine.directory.as_deref();
         let by_bind = directory
             .filter(|d| d.config().basic_bind)
@@ -258,15 +284,27 @@ impl Shared {
             }
             None => self.auth.check(auth, engine.generation, header),
         };
-        let groups = match (&outcome, directory) {
-            (AuthOutcome::User(user), Some(d)) if engine.policy.needs_groups() => {
-                let (groups, source) = d.groups(user).await;
-                self.metrics.directory_lookup(source.as_str());
-                Some(groups)
-            }
+        let groups = match &outcome {
+            AuthOutcome::User(user) => self.groups_of(engine, user).await,
             _ => None,
         };
         (outcome, groups)
+    }
+
+    /// An authenticated user's directory groups, when an exception names
+    /// groups and a directory is configured.
+    pub async fn groups_of(
+        &self,
+        engine: &Engine,
+        user: &Arc<str>,
+    ) -> Option<crate::directory::Groups> {
+        let d = engine.directory.as_deref()?;
+        if !engine.policy.needs_groups() {
+            return None;
+        }
+        let (groups, source) = d.groups(user).await;
+        self.metrics.directory_lookup(source.as_str());
+        Some(groups)
     }
 
     /// Where tunnels register their upstream sockets: only while

@@ -264,15 +264,26 @@ pub fn page_bytes(err: &FlowError, set: &SignatureSet) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// 407 asking for Basic credentials.
-pub fn proxy_auth_required(realm: &str) -> Response<ProxyBody> {
+/// 407 asking for credentials: `Negotiate` (single sign-on, first: the
+/// scheme a browser should prefer) and/or Basic.
+pub fn proxy_auth_required(auth: &crate::config::Auth) -> Response<ProxyBody> {
     let mut resp = Response::new(full("proxy authentication required\n"));
     *resp.status_mut() = StatusCode::PROXY_AUTHENTICATION_REQUIRED;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     h.insert(header::DATE, date_now());
-    if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
-        h.insert(header::PROXY_AUTHENTICATE, v);
+    if auth.negotiate.is_some() {
+        h.append(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Negotiate"),
+        );
+    }
+    if auth.basic {
+        let realm = &auth.realm;
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+        {
+            h.append(header::PROXY_AUTHENTICATE, v);
+        }
     }
     resp
 }
