@@ -724,6 +724,13 @@ fn validate_negotiate(v: &mut Validator, raw: &RawAuth, path: Option<&Path>) -> 
         }
         return None;
     }
+    if !cfg!(feature = "negotiate") {
+        v.err(
+            "auth",
+            "negotiate",
+            "this chatwall was built without Negotiate support (cargo build --release --features negotiate)",
+        );
+    }
     let principal = raw.negotiate_principal.trim();
     if principal != raw.negotiate_principal
         || principal
@@ -2664,7 +2671,14 @@ mod tests {
         }
     }
 
-    #[cfg(unix)]
+    #[cfg(not(feature = "negotiate"))]
+    #[test]
+    fn negotiate_needs_the_feature() {
+        let e = load_text("[auth]\nnegotiate = true\n").expect_err("refused");
+        assert!(e.to_string().contains("--features negotiate"), "{e}");
+    }
+
+    #[cfg(all(unix, feature = "negotiate"))]
     #[test]
     fn negotiate_needs_a_private_keytab_and_turns_authentication_on() {
         use std::os::unix::fs::PermissionsExt;

@@ -11,9 +11,13 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+#[cfg(feature = "negotiate")]
 use libgssapi::context::{SecurityContext, ServerCtx};
+#[cfg(feature = "negotiate")]
 use libgssapi::credential::{Cred, CredUsage};
+#[cfg(feature = "negotiate")]
 use libgssapi::name::Name;
+#[cfg(feature = "negotiate")]
 use libgssapi::oid::{OidSet, GSS_MECH_KRB5, GSS_MECH_SPNEGO, GSS_NT_KRB5_PRINCIPAL};
 
 use crate::config::Negotiate;
@@ -52,6 +56,7 @@ pub fn parse(value: &[u8]) -> Option<Option<Vec<u8>>> {
 /// (`alice@EXAMPLE.COM`) once the context is complete. A token that needs
 /// another round trip is refused: with Kerberos, SPNEGO completes in one
 /// (the client's first token carries the AP-REQ). Blocking.
+#[cfg(feature = "negotiate")]
 pub fn accept(cfg: &Negotiate, token: &[u8]) -> Result<String, String> {
     let mut mechs = OidSet::new().map_err(|e| e.to_string())?;
     mechs.add(&GSS_MECH_SPNEGO).map_err(|e| e.to_string())?;
@@ -74,6 +79,13 @@ pub fn accept(cfg: &Negotiate, token: &[u8]) -> Result<String, String> {
     let source = ctx.source_name().map_err(|e| e.to_string())?;
     let display = source.display_name().map_err(|e| e.to_string())?;
     String::from_utf8(display.to_vec()).map_err(|_| "a principal that is not UTF-8".into())
+}
+
+/// A build without the `negotiate` feature accepts no token (and its
+/// configuration refuses `[auth] negotiate = true`).
+#[cfg(not(feature = "negotiate"))]
+pub fn accept(_cfg: &Negotiate, _token: &[u8]) -> Result<String, String> {
+    Err("this build has no Negotiate support (build with --features negotiate)".into())
 }
 
 /// The user name for a principal: without its realm (the last `@` part)

@@ -14,6 +14,7 @@ mod export_cli;
 mod fuzz_smoke;
 mod hardening;
 mod inspect;
+#[cfg(feature = "negotiate")]
 mod kerberos;
 mod ops;
 mod parent;
