@@ -282,15 +282,48 @@ pub fn generic_for_port(
     }
 }
 
-/// A detection in a flow's content (a download's digest): refused,
-/// monitored or allowed as the policy says for this client.
-pub fn payload_verdict(
+/// Bytes of a hashed download held back until its digest is known: what
+/// is cut off when the digest matches (an installer's tail holds its
+/// archive directory or signature; without it the file is unusable).
+pub const DIGEST_HOLD_BACK: usize = 64 * 1024;
+/// Bodies longer than this are not hashed (they pass on as they come).
+pub const DIGEST_MAX: u64 = 1 << 30;
+
+/// A request whose answer is hashed against `[[downloads]] sha256` rules
+/// (a GET, with such rules loaded): its URL key (host and target), after
+/// refusing it when its body already matched once.
+pub fn download(
     engine: &Engine,
     who: &Who,
-    found: Option<Detection>,
+    get: bool,
+    host: &str,
+    target: &str,
+    findings: &mut Findings,
+) -> Result<Option<Box<str>>, Refusal> {
+    if !get || !engine.signatures.has_sha256() {
+        return Ok(None);
+    }
+    let url: Box<str> = format!("{host}{target}").into();
+    if let Some(hit) = engine.blocked_downloads.get(&url) {
+        findings.decide(engine, who, Some(hit))?;
+    }
+    Ok(Some(url))
+}
+
+/// A download's body digest: refused, monitored or allowed as the policy
+/// says; a refusal is remembered for the URL.
+pub fn download_digest(
+    engine: &Engine,
+    who: &Who,
+    url: &str,
+    digest: &[u8; 32],
     findings: &mut Findings,
 ) -> Result<(), Refusal> {
-    findings.decide(engine, who, found)
+    let refused = findings.decide(engine, who, engine.signatures.classify_sha256(digest));
+    if let Err(Refusal::Blocked(d)) = refused {
+        engine.blocked_downloads.insert(url, d);
+    }
+    refused
 }
 
 /// Whether a TLS flow whose ClientHello passed may be decrypted
@@ -339,6 +372,16 @@ pub fn never_decrypted(engine: &Engine, name: &str, server: Option<IpAddr>) -> b
     })
 }
 
+/// A (normalised) name that `[tenant_restrictions]` sets fields for.
+pub fn tenant_host(engine: &Engine, name: &str) -> bool {
+    engine
+        .config
+        .tenant_restrictions
+        .for_host(name)
+        .next()
+        .is_some()
+}
+
 /// Whether one `decrypt`/`never` entry names this (normalised) server name.
 fn selects(engine: &Engine, select: &Select, name: &str) -> bool {
     let app = || {
@@ -351,12 +394,7 @@ fn selects(engine: &Engine, select: &Select, name: &str) -> bool {
         Select::Host(p) => p.matches(name),
         Select::App(id) => app().is_some_and(|a| &a.id == id),
         Select::Category(c) => app().is_some_and(|a| &a.category == c),
-        Select::Tenant => engine
-            .config
-            .tenant_restrictions
-            .for_host(name)
-            .next()
-            .is_some(),
+        Select::Tenant => tenant_host(engine, name),
         Select::Net(_) => false,
     }
 }
@@ -1100,14 +1138,9 @@ impl<'e> Requests<'e> {
         // Responses to GETs are hashed when digests are listed; a URL
         // whose body matched one is refused before its next request goes.
         let decided = decided.and_then(|d| {
-            if req.method == Some("GET") && engine.signatures.has_sha256() {
-                let url: Box<str> =
-                    format!("{}{}", request.host, req.path.unwrap_or_default()).into();
-                if let Some(hit) = engine.blocked_downloads.get(&url) {
-                    findings.decide(engine, who, Some(hit))?;
-                }
-                request.download = Some(url);
-            }
+            let get = req.method == Some("GET");
+            let target = req.path.unwrap_or_default();
+            request.download = download(engine, who, get, &request.host, target, findings)?;
             Ok(d)
         });
         if self.tenant && decided.is_ok() {

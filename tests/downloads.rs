@@ -53,13 +53,15 @@ async fn proxy_listing(digest: &[u8]) -> (Proxy, tempfile::TempDir) {
     (Proxy::start(&toml).await, dir)
 }
 
+fn request(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes()
+}
+
 async fn get(proxy: &Proxy, origin: &ScriptOrigin, path: &str) -> (Vec<u8>, Ending) {
     let mut s = connect_tunnel(proxy.addr, &origin.addr.to_string())
         .await
         .expect("CONNECT");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
+    s.write_all(&request(path)).await.expect("write");
     read_to_close(&mut s).await
 }
 
@@ -119,6 +121,11 @@ async fn an_unlisted_download_arrives_byte_exact() {
     let (proxy, _sigs) = proxy_listing(&sha2::Sha256::digest(&listed)).await;
     let (got, _) = get(&proxy, &origin, "/dl/other.exe").await;
     support::assert_same_bytes("client received", &got, &response(&other));
+    support::assert_same_bytes(
+        "origin received",
+        &origin.received(0),
+        &request("/dl/other.exe"),
+    );
     assert_eq!(origin.accepted(), 1, "one upstream connection");
     proxy.stop().await;
 }
@@ -207,5 +214,13 @@ async fn explicit_http_downloads_are_hashed_too() {
         .map(|p| p + 4)
         .expect("head");
     support::assert_same_bytes("explicit body", &got[start..], &other);
+    assert_eq!(origin2.accepted(), 1, "one upstream connection");
+    // A forward proxy's rewrite only: origin-form, the same host.
+    let seen = origin2.received(0);
+    assert!(
+        seen.starts_with(b"GET /get/other.exe HTTP/1.1\r\n"),
+        "{}",
+        support::escape(&seen)
+    );
     proxy.stop().await;
 }

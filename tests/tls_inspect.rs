@@ -146,6 +146,18 @@ fn inspect_toml(dir: &Path, upstream_ca: &Path, extra: &str) -> (String, PathBuf
     (toml, cert)
 }
 
+/// A proxy that decrypts `localhost` for loopback clients and trusts
+/// `origin` upstream; the CA's PEM, and the directory that holds both.
+async fn localhost_inspected(origin: &PlainOrigin) -> (Proxy, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (toml, ca) = inspect_toml(
+        dir.path(),
+        &origin.cert_pem,
+        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
+    );
+    (Proxy::start(&toml).await, ca, dir)
+}
+
 fn client_config(roots_pem: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(roots_pem).expect("pem") {
@@ -204,13 +216,7 @@ fn head_of(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn a_selected_flow_is_decrypted_and_passes_byte_exact() {
     let origin = PlainOrigin::start(&["localhost"]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let authority = format!("localhost:{}", origin.addr.port());
     // Only chatwall's CA is trusted: the handshake shows the leaf was
     // minted under it for the SNI.
@@ -262,13 +268,7 @@ async fn a_selected_flow_is_decrypted_and_passes_byte_exact() {
 #[tokio::test]
 async fn an_im_request_inside_https_gets_the_page_and_nothing_reaches_the_origin() {
     let origin = PlainOrigin::start(&["localhost"]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let authority = format!("localhost:{}", origin.addr.port());
     let mut tls = tls_through(
         &proxy,
@@ -311,13 +311,7 @@ async fn an_im_request_inside_https_gets_the_page_and_nothing_reaches_the_origin
 #[tokio::test]
 async fn a_host_the_certificate_does_not_cover_is_refused_as_fronting() {
     let origin = PlainOrigin::start(&["localhost"]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let authority = format!("localhost:{}", origin.addr.port());
     let mut tls = tls_through(
         &proxy,
@@ -348,13 +342,7 @@ async fn a_host_the_certificate_does_not_cover_is_refused_as_fronting() {
 #[tokio::test]
 async fn xmpp_wrapped_in_tls_is_refused_on_its_payload() {
     let origin = PlainOrigin::start(&["localhost"]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let authority = format!("localhost:{}", origin.addr.port());
     // A client that offers HTTP/1.1 (only such flows are decrypted on
     // ports other than 443), then speaks XMPP.
@@ -475,6 +463,7 @@ async fn never_listed_and_unselected_hosts_are_spliced_with_the_origins_certific
         let (toml, ca) = inspect_toml(dir.path(), &origin.cert_pem, section);
         let proxy = Proxy::start(&toml).await;
         let authority = format!("localhost:{}", origin.addr.port());
+        let accepted_before = origin.accepted.load(Ordering::SeqCst);
         // A client that trusts only chatwall's CA cannot complete it...
         let refused = tls_through(
             &proxy,
@@ -495,11 +484,23 @@ async fn never_listed_and_unselected_hosts_are_spliced_with_the_origins_certific
         .unwrap_or_else(|e| panic!("{section}: spliced: {e}"));
         let peer = tls.get_ref().1.peer_certificates().expect("certs")[0].clone();
         assert_eq!(peer, origin.cert, "{section}: the origin's own certificate");
-        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
+        let request: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        tls.write_all(request).await.expect("write");
         let got = read_all(&mut tls).await;
         support::assert_same_bytes(section, &got, RESPONSE);
+        let seen = origin.received();
+        support::assert_same_bytes(
+            section,
+            seen.last().map(Vec::as_slice).unwrap_or_default(),
+            request,
+        );
+        // One upstream connection per tunnel: the refused attempt's and
+        // this one's.
+        assert_eq!(
+            origin.accepted.load(Ordering::SeqCst) - accepted_before,
+            2,
+            "{section}"
+        );
         assert_eq!(
             proxy
                 .metric("chatwall_tls_inspect_total{outcome=\"inspected\"}")
@@ -610,13 +611,7 @@ async fn curl_and_openssl_see_chatwalls_leaf_and_the_origins_bytes() {
         return;
     }
     let origin = PlainOrigin::start(&["localhost"]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let url = format!("https://localhost:{}/x", origin.addr.port());
     let ca_arg = ca.display().to_string();
     let (code, body, err) = support::curl(&[
@@ -842,6 +837,11 @@ async fn tenant_restrictions_are_set_on_sign_in_requests_and_nowhere_else() {
         );
     }
     assert_eq!(
+        origin.accepted.load(Ordering::SeqCst),
+        3,
+        "one upstream connection each"
+    );
+    assert_eq!(
         proxy
             .metric("chatwall_tenant_headers_total{vendor=\"microsoft\"}")
             .await,
@@ -919,13 +919,7 @@ async fn an_expired_upstream_certificate_gets_a_page_naming_the_error() {
         )
         .expect("config");
     let origin = PlainOrigin::start_with(Arc::new(cfg), der).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let authority = format!("localhost:{}", origin.addr.port());
     let mut tls = tls_through(
         &proxy,
@@ -1034,13 +1028,7 @@ async fn decrypted_flow(proxy: &Proxy, origin: &PlainOrigin, ca: &Path) -> TlsSt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_record_inside_a_decrypted_flow_ends_it_and_stalls_nobody() {
     let origin = PlainOrigin::start(&["localhost"]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let mut bad = Vec::new();
     for _ in 0..3 {
         let mut tls = decrypted_flow(&proxy, &origin, &ca).await;
@@ -1083,13 +1071,7 @@ async fn a_bad_record_inside_a_decrypted_flow_ends_it_and_stalls_nobody() {
 #[tokio::test]
 async fn a_request_line_that_cannot_be_followed_ends_a_decrypted_flow() {
     let origin = PlainOrigin::start(&["localhost"]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (toml, ca) = inspect_toml(
-        dir.path(),
-        &origin.cert_pem,
-        "clients = [\"127.0.0.0/8\"]\ndecrypt = [\"host:localhost\"]",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (proxy, ca, _dir) = localhost_inspected(&origin).await;
     let mut tls = decrypted_flow(&proxy, &origin, &ca).await;
     tls.write_all(
         b"GET / HTTP/1.2\r\nHost: localhost\r\n\r\nGET /x HTTP/1.1\r\nHost: other.example\r\n\r\n",

@@ -320,14 +320,9 @@ where
     }
 }
 
-/// Bytes of a hashed response body held back until its digest is known.
-pub const DIGEST_HOLD_BACK: usize = 64 * 1024;
-/// Bodies longer than this are not hashed (they pass on as they come).
-pub const DIGEST_MAX: u64 = 1 << 30;
-
 /// A response body hashed as it passes against `[[downloads]] sha256`
 /// rules (the explicit path's counterpart of the tunnel follower's
-/// `digest_response`): its last `DIGEST_HOLD_BACK` bytes are held until
+/// `digest_response`): its last `decide::DIGEST_HOLD_BACK` bytes are held until
 /// it ends; a digest the policy refuses ends it with an error instead (the
 /// client's connection is cut, the file incomplete) and the URL is
 /// refused on its next request.
@@ -376,7 +371,7 @@ impl<B> DigestBody<B> {
         let keep = if self.ended || self.hasher.is_none() {
             0
         } else {
-            DIGEST_HOLD_BACK
+            crate::decide::DIGEST_HOLD_BACK
         };
         let free = self.held_len.checked_sub(keep).filter(|&f| f > 0)?;
         let front = self.held.front_mut()?;
@@ -396,12 +391,14 @@ impl<B> DigestBody<B> {
             return Ok(());
         };
         let digest: [u8; 32] = hasher.finalize().into();
-        let found = self.engine.signatures.classify_sha256(&digest);
         let mut findings = crate::decide::Findings::default();
-        if let Err(crate::decide::Refusal::Blocked(d)) =
-            crate::decide::payload_verdict(&self.engine, &self.who, found, &mut findings)
-        {
-            self.engine.blocked_downloads.insert(&self.url, d);
+        if let Err(crate::decide::Refusal::Blocked(d)) = crate::decide::download_digest(
+            &self.engine,
+            &self.who,
+            &self.url,
+            &digest,
+            &mut findings,
+        ) {
             let app = self.engine.signatures.app_id(d.app);
             self.shared
                 .metrics
@@ -470,7 +467,7 @@ where
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         this.hashed += data.len() as u64;
-                        if this.hashed > DIGEST_MAX {
+                        if this.hashed > crate::decide::DIGEST_MAX {
                             this.hasher = None;
                         }
                         if let Some(h) = this.hasher.as_mut() {

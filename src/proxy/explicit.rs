@@ -394,17 +394,9 @@ async fn forward(
     let allowlisted = decide::name(engine, &who, &host, port, &mut findings)?;
     // Answers to GETs are hashed when digests are listed; a URL whose body
     // matched one is refused before its next request goes.
-    let download: Option<Box<str>> =
-        (parts.method == http::Method::GET && engine.signatures.has_sha256()).then(|| {
-            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            format!("{host}{target}").into()
-        });
-    if let Some(hit) = download
-        .as_deref()
-        .and_then(|u| engine.blocked_downloads.get(u))
-    {
-        findings.decide(engine, &who, Some(hit))?;
-    }
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let get = parts.method == http::Method::GET;
+    let download = decide::download(engine, &who, get, &host, target, &mut findings)?;
 
     // Request rules: downloads, then HTTP head rules, then body rules.
     let mut body_prefix = (Bytes::new(), None, Some(body));

@@ -729,16 +729,9 @@ async fn responses_down<C: Wire, U: Wire>(ctx: &Ctx<'_>, up: &U, client: &C) -> 
     }
 }
 
-/// Bytes of a hashed response body held back until its digest is known:
-/// what is cut off when the digest matches (an installer's tail holds its
-/// archive directory or signature; without it the file is unusable).
-const HOLD_BACK: usize = 64 * 1024;
-/// Bodies longer than this are not hashed (they pass on as they come).
-const MAX_HASHED: u64 = 1 << 30;
-
 /// One response to a GET while `[[downloads]] sha256` rules are loaded,
 /// from its first byte: the head passes; a `200` body is hashed as it
-/// passes with its last `HOLD_BACK` bytes held until it ends; a digest
+/// passes with its last `decide::DIGEST_HOLD_BACK` bytes held until it ends; a digest
 /// that matches (and that the policy refuses) cuts the response off and
 /// resets the tunnel, and the URL is refused before any byte on the next
 /// request. Anything else goes on as `responses_down` would.
@@ -821,15 +814,15 @@ async fn digest_response<C: Wire, U: Wire>(
             }
         }
         fed = body_raw.len();
-        if hashed > MAX_HASHED {
+        if hashed > decide::DIGEST_MAX {
             // Too long to hold to its end: it passes, followed as usual.
             client.write_all(&body_raw).await.map_err(End::Error)?;
             add_body_bytes(ctx, body_raw.len());
             *resp = Resp::Body(following);
             return Ok(());
         }
-        if body_raw.len() > HOLD_BACK {
-            let cut = body_raw.len() - HOLD_BACK;
+        if body_raw.len() > decide::DIGEST_HOLD_BACK {
+            let cut = body_raw.len() - decide::DIGEST_HOLD_BACK;
             client
                 .write_all(&body_raw[..cut])
                 .await
@@ -852,11 +845,9 @@ async fn digest_response<C: Wire, U: Wire>(
         }
     };
     let digest: [u8; 32] = hasher.finalize().into();
-    let found = ctx.engine.signatures.classify_sha256(&digest);
     let mut findings = Findings::default();
-    let refused = decide::payload_verdict(ctx.engine, &ctx.cx.who, found, &mut findings);
+    let refused = decide::download_digest(ctx.engine, &ctx.cx.who, url, &digest, &mut findings);
     if let Err(Refusal::Blocked(d)) = refused {
-        ctx.engine.blocked_downloads.insert(url, d);
         let rec = {
             let mut ex = ctx.exchange.lock();
             ex.lost = true;

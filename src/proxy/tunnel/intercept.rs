@@ -95,14 +95,8 @@ impl TlsFlow {
         // sign-in host in the SNI or the CONNECT, from a listed client,
         // is decrypted under the SNI that names it, or refused.
         let tenant = |name: &str| {
-            crate::classify::host::normalize_host(name).is_some_and(|n| {
-                engine
-                    .config
-                    .tenant_restrictions
-                    .for_host(&n)
-                    .next()
-                    .is_some()
-            })
+            crate::classify::host::normalize_host(name)
+                .is_some_and(|n| decide::tenant_host(engine, &n))
         };
         let required = matches!(result, Ok(First::Tls))
             && decide::inspected_client(engine, who)
