@@ -83,7 +83,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     let engine = shared.engine.load_full();
 
     let Some(head) = connect_head(&buf, max_head, max_fields) else {
-        return http(shared, stream, buf, ctx, None).await;
+        // Absolute-form HTTP and everything else (which it hands on).
+        return Box::pin(super::forward::serve(shared, stream, buf, ctx)).await;
     };
     let Ok(authority) = head.target.parse::<http::uri::Authority>() else {
         // Not authority-form: the HTTP server's answer is the one to give.

@@ -17,6 +17,7 @@ pub mod body;
 pub mod conn;
 pub mod connect;
 pub mod explicit;
+pub mod forward;
 pub mod hop_by_hop;
 pub mod listener;
 pub mod origdst;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub http: explicit::UpstreamClient,
+    /// Idle upstream connections of explicit HTTP forwarding.
+    pub pool: forward::Pool,
     pub resolver: Arc<upstream::Resolver>,
     /// Tunnel upstream sockets, to recognise a redirect loop.
     pub own_sockets: Arc<upstream::OwnSockets>,
@@ -92,6 +95,7 @@ impl Shared {
             metrics,
             access_log,
             http,
+            pool: forward::Pool::default(),
             resolver,
             own_sockets: Arc::default(),
             guard,
