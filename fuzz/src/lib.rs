@@ -129,6 +129,8 @@ pub fn engine() -> &'static Engine {
 /// the same outcome however the bytes are split).
 pub fn http_head(data: &[u8]) {
     chatwall::decide::fuzz_logic(engine(), data);
+    // The explicit forwarder's head rewriting, on the same bytes.
+    chatwall::proxy::forward::heads::fuzz_logic(data);
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     let Ok(httparse::Status::Complete(head_len)) = request.parse(data) else {

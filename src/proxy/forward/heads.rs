@@ -193,11 +193,21 @@ pub fn screen(
 
     // The head upstream: origin form, the client's fields in order minus
     // hop-by-hop ones, Host from the target, then Via.
-    let origin = uri.path_and_query().map_or("/", |p| p.as_str());
+    let (path, query) = uri
+        .path_and_query()
+        .map_or(("", None), |p| (p.path(), p.query()));
     let mut out = Vec::with_capacity(head_len + 64);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(origin.as_bytes());
+    if !path.starts_with('/') {
+        // `http://host?q` asks for `/?q` (RFC 9112 §3.2.1).
+        out.push(b'/');
+    }
+    out.extend_from_slice(path.as_bytes());
+    if let Some(q) = query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut host_written = false;
     let mut via_at = None;
@@ -377,6 +387,69 @@ fn title_case(name: &str) -> String {
         .collect()
 }
 
+/// Fuzzing entry: `data` as a request head (and body start) and as a
+/// response head. Whatever the input, nothing panics, and what this path
+/// would send is a whole head that parses back with the same meaning and
+/// carries no hop-by-hop field.
+pub fn fuzz_logic(data: &[u8]) {
+    const VIA: &[u8] = b"1.1 chatwall-fuzz";
+    if let Ok(r) = screen(data, 16 * 1024, MAX_FIELDS, b"chatwall-fuzz") {
+        let _ = body_end(r.body, data.get(r.head_len..).unwrap_or_default());
+        let mut out = r.upstream_head.clone();
+        finish(&mut out, r.via_at, VIA, r.close);
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS + 3];
+        let mut sent = httparse::Request::new(&mut fields);
+        assert!(
+            matches!(sent.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()),
+            "the upstream head does not parse whole"
+        );
+        assert_eq!(sent.method, Some(r.method.as_str()));
+        assert!(
+            sent.path.is_some_and(|p| p.starts_with('/')),
+            "not origin form"
+        );
+        assert_eq!(
+            sent.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("host"))
+                .count(),
+            1,
+            "not one Host field"
+        );
+        for h in sent.headers.iter() {
+            let hop = always_removed(h.name) && !h.name.eq_ignore_ascii_case("connection");
+            assert!(!hop, "hop-by-hop field {} sent", h.name);
+        }
+        assert_eq!(h1::request_body(&sent), Ok(r.body), "the framing changed");
+    }
+    for head_request in [false, true] {
+        let Ok(Some(r)) = response(data, head_request) else {
+            continue;
+        };
+        let mut out = r.client_head;
+        finish(&mut out, r.via_at, VIA, false);
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS + 3];
+        let mut sent = httparse::Response::new(&mut fields);
+        assert!(
+            matches!(sent.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()),
+            "the client head does not parse whole"
+        );
+        assert_eq!(sent.code, Some(r.status));
+        for h in sent.headers.iter() {
+            assert!(!always_removed(h.name), "hop-by-hop field {} sent", h.name);
+        }
+        let asked = h1::Asked {
+            head: head_request,
+            ..h1::Asked::default()
+        };
+        assert_eq!(
+            h1::response_body(asked, &sent),
+            Ok(r.reply),
+            "the framing changed"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +489,8 @@ mod tests {
         );
         assert_eq!(r.body, Body::Length(3));
         assert!(r.close);
+        let q = head("GET http://a.example?x=1 HTTP/1.1\r\n\r\n");
+        assert!(q.upstream_head.starts_with(b"GET /?x=1 HTTP/1.1\r\n"));
         assert_eq!(r.proxy_authorization.as_deref(), Some(&b"Basic eDp5"[..]));
     }
 
