@@ -58,7 +58,8 @@ impl HeadView for http::request::Parts {
 /// The path of a request target without the query, as `http::Uri::path`
 /// gives it: origin-form as is, absolute-form after the authority.
 fn target_path(target: &str) -> &str {
-    let path = match target.find("://") {
+    let scheme_end = target.as_bytes().windows(3).position(|w| w == b"://");
+    let path = match scheme_end {
         Some(i) if !target.starts_with('/') => {
             let rest = &target[i + 3..];
             match rest.find('/') {
@@ -176,8 +177,10 @@ impl HttpMatcher {
     /// Decide on the head; `has_body` says whether a body may follow.
     pub fn classify_head(&self, head: &dyn HeadView, has_body: bool) -> HeadOutcome {
         let mut window = 0usize;
+        // The target's path once per head, not once per rule.
+        let path = head.path();
         for r in self.candidates(head) {
-            if !head_holds(r, head) {
+            if !head_holds(r, head, path) {
                 continue;
             }
             if r.body.is_empty() {
@@ -197,20 +200,20 @@ impl HttpMatcher {
     /// Decide on the head and the first bytes of the body (as much as the
     /// rules' window, or the whole body when it is shorter).
     pub fn classify_body(&self, head: &dyn HeadView, body: &[u8]) -> Option<u32> {
+        let path = head.path();
         self.candidates(head)
-            .filter(|r| !r.body.is_empty() && head_holds(r, head))
+            .filter(|r| !r.body.is_empty() && head_holds(r, head, path))
             .find(|r| r.body.iter().all(|a| atom_holds(a, body)))
             .map(|r| r.rule)
     }
 }
 
-fn head_holds(r: &HttpRule, head: &dyn HeadView) -> bool {
+fn head_holds(r: &HttpRule, head: &dyn HeadView, path: &str) -> bool {
     if let Some(m) = &r.method {
         if !head.method().eq_ignore_ascii_case(m) {
             return false;
         }
     }
-    let path = head.path();
     if let Some(p) = &r.path {
         if path != p {
             return false;

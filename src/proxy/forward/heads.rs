@@ -113,6 +113,9 @@ pub struct Request {
 /// Why a head is left to the general server.
 pub type Elsewhere = &'static str;
 
+/// The head at the front of the buffer is not whole yet.
+pub const INCOMPLETE: Elsewhere = "incomplete head";
+
 /// Take the head at the front of `buf` if this path forwards it: a whole
 /// HTTP/1.1 request with an `http://` absolute-form target, no body or a
 /// `Content-Length` body of at most [`MAX_BODY`], no protocol switch, no
@@ -129,7 +132,8 @@ pub fn screen(
     let mut req = httparse::Request::new(&mut fields);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err("incomplete head"),
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Err(INCOMPLETE),
+        Ok(httparse::Status::Partial) => return Err("over the head limits"),
         Err(_) => return Err("not a head httparse takes"),
     };
     if head_len > max_head || req.headers.len() > max_fields {
@@ -537,6 +541,8 @@ mod tests {
         let h = b"GET http://a.example/ HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n";
         assert!(screen(h, 8192, 1, VIA).is_err());
         assert!(screen(h, 16, 100, VIA).is_err());
+        assert_eq!(screen(&h[..20], 8192, 100, VIA).err(), Some(INCOMPLETE));
+        assert_eq!(screen(&h[..20], 20, 100, VIA).err(), Some("over the head limits"));
     }
 
     #[test]

@@ -53,13 +53,16 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut buf: BytesMut, ct
         let limits = &engine.config.limits;
         let max_head = limits.max_request_head_bytes.max(8192);
         let deadline = Instant::now() + limits.header_read_timeout;
-        // The next head: whole, or known to be the general server's.
-        match read_head(&stream, &mut buf, max_head, deadline, &mut shutdown).await {
-            Ok(true) => {}
-            Ok(false) => break,
+        // The next head: whole and taken here, or the general server's.
+        let via = shared.via_token();
+        let screened = match read_head(&stream, &mut buf, deadline, &mut shutdown, |b| {
+            heads::screen(b, max_head, limits.max_headers, via)
+        })
+        .await
+        {
+            Ok(s) => s,
             Err(()) => return,
-        }
-        let screened = heads::screen(&buf, max_head, limits.max_headers, shared.via_token());
+        };
         let req = match screened {
             Ok(r) if takes(&engine) && !digested(&engine, &r) => r,
             _ => break,
@@ -106,21 +109,22 @@ fn digested(engine: &Engine, req: &heads::Request) -> bool {
     req.method == "GET" && engine.signatures.has_sha256()
 }
 
-/// Read until `buf` starts with a whole head (`Ok(true)`), or with bytes
-/// the general server should see (`Ok(false)`: malformed, over the limit,
-/// or cut short). `Err` when the connection is over: closed between
-/// requests, idle past the deadline, or shutting down while idle.
+/// Read until `screen` says more than [`heads::INCOMPLETE`] of `buf` (or
+/// the client ends inside a head: the general server answers that).
+/// `Err` when the connection is over: closed between requests, idle past
+/// the deadline, or shutting down while idle.
 async fn read_head(
     stream: &TcpStream,
     buf: &mut BytesMut,
-    max_head: usize,
     deadline: Instant,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
-) -> Result<bool, ()> {
+    screen: impl Fn(&[u8]) -> Result<heads::Request, heads::Elsewhere>,
+) -> Result<Result<heads::Request, heads::Elsewhere>, ()> {
     loop {
         if !buf.is_empty() {
-            if let Some(whole) = head_state(buf, max_head) {
-                return Ok(whole);
+            match screen(buf) {
+                Err(heads::INCOMPLETE) => {}
+                done => return Ok(done),
             }
         }
         let idle = buf.is_empty();
@@ -131,24 +135,12 @@ async fn read_head(
         }
         buf.reserve(READ);
         match stream.try_read_buf(buf) {
-            // Cut short inside a head: the general server says so.
-            Ok(0) if !buf.is_empty() => return Ok(false),
+            Ok(0) if !buf.is_empty() => return Ok(Err(heads::INCOMPLETE)),
             Ok(0) => return Err(()),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Err(()),
         }
-    }
-}
-
-/// `Some(true)`: a whole head; `Some(false)`: something else the general
-/// server answers; `None`: read more.
-fn head_state(buf: &[u8], max_head: usize) -> Option<bool> {
-    let mut fields = [httparse::EMPTY_HEADER; heads::MAX_FIELDS];
-    match httparse::Request::new(&mut fields).parse(buf) {
-        Ok(httparse::Status::Complete(_)) => Some(true),
-        Ok(httparse::Status::Partial) if buf.len() < max_head => None,
-        _ => Some(false),
     }
 }
 
@@ -536,6 +528,8 @@ async fn relay_response(
     let close = client_close || until_close;
     let mut out = std::mem::take(&mut resp.client_head);
     heads::finish(&mut out, resp.via_at, via, close);
+    // The body bytes that came with the head go in the same write.
+    out.reserve(rbuf.len().saturating_sub(resp.head_len));
     let _ = rbuf.split_to(resp.head_len);
 
     let mut following = Following::new(body);
