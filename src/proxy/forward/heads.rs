@@ -542,7 +542,10 @@ mod tests {
         assert!(screen(h, 8192, 1, VIA).is_err());
         assert!(screen(h, 16, 100, VIA).is_err());
         assert_eq!(screen(&h[..20], 8192, 100, VIA).err(), Some(INCOMPLETE));
-        assert_eq!(screen(&h[..20], 20, 100, VIA).err(), Some("over the head limits"));
+        assert_eq!(
+            screen(&h[..20], 20, 100, VIA).err(),
+            Some("over the head limits")
+        );
     }
 
     #[test]

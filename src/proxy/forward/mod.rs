@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -46,7 +47,7 @@ const READ: usize = 16 * 1024;
 const MAX_INTERIM: usize = 16;
 
 /// Serve an explicit client connection whose first head is in `buf`.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut buf: BytesMut, ctx: ConnCtx) {
+pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, mut buf: BytesMut, ctx: ConnCtx) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         let engine = shared.engine.load_full();
@@ -55,7 +56,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut buf: BytesMut, ct
         let deadline = Instant::now() + limits.header_read_timeout;
         // The next head: whole and taken here, or the general server's.
         let via = shared.via_token();
-        let screened = match read_head(&stream, &mut buf, deadline, &mut shutdown, |b| {
+        let screened = match read_head(&mut stream, &mut buf, deadline, &mut shutdown, |b| {
             heads::screen(b, max_head, limits.max_headers, via)
         })
         .await
@@ -68,7 +69,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut buf: BytesMut, ct
             _ => break,
         };
         // The whole body, before anything is decided.
-        let body = match read_body(&stream, &mut buf, &req, deadline).await {
+        let body = match read_body(&mut stream, &mut buf, &req, deadline).await {
             Ok(Some(b)) => b,
             Ok(None) => break,
             Err(()) => return,
@@ -114,7 +115,7 @@ fn digested(engine: &Engine, req: &heads::Request) -> bool {
 /// `Err` when the connection is over: closed between requests, idle past
 /// the deadline, or shutting down while idle.
 async fn read_head(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     buf: &mut BytesMut,
     deadline: Instant,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
@@ -128,18 +129,19 @@ async fn read_head(
             }
         }
         let idle = buf.is_empty();
-        tokio::select! {
-            r = stream.readable() => if r.is_err() { return Err(()) },
+        buf.reserve(READ);
+        // `read_buf` (not readiness and `try_read`): a read that leaves
+        // room in the buffer tells tokio the socket is drained, which
+        // saves a `recvfrom` that would only say EAGAIN.
+        let read = tokio::select! {
+            r = stream.read_buf(buf) => r,
             _ = tokio::time::sleep_until(deadline) => return Err(()),
             _ = super::shutdown_requested(shutdown), if idle => return Err(()),
-        }
-        buf.reserve(READ);
-        match stream.try_read_buf(buf) {
+        };
+        match read {
             Ok(0) if !buf.is_empty() => return Ok(Err(heads::INCOMPLETE)),
-            Ok(0) => return Err(()),
+            Ok(0) | Err(_) => return Err(()),
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(()),
         }
     }
 }
@@ -156,7 +158,7 @@ struct ReadBody {
 /// holds, or broken framing); `Err`: the client went away or the deadline
 /// passed.
 async fn read_body(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     buf: &mut BytesMut,
     req: &heads::Request,
     deadline: Instant,
@@ -358,9 +360,9 @@ async fn send(
     retry: bool,
 ) -> Result<(TcpStream, heads::Response, BytesMut), FlowError> {
     let limits = &engine.config.limits;
-    if let Some(up) = shared.pool.take(key) {
+    if let Some(mut up) = shared.pool.take(key) {
         match round_trip(
-            &up,
+            &mut up,
             request,
             limits.upstream_response_timeout,
             is_head(request),
@@ -377,10 +379,10 @@ async fn send(
             return Err(FlowError::DeniedDestination(a.ip()));
         }
     }
-    let (up, _) =
+    let (mut up, _) =
         upstream::connect(addrs, limits.connect_timeout, engine.config.upstream_mark).await?;
     match round_trip(
-        &up,
+        &mut up,
         request,
         limits.upstream_response_timeout,
         is_head(request),
@@ -405,7 +407,7 @@ enum Trip {
 /// Write `request` and read up to the end of the first response head
 /// (interim responses are returned like final ones).
 async fn round_trip(
-    up: &TcpStream,
+    up: &mut TcpStream,
     request: &[u8],
     timeout: Duration,
     head_request: bool,
@@ -453,19 +455,11 @@ async fn round_trip(
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Read what is there into `buf`, waiting until `deadline`.
-async fn read_more(s: &TcpStream, buf: &mut BytesMut, deadline: Instant) -> io::Result<usize> {
+async fn read_more(s: &mut TcpStream, buf: &mut BytesMut, deadline: Instant) -> io::Result<usize> {
     buf.reserve(READ);
-    tokio::time::timeout_at(deadline, async {
-        loop {
-            s.readable().await?;
-            match s.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return r,
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout_at(deadline, s.read_buf(buf))
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 /// Pass the response on: interim ones, then the final head and its body
@@ -477,7 +471,7 @@ async fn relay_response(
     shared: &Shared,
     engine: &Engine,
     client: &TcpStream,
-    up: TcpStream,
+    mut up: TcpStream,
     key: pool::Key,
     mut resp: heads::Response,
     mut rbuf: BytesMut,
@@ -510,7 +504,7 @@ async fn relay_response(
                     return false;
                 }
             }
-            match read_more(&up, &mut rbuf, deadline).await {
+            match read_more(&mut up, &mut rbuf, deadline).await {
                 Ok(n) if n > 0 => {}
                 _ => {
                     rec.error = Some("the origin ended after an interim response".into());
@@ -577,7 +571,7 @@ async fn relay_response(
         }
         out.clear();
         rbuf.clear();
-        match read_more(&up, &mut rbuf, Instant::now() + idle).await {
+        match read_more(&mut up, &mut rbuf, Instant::now() + idle).await {
             Ok(0) if until_close => break,
             Ok(0) => {
                 rec.error = Some("the origin closed the connection inside a body".into());
