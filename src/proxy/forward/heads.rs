@@ -324,6 +324,12 @@ pub fn response(buf: &[u8], head_request: bool) -> Result<Option<Response>, BadR
     }
     let named: Vec<&[u8]> = connection_options(resp.headers).collect();
     let reusable = resp.version == Some(1) && !has_option(&named, "close");
+    // With Transfer-Encoding the body is read by it; a Content-Length
+    // beside it goes (RFC 9112 §6.3 ¶3), or a client might read by it.
+    let te = resp
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
     let mut out = Vec::with_capacity(head_len + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.to_string().as_bytes());
@@ -332,7 +338,8 @@ pub fn response(buf: &[u8], head_request: bool) -> Result<Option<Response>, BadR
     out.extend_from_slice(b"\r\n");
     let mut via_at = None;
     for f in resp.headers.iter() {
-        if !hop_by_hop(f.name, &named) {
+        let dropped_length = te && f.name.eq_ignore_ascii_case("content-length");
+        if !hop_by_hop(f.name, &named) && !dropped_length {
             field(&mut out, f.name.as_bytes(), f.value);
             if f.name.eq_ignore_ascii_case("via") {
                 via_at = Some(out.len());

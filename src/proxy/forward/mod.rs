@@ -338,11 +338,19 @@ async fn answer(
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return false;
     };
+    let mut parts = parts;
     let closing = close
         || parts
             .headers
             .get(http::header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    if closing {
+        // Said, not only done (RFC 9112 §9.6).
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     let bytes = heads::own_response(&parts, &body, head_request);
     relay::write_all(client, &bytes).await.is_ok() && !closing
 }
@@ -439,6 +447,11 @@ async fn round_trip(
             Err(e) => return Err(Trip::Failed(FlowError::UpstreamReset(e.to_string()))),
         }
         match heads::response(&rbuf, head_request) {
+            Ok(Some(resp)) if resp.head_len > MAX_RESPONSE_HEAD => {
+                return Err(Trip::Failed(FlowError::UpstreamProtocol(
+                    "response head over 64 KiB".into(),
+                )))
+            }
             Ok(Some(resp)) => return Ok((resp, rbuf)),
             Ok(None) if rbuf.len() <= MAX_RESPONSE_HEAD => {}
             Ok(None) => {
@@ -496,7 +509,7 @@ async fn relay_response(
         let deadline = Instant::now() + idle;
         resp = loop {
             match heads::response(&rbuf, head_request) {
-                Ok(Some(r)) => break r,
+                Ok(Some(r)) if r.head_len <= MAX_RESPONSE_HEAD => break r,
                 Ok(None) if rbuf.len() <= MAX_RESPONSE_HEAD => {}
                 _ => {
                     rec.error = Some("malformed response after an interim one".into());
