@@ -1597,3 +1597,230 @@ async fn long_response_bodies_are_relayed_exactly() {
     assert_eq!(origin.accepted(), 1);
     assert_eq!(proxy.shared.pool.idle(), 1);
 }
+
+// ---------------------------------------------------------------------------
+// Limits: the 64 KiB request body, the pool's size, retried methods
+// ---------------------------------------------------------------------------
+
+/// A Content-Length body of exactly 64 KiB and a chunked body that ends
+/// within 64 KiB are held and sent by this path (byte for byte, chunk
+/// framing as sent, on its pooled connection); one byte more goes to the
+/// general server (a connection of its own), body intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_64_kib_request_body_boundary() {
+    let origin = Origin::fixed(OK).await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+    let data: Vec<u8> = (0..64 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut c = Client::connect(&proxy).await;
+
+    // Exactly 64 KiB with a length.
+    let head =
+        format!("POST http://{a}/max HTTP/1.1\r\nHost: {a}\r\nContent-Length: 65536\r\n\r\n");
+    c.send(&[head.as_bytes(), &data].concat()).await;
+    assert_same_bytes(
+        "64 KiB",
+        &c.response(false).await,
+        &relayed(OK, &via, false),
+    );
+    let mut want_up = [
+        upstream(
+            &format!("POST /max HTTP/1.1\r\nHost: {a}\r\nContent-Length: 65536\r\n\r\n"),
+            &via,
+        ),
+        data.clone(),
+    ]
+    .concat();
+    assert_same_bytes("64 KiB at the origin", &origin.conn(0).raw, &want_up);
+
+    // Chunked, ending within 64 KiB (framing included).
+    let mut framed = Vec::new();
+    for (i, part) in data[..60_000].chunks(7_000).enumerate() {
+        framed.extend_from_slice(format!("{:X};i={i}\r\n", part.len()).as_bytes());
+        framed.extend_from_slice(part);
+        framed.extend_from_slice(b"\r\n");
+    }
+    framed.extend_from_slice(b"0\r\nX-T: 1\r\n\r\n");
+    assert!(framed.len() <= 64 * 1024);
+    let head = format!(
+        "PUT http://{a}/chunks HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    c.send(&[head.as_bytes(), &framed].concat()).await;
+    assert_same_bytes(
+        "chunked",
+        &c.response(false).await,
+        &relayed(OK, &via, false),
+    );
+    want_up.extend(upstream(
+        &format!("PUT /chunks HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        &via,
+    ));
+    want_up.extend_from_slice(&framed);
+    assert_same_bytes("chunked at the origin", &origin.conn(0).raw, &want_up);
+    assert_eq!(origin.accepted(), 1);
+    assert_eq!(proxy.shared.pool.idle(), 1);
+
+    // One byte more: the general server's, on a connection of its own.
+    let mut more = data.clone();
+    more.push(b'!');
+    let head =
+        format!("POST http://{a}/over HTTP/1.1\r\nHost: {a}\r\nContent-Length: 65537\r\n\r\n");
+    c.send(&[head.as_bytes(), &more].concat()).await;
+    let got = c.response(false).await;
+    assert_eq!(status(&got), 200, "{}", escape(&got));
+    assert_eq!(body_of(&got), b"ok");
+    assert_eq!(origin.accepted(), 2, "{}", origin.describe());
+    let seen = origin.conn(1).requests;
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].ends_with(&[b"\r\n\r\n".as_slice(), &more].concat()));
+    assert!(String::from_utf8_lossy(&seen[0]).starts_with("POST /over HTTP/1.1\r\n"));
+}
+
+/// A pooled connection that the origin closes on receiving a PUT (with a
+/// body), a DELETE or a HEAD: each is sent again, whole and exact, on a
+/// fresh connection, and the client sees one answer each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_sent_again_whole() {
+    const HEAD_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n";
+    let origin = Origin::start(Arc::new(|_, nth, req| {
+        if nth > 0 {
+            vec![Step::Close]
+        } else if req.starts_with(b"HEAD ") {
+            vec![Step::Write(HEAD_OK.to_vec())]
+        } else {
+            vec![Step::Write(OK.to_vec())]
+        }
+    }))
+    .await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+    let mut c = Client::connect(&proxy).await;
+    c.send(format!("GET http://{a}/a HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await;
+    assert_same_bytes("first", &c.response(false).await, &relayed(OK, &via, false));
+    let cases = [
+        (
+            format!("PUT http://{a}/p HTTP/1.1\r\nHost: {a}\r\nContent-Length: 9\r\n\r\nput data!"),
+            format!("PUT /p HTTP/1.1\r\nHost: {a}\r\nContent-Length: 9\r\n\r\nput data!"),
+            OK,
+        ),
+        (
+            format!("DELETE http://{a}/d HTTP/1.1\r\nHost: {a}\r\n\r\n"),
+            format!("DELETE /d HTTP/1.1\r\nHost: {a}\r\n\r\n"),
+            OK,
+        ),
+        (
+            format!("HEAD http://{a}/h HTTP/1.1\r\nHost: {a}\r\n\r\n"),
+            format!("HEAD /h HTTP/1.1\r\nHost: {a}\r\n\r\n"),
+            HEAD_OK,
+        ),
+    ];
+    for (i, (sent, up, resp)) in cases.iter().enumerate() {
+        c.send(sent.as_bytes()).await;
+        let got = c.response(sent.starts_with("HEAD")).await;
+        assert_same_bytes(&format!("case {i}"), &got, &relayed(resp, &via, false));
+        assert_eq!(origin.accepted(), i + 2, "{}", origin.describe());
+        let up = upstream(up, &via);
+        // Hung up on at the pooled connection, then on a fresh one.
+        let last = origin.conn(i).requests;
+        assert_same_bytes(&format!("case {i}, first try"), &last[last.len() - 1], &up);
+        assert_same_bytes(&format!("case {i}, again"), &origin.conn(i + 1).raw, &up);
+    }
+    assert!(c.buf.is_empty(), "{}", escape(&c.buf));
+    // One record for each request, each a 200.
+    let recs = proxy.wait_log(4).await;
+    let statuses: Vec<u64> = recs
+        .iter()
+        .filter_map(|r| r.get("status").and_then(|s| s.as_u64()))
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200], "{recs:?}");
+}
+
+/// At most 64 idle connections are kept per origin: 65 answered at once
+/// leave 64 in the pool, and the origin sees the oldest closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_at_most_64_idle_connections_per_origin() {
+    const N: usize = 65;
+    // A gate for each request (`GET /i`).
+    let gates: Arc<Vec<Arc<Semaphore>>> =
+        Arc::new((0..N).map(|_| Arc::new(Semaphore::new(0))).collect());
+    let g = Arc::clone(&gates);
+    let origin = Origin::start(Arc::new(move |_, _, req| {
+        let path = String::from_utf8_lossy(req)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.trim_start_matches('/').parse::<usize>().ok())
+            .expect("GET /i");
+        vec![Step::Wait(Arc::clone(&g[path])), Step::Write(OK.to_vec())]
+    }))
+    .await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let mut c = Client::connect(&proxy).await;
+        c.send(format!("GET http://{a}/{i} HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+            .await;
+        clients.push(c);
+    }
+    assert!(
+        origin
+            .wait(|c| c.iter().filter(|s| !s.requests.is_empty()).count() == N)
+            .await,
+        "{} connections",
+        origin.accepted()
+    );
+    // Answer them one at a time, so that they are pooled in order.
+    for (i, c) in clients.iter_mut().enumerate() {
+        gates[i].add_permits(1);
+        assert_same_bytes(
+            "response",
+            &c.response(false).await,
+            &relayed(OK, &via, false),
+        );
+    }
+    assert_eq!(origin.accepted(), N);
+    assert_eq!(proxy.shared.pool.idle(), 64);
+    assert!(origin.wait(|c| c.iter().any(|s| s.ended)).await);
+    let ended: Vec<usize> = (0..N).filter(|&i| origin.conn(i).ended).collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    // The oldest: the first answered.
+    let first = &origin.conn(ended[0]).requests[0];
+    assert!(
+        first.starts_with(b"GET /0 HTTP/1.1\r\n"),
+        "{}",
+        escape(first)
+    );
+}
+
+/// Interim answers the request did not ask for (100 Continue without
+/// Expect) are passed on too, before the final one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unasked_100_continue_is_passed_on() {
+    const CONT: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let origin = Origin::start(Arc::new(|_, _, _| {
+        vec![Step::Write(CONT.to_vec()), Step::Write(OK.to_vec())]
+    }))
+    .await;
+    let proxy = Proxy::start_open().await;
+    let via = via_of(&proxy);
+    let a = origin.addr;
+    let mut c = Client::connect(&proxy).await;
+    c.send(
+        format!("POST http://{a}/c HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1\r\n\r\nx").as_bytes(),
+    )
+    .await;
+    assert_same_bytes("100", &c.response(false).await, &relayed(CONT, &via, false));
+    assert_same_bytes("200", &c.response(false).await, &relayed(OK, &via, false));
+    assert_same_bytes(
+        "at the origin",
+        &origin.conn(0).raw,
+        &upstream(
+            &format!("POST /c HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1\r\n\r\nx"),
+            &via,
+        ),
+    );
+}
