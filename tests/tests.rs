@@ -11,6 +11,7 @@ mod directory;
 mod downloads;
 mod explicit;
 mod export_cli;
+mod forward;
 mod fuzz_smoke;
 mod hardening;
 mod inspect;
