@@ -60,7 +60,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
             _ = super::shutdown_requested(&mut shutdown) => return,
         }
         buf.reserve(FIRST_READ);
-        match stream.try_read_buf(&mut buf) {
+        match relay::try_read_buf_draining(&stream, &mut buf) {
             Ok(0) => return,
             Ok(_) => {
                 // Parse on the first read (bytes that are not HTTP get

@@ -195,10 +195,11 @@ impl Wire for TcpStream {
         TcpStream::readable(self)
     }
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        TcpStream::try_read(self, buf)
+        let room = buf.len();
+        read_draining(self, room, || TcpStream::try_read(self, buf))
     }
     fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-        TcpStream::try_read_buf(self, buf)
+        try_read_buf_draining(self, buf)
     }
     fn write_all(&self, data: &[u8]) -> impl std::future::Future<Output = io::Result<()>> + Send {
         write_all(self, data)
@@ -214,6 +215,40 @@ impl Wire for TcpStream {
     }
     fn from_connected(s: TcpStream) -> Option<Self> {
         Some(s)
+    }
+}
+
+/// `try_read_buf` that, like tokio's own `poll_read`, takes a read that
+/// leaves room in the buffer as proof that the socket is drained: the next
+/// read waits for readiness instead of costing a `recvfrom` that says
+/// EAGAIN (one per tunnel direction and per request otherwise).
+pub fn try_read_buf_draining<B: bytes::BufMut>(s: &TcpStream, buf: &mut B) -> io::Result<usize> {
+    // What `try_read_buf` reads into.
+    let room = buf.chunk_mut().len();
+    read_draining(s, room, || s.try_read_buf(buf))
+}
+
+/// Run `read` (a read into `room` bytes) under `try_io`, so that a short
+/// read clears the readiness it was made under, and only that: an event
+/// that came after it keeps the socket ready (tokio compares the ticks).
+fn read_draining(
+    s: &TcpStream,
+    room: usize,
+    read: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut got = None;
+    let r = s.try_io(tokio::io::Interest::READABLE, || {
+        let n = read()?;
+        got = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => r,
     }
 }
 

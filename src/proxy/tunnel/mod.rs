@@ -511,7 +511,7 @@ async fn server_certificate(
             loop {
                 up.readable().await?;
                 buf.reserve(relay::COPY_BUF);
-                match up.try_read_buf(&mut buf) {
+                match relay::try_read_buf_draining(up, &mut buf) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     other => return other,
                 }
@@ -594,7 +594,7 @@ async fn first_bytes(
                 // Room for the whole window in one read (a ClientHello
                 // is one segment), allocated only once bytes are there.
                 buf.reserve(window.saturating_sub(buf.len()));
-                client.try_read_buf(&mut buf)
+                relay::try_read_buf_draining(client, &mut buf)
             }) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Cue::Bytes,
                 Ok(0) | Err(_) => Cue::ClientEnded,
