@@ -11,9 +11,9 @@
 //!   `aho-corasick` crate); anchored (`At`) atoms are plain slice comparisons at their
 //!   offset, cheaper than finding them anywhere and filtering hits by offset, and the
 //!   rules are found from the bytes at those offsets through an index.
-//!   [`PayloadMatcher::classify`] never allocates: its per-call state (a bitset of
-//!   candidate rules, the end of the first occurrence of each pattern) is a fixed array
-//!   on the stack.
+//!   [`PayloadMatcher::classify`] never allocates: its per-call state is bitsets of
+//!   rules and patterns on the stack and a per-thread table of the end of the first
+//!   occurrence of each pattern, of which a call clears only what it set.
 //! * **The hold/forward contract.** While some rule could still match,
 //!   [`Outcome::Pending`] says how many leading bytes may already go to the other side
 //!   without any atom of a later match ever having been sent, so ordinary protocols
@@ -148,6 +148,13 @@ const MAX_GATED_SEARCHES: usize = 16;
 /// `first_end` value of a pattern not (yet) found.
 const NOT_FOUND: u32 = u32::MAX;
 
+thread_local! {
+    /// The end of the first occurrence of each floating pattern (by pattern index),
+    /// [`NOT_FOUND`] between calls (see [`DirectionMatcher::classify`]).
+    static FIRST_END: std::cell::RefCell<[u32; MAX_PATTERNS_PER_DIRECTION]> =
+        const { std::cell::RefCell::new([NOT_FOUND; MAX_PATTERNS_PER_DIRECTION]) };
+}
+
 /// All rules, compiled: one automaton per direction.
 pub struct PayloadMatcher {
     client: DirectionMatcher,
@@ -172,8 +179,6 @@ struct DirectionMatcher {
     unanchored: Vec<(usize, usize)>,
     /// Max floating reach of the rules without anchored atoms.
     free_reach: usize,
-    /// Number of free patterns: they come first in `patterns`.
-    free_count: usize,
     /// Max over rules of the atom end bounds.
     reach: usize,
     /// Length of the longest floating pattern.
@@ -216,6 +221,11 @@ struct KeyGroup {
     nocase: bool,
     /// (packed key, rule index), sorted. See [`pack_key`].
     entries: Vec<(u32, u32)>,
+    /// Open-addressed hash table of the distinct keys: (key, start, end) of the run of
+    /// `entries` with that key; `end == 0` marks a free slot. A length of a power of
+    /// two, at least twice the distinct keys. A whole key is looked up here (one
+    /// probe, mostly), a partial one by binary search in `entries`.
+    slots: Vec<(u32, u32, u32)>,
 }
 
 /// Most leading bytes of an anchored atom that key the [`AnchorIndex`].
@@ -273,8 +283,6 @@ struct CompiledRule {
     anchored_last: Option<(usize, usize)>,
     /// Max bound of the floating atoms (0 when none).
     floating_reach: usize,
-    /// Has anchored atoms and floating atoms whose patterns are not free.
-    gated: bool,
 }
 
 struct FixedAtom {
@@ -482,7 +490,6 @@ impl DirectionMatcher {
                 anchored_first,
                 anchored_last,
                 floating_reach,
-                gated: false,
             });
         }
         if patterns.len() > MAX_PATTERNS_PER_DIRECTION {
@@ -512,32 +519,6 @@ impl DirectionMatcher {
             }
         }
         unanchored.sort_unstable_by(|a, b| b.cmp(a));
-        // Free patterns first, so that a call in which no gated rule is in play needs a
-        // table of the free patterns only.
-        let mut order: Vec<usize> = (0..patterns.len()).collect();
-        order.sort_by_key(|&id| patterns.get(id).map_or(true, |p| !p.free));
-        let mut new_id = vec![0; patterns.len()];
-        for (new, &old) in order.iter().enumerate() {
-            if let Some(slot) = new_id.get_mut(old) {
-                *slot = new;
-            }
-        }
-        let mut old_patterns: Vec<Option<Pattern>> = patterns.into_iter().map(Some).collect();
-        let patterns: Vec<Pattern> = order
-            .iter()
-            .filter_map(|&old| old_patterns.get_mut(old).and_then(Option::take))
-            .collect();
-        for rule in &mut compiled {
-            for atom in &mut rule.floating {
-                atom.pattern = new_id.get(atom.pattern).copied().unwrap_or(atom.pattern);
-            }
-            rule.gated = !rule.anchored.is_empty()
-                && rule
-                    .floating
-                    .iter()
-                    .any(|a| patterns.get(a.pattern).is_some_and(|p| !p.free));
-        }
-        let free_count = patterns.iter().filter(|p| p.free).count();
         let mut by_first_byte: [Vec<usize>; 256] = std::array::from_fn(|_| Vec::new());
         for (id, pattern) in patterns.iter().enumerate() {
             if let Some(&first) = pattern.bytes.first() {
@@ -562,7 +543,6 @@ impl DirectionMatcher {
             index,
             unanchored,
             free_reach,
-            free_count,
             reach,
             longest_pattern,
             by_first_byte,
@@ -571,22 +551,13 @@ impl DirectionMatcher {
 
     fn classify(&self, buf: &[u8]) -> Outcome {
         let anchored = self.agreeing(buf);
-        // Size the per-call table to the patterns that can be looked for, so small
-        // rule sets, and calls in which no gated rule is in play, do not pay for
-        // clearing a large one.
-        let gated = anchored
-            .iter()
-            .any(|index| self.rules.get(index).is_some_and(|r| r.gated));
-        let table = if gated {
-            self.patterns.len()
-        } else {
-            self.free_count
-        };
-        match table {
-            0..=64 => self.decide::<64>(buf, anchored),
-            65..=512 => self.decide::<512>(buf, anchored),
-            _ => self.decide::<MAX_PATTERNS_PER_DIRECTION>(buf, anchored),
-        }
+        // The table of first ends is kept per thread and only its entries that a call
+        // set are cleared afterwards: clearing a whole table of 4,096 patterns per
+        // call would cost more than the search once the set is large.
+        FIRST_END.with(|table| match table.try_borrow_mut() {
+            Ok(mut table) => self.decide(buf, anchored, &mut table[..]),
+            Err(_) => self.decide(buf, anchored, &mut [NOT_FOUND; MAX_PATTERNS_PER_DIRECTION]),
+        })
     }
 
     /// The rules with anchored atoms that all agree with `buf`, found through the
@@ -621,10 +592,9 @@ impl DirectionMatcher {
         agree
     }
 
-    /// `N` bounds the patterns looked for: the free ones, and all of them when a
-    /// gated rule is in play. `anchored`: the rules with anchored atoms that agree with
-    /// `buf`.
-    fn decide<const N: usize>(&self, buf: &[u8], anchored: RuleBits) -> Outcome {
+    /// `anchored`: the rules with anchored atoms that agree with `buf`. `first_end`
+    /// has an entry per pattern, all [`NOT_FOUND`], and is left so.
+    fn decide(&self, buf: &[u8], anchored: RuleBits, first_end: &mut [u32]) -> Outcome {
         let len = buf.len();
 
         // 1. The rules in play: those of `anchored` and every rule without anchored
@@ -643,10 +613,9 @@ impl DirectionMatcher {
 
         // 2. Floating atoms: the part of the buffer that the rules in play can reach,
         //    recording where each pattern first ends.
-        let mut first_end = [NOT_FOUND; N];
         let mut found = RuleBits::new();
         if let Some(haystack) = buf.get(..scan_to) {
-            self.find_floating(haystack, &anchored, &mut first_end, &mut found);
+            self.find_floating(haystack, &anchored, first_end, &mut found);
         }
 
         // 3. The rules to judge: a rule without anchored atoms none of whose patterns
@@ -664,7 +633,13 @@ impl DirectionMatcher {
             }
             candidates.insert(index);
         }
-        self.judge_all(buf, candidates, &first_end)
+        let outcome = self.judge_all(buf, candidates, first_end);
+        for id in found.iter() {
+            if let Some(slot) = first_end.get_mut(id) {
+                *slot = NOT_FOUND;
+            }
+        }
+        outcome
     }
 
     /// Judge `candidates` (complete, dead or alive, see [`CompiledRule::judge`]) and
@@ -781,6 +756,7 @@ impl DirectionMatcher {
                 // Ends are at most the window, which `compile` checked fits in 32 bits.
                 if let Ok(end) = u32::try_from(end) {
                     *slot = (*slot).min(end);
+                    found.insert(id);
                 }
             }
         }
@@ -1098,11 +1074,13 @@ impl AnchorIndex {
                     len,
                     nocase: first.nocase,
                     entries: vec![(key, index)],
+                    slots: Vec::new(),
                 }),
             }
         }
         for group in &mut groups {
             group.entries.sort_unstable();
+            group.fill_slots();
         }
         Self { groups }
     }
@@ -1116,6 +1094,9 @@ impl KeyGroup {
         let present = buf.get(self.offset..).unwrap_or(&[]);
         let present = &present[..present.len().min(self.len)];
         let low = pack_key(present, self.nocase);
+        if present.len() == self.len {
+            return self.whole(low);
+        }
         // Key bits not given by the bytes present: any value.
         let free_bits = 32 - 8 * present.len() as u32;
         let high = low | ((1u64 << free_bits) - 1) as u32;
@@ -1123,6 +1104,60 @@ impl KeyGroup {
         let to = self.entries.partition_point(|&(key, _)| key <= high);
         self.entries.get(from..to).unwrap_or(&[])
     }
+
+    /// The entries with key `key`, through `slots`.
+    fn whole(&self, key: u32) -> &[(u32, u32)] {
+        let mask = self.slots.len().wrapping_sub(1);
+        let mut at = slot_hash(key) & mask;
+        // At least half the slots are free, so the probe ends; the bound is a guard.
+        for _ in 0..self.slots.len() {
+            let Some(&(k, start, end)) = self.slots.get(at) else {
+                break;
+            };
+            if end == 0 {
+                break;
+            }
+            if k == key {
+                return self
+                    .entries
+                    .get(start as usize..end as usize)
+                    .unwrap_or(&[]);
+            }
+            at = (at + 1) & mask;
+        }
+        &[]
+    }
+
+    /// Build `slots` from the sorted `entries`.
+    fn fill_slots(&mut self) {
+        let mut runs: Vec<(u32, u32, u32)> = Vec::new();
+        for (i, &(key, _)) in self.entries.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            match runs.last_mut() {
+                Some(run) if run.0 == key => run.2 = i + 1,
+                _ => runs.push((key, i, i + 1)),
+            }
+        }
+        let size = (runs.len() * 2).next_power_of_two();
+        let mut slots = vec![(0, 0, 0); size];
+        let mask = size - 1;
+        for run in runs {
+            let mut at = slot_hash(run.0) & mask;
+            while slots.get(at).is_some_and(|s| s.2 != 0) {
+                at = (at + 1) & mask;
+            }
+            if let Some(slot) = slots.get_mut(at) {
+                *slot = run;
+            }
+        }
+        self.slots = slots;
+    }
+}
+
+/// Hash of a packed key for [`KeyGroup::slots`] (Fibonacci hashing: the high bits of
+/// the product, which depend on every key byte).
+fn slot_hash(key: u32) -> usize {
+    (u64::from(key).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize
 }
 
 /// Up to [`KEY_BYTES`] bytes packed big-endian into the high end of a `u32` (so that
