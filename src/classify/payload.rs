@@ -791,14 +791,11 @@ impl DirectionMatcher {
                 gram: 2,
                 step,
                 offsets,
-                firsts,
-            } => self.scan_grams::<2>(search, haystack, *step, offsets, firsts, first_end, found),
-            SearchMode::Grams {
-                step,
-                offsets,
-                firsts,
                 ..
-            } => self.scan_grams::<3>(search, haystack, *step, offsets, firsts, first_end, found),
+            } => self.scan_grams::<2>(search, haystack, *step, offsets, first_end, found),
+            SearchMode::Grams { step, offsets, .. } => {
+                self.scan_grams::<3>(search, haystack, *step, offsets, first_end, found)
+            }
         }
     }
 
@@ -809,7 +806,6 @@ impl DirectionMatcher {
         haystack: &[u8],
         step: usize,
         offsets: &[u8; 65536],
-        firsts: &[u64; 1024],
         first_end: &mut [u32],
         found: &mut RuleBits,
     ) {
@@ -818,7 +814,7 @@ impl DirectionMatcher {
         while let Some(bytes) = haystack.get(at..at + G) {
             let mask = offsets[gram_key(bytes, fold)];
             if mask != 0 {
-                self.candidates::<G>(search, haystack, at, mask, firsts, first_end, found);
+                self.candidates::<G>(search, haystack, at, mask, first_end, found);
             }
             at += step;
         }
@@ -834,10 +830,12 @@ impl DirectionMatcher {
         haystack: &[u8],
         at: usize,
         mask: u8,
-        firsts: &[u64; 1024],
         first_end: &mut [u32],
         found: &mut RuleBits,
     ) {
+        let SearchMode::Grams { firsts, .. } = &search.mode else {
+            return;
+        };
         let mut mask = mask;
         while mask != 0 {
             let offset = mask.trailing_zeros() as usize;
