@@ -24,10 +24,13 @@
 //! - `scaling`: the per-flow cost as the signature set grows. The bundled
 //!   files plus one generated app holding (k - 1) times the bundled set's
 //!   count of exact names, wildcard suffixes, CIDR prefixes and payload
-//!   patterns (k = 1, 10, 100): the `verdict` flows, an address lookup,
-//!   and a 16 KiB random window through the payload automaton (payload
-//!   patterns stop at the set's limit of 4,096 per direction, about 70x).
-//!   Printed at the end: each figure at 10x and 100x over 1x.
+//!   rules (k = 1, 10, 100): the `verdict` flows, an address lookup, and a
+//!   16 KiB random window through the payload matcher. The generated
+//!   payload rules copy the bundled ones' shapes (direction, anchors,
+//!   offsets, `within` bounds, lengths, case folding) with bytes of their
+//!   own (see `synthetic_payload`), and stop at the set's limit of 4,096
+//!   per direction (about 80x for the client direction). Printed at the
+//!   end: each figure at 10x and 100x over 1x.
 //!
 //! Run: `cargo bench --bench classify -- --measurement-time 3 --warm-up-time 1`
 //! (add a filter such as `payload` to run one group).
@@ -293,11 +296,7 @@ fn scaled_dir(k: usize) -> tempfile::TempDir {
     }
     let set = bundled_set();
     let count = |kind: RuleKind| set.rules().iter().filter(|r| r.kind == kind).count().max(1);
-    let (hosts, cidrs, payloads) = (
-        count(RuleKind::Host),
-        count(RuleKind::Cidr),
-        count(RuleKind::Payload),
-    );
+    let (hosts, cidrs) = (count(RuleKind::Host), count(RuleKind::Cidr));
     let extra = k.saturating_sub(1);
     if extra > 0 {
         let mut text =
@@ -328,17 +327,92 @@ fn scaled_dir(k: usize) -> tempfile::TempDir {
             "\n[[cidrs]]\nnets = [{}]\nsource = \"generated\"\n",
             quoted(nets)
         ));
-        // A direction holds at most 4,096 payload rules (the set refuses
-        // more): the generated patterns stop there.
-        let room = 4096usize.saturating_sub(payloads + 64);
-        for i in 0..(payloads * extra).min(room) {
-            text.push_str(&format!(
-                "\n[[payload]]\ndirection = \"client\"\nmatch = [{{ ascii = \"SYN{i:06}MAGIC\", offset = 0 }}]\nsource = \"generated\"\n"
-            ));
-        }
+        text.push_str(&synthetic_payload(&bundled, extra));
         std::fs::write(dir.path().join("synthetic.toml"), text).expect("write");
     }
     dir
+}
+
+/// `[[payload]]` rules like the bundled ones, `extra` times over: each bundled
+/// rule in turn (files in name order) with the same direction and the same
+/// shape (atoms, their `offset` or `within`, lengths, `nocase`), but bytes of
+/// its own: pseudo-random bytes for a `hex` atom, pseudo-random letters and
+/// digits for an `ascii` one. So the mix of anchored magic at the start of a
+/// stream, anchored atoms further in and floating atoms is the bundled one.
+/// A direction holds at most 4,096 payload rules (the set refuses more): the
+/// generated rules of a direction stop 64 short of that.
+fn synthetic_payload(bundled: &std::path::Path, extra: usize) -> String {
+    let mut files: Vec<_> = std::fs::read_dir(bundled)
+        .expect("bundled signatures")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    let mut templates: Vec<toml::Table> = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).expect("read");
+        let table: toml::Table = text.parse().expect("bundled file parses");
+        if let Some(toml::Value::Array(rules)) = table.get("payload") {
+            templates.extend(rules.iter().filter_map(|r| r.as_table().cloned()));
+        }
+    }
+    let direction = |t: &toml::Table| {
+        t.get("direction")
+            .and_then(|d| d.as_str())
+            .unwrap_or("client")
+            .to_string()
+    };
+    let mut room: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for t in &templates {
+        *room.entry(direction(t)).or_insert(4096 - 64) -= 1;
+    }
+    let mut rng = XorShift(0x5ca1_ab1e);
+    let mut text = String::new();
+    for _ in 0..extra {
+        for t in &templates {
+            let dir = direction(t);
+            let Some(left) = room.get_mut(&dir).filter(|left| **left > 0) else {
+                continue;
+            };
+            *left -= 1;
+            let atoms: Vec<String> = t
+                .get("match")
+                .and_then(|m| m.as_array())
+                .expect("payload.match")
+                .iter()
+                .map(|atom| {
+                    let atom = atom.as_table().expect("atom table");
+                    let mut fields = Vec::new();
+                    if let Some(ascii) = atom.get("ascii").and_then(|a| a.as_str()) {
+                        const ALNUM: &[u8] =
+                            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+                        let bytes: String = (0..ascii.len())
+                            .map(|_| char::from(ALNUM[rng.next_u64() as usize % ALNUM.len()]))
+                            .collect();
+                        fields.push(format!("ascii = \"{bytes}\""));
+                    }
+                    if let Some(hex) = atom.get("hex").and_then(|h| h.as_str()) {
+                        let bytes: Vec<String> = hex
+                            .split_whitespace()
+                            .map(|_| format!("{:02X}", rng.next_u64() as u8))
+                            .collect();
+                        fields.push(format!("hex = \"{}\"", bytes.join(" ")));
+                    }
+                    for key in ["offset", "within", "nocase"] {
+                        if let Some(value) = atom.get(key) {
+                            fields.push(format!("{key} = {value}"));
+                        }
+                    }
+                    format!("{{ {} }}", fields.join(", "))
+                })
+                .collect();
+            text.push_str(&format!(
+                "\n[[payload]]\ndirection = \"{dir}\"\nmatch = [{}]\nsource = \"generated\"\n",
+                atoms.join(", ")
+            ));
+        }
+    }
+    text
 }
 
 fn bundled_set() -> SignatureSet {

@@ -7,12 +7,13 @@
 //!   so that it ends within the first `n` bytes ([`Anchor::Within`]), optionally with
 //!   ASCII case folding. A rule applies to one [`Direction`] of a tunnel.
 //! * **The matcher.** [`PayloadMatcher::compile`] turns the floating (`Within`) atoms
-//!   of all rules of a direction into one Aho-Corasick automaton (a DFA from the
+//!   of the rules of a direction into Aho-Corasick automata (DFAs from the
 //!   `aho-corasick` crate); anchored (`At`) atoms are plain slice comparisons at their
-//!   offset, cheaper than finding them anywhere and filtering hits by offset.
-//!   [`PayloadMatcher::classify`] never allocates: its per-call state (a bitset of
-//!   candidate rules, the end of the first occurrence of each pattern) is a fixed array
-//!   on the stack.
+//!   offset, cheaper than finding them anywhere and filtering hits by offset, and the
+//!   rules are found from the bytes at those offsets through an index.
+//!   [`PayloadMatcher::classify`] never allocates: its per-call state is bitsets of
+//!   rules and patterns on the stack and a per-thread table of the end of the first
+//!   occurrence of each pattern, of which a call clears only what it set.
 //! * **The hold/forward contract.** While some rule could still match,
 //!   [`Outcome::Pending`] says how many leading bytes may already go to the other side
 //!   without any atom of a later match ever having been sent, so ordinary protocols
@@ -47,6 +48,16 @@
 //!
 //! # Search
 //!
+//! Most signatures start with protocol magic at a fixed offset, and the cost of a call
+//! must not grow with their number. So a rule with anchored atoms is looked up by the
+//! first bytes of its first anchored atom (`AnchorIndex`: one binary search per
+//! distinct offset, key length and case handling) and then checked in full; rules
+//! without anchored atoms are always in play. Floating patterns used by some rule
+//! without anchored atoms ("free" patterns) have an automaton of their own; the
+//! patterns of the other rules ("gated") only matter once that rule's anchored atoms
+//! agree with the buffer, and are then looked for one by one, or, when more than a
+//! few such atoms are in play, by the automaton over every pattern.
+//!
 //! Only the part of the buffer that rules still in play can reach is searched
 //! (`min(buf.len(), max Within bound)` over the rules whose anchored atoms agree), so
 //! a TLS stream, say, costs the first kilobyte and not the whole window. Walking a DFA
@@ -66,7 +77,7 @@
 //! case-insensitive automaton, and hits of case-sensitive patterns are compared byte
 //! for byte afterwards. The extra hits only come from case variants of a
 //! case-sensitive pattern, which are rare, and the check is a short comparison. The
-//! q-gram table holds every case variant of a `nocase` pattern's q-grams.
+//! q-gram tables of such an automaton are keyed by lowercased q-grams.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -131,8 +142,18 @@ const MAX_RULES_PER_DIRECTION: usize = 4096;
 /// Most distinct floating patterns one direction may have (size of the per-call table).
 const MAX_PATTERNS_PER_DIRECTION: usize = 4096;
 const RULE_WORDS: usize = MAX_RULES_PER_DIRECTION / 64;
+/// Most gated floating atoms looked for one by one (see
+/// [`DirectionMatcher::find_floating`]).
+const MAX_GATED_SEARCHES: usize = 16;
 /// `first_end` value of a pattern not (yet) found.
 const NOT_FOUND: u32 = u32::MAX;
+
+thread_local! {
+    /// The end of the first occurrence of each floating pattern (by pattern index),
+    /// [`NOT_FOUND`] between calls (see [`DirectionMatcher::classify`]).
+    static FIRST_END: std::cell::RefCell<[u32; MAX_PATTERNS_PER_DIRECTION]> =
+        const { std::cell::RefCell::new([NOT_FOUND; MAX_PATTERNS_PER_DIRECTION]) };
+}
 
 /// All rules, compiled: one automaton per direction.
 pub struct PayloadMatcher {
@@ -142,11 +163,22 @@ pub struct PayloadMatcher {
 
 /// The rules of one direction.
 struct DirectionMatcher {
-    /// Finds the floating patterns; `None` when the direction has none.
+    /// Finds all floating patterns; `None` when the direction has none.
     search: Option<PatternSearch>,
-    /// Distinct floating patterns, indexed by the automaton's pattern ID.
+    /// Finds the free floating patterns (see [`Pattern::free`]); `None` when the
+    /// direction has none.
+    free_search: Option<PatternSearch>,
+    /// Distinct floating patterns.
     patterns: Vec<Pattern>,
     rules: Vec<CompiledRule>,
+    /// Finds the rules whose anchored atoms may agree with a buffer.
+    index: AnchorIndex,
+    /// (smallest floating bound, rule index) of each rule without anchored atoms,
+    /// largest bound first. Such a rule none of whose patterns was found is alive
+    /// only while the buffer is shorter than that bound.
+    unanchored: Vec<(usize, usize)>,
+    /// Max floating reach of the rules without anchored atoms.
+    free_reach: usize,
     /// Max over rules of the atom end bounds.
     reach: usize,
     /// Length of the longest floating pattern.
@@ -158,11 +190,46 @@ struct DirectionMatcher {
 /// The automaton over the floating patterns of a direction, and how to drive it.
 struct PatternSearch {
     dfa: DFA,
+    /// `ids[p]`: the index into `DirectionMatcher::patterns` of the automaton's
+    /// pattern `p`.
+    ids: Vec<usize>,
+    /// The automaton folds ASCII case (some pattern is `nocase`): hits of the other
+    /// patterns are checked exactly.
+    nocase: bool,
     /// Start state: anchored for [`SearchMode::Grams`], unanchored for
     /// [`SearchMode::Walk`].
     start: StateID,
     mode: SearchMode,
 }
+
+/// The rules of a direction, keyed by the first bytes of their first anchored atom.
+///
+/// Checking every rule's anchored atoms costs a pass over all rules per call, which
+/// grows with the rule set; looking up the bytes at each key offset costs one binary
+/// search per distinct (offset, key length, case handling), whatever the rule count.
+/// The index only narrows the rules down: each rule it returns is then checked in
+/// full ([`FixedAtom::agrees`]), so verdicts are those of a pass over all rules.
+struct AnchorIndex {
+    groups: Vec<KeyGroup>,
+}
+
+/// The rules whose first anchored atom has this offset, key length and case handling.
+struct KeyGroup {
+    offset: usize,
+    /// Bytes of the key, 1 to [`KEY_BYTES`].
+    len: usize,
+    nocase: bool,
+    /// (packed key, rule index), sorted. See [`pack_key`].
+    entries: Vec<(u32, u32)>,
+    /// Open-addressed hash table of the distinct keys: (key, start, end) of the run of
+    /// `entries` with that key; `end == 0` marks a free slot. A length of a power of
+    /// two, at least twice the distinct keys. A whole key is looked up here (one
+    /// probe, mostly), a partial one by binary search in `entries`.
+    slots: Vec<(u32, u32, u32)>,
+}
+
+/// Most leading bytes of an anchored atom that key the [`AnchorIndex`].
+const KEY_BYTES: usize = 4;
 
 /// How [`DirectionMatcher::scan`] finds occurrences of the floating patterns.
 ///
@@ -175,12 +242,18 @@ enum SearchMode {
     /// length minus `gram` plus 1, so any occurrence covers one of them with a whole
     /// q-gram at its offset `q < step`. `offsets[gram_key(q-gram)]` has bit `q` set if
     /// some pattern has that q-gram at offset `q` (keys of 3-grams are hashed, and a
-    /// collision only costs a wasted check). A hit sends the anchored DFA from each
-    /// implied start.
+    /// collision only costs a wasted check). A hit implies a start for each bit; the
+    /// q-gram there must be the first q-gram of some pattern (bit `gram_key` of
+    /// `firsts`), and only then does the anchored DFA walk from it. The second test
+    /// keeps the DFA, whose size grows with the patterns and which misses cache once
+    /// large, off most hits: with many patterns `offsets` fills up, `firsts` far less.
+    /// When the automaton folds case, keys are taken of ASCII-lowercased q-grams, so a
+    /// `nocase` pattern needs one entry and not one per case variant.
     Grams {
         gram: usize,
         step: usize,
         offsets: Box<[u8; 65536]>,
+        firsts: Box<[u64; 1024]>,
     },
     /// Some pattern is a single byte: walk the unanchored DFA over every byte.
     Walk,
@@ -190,10 +263,13 @@ enum SearchMode {
 struct Pattern {
     bytes: Vec<u8>,
     nocase: bool,
-    /// The automaton is case-insensitive but this pattern is not: check hits exactly.
-    verify: bool,
+    /// Used by a rule without anchored atoms, so looked for in every buffer. The
+    /// others (gated) only matter once a rule's anchored atoms agree with the buffer.
+    free: bool,
     /// (rule index, bound) of each floating atom that uses this pattern.
     users: Vec<(usize, usize)>,
+    /// The rules without anchored atoms that use this pattern.
+    free_users: Vec<usize>,
 }
 
 struct CompiledRule {
@@ -243,6 +319,7 @@ struct Completion {
 }
 
 /// A set of rule indexes, kept on the stack.
+#[derive(Debug, PartialEq, Eq)]
 struct RuleBits {
     words: [u64; RULE_WORDS],
 }
@@ -268,14 +345,7 @@ impl PayloadMatcher {
     /// Classify the bytes of direction `dir` received so far (all of them, from the
     /// first byte of the stream).
     pub fn classify(&self, dir: Direction, buf: &[u8]) -> Outcome {
-        let matcher = self.direction(dir);
-        // Size the per-call table to the pattern count, so small rule sets do not pay
-        // for clearing a large one.
-        match matcher.patterns.len() {
-            0..=64 => matcher.classify::<64>(buf),
-            65..=512 => matcher.classify::<512>(buf),
-            _ => matcher.classify::<MAX_PATTERNS_PER_DIRECTION>(buf),
-        }
+        self.direction(dir).classify(buf)
     }
 
     /// How far into a stream rules of this direction can reach (max over rules of the
@@ -386,7 +456,8 @@ impl DirectionMatcher {
                             patterns.push(Pattern {
                                 bytes: atom.bytes.clone(),
                                 nocase: atom.nocase,
-                                verify: false,
+                                free: false,
+                                free_users: Vec::new(),
                                 users: Vec::new(),
                             });
                             patterns.len() - 1
@@ -429,10 +500,27 @@ impl DirectionMatcher {
             ));
         }
 
-        let any_nocase = patterns.iter().any(|p| p.nocase);
+        let mut unanchored = Vec::new();
+        let mut free_reach = 0;
+        for (index, rule) in compiled.iter().enumerate() {
+            if !rule.anchored.is_empty() {
+                continue;
+            }
+            let min_bound = rule.floating.iter().map(|a| a.bound).min().unwrap_or(0);
+            unanchored.push((min_bound, index));
+            free_reach = free_reach.max(rule.floating_reach);
+            for atom in &rule.floating {
+                if let Some(pattern) = patterns.get_mut(atom.pattern) {
+                    pattern.free = true;
+                    if !pattern.free_users.contains(&index) {
+                        pattern.free_users.push(index);
+                    }
+                }
+            }
+        }
+        unanchored.sort_unstable_by(|a, b| b.cmp(a));
         let mut by_first_byte: [Vec<usize>; 256] = std::array::from_fn(|_| Vec::new());
-        for (id, pattern) in patterns.iter_mut().enumerate() {
-            pattern.verify = any_nocase && !pattern.nocase;
+        for (id, pattern) in patterns.iter().enumerate() {
             if let Some(&first) = pattern.bytes.first() {
                 let mut firsts = vec![first];
                 if pattern.nocase && first.is_ascii_alphabetic() {
@@ -444,33 +532,77 @@ impl DirectionMatcher {
             }
         }
         let longest_pattern = patterns.iter().map(|p| p.bytes.len()).max().unwrap_or(0);
-        let search = if patterns.is_empty() {
-            None
-        } else {
-            Some(PatternSearch::build(&patterns, any_nocase, dir)?)
-        };
+        let index = AnchorIndex::build(&compiled);
+        let search = PatternSearch::build(&patterns, |_| true, dir)?;
+        let free_search = PatternSearch::build(&patterns, |p| p.free, dir)?;
         Ok(Self {
             search,
+            free_search,
             patterns,
             rules: compiled,
+            index,
+            unanchored,
+            free_reach,
             reach,
             longest_pattern,
             by_first_byte,
         })
     }
 
-    /// `N` bounds the number of distinct floating patterns (`patterns.len() <= N`).
-    fn classify<const N: usize>(&self, buf: &[u8]) -> Outcome {
+    fn classify(&self, buf: &[u8]) -> Outcome {
+        let anchored = self.agreeing(buf);
+        // The table of first ends is kept per thread and only its entries that a call
+        // set are cleared afterwards: clearing a whole table of 4,096 patterns per
+        // call would cost more than the search once the set is large.
+        FIRST_END.with(|table| match table.try_borrow_mut() {
+            Ok(mut table) => self.decide(buf, anchored, &mut table[..]),
+            Err(_) => self.decide(buf, anchored, &mut [NOT_FOUND; MAX_PATTERNS_PER_DIRECTION]),
+        })
+    }
+
+    /// The rules with anchored atoms that all agree with `buf`, found through the
+    /// index.
+    fn agreeing(&self, buf: &[u8]) -> RuleBits {
+        let mut agree = RuleBits::new();
+        for group in &self.index.groups {
+            for &(_, index) in group.lookup(buf) {
+                let index = index as usize;
+                if self
+                    .rules
+                    .get(index)
+                    .is_some_and(|rule| rule.anchored.iter().all(|a| a.agrees(buf)))
+                {
+                    agree.insert(index);
+                }
+            }
+        }
+        agree
+    }
+
+    /// The rules with anchored atoms that all agree with `buf`, by a pass over all
+    /// rules (what [`Self::agreeing`] must equal).
+    #[cfg(test)]
+    fn agreeing_by_pass(&self, buf: &[u8]) -> RuleBits {
+        let mut agree = RuleBits::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            if !rule.anchored.is_empty() && rule.anchored.iter().all(|a| a.agrees(buf)) {
+                agree.insert(index);
+            }
+        }
+        agree
+    }
+
+    /// `anchored`: the rules with anchored atoms that agree with `buf`. `first_end`
+    /// has an entry per pattern, all [`NOT_FOUND`], and is left so.
+    fn decide(&self, buf: &[u8], anchored: RuleBits, first_end: &mut [u32]) -> Outcome {
         let len = buf.len();
 
-        // 1. Anchored atoms: which rules still agree with the bytes present, and how
-        //    far do their floating atoms reach?
-        let mut candidates = RuleBits::new();
-        let mut any_candidate = false;
-        let mut scan_to = 0;
-        for (index, rule) in self.rules.iter().enumerate() {
-            if rule.anchored.iter().all(|a| a.agrees(buf)) {
-                candidates.insert(index);
+        // 1. The rules in play: those of `anchored` and every rule without anchored
+        //    atoms. How far do their floating atoms reach?
+        let mut any_candidate = !self.unanchored.is_empty();
+        let mut scan_to = self.free_reach.min(len);
+        for index in anchored.iter() {
+            if let Some(rule) = self.rules.get(index) {
                 any_candidate = true;
                 scan_to = scan_to.max(rule.floating_reach.min(len));
             }
@@ -479,22 +611,49 @@ impl DirectionMatcher {
             return Outcome::NoMatch;
         }
 
-        // 2. Floating atoms: one search over the part of the buffer that the candidate
-        //    rules can reach, recording where each pattern first ends.
-        let mut first_end = [NOT_FOUND; N];
+        // 2. Floating atoms: the part of the buffer that the rules in play can reach,
+        //    recording where each pattern first ends.
+        let mut found = RuleBits::new();
         if let Some(haystack) = buf.get(..scan_to) {
-            self.scan(haystack, &mut first_end);
+            self.find_floating(haystack, &anchored, first_end, &mut found);
         }
 
-        // 3. Judge each candidate: complete, dead (a floating atom ran out of room) or
-        //    alive, with or without progress.
+        // 3. The rules to judge: a rule without anchored atoms none of whose patterns
+        //    was found is dead once the buffer reaches its smallest bound, so only
+        //    those with a pattern found or with room left need a look.
+        let mut candidates = anchored;
+        for id in found.iter() {
+            for &index in self.patterns.get(id).map_or(&[][..], |p| &p.free_users) {
+                candidates.insert(index);
+            }
+        }
+        for &(min_bound, index) in &self.unanchored {
+            if min_bound <= len {
+                break;
+            }
+            candidates.insert(index);
+        }
+        let outcome = self.judge_all(buf, candidates, first_end);
+        for id in found.iter() {
+            if let Some(slot) = first_end.get_mut(id) {
+                *slot = NOT_FOUND;
+            }
+        }
+        outcome
+    }
+
+    /// Judge `candidates` (complete, dead or alive, see [`CompiledRule::judge`]) and
+    /// give the outcome, taking any rule in play but not in `candidates` to be dead.
+    fn judge_all(&self, buf: &[u8], candidates: RuleBits, first_end: &[u32]) -> Outcome {
+        let len = buf.len();
+        let mut candidates = candidates;
         let mut best: Option<Completion> = None;
         let (mut any_alive, mut progress) = (false, false);
-        for (index, rule) in self.rules.iter().enumerate() {
-            if !candidates.contains(index) {
+        for index in candidates.iter() {
+            let Some(rule) = self.rules.get(index) else {
                 continue;
-            }
-            match rule.judge(len, &first_end) {
+            };
+            match rule.judge(len, first_end) {
                 Judgement::Complete(done) => keep_earliest(&mut best, done),
                 Judgement::Dead => candidates.remove(index),
                 Judgement::Alive { progress: p } => {
@@ -519,12 +678,99 @@ impl DirectionMatcher {
         }
     }
 
+    /// The classification of `buf` as it was made before the anchor index and the
+    /// split of free and gated patterns: every rule checked, one search for all
+    /// patterns, every rule in play judged. [`Self::classify`] must give the same.
+    #[cfg(test)]
+    fn classify_by_pass(&self, buf: &[u8]) -> Outcome {
+        let len = buf.len();
+        let mut candidates = RuleBits::new();
+        let mut any_candidate = false;
+        let mut scan_to = 0;
+        for (index, rule) in self.rules.iter().enumerate() {
+            if rule.anchored.iter().all(|a| a.agrees(buf)) {
+                candidates.insert(index);
+                any_candidate = true;
+                scan_to = scan_to.max(rule.floating_reach.min(len));
+            }
+        }
+        if !any_candidate {
+            return Outcome::NoMatch;
+        }
+        let mut first_end = [NOT_FOUND; MAX_PATTERNS_PER_DIRECTION];
+        let mut found = RuleBits::new();
+        if let (Some(haystack), Some(search)) = (buf.get(..scan_to), &self.search) {
+            self.scan(search, haystack, &mut first_end, &mut found);
+        }
+        self.judge_all(buf, candidates, &first_end)
+    }
+
+    /// Find the floating patterns of the rules in play in `haystack` (see
+    /// [`Self::scan`]): the free patterns, and the gated ones of the rules of
+    /// `anchored`.
+    ///
+    /// The free patterns go through their own automaton, whose size does not depend
+    /// on the rules with anchored atoms. The gated patterns of the few rules in play
+    /// with anchored atoms are looked for one by one, each only as far as its atom's
+    /// bound; with more of them than [`MAX_GATED_SEARCHES`], one search for every
+    /// pattern is cheaper. Either way every pattern of a rule in play ends up with the
+    /// end of its earliest occurrence that its atom's bound allows, or with one that
+    /// no bound of its atoms allows, as one search for all patterns over `haystack`
+    /// gives.
+    fn find_floating(
+        &self,
+        haystack: &[u8],
+        anchored: &RuleBits,
+        first_end: &mut [u32],
+        found: &mut RuleBits,
+    ) {
+        let mut gated = [(0usize, 0usize); MAX_GATED_SEARCHES];
+        let mut count = 0;
+        for index in anchored.iter() {
+            let Some(rule) = self.rules.get(index) else {
+                continue;
+            };
+            for atom in &rule.floating {
+                if self.patterns.get(atom.pattern).is_some_and(|p| p.free) {
+                    continue;
+                }
+                let Some(slot) = gated.get_mut(count) else {
+                    if let Some(search) = &self.search {
+                        self.scan(search, haystack, first_end, found);
+                    }
+                    return;
+                };
+                *slot = (atom.pattern, atom.bound);
+                count += 1;
+            }
+        }
+        if let Some(search) = &self.free_search {
+            self.scan(search, haystack, first_end, found);
+        }
+        for &(id, bound) in gated.get(..count).unwrap_or(&[]) {
+            let (Some(pattern), Some(slot)) = (self.patterns.get(id), first_end.get_mut(id)) else {
+                continue;
+            };
+            let within = haystack.get(..bound).unwrap_or(haystack);
+            if let Some(end) = first_occurrence_end(within, &pattern.bytes, pattern.nocase) {
+                // Ends are at most the window, which `compile` checked fits in 32 bits.
+                if let Ok(end) = u32::try_from(end) {
+                    *slot = (*slot).min(end);
+                    found.insert(id);
+                }
+            }
+        }
+    }
+
     /// Find the floating patterns in `haystack`, lowering `first_end[p]` to the end of
     /// the earliest (verified) occurrence of each pattern `p`.
-    fn scan(&self, haystack: &[u8], first_end: &mut [u32]) {
-        let Some(search) = &self.search else {
-            return;
-        };
+    fn scan(
+        &self,
+        search: &PatternSearch,
+        haystack: &[u8],
+        first_end: &mut [u32],
+        found: &mut RuleBits,
+    ) {
         match &search.mode {
             SearchMode::Walk => {
                 let mut state = search.start;
@@ -537,7 +783,7 @@ impl DirectionMatcher {
                             state = search.start;
                             continue;
                         }
-                        self.record(state, haystack, i + 1, first_end);
+                        self.record(search, state, haystack, i + 1, first_end, found);
                     }
                 }
             }
@@ -545,9 +791,10 @@ impl DirectionMatcher {
                 gram: 2,
                 step,
                 offsets,
-            } => self.scan_grams::<2>(haystack, *step, offsets, first_end),
+                ..
+            } => self.scan_grams::<2>(search, haystack, *step, offsets, first_end, found),
             SearchMode::Grams { step, offsets, .. } => {
-                self.scan_grams::<3>(haystack, *step, offsets, first_end)
+                self.scan_grams::<3>(search, haystack, *step, offsets, first_end, found)
             }
         }
     }
@@ -555,16 +802,19 @@ impl DirectionMatcher {
     /// Test the `G`-gram at every `step`-th position (see [`SearchMode::Grams`]).
     fn scan_grams<const G: usize>(
         &self,
+        search: &PatternSearch,
         haystack: &[u8],
         step: usize,
         offsets: &[u8; 65536],
         first_end: &mut [u32],
+        found: &mut RuleBits,
     ) {
+        let fold = search.nocase;
         let mut at = 0;
         while let Some(bytes) = haystack.get(at..at + G) {
-            let mask = offsets[gram_key(bytes)];
+            let mask = offsets[gram_key(bytes, fold)];
             if mask != 0 {
-                self.candidates(haystack, at, mask, first_end);
+                self.candidates::<G>(search, haystack, at, mask, first_end, found);
             }
             at += step;
         }
@@ -574,8 +824,16 @@ impl DirectionMatcher {
     /// patterns starting at each of the implied positions.
     #[cold]
     #[inline(never)]
-    fn candidates(&self, haystack: &[u8], at: usize, mask: u8, first_end: &mut [u32]) {
-        let Some(search) = &self.search else {
+    fn candidates<const G: usize>(
+        &self,
+        search: &PatternSearch,
+        haystack: &[u8],
+        at: usize,
+        mask: u8,
+        first_end: &mut [u32],
+        found: &mut RuleBits,
+    ) {
+        let SearchMode::Grams { firsts, .. } = &search.mode else {
             return;
         };
         let mut mask = mask;
@@ -585,6 +843,12 @@ impl DirectionMatcher {
             let Some(start) = at.checked_sub(offset) else {
                 continue;
             };
+            let Some(gram) = haystack.get(start..start + G) else {
+                continue;
+            };
+            if !bit(firsts, gram_key(gram, search.nocase)) {
+                continue;
+            }
             let mut state = search.start;
             for (i, &byte) in haystack.iter().enumerate().skip(start) {
                 state = search.dfa.next_state(Anchored::Yes, state, byte);
@@ -592,7 +856,7 @@ impl DirectionMatcher {
                     if search.dfa.is_dead(state) {
                         break;
                     }
-                    self.record(state, haystack, i + 1, first_end);
+                    self.record(search, state, haystack, i + 1, first_end, found);
                 }
             }
         }
@@ -601,10 +865,15 @@ impl DirectionMatcher {
     /// Record the patterns of match state `state`, which all end at `end`. (After an
     /// anchored walk from some start, the list also holds the patterns that are
     /// suffixes of the one found: they occur too, so recording them is right.)
-    fn record(&self, state: StateID, haystack: &[u8], end: usize, first_end: &mut [u32]) {
-        let Some(search) = &self.search else {
-            return;
-        };
+    fn record(
+        &self,
+        search: &PatternSearch,
+        state: StateID,
+        haystack: &[u8],
+        end: usize,
+        first_end: &mut [u32],
+        found: &mut RuleBits,
+    ) {
         if !search.dfa.is_match(state) {
             return;
         }
@@ -614,7 +883,12 @@ impl DirectionMatcher {
             return;
         };
         for i in 0..search.dfa.match_len(state) {
-            let id = search.dfa.match_pattern(state, i).as_usize();
+            let Some(&id) = search
+                .ids
+                .get(search.dfa.match_pattern(state, i).as_usize())
+            else {
+                continue;
+            };
             let (Some(slot), Some(pattern)) = (first_end.get_mut(id), self.patterns.get(id)) else {
                 continue;
             };
@@ -622,10 +896,12 @@ impl DirectionMatcher {
                 continue;
             }
             let begin = end.saturating_sub(pattern.bytes.len());
-            if pattern.verify && haystack.get(begin..end) != Some(&pattern.bytes[..]) {
+            let verify = search.nocase && !pattern.nocase;
+            if verify && haystack.get(begin..end) != Some(&pattern.bytes[..]) {
                 continue;
             }
             *slot = end32;
+            found.insert(id);
         }
     }
 
@@ -657,7 +933,20 @@ impl DirectionMatcher {
 }
 
 impl PatternSearch {
-    fn build(patterns: &[Pattern], any_nocase: bool, dir: Direction) -> Result<Self, String> {
+    /// The automaton over the patterns that `select` picks; `None` when it picks none.
+    fn build(
+        all: &[Pattern],
+        select: impl Fn(&Pattern) -> bool,
+        dir: Direction,
+    ) -> Result<Option<Self>, String> {
+        let ids: Vec<usize> = (0..all.len())
+            .filter(|&id| all.get(id).is_some_and(&select))
+            .collect();
+        let patterns: Vec<&Pattern> = ids.iter().filter_map(|&id| all.get(id)).collect();
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let any_nocase = patterns.iter().any(|p| p.nocase);
         let shortest = patterns.iter().map(|p| p.bytes.len()).min().unwrap_or(0);
         let mode = if shortest >= 2 {
             // 3-grams give far fewer false candidates on text than bigrams, but need
@@ -668,12 +957,16 @@ impl PatternSearch {
                 .into_boxed_slice()
                 .try_into()
                 .map_err(|_| "q-gram table has the wrong size".to_string())?;
-            let mut variants = Vec::new();
-            for pattern in patterns {
+            let mut firsts: Box<[u64; 1024]> = vec![0u64; 1024]
+                .into_boxed_slice()
+                .try_into()
+                .map_err(|_| "q-gram table has the wrong size".to_string())?;
+            for pattern in &patterns {
                 for (offset, bytes) in pattern.bytes.windows(gram).take(step).enumerate() {
-                    case_variants(bytes, pattern.nocase, &mut variants);
-                    for variant in &variants {
-                        offsets[gram_key(variant)] |= 1 << offset;
+                    offsets[gram_key(bytes, any_nocase)] |= 1 << offset;
+                    if offset == 0 {
+                        let key = gram_key(bytes, any_nocase);
+                        firsts[key / 64] |= 1 << (key % 64);
                     }
                 }
             }
@@ -681,6 +974,7 @@ impl PatternSearch {
                 gram,
                 step,
                 offsets,
+                firsts,
             }
         } else {
             SearchMode::Walk
@@ -699,43 +993,183 @@ impl PatternSearch {
         let start = dfa
             .start_state(anchored)
             .map_err(|e| format!("{dir:?}: pattern automaton has no start state: {e}"))?;
-        Ok(Self { dfa, start, mode })
+        Ok(Some(Self {
+            dfa,
+            ids,
+            nocase: any_nocase,
+            start,
+            mode,
+        }))
     }
 }
 
-/// Fill `out` with `bytes` and, when `nocase`, all its ASCII case variants.
-fn case_variants(bytes: &[u8], nocase: bool, out: &mut Vec<Vec<u8>>) {
-    out.clear();
-    out.push(bytes.to_vec());
-    if !nocase {
-        return;
-    }
-    for (i, byte) in bytes.iter().enumerate() {
-        if byte.is_ascii_alphabetic() {
-            let flipped: Vec<Vec<u8>> = out
-                .iter()
-                .map(|v| {
-                    let mut v = v.clone();
-                    v[i] ^= 0x20;
-                    v
-                })
-                .collect();
-            out.extend(flipped);
+/// End of the first occurrence of `needle` (non-empty) in `haystack`.
+fn first_occurrence_end(haystack: &[u8], needle: &[u8], nocase: bool) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let last_start = haystack.len().checked_sub(needle.len())?;
+    let mut start = 0;
+    while start <= last_start {
+        let skip = haystack
+            .get(start..=last_start)?
+            .iter()
+            .position(|&b| b == first || (nocase && b.eq_ignore_ascii_case(&first)))?;
+        start += skip;
+        let after = start + 1;
+        if haystack
+            .get(after..after + rest.len())
+            .is_some_and(|h| bytes_eq(h, rest, nocase))
+        {
+            return Some(start + needle.len());
         }
+        start = after;
     }
+    None
 }
 
-/// Table index of a 2- or 3-byte q-gram: bigrams map one to one, 3-grams are hashed.
+/// Table index of a 2- or 3-byte q-gram, ASCII-lowercased first when `fold`: bigrams
+/// map one to one, 3-grams are hashed.
 #[inline(always)]
-fn gram_key(gram: &[u8]) -> usize {
+fn gram_key(gram: &[u8], fold: bool) -> usize {
+    let lower = |b: u8| if fold { b.to_ascii_lowercase() } else { b };
     match *gram {
-        [a, b] => usize::from(u16::from_le_bytes([a, b])),
+        [a, b] => usize::from(u16::from_le_bytes([lower(a), lower(b)])),
         [a, b, c, ..] => {
-            let packed = u32::from_le_bytes([a, b, c, 0]);
+            let packed = u32::from_le_bytes([lower(a), lower(b), lower(c), 0]);
             (packed.wrapping_mul(0x9e37_79b1) >> 16) as usize
         }
         _ => 0,
     }
+}
+
+/// Bit `key` (below 65,536) of a 65,536-bit table.
+#[inline(always)]
+fn bit(table: &[u64; 1024], key: usize) -> bool {
+    table
+        .get(key / 64)
+        .is_some_and(|word| word & (1 << (key % 64)) != 0)
+}
+
+impl AnchorIndex {
+    fn build(rules: &[CompiledRule]) -> Self {
+        let mut groups: Vec<KeyGroup> = Vec::new();
+        for (index, rule) in rules.iter().enumerate() {
+            // `anchored` is sorted by offset: key on the atom nearest the start.
+            let Some(first) = rule.anchored.first() else {
+                continue;
+            };
+            let len = first.bytes.len().min(KEY_BYTES);
+            let key = pack_key(&first.bytes[..len], first.nocase);
+            let Ok(index) = u32::try_from(index) else {
+                continue;
+            };
+            let at = groups
+                .iter()
+                .position(|g| g.offset == first.offset && g.len == len && g.nocase == first.nocase);
+            match at.and_then(|at| groups.get_mut(at)) {
+                Some(group) => group.entries.push((key, index)),
+                None => groups.push(KeyGroup {
+                    offset: first.offset,
+                    len,
+                    nocase: first.nocase,
+                    entries: vec![(key, index)],
+                    slots: Vec::new(),
+                }),
+            }
+        }
+        for group in &mut groups {
+            group.entries.sort_unstable();
+            group.fill_slots();
+        }
+        Self { groups }
+    }
+}
+
+impl KeyGroup {
+    /// The entries whose key agrees with the bytes of `buf` at the group's offset: all
+    /// of them while the buffer stops before it, those starting with the bytes
+    /// present while it stops inside the key, else those equal to it.
+    fn lookup(&self, buf: &[u8]) -> &[(u32, u32)] {
+        let present = buf.get(self.offset..).unwrap_or(&[]);
+        let present = &present[..present.len().min(self.len)];
+        let low = pack_key(present, self.nocase);
+        if present.len() == self.len {
+            return self.whole(low);
+        }
+        // Key bits not given by the bytes present: any value.
+        let free_bits = 32 - 8 * present.len() as u32;
+        let high = low | ((1u64 << free_bits) - 1) as u32;
+        let from = self.entries.partition_point(|&(key, _)| key < low);
+        let to = self.entries.partition_point(|&(key, _)| key <= high);
+        self.entries.get(from..to).unwrap_or(&[])
+    }
+
+    /// The entries with key `key`, through `slots`.
+    fn whole(&self, key: u32) -> &[(u32, u32)] {
+        let mask = self.slots.len().wrapping_sub(1);
+        let mut at = slot_hash(key) & mask;
+        // At least half the slots are free, so the probe ends; the bound is a guard.
+        for _ in 0..self.slots.len() {
+            let Some(&(k, start, end)) = self.slots.get(at) else {
+                break;
+            };
+            if end == 0 {
+                break;
+            }
+            if k == key {
+                return self
+                    .entries
+                    .get(start as usize..end as usize)
+                    .unwrap_or(&[]);
+            }
+            at = (at + 1) & mask;
+        }
+        &[]
+    }
+
+    /// Build `slots` from the sorted `entries`.
+    fn fill_slots(&mut self) {
+        let mut runs: Vec<(u32, u32, u32)> = Vec::new();
+        for (i, &(key, _)) in self.entries.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            match runs.last_mut() {
+                Some(run) if run.0 == key => run.2 = i + 1,
+                _ => runs.push((key, i, i + 1)),
+            }
+        }
+        let size = (runs.len() * 2).next_power_of_two();
+        let mut slots = vec![(0, 0, 0); size];
+        let mask = size - 1;
+        for run in runs {
+            let mut at = slot_hash(run.0) & mask;
+            while slots.get(at).is_some_and(|s| s.2 != 0) {
+                at = (at + 1) & mask;
+            }
+            if let Some(slot) = slots.get_mut(at) {
+                *slot = run;
+            }
+        }
+        self.slots = slots;
+    }
+}
+
+/// Hash of a packed key for [`KeyGroup::slots`] (Fibonacci hashing: the high bits of
+/// the product, which depend on every key byte).
+fn slot_hash(key: u32) -> usize {
+    (u64::from(key).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize
+}
+
+/// Up to [`KEY_BYTES`] bytes packed big-endian into the high end of a `u32` (so that
+/// keys sharing leading bytes sort together), ASCII-lowercased when `nocase`.
+fn pack_key(bytes: &[u8], nocase: bool) -> u32 {
+    let mut key = [0u8; KEY_BYTES];
+    for (slot, &byte) in key.iter_mut().zip(bytes) {
+        *slot = if nocase {
+            byte.to_ascii_lowercase()
+        } else {
+            byte
+        };
+    }
+    u32::from_be_bytes(key)
 }
 
 impl CompiledRule {
@@ -821,6 +1255,23 @@ impl RuleBits {
         if let Some(word) = self.words.get_mut(index / 64) {
             *word &= !(1 << (index % 64));
         }
+    }
+
+    /// The members, in increasing order (a copy: removing members while iterating is
+    /// fine).
+    fn iter(&self) -> impl Iterator<Item = usize> {
+        let words = self.words;
+        words.into_iter().enumerate().flat_map(|(w, word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                Some(w * 64 + bit)
+            })
+        })
     }
 
     fn contains(&self, index: usize) -> bool {
@@ -1809,12 +2260,151 @@ mod tests {
                     for len in 0..=buf.len() {
                         let prefix = &buf[..len];
                         assert_eq!(
-                            m.classify(dir, prefix),
+                            classify_both_ways(&m, dir, prefix),
                             reference(&rules, dir, prefix),
                             "{rules:?}\n{dir:?} {prefix:?}"
                         );
                     }
                     check_prefixes(&m, dir, &buf);
+                }
+            }
+        }
+    }
+
+    /// Classify `buf` both ways: as `classify` does (anchor index, free and gated
+    /// patterns apart) and by a pass over every rule with one search for all
+    /// patterns; both selections and both outcomes must agree.
+    fn classify_both_ways(m: &PayloadMatcher, dir: Direction, buf: &[u8]) -> Outcome {
+        let d = m.direction(dir);
+        let (indexed, pass) = (d.agreeing(buf), d.agreeing_by_pass(buf));
+        assert_eq!(indexed, pass, "{dir:?} {buf:02x?}");
+        let by_pass = d.classify_by_pass(buf);
+        let got = m.classify(dir, buf);
+        assert_eq!(got, by_pass, "{dir:?} {buf:02x?}");
+        got
+    }
+
+    #[test]
+    fn anchor_index_agrees_with_a_pass_over_all_rules_on_built_inputs() {
+        use Direction::{Client, Server};
+        let nocase_at = |offset: usize, bytes: &[u8]| Atom {
+            nocase: true,
+            ..at(offset, bytes)
+        };
+        let rules = vec![
+            // Keys sharing leading bytes, of 1 to more than KEY_BYTES bytes.
+            rule(1, Client, vec![at(0, b"AB")]),
+            rule(2, Client, vec![at(0, b"ABCDEFG")]),
+            rule(3, Client, vec![at(0, b"ABCDXYZ")]),
+            rule(4, Client, vec![at(0, b"A"), at(3, b"D")]),
+            rule(5, Client, vec![at(0, b"ABC"), within(32, b"needle")]),
+            // The same key at another offset, and case folded.
+            rule(6, Client, vec![at(2, b"CDE")]),
+            rule(7, Client, vec![nocase_at(0, b"abcd"), at(4, b"E")]),
+            rule(8, Client, vec![nocase_at(1, b"Bc")]),
+            // Key bytes 00 and FF at the ends of the packed range.
+            rule(9, Client, vec![at(0, &[0x00, 0x00])]),
+            rule(10, Client, vec![at(0, &[0xff, 0xff, 0xff, 0xff, 0xff])]),
+            rule(11, Client, vec![at(0, &[0xff])]),
+            // Unanchored, overlapping the anchored ones, one ending at the window edge.
+            rule(12, Client, vec![within(64, b"CDEF")]),
+            rule(13, Client, vec![within(64, b"needle"), within(64, b"eed")]),
+            rule(14, Client, vec![at(58, b"edge!!")]),
+            // The other direction: same keys, other tags.
+            rule(20, Server, vec![at(0, b"ABCD")]),
+            rule(21, Server, vec![within(64, b"ABCD")]),
+            rule(22, Server, vec![nocase_at(0, b"xy"), within(64, b"CDEF")]),
+        ];
+        let m = PayloadMatcher::compile(&rules, 64).expect("compiles");
+        let mut edge = vec![b'.'; 58];
+        edge.extend_from_slice(b"edge!!");
+        let mut needle_at_end = vec![b'.'; 58];
+        needle_at_end.extend_from_slice(b"needle");
+        let inputs: Vec<Vec<u8>> = vec![
+            b"ABCDEFG".to_vec(),
+            b"ABCDXYZ".to_vec(),
+            b"ABCDEFGH needle".to_vec(),
+            b"ABC...needle".to_vec(),
+            b"abcdE".to_vec(),
+            b"aBcDE".to_vec(),
+            b"xbCdE".to_vec(),
+            b"XYCDEF".to_vec(),
+            b"ABD".to_vec(),
+            vec![0x00, 0x00, 0x01],
+            vec![0xff; 8],
+            vec![0xff, 0xfe],
+            edge,
+            needle_at_end,
+            b"..CDEF".to_vec(),
+        ];
+        for input in &inputs {
+            for dir in [Client, Server] {
+                for len in 0..=input.len() {
+                    let prefix = &input[..len];
+                    assert_eq!(
+                        classify_both_ways(&m, dir, prefix),
+                        reference(&rules, dir, prefix),
+                        "{dir:?} {prefix:02x?}"
+                    );
+                }
+            }
+        }
+        let c = |buf: &[u8]| classify_both_ways(&m, Client, buf);
+        assert_eq!(c(b"AB"), Outcome::Match { tag: 1, offset: 0 });
+        assert_eq!(c(b"ABCDX"), Outcome::Match { tag: 1, offset: 0 });
+        assert_eq!(c(b"xBc"), Outcome::Match { tag: 8, offset: 1 });
+        assert_eq!(c(&[0xff]), Outcome::Match { tag: 11, offset: 0 });
+        // "CDE" at 2 (rule 6) ends before "CDEF" (rule 12).
+        assert_eq!(c(b"..CDEF"), Outcome::Match { tag: 6, offset: 2 });
+        assert_eq!(c(b"..xCDEF"), Outcome::Match { tag: 12, offset: 3 });
+        assert_eq!(
+            classify_both_ways(&m, Server, b"ABCD"),
+            Outcome::Match { tag: 20, offset: 0 }
+        );
+    }
+
+    #[test]
+    fn anchor_index_agrees_with_a_pass_over_many_rules_sharing_keys() {
+        use Direction::{Client, Server};
+        // Hundreds of rules over a tiny alphabet: keys collide, share prefixes and end
+        // inside the buffer's first bytes; some rules have no anchored atom at all.
+        let alphabet = b"aAb\x00\xff";
+        let mut rng = XorShift(0x4444);
+        let window = 48;
+        for round in 0..3 {
+            let mut rules = Vec::new();
+            for tag in 0..300u32 {
+                let atoms = (0..1 + rng.below(3))
+                    .map(|_| {
+                        let n = 1 + rng.below(6);
+                        let bytes: Vec<u8> = (0..n).map(|_| *rng.pick(alphabet)).collect();
+                        let anchor = if rng.below(5) == 0 {
+                            Anchor::Within(n + rng.below(window - n + 1))
+                        } else {
+                            Anchor::At(rng.below(6))
+                        };
+                        Atom {
+                            bytes,
+                            anchor,
+                            nocase: rng.below(3) == 0,
+                        }
+                    })
+                    .collect();
+                let direction = if tag % 3 == round % 3 { Server } else { Client };
+                rules.push(rule(tag, direction, atoms));
+            }
+            let m = PayloadMatcher::compile(&rules, window).expect("random rules compile");
+            for _ in 0..15 {
+                let buf: Vec<u8> = (0..window).map(|_| *rng.pick(alphabet)).collect();
+                for dir in [Client, Server] {
+                    for len in 0..=buf.len() {
+                        let prefix = &buf[..len];
+                        assert_eq!(
+                            classify_both_ways(&m, dir, prefix),
+                            reference(&rules, dir, prefix),
+                            "{dir:?} {prefix:02x?}"
+                        );
+                    }
                 }
             }
         }
