@@ -8,6 +8,13 @@
 #   bench/run.sh --rounds N # full durations, N rounds
 #   bench/run.sh --profile  # no figures: perf profiles of chatwall under the
 #                           # HTTP, tunnel-setup and bulk loads (bench/results/profile.md)
+#   bench/run.sh --idle-scale  # memory against idle tunnels: 1,000, 10,000 and
+#                           # 50,000 held through the bare relay and chatwall, KiB per
+#                           # tunnel at each count and a linear fit (bench/results/idle-scale.md)
+#   bench/run.sh --http-scale  # HTTP keep-alive with 64, 1,000 and 10,000 client
+#                           # connections: req/s and proxy CPU µs per request for direct,
+#                           # Squid, bare relay and chatwall (bench/results/http-scale.md)
+#   (--quick or --rounds N combine with either)
 #
 # Environment: BENCH_PROXY_CPU (0) and BENCH_LOAD_CPU (1) pick the cores;
 # BENCH_NICE=-10 runs every benchmark process at that niceness, and sets
@@ -15,7 +22,9 @@
 # with other work the figures then suffer less from it; needs root);
 # BENCH_CHATWALL=/path/to/chatwall benchmarks that binary instead of
 # building one; CARGO_TARGET_DIR is honoured; BENCH_KEEP=1 keeps the
-# temporary directory (logs of every process).
+# temporary directory (logs of every process); BENCH_IDLE_COUNTS
+# ("1000 10000 50000") and BENCH_HTTP_CONNS ("64 1000 10000") set the
+# counts of the scale modes.
 #
 # Needs: nginx, wrk, squid, taskset (util-linux), cargo; perf (linux-perf)
 # for --profile. It installs nothing: it names the Debian packages missing
@@ -54,6 +63,7 @@ BULK_BYTES=$((2 << 30))
 IDLE_COUNT=9000
 MODE=full
 PROFILE=0
+SCALE=
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) MODE=quick; ROUNDS=1; SECS=5; BULK_BYTES=$((512 << 20)) ;;
@@ -61,6 +71,8 @@ while [[ $# -gt 0 ]]; do
             [[ $# -ge 2 && $2 =~ ^[1-9][0-9]?$ ]] || { echo "--rounds needs a number 1-99" >&2; exit 2; }
             ROUNDS=$2; shift ;;
         --profile) PROFILE=1 ;;
+        --idle-scale) SCALE=idle ;;
+        --http-scale) SCALE=http ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -82,6 +94,12 @@ CW_ADMIN=19129
 FLIGHT_PORT=18443
 HOLD_PORT=18444
 BULK_PORT=18445
+# --idle-scale: more holding origins, so that no origin address takes more
+# connections from one proxy than the loopback's ephemeral ports (about
+# 28,000 per address pair); loadgen also spreads its own connections over
+# source addresses 127.0.0.1 to 127.0.0.$SOURCE_IPS.
+EXTRA_HOLD_PORTS=(18446 18447 18448)
+SOURCE_IPS=4
 STARTUP_PORT=13139
 STARTUP_ADMIN=19139
 CONNS=64          # figure 1: wrk connections
@@ -116,19 +134,33 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 command -v cargo >/dev/null 2>&1 || die "cargo is needed to build chatwall and loadgen"
 [[ $(id -u) == 0 ]] || log "warning: not root: Squid and nginx keep this user, and the fd limit may stay too low for figure 4"
+IDLE_COUNTS=(${BENCH_IDLE_COUNTS:-1000 10000 50000})
+HTTP_CONNS=(${BENCH_HTTP_CONNS:-64 1000 10000})
+for c in "${IDLE_COUNTS[@]}" "${HTTP_CONNS[@]}"; do
+    [[ $c =~ ^[1-9][0-9]{0,5}$ ]] || { echo "BENCH_IDLE_COUNTS and BENCH_HTTP_CONNS take counts 1-999999" >&2; exit 2; }
+done
+maxof() { local m=0 v; for v in "$@"; do (( v > m )) && m=$v; done; echo "$m"; }
 NCPU=$(nproc --all)
 (( PROXY_CPU < NCPU && LOAD_CPU < NCPU )) || die "cores $PROXY_CPU and $LOAD_CPU do not both exist ($NCPU cores); set BENCH_PROXY_CPU / BENCH_LOAD_CPU"
 [[ $PROXY_CPU != "$LOAD_CPU" ]] || log "warning: proxy and load share core $PROXY_CPU"
 CLK_TCK=$(getconf CLK_TCK)
 
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-if (( $(ulimit -n) < 2 * IDLE_COUNT + 1024 )); then
-    log "warning: open-file limit $(ulimit -n) is too low for $IDLE_COUNT idle tunnels"
+# Descriptors: a proxy holds two per tunnel or client connection, loadgen
+# and the origins one. Every process started here inherits this limit
+# (raising the hard limit needs root); the products' own settings stay.
+case $SCALE in
+    idle) NEED_FD=$(( 2 * $(maxof "${IDLE_COUNTS[@]}") + 8192 )) ;;
+    http) NEED_FD=$(( 2 * $(maxof "${HTTP_CONNS[@]}") + 8192 )) ;;
+    *) NEED_FD=$(( 2 * IDLE_COUNT + 1024 )) ;;
+esac
+ulimit -n "$(maxof 65536 "$NEED_FD")" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+if (( $(ulimit -n) < NEED_FD )); then
+    log "warning: open-file limit $(ulimit -n) is too low: $NEED_FD wanted"
 fi
 
 # Is something listening on this loopback port?
 port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-for p in $NGINX_PORT $SQUID_PORT $CW_PORT $CW_ADMIN $FLIGHT_PORT $HOLD_PORT $BULK_PORT $STARTUP_PORT $STARTUP_ADMIN; do
+for p in $NGINX_PORT $SQUID_PORT $CW_PORT $CW_ADMIN $FLIGHT_PORT $HOLD_PORT $BULK_PORT $STARTUP_PORT $STARTUP_ADMIN "${EXTRA_HOLD_PORTS[@]}"; do
     ! port_open "$p" || die "port $p on $HOST is already in use"
 done
 
@@ -262,6 +294,13 @@ start_origins() {
     wait_port "$HOLD_PORT" "$LAST_PID" hold
     start_bg bulk "$LOAD_CPU" "$LOADGEN" serve-bulk --listen "$HOST:$BULK_PORT"
     wait_port "$BULK_PORT" "$LAST_PID" bulk
+    if [[ $SCALE == idle ]]; then
+        local p
+        for p in "${EXTRA_HOLD_PORTS[@]}"; do
+            start_bg "hold-$p" "$LOAD_CPU" "$LOADGEN" serve-flight --listen "$HOST:$p" --bytes "$FLIGHT" --hold
+            wait_port "$p" "$LAST_PID" "hold-$p"
+        done
+    fi
 }
 
 SQUID_PID=
@@ -330,17 +369,18 @@ to_us() {
         else if (v ~ /s$/) print n * 1000000; else print "NA" }'
 }
 
-# Figure 1: HTTP/1.1 keep-alive, 64 connections, 1 KiB responses.
+# Figure 1: HTTP/1.1 keep-alive, 64 connections, 1 KiB responses (or
+# CONNS connections, recorded as figure FIG: fig_http WHO [CONNS FIG]).
 fig_http() {
-    local who=$1 out url pids=() c0 c1 k0 k1 reqs rps p99 bad
+    local who=$1 conns=${2:-$CONNS} fig=${3:-http} out url pids=() c0 c1 k0 k1 reqs rps p99 bad sockerr
     url="http://$HOST:$NGINX_PORT/1k"
     read -ra pids <<<"$(proxy_pids "$who" | tr '\n' ' ')"
     [[ ${#pids[@]} -eq 0 ]] || c0=$(cpu_ticks "${pids[@]}")
     k0=$(core_ticks "$PROXY_CPU")
     if [[ $who == direct ]]; then
-        out=$(run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$url" 2>&1) || true
+        out=$(run_on "$LOAD_CPU" wrk -t1 -c"$conns" -d"${SECS}s" --latency "$url" 2>&1) || true
     else
-        out=$(WRK_TARGET=$url run_on "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
+        out=$(WRK_TARGET=$url run_on "$LOAD_CPU" wrk -t1 -c"$conns" -d"${SECS}s" --latency \
             -s bench/wrk/proxy.lua "http://$HOST:$(proxy_port "$who")/" 2>&1) || true
     fi
     [[ ${#pids[@]} -eq 0 ]] || c1=$(cpu_ticks "${pids[@]}")
@@ -350,19 +390,23 @@ fig_http() {
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     bad=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
+    # "Socket errors: connect 0, read 0, write 0, timeout 12": their sum.
+    sockerr=$(awk -F'[ ,]+' '/Socket errors:/ {s = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; print s}' <<<"$out")
     if [[ -z $rps || -z $reqs || $reqs == 0 ]]; then
-        log "fig1 $who: wrk failed: $(tail -n 3 <<<"$out" | tr '\n' ' ')"
+        log "$fig $who: wrk failed: $(tail -n 3 <<<"$out" | tr '\n' ' ')"
         return 0
     fi
-    [[ -z $bad ]] || log "fig1 $who: $bad non-2xx responses"
-    record http "$who" rps "$rps"
-    record http "$who" p99_us "$(to_us "$p99")"
-    record http "$who" errors "${bad:-0}"
+    [[ -z $bad ]] || log "$fig $who: $bad non-2xx responses"
+    [[ -z $sockerr ]] || log "$fig $who: $sockerr socket errors"
+    record "$fig" "$who" rps "$rps"
+    record "$fig" "$who" p99_us "$(to_us "$p99")"
+    record "$fig" "$who" errors "${bad:-0}"
+    record "$fig" "$who" socket_errors "${sockerr:-0}"
     if [[ ${#pids[@]} -gt 0 ]]; then
-        record http "$who" cpu_us "$(awk -v d=$((c1 - c0)) -v t="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d / t * 1e6 / n}')"
-        record http "$who" other_pct "$(other_pct "$k0" "$k1" $((c1 - c0)))"
+        record "$fig" "$who" cpu_us "$(awk -v d=$((c1 - c0)) -v t="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d / t * 1e6 / n}')"
+        record "$fig" "$who" other_pct "$(other_pct "$k0" "$k1" $((c1 - c0)))"
     fi
-    log "fig1 $who: $rps req/s, p99 $p99"
+    log "$fig $who ($conns conns): $rps req/s, p99 $p99"
 }
 
 # Run loadgen on the load core; its output goes to LG_OUT, and the share of
@@ -431,6 +475,28 @@ fig_idle() {
     log "fig4 $who: $out"
     # Let the proxy wind the closed tunnels down before the next run.
     sleep 1
+}
+
+# --idle-scale: COUNT idle tunnels through a fresh proxy, spread over the
+# holding origins and loadgen's source addresses; closed with resets so no
+# TIME_WAIT holds ports for the next count. Recorded as idle_COUNT.
+fig_idle_scale() {
+    local who=$1 count=$2 out p also=()
+    for p in "${EXTRA_HOLD_PORTS[@]}"; do also+=(--also-target "$HOST:$p"); done
+    # shellcheck disable=SC2046
+    if ! loadgen_run "$who" idle $(via_args "$who") --target "$HOST:$HOLD_PORT" "${also[@]}" \
+        --source-ips "$SOURCE_IPS" --reset-at-end --max-secs 600 \
+        --count "$count" --flight "$FLIGHT" \
+        $(for p in $(proxy_pids "$who"); do echo "--rss-pid $p"; done); then
+        log "idle $count $who: loadgen failed: $(tail -n 1 "$RUN/loadgen.err")"
+        return 0
+    fi
+    out=$LG_OUT
+    record "idle_$count" "$who" kib "$(kv "$out" kib_per_tunnel)"
+    record "idle_$count" "$who" delta_kib "$(kv "$out" delta_kib)"
+    record "idle_$count" "$who" tunnels "$(kv "$out" tunnels)"
+    record "idle_$count" "$who" errors "$(kv "$out" errors)"
+    log "idle $count $who: $out"
 }
 
 # --- build -----------------------------------------------------------------
@@ -512,6 +578,34 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 awk -v l="${LOAD_BEFORE%% *}" 'BEGIN { exit !(l > 0.5) }' \
     && log "warning: load average $LOAD_BEFORE before the runs: other work on this machine skews the figures"
 START=$(date +%s)
+if [[ $SCALE == idle ]]; then
+    # Squid is not measured here (35 KB a tunnel, and its descriptor cap).
+    stop_pid "$SQUID_PID"; SQUID_PID=
+    for (( ROUND=1; ROUND<=ROUNDS; ROUND++ )); do
+        log "round $ROUND of $ROUNDS"
+        for count in "${IDLE_COUNTS[@]}"; do
+            if (( 2 * count + 512 > $(ulimit -n) )); then
+                log "idle $count: skipped, the open-file limit $(ulimit -n) holds fewer tunnels"
+                continue
+            fi
+            for who in relay chatwall; do
+                # A fresh process for every count: the delta is the tunnels'.
+                if [[ $who == relay ]]; then stop_pid "$RELAY_PID"; start_relay
+                else stop_pid "$CW_PID"; start_chatwall; fi
+                fig_idle_scale "$who" "$count"
+                sleep 1
+            done
+        done
+    done
+elif [[ $SCALE == http ]]; then
+    for (( ROUND=1; ROUND<=ROUNDS; ROUND++ )); do
+        log "round $ROUND of $ROUNDS"
+        (( ROUND == 1 )) || restart_proxies
+        for conns in "${HTTP_CONNS[@]}"; do
+            for who in direct squid relay chatwall; do fig_http "$who" "$conns" "http_$conns"; done
+        done
+    done
+else
 for (( ROUND=1; ROUND<=ROUNDS; ROUND++ )); do
     log "round $ROUND of $ROUNDS"
     (( ROUND == 1 )) || restart_proxies
@@ -521,8 +615,10 @@ for (( ROUND=1; ROUND<=ROUNDS; ROUND++ )); do
     for who in direct squid relay chatwall; do fig_bulk "$who" up; done
     for who in direct squid relay chatwall; do fig_setup "$who"; done
 done
+fi
 ROUND=0
 
+if [[ -z $SCALE ]]; then
 log "startup and reload times"
 STARTUP=$(CHATWALL__LISTEN__EXPLICIT="$HOST:$STARTUP_PORT" CHATWALL__LISTEN__ADMIN="$HOST:$STARTUP_ADMIN" \
     run_on "$PROXY_CPU" "$LOADGEN" startup --admin "$HOST:$STARTUP_ADMIN" --runs 10 -- \
@@ -531,6 +627,7 @@ RELOAD=$(run_on "$LOAD_CPU" "$LOADGEN" reload --admin "$HOST:$CW_ADMIN" --runs 1
     || log "reload timing failed"
 [[ -z ${STARTUP:-} ]] || record startup chatwall ms "$(kv "$STARTUP" median_ms)"
 [[ -z ${RELOAD:-} ]] || record reload chatwall ms "$(kv "$RELOAD" median_ms)"
+fi
 ELAPSED=$(( $(date +%s) - START ))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -541,7 +638,24 @@ med() {
         | sort -g | awk '{a[NR] = $1} END {
             if (NR == 0) print "NA"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
+# Smallest and largest of the rounds' values, "min max" (NA NA without any).
+span() {
+    awk -F'\t' -v f="$1" -v w="$2" -v m="$3" '$1 == f && $2 == w && $4 == m && $5 != "" && $5 != "NA" {print $5}' "$RAW" \
+        | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END { if (NR == 0) print "NA NA"; else print lo, hi }'
+}
 fmt() { [[ $1 == NA ]] && echo "–" || printf "%.${2}f" "$1"; }
+# A table cell: the median of the rounds, with their range when there are
+# several: "cell FIG WHO METRIC DIGITS [SCALE]".
+cell() {
+    local v lo hi sc=${5:-1}
+    v=$(med "$1" "$2" "$3")
+    [[ $v == NA ]] && { echo "–"; return; }
+    read -r lo hi <<<"$(span "$1" "$2" "$3")"
+    awk -v v="$v" -v lo="$lo" -v hi="$hi" -v d="$4" -v s="$sc" -v n="$ROUNDS" 'BEGIN {
+        f = "%." d "f"; out = sprintf(f, v * s)
+        if (n > 1) out = out sprintf(" [" f "–" f "]", lo * s, hi * s)
+        print out }'
+}
 ratio() {
     if [[ $1 == NA || $2 == NA ]]; then echo "–"; return; fi
     awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "–"; else printf "%.2f×", a / b }'
@@ -557,12 +671,8 @@ rawratio() {
 # One row: label, figure, metric, digits, scale (multiplier for display), target text, target check.
 row() {
     local label=$1 fig=$2 m=$3 d=$4 scale=$5 target=$6 check=$7
-    local dv sv rv cv
-    dv=$(med "$fig" direct "$m"); sv=$(med "$fig" squid "$m"); rv=$(med "$fig" relay "$m"); cv=$(med "$fig" chatwall "$m")
-    scl() {
-        if [[ $1 == NA ]]; then echo NA; return; fi
-        awk -v v="$1" -v s="$scale" 'BEGIN { print v * s }'
-    }
+    local dv sv cv
+    dv=$(med "$fig" direct "$m"); sv=$(med "$fig" squid "$m"); cv=$(med "$fig" chatwall "$m")
     local verdict="–"
     case $check in
         ratio\>=*) verdict=$(met "$(rawratio "$cv" "$sv")" ">=" "${check#ratio>=}") ;;
@@ -570,12 +680,76 @@ row() {
         \>=*) verdict=$(met "$cv" ">=" "${check#>=}") ;;
     esac
     printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
-        "$(fmt "$(scl "$dv")" "$d")" "$(fmt "$(scl "$sv")" "$d")" "$(fmt "$(scl "$rv")" "$d")" \
-        "$(fmt "$(scl "$cv")" "$d")" "$(ratio "$cv" "$sv")" "$(ratio "$cv" "$dv")" "$target" "$verdict"
+        "$(cell "$fig" direct "$m" "$d" "$scale")" "$(cell "$fig" squid "$m" "$d" "$scale")" \
+        "$(cell "$fig" relay "$m" "$d" "$scale")" "$(cell "$fig" chatwall "$m" "$d" "$scale")" \
+        "$(ratio "$cv" "$sv")" "$(ratio "$cv" "$dv")" "$target" "$verdict"
 }
 
 gib() { awk -v b="$1" 'BEGIN { printf "%g", b / 1073741824 }'; }
 TABLE="$RUN/table.md"
+# Least-squares line through every round's (tunnels, RSS delta KiB) of one
+# proxy: "slope intercept r2".
+fit() {
+    local c
+    for c in "${IDLE_COUNTS[@]}"; do
+        awk -F'\t' -v f="idle_$c" -v w="$1" -v n="$c" '$1 == f && $2 == w && $4 == "delta_kib" && $5 != "" {print n, $5}' "$RAW"
+    done | awk '{ n++; sx += $1; sy += $2; sxx += $1 * $1; sxy += $1 * $2; syy += $2 * $2 }
+        END {
+            d = n * sxx - sx * sx
+            if (n < 2 || d == 0) { print "NA NA NA"; exit }
+            b = (n * sxy - sx * sy) / d; a = (sy - b * sx) / n
+            v = n * syy - sy * sy
+            r2 = (v == 0) ? 1 : (n * sxy - sx * sy) ^ 2 / (d * v)
+            printf "%.3f %.0f %.5f\n", b, a, r2 }'
+}
+COMMAND="$([[ $NICE == 0 ]] || echo "BENCH_NICE=$NICE ")$([[ $SCALE != idle || -z ${BENCH_IDLE_COUNTS:-} ]] || echo "BENCH_IDLE_COUNTS=\"${IDLE_COUNTS[*]}\" ")$([[ $SCALE != http || -z ${BENCH_HTTP_CONNS:-} ]] || echo "BENCH_HTTP_CONNS=\"${HTTP_CONNS[*]}\" ")bench/run.sh$([[ $MODE == quick ]] && echo ' --quick')$([[ ($MODE == full && $ROUNDS != 3) || ($MODE == quick && $ROUNDS != 1) ]] && echo " --rounds $ROUNDS")$([[ -z $SCALE ]] || echo " --$SCALE-scale")"
+if [[ $SCALE == idle ]]; then
+{
+    echo "## Idle tunnels against their count: $(date -u +%Y-%m-%d) ($ROUNDS round(s))"
+    echo
+    echo "Each count held through a freshly started proxy (VmRSS before the tunnels and 1 s after the last is open;"
+    echo "the delta over the count). Medians of $ROUNDS round(s)$([[ $ROUNDS == 1 ]] || echo ", the rounds' range in brackets")."
+    echo "Tunnels spread over $(( ${#EXTRA_HOLD_PORTS[@]} + 1 )) holding origins and $SOURCE_IPS source addresses; proxy core $PROXY_CPU, loadgen and origins on core $LOAD_CPU$([[ $NICE == 0 ]] || echo "; every benchmark process at nice $NICE")."
+    echo
+    echo "| idle tunnels | bare relay: KiB / tunnel | chatwall: KiB / tunnel | tunnels not opened (relay, chatwall) |"
+    echo "|---:|---:|---:|---|"
+    for c in "${IDLE_COUNTS[@]}"; do
+        if (( 2 * c + 512 > $(ulimit -n) )); then
+            echo "| $c | not run: open-file limit $(ulimit -n) | | |"
+            continue
+        fi
+        echo "| $c | $(cell "idle_$c" relay kib 2) | $(cell "idle_$c" chatwall kib 2) |"\
+            "$(awk -F'\t' -v f="idle_$c" '$1 == f && $2 == "relay" && $4 == "errors" {s += $5} END {print s + 0}' "$RAW"),"\
+            "$(awk -F'\t' -v f="idle_$c" '$1 == f && $2 == "chatwall" && $4 == "errors" {s += $5} END {print s + 0}' "$RAW") |"
+    done
+    read -r rs ri rr <<<"$(fit relay)"
+    read -r cs ci cr <<<"$(fit chatwall)"
+    echo "| linear fit of the RSS delta: KiB per tunnel (slope) | $rs | $cs | |"
+    echo "| linear fit: intercept, KiB | $ri | $ci | |"
+    echo "| linear fit: r² | $rr | $cr | |"
+} >"$TABLE"
+OUT="$RESULTS/idle-scale.md"
+elif [[ $SCALE == http ]]; then
+{
+    echo "## HTTP keep-alive against client connections: $(date -u +%Y-%m-%d) ($ROUNDS round(s), ${SECS} s runs)"
+    echo
+    echo "wrk -t1 -c N, 1 KiB responses. Medians of $ROUNDS round(s)$([[ $ROUNDS == 1 ]] || echo ", the rounds' range in brackets"); ratios are of the medians."
+    echo "Proxy core $PROXY_CPU; nginx and wrk on core $LOAD_CPU$([[ $NICE == 0 ]] || echo "; every benchmark process at nice $NICE")."
+    echo
+    echo "| figure | direct | Squid | bare relay | chatwall | chatwall / Squid | chatwall / direct | target | met |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---|---|"
+    for c in "${HTTP_CONNS[@]}"; do
+        row "$c conns: req/s" "http_$c" rps 0 1 "" ""
+        row "$c conns: p99 latency, ms" "http_$c" p99_us 2 0.001 "" ""
+        row "$c conns: proxy CPU µs / request" "http_$c" cpu_us 1 1 "" ""
+    done
+    echo
+    echo "Errors (sum over rounds and proxies): HTTP non-2xx $(awk -F'\t' '$1 ~ /^http_/ && $4=="errors" {s+=$5} END {print s+0}' "$RAW"),"\
+        "socket errors (connect, read, write, timeout) $(awk -F'\t' '$1 ~ /^http_/ && $4=="socket_errors" {s+=$5} END {print s+0}' "$RAW")."
+} >"$TABLE"
+OUT="$RESULTS/http-scale.md"
+else
+OUT="$RESULTS/latest.md"
 {
     echo "## Results: $(date -u +%Y-%m-%d) ($MODE: $ROUNDS round(s), ${SECS} s runs, $(gib "$BULK_BYTES") GiB bulk, $IDLE_COUNT idle tunnels)"
     echo
@@ -607,6 +781,7 @@ TABLE="$RUN/table.md"
         "tunnel setups $(awk -F'\t' '$1=="setup" && $4=="errors" {s+=$5} END {print s+0}' "$RAW"),"\
         "idle tunnels not opened $(awk -F'\t' '$1=="idle" && $4=="errors" {s+=$5} END {print s+0}' "$RAW")."
 } >"$TABLE"
+fi
 
 mkdir -p "$RESULTS"
 {
@@ -616,7 +791,7 @@ mkdir -p "$RESULTS"
         "Linux $(uname -r). chatwall $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ local changes)'),"\
         "$(squid -v | head -n 1), $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}')."
     echo "Load average before the runs: $LOAD_BEFORE; after: $LOAD_AFTER (the benchmark itself keeps about 2 busy)."
-    echo "Command: \`$([[ $NICE == 0 ]] || echo "BENCH_NICE=$NICE ")bench/run.sh$([[ $MODE == quick ]] && echo ' --quick')$([[ $ROUNDS != 3 && $MODE == full ]] && echo " --rounds $ROUNDS")\`, ${ELAPSED} s."
+    echo "Command: \`$COMMAND\`, ${ELAPSED} s."
     echo
     cat "$TABLE"
     echo
@@ -627,9 +802,9 @@ mkdir -p "$RESULTS"
     awk -F'\t' '{ printf "| %s | %s | %s | %s | %s |\n", $1, $2, ($3 == 0 ? "–" : $3), $4, $5 }' "$RAW"
     [[ -z ${STARTUP:-} ]] || echo; [[ -z ${STARTUP:-} ]] || echo "Startup: $STARTUP"
     [[ -z ${RELOAD:-} ]] || echo; [[ -z ${RELOAD:-} ]] || echo "Reload: $RELOAD"
-} >"$RESULTS/latest.md"
+} >"$OUT"
 
 echo
 cat "$TABLE"
 echo
-log "wrote $RESULTS/latest.md (${ELAPSED} s)"
+log "wrote $OUT (${ELAPSED} s)"

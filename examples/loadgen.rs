@@ -37,7 +37,12 @@
 //!   (10^9 bytes of record payload per second).
 //! - `idle --target ADDR --count 9000`: open that many tunnels (hello and
 //!   server flight exchanged), keep them all open and silent, read the
-//!   proxy's resident memory, close them. Reports KiB per tunnel.
+//!   proxy's resident memory, close them. Reports KiB per tunnel. For
+//!   more tunnels than one address pair has ephemeral ports (about 28,000
+//!   on Linux), `--also-target ADDR` (repeatable) spreads them over more
+//!   origins and `--source-ips N` over source addresses 127.0.0.1 to
+//!   127.0.0.N; `--reset-at-end` closes them with a reset, leaving no
+//!   TIME_WAIT to hold ports for the next run.
 //!
 //! With `--cpu-pid PID` (repeatable) `setup` and `bulk` also report the CPU
 //! time (utime + stime from `/proc/PID/stat`, summed over the PIDs) that
@@ -67,7 +72,7 @@
 //! Every loop is bounded in count and in time; a stalled exchange fails
 //! after `--timeout-secs`.
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -215,6 +220,19 @@ enum Cmd {
         /// Bound on the whole run.
         #[arg(long, default_value_t = 180.0)]
         max_secs: f64,
+        /// More origins (repeatable): the tunnels go to `--target` and
+        /// these in turn, so that no origin address takes more
+        /// connections than the loopback's ephemeral ports allow.
+        #[arg(long = "also-target")]
+        also_targets: Vec<SocketAddr>,
+        /// Connect from 127.0.0.1 up to 127.0.0.N in turn (each source
+        /// address has its own ephemeral ports); 0: let the system pick.
+        #[arg(long, default_value_t = 0)]
+        source_ips: u8,
+        /// Close the held tunnels with a reset (no TIME_WAIT left on
+        /// either side to hold ports for the next run).
+        #[arg(long)]
+        reset_at_end: bool,
     },
     /// Time from exec to `GET /readyz` 200, killing CMD after each run.
     Startup {
@@ -417,14 +435,33 @@ async fn read_hello(s: &mut TcpStream) -> io::Result<()> {
 /// Open a tunnel to `via.target`: through the proxy with CONNECT (the
 /// `200` head read and dropped), or straight to the target.
 async fn open(via: &Via) -> io::Result<TcpStream> {
+    open_to(via, via.target, None).await
+}
+
+/// Connect from `source` (any port), or from wherever the system picks.
+async fn connect_from(to: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(to).await;
+    };
+    let sock = match ip {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.bind(SocketAddr::new(ip, 0))?;
+    sock.connect(to).await
+}
+
+/// Open a tunnel to `target` (through `via.proxy` with CONNECT, or
+/// straight), from `source` if given.
+async fn open_to(via: &Via, target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
     let Some(proxy) = via.proxy else {
-        let s = TcpStream::connect(via.target).await?;
+        let s = connect_from(target, source).await?;
         s.set_nodelay(true)?;
         return Ok(s);
     };
-    let mut s = TcpStream::connect(proxy).await?;
+    let mut s = connect_from(proxy, source).await?;
     s.set_nodelay(true)?;
-    let req = format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\n", t = via.target);
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     // The origin speaks only after the hello, so nothing follows the head.
     let mut head = Vec::with_capacity(256);
@@ -486,8 +523,14 @@ async fn one_tunnel(via: &Via, hello: &[u8], flight: usize) -> io::Result<()> {
 }
 
 /// One tunnel held open: open, hello, read the whole flight, keep it.
-async fn idle_tunnel(via: &Via, hello: &[u8], flight: usize) -> io::Result<TcpStream> {
-    let mut s = open(via).await?;
+async fn idle_tunnel(
+    via: &Via,
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    hello: &[u8],
+    flight: usize,
+) -> io::Result<TcpStream> {
+    let mut s = open_to(via, target, source).await?;
     s.write_all(hello).await?;
     let mut buf = vec![0u8; flight.max(1)];
     s.read_exact(&mut buf[..flight]).await?;
@@ -798,6 +841,13 @@ async fn bulk(via: Via, bytes: u64, direction: Direction, cpu: Cpu) -> io::Resul
     Ok(())
 }
 
+/// What `idle` does besides its counts.
+struct IdleSpread {
+    also_targets: Vec<SocketAddr>,
+    source_ips: u8,
+    reset_at_end: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn idle(
     via: Via,
@@ -807,7 +857,10 @@ async fn idle(
     settle: f64,
     rss_pids: Vec<u32>,
     max_secs: f64,
+    spread: IdleSpread,
 ) -> io::Result<()> {
+    let mut targets = vec![via.target];
+    targets.extend(&spread.also_targets);
     let hello: Arc<[u8]> = client_hello(&via.sni)?.into();
     let rss = |pids: &[u32]| -> io::Result<u64> { pids.iter().map(|&p| rss_kib(p)).sum() };
     let before = rss(&rss_pids)?;
@@ -817,14 +870,25 @@ async fn idle(
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut set = tokio::task::JoinSet::new();
     let t0 = Instant::now();
-    for _ in 0..count {
+    for i in 0..count {
         let permit = Arc::clone(&sem)
             .acquire_owned()
             .await
             .map_err(io::Error::other)?;
         let (via, hello) = (Arc::clone(&via), Arc::clone(&hello));
+        let target = targets[i % targets.len()];
+        let source = (spread.source_ips > 0).then(|| {
+            IpAddr::V4(Ipv4Addr::new(
+                127,
+                0,
+                0,
+                1 + (i % spread.source_ips as usize) as u8,
+            ))
+        });
         set.spawn(async move {
-            let r = tokio::time::timeout(timeout, idle_tunnel(&via, &hello, flight)).await;
+            let r =
+                tokio::time::timeout(timeout, idle_tunnel(&via, target, source, &hello, flight))
+                    .await;
             drop(permit);
             r.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "tunnel timed out")))
         });
@@ -861,10 +925,16 @@ async fn idle(
     let n = held.len();
     let per = (after as f64 - before as f64) / n.max(1) as f64;
     println!(
-        "tunnels={n} errors={errors} open_secs={open_secs:.2} rss_before_kib={before} rss_after_kib={after} kib_per_tunnel={per:.2}"
+        "tunnels={n} errors={errors} open_secs={open_secs:.2} rss_before_kib={before} rss_after_kib={after} delta_kib={} kib_per_tunnel={per:.2}",
+        after as i64 - before as i64
     );
     if let Some(e) = first_error {
         eprintln!("idle: first error: {e}");
+    }
+    if spread.reset_at_end {
+        for s in &held {
+            let _ = s.set_zero_linger();
+        }
     }
     drop(held);
     if n == 0 {
@@ -1040,8 +1110,12 @@ async fn dispatch(cmd: Cmd) -> io::Result<()> {
             settle_secs,
             rss_pids,
             max_secs,
+            also_targets,
+            source_ips,
+            reset_at_end,
         } => {
             loopback(&via_addrs(&via))?;
+            loopback(&also_targets)?;
             idle(
                 via,
                 count,
@@ -1050,6 +1124,11 @@ async fn dispatch(cmd: Cmd) -> io::Result<()> {
                 settle_secs,
                 rss_pids,
                 max_secs,
+                IdleSpread {
+                    also_targets,
+                    source_ips,
+                    reset_at_end,
+                },
             )
             .await
         }

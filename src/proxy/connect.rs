@@ -34,7 +34,60 @@ const MAX_FIELDS: usize = 32;
 const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// Serve one explicit client connection until it ends.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
+///
+/// Not an `async fn` (whose future keeps its arguments twice): a tunnel's
+/// task is mostly this future. Everything before the relay is boxed, so
+/// that an idle tunnel's task holds the relay and nothing of the head, the
+/// decision or the connect.
+// Written out: an async fn's future keeps its arguments twice.
+#[allow(clippy::manual_async_fn)]
+pub fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    ctx: ConnCtx,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let Some(Established {
+            shared,
+            engine,
+            flow,
+            client,
+            initial,
+            up,
+        }) = Box::pin(first_request(shared, stream, ctx)).await
+        else {
+            return;
+        };
+        tunnel::run(
+            shared,
+            engine,
+            flow,
+            client,
+            initial,
+            Upstream::Connected(up),
+        )
+        .await;
+    }
+}
+
+/// A CONNECT answered 200, its tunnel ready to be inspected and relayed.
+struct Established {
+    shared: Arc<Shared>,
+    engine: Arc<crate::engine::Engine>,
+    flow: Box<tunnel::Flow>,
+    client: TcpStream,
+    initial: bytes::Bytes,
+    up: TcpStream,
+}
+
+/// Read and decide the connection's first request. `Some`: a CONNECT
+/// taken here and answered 200; `None`: the connection was served (by the
+/// HTTP server, or refused) and is over.
+async fn first_request(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    mut ctx: ConnCtx,
+) -> Option<Established> {
     let (header_timeout, max_head, max_fields) = {
         let limits = &shared.engine.load().config.limits;
         (
@@ -55,13 +108,13 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
     let mut scanned = 0;
     loop {
         tokio::select! {
-            r = stream.readable() => if r.is_err() { return },
-            _ = tokio::time::sleep_until(deadline) => return,
-            _ = super::shutdown_requested(&mut shutdown) => return,
+            r = stream.readable() => if r.is_err() { return None },
+            _ = tokio::time::sleep_until(deadline) => return None,
+            _ = super::shutdown_requested(&mut shutdown) => return None,
         }
         buf.reserve(FIRST_READ);
         match relay::try_read_buf_draining(&stream, &mut buf) {
-            Ok(0) => return,
+            Ok(0) => return None,
             Ok(_) => {
                 // Parse on the first read (bytes that are not HTTP get
                 // their 400 at once) and when a blank line has come; in
@@ -75,7 +128,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return,
+            Err(_) => return None,
         }
     }
     drop(shutdown);
@@ -84,11 +137,13 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
 
     let Some(head) = connect_head(&buf, max_head, max_fields) else {
         // Absolute-form HTTP and everything else (which it hands on).
-        return Box::pin(super::forward::serve(shared, stream, buf, ctx)).await;
+        Box::pin(super::forward::serve(shared, stream, buf, ctx)).await;
+        return None;
     };
     let Ok(authority) = head.target.parse::<http::uri::Authority>() else {
         // Not authority-form: the HTTP server's answer is the one to give.
-        return http(shared, stream, buf, ctx, None).await;
+        http(shared, stream, buf, ctx, None).await;
+        return None;
     };
     let mut rec = explicit::new_record(&shared, &ctx, "CONNECT", &head.target);
     if let Some(auth) = &engine.config.auth {
@@ -110,7 +165,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
                 // one hash, not two); hyper writes the 407 and the
                 // connection goes on.
                 let resp = explicit::auth_refusal(&shared, &ctx, auth, outcome, rec);
-                return http(shared, stream, buf, ctx, Some(resp)).await;
+                http(shared, stream, buf, ctx, Some(resp)).await;
+                return None;
             }
         }
     }
@@ -138,17 +194,16 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
                 rec.error = Some(e.to_string());
                 shared.record_verdict(ctx.listener, &engine, &flow.findings.verdict(), &mut rec);
                 shared.access_log.write(rec);
-                return;
+                return None;
             }
-            tunnel::run(
+            Some(Established {
                 shared,
                 engine,
                 flow,
-                stream,
-                buf.freeze(),
-                Upstream::Connected(up),
-            )
-            .await;
+                client: stream,
+                initial: buf.freeze(),
+                up,
+            })
         }
         Err(FlowError::Blocked(d)) if tunnel::page_for_connect(&engine, &ctx, &authority) => {
             // A listed client's browser shows a page, not a failed tunnel:
@@ -161,6 +216,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
                 ))
                 .await;
             }
+            None
         }
         Err(e) => {
             let resp = explicit::refusal(&shared, &engine, &ctx, e, rec);
@@ -168,6 +224,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut ctx: ConnCtx) {
             let mut all = head_bytes;
             all.unsplit(buf);
             http(shared, stream, all, ctx, Some(resp)).await;
+            None
         }
     }
 }

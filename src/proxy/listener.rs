@@ -50,55 +50,66 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, kind: ListenerKind)
     }
 }
 
-async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, kind: ListenerKind) {
-    let engine = shared.engine.load();
-    if !engine.config.allow_clients.contains(peer.ip()) {
-        shared.metrics.refused_clients.inc();
-        tracing::warn!(client = %peer, "client not in access.allow_clients; refused");
-        if kind == ListenerKind::Explicit {
-            let _ = stream
-                .write_all(&raw_response(
-                    StatusCode::FORBIDDEN,
-                    "client address not allowed\n",
-                ))
-                .await;
-        }
-        return;
-    }
-    drop(engine);
-    let slot = match shared.admit(peer.ip(), kind) {
-        Ok(g) => g,
-        Err(limit) => {
-            shared
-                .metrics
-                .limit_refusals
-                .with_label_values(&[limit])
-                .inc();
-            tracing::warn!(client = %peer, limit, "connection cap reached; refused");
+/// One accepted connection. Not an `async fn`, whose future keeps its
+/// arguments twice: a tunnel's task is this future.
+// Written out: an async fn's future keeps its arguments twice.
+#[allow(clippy::manual_async_fn)]
+fn handle(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let engine = shared.engine.load();
+        if !engine.config.allow_clients.contains(peer.ip()) {
+            shared.metrics.refused_clients.inc();
+            tracing::warn!(client = %peer, "client not in access.allow_clients; refused");
             if kind == ListenerKind::Explicit {
                 let _ = stream
                     .write_all(&raw_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many connections\n",
+                        StatusCode::FORBIDDEN,
+                        "client address not allowed\n",
                     ))
                     .await;
             }
             return;
         }
-    };
-    shared.metrics.listener(kind).connections_total.inc();
-    let _ = stream.set_nodelay(true);
-    let ctx = ConnCtx {
-        client: ClientInfo {
-            addr: peer,
-            user: None,
-            groups: None,
-        },
-        listener: kind,
-        slot: Some(Arc::new(slot)),
-    };
-    match kind {
-        ListenerKind::Explicit => super::connect::serve(shared, stream, ctx).await,
-        _ => transparent::handle(shared, stream, ctx).await,
+        drop(engine);
+        let slot = match shared.admit(peer.ip(), kind) {
+            Ok(g) => g,
+            Err(limit) => {
+                shared
+                    .metrics
+                    .limit_refusals
+                    .with_label_values(&[limit])
+                    .inc();
+                tracing::warn!(client = %peer, limit, "connection cap reached; refused");
+                if kind == ListenerKind::Explicit {
+                    let _ = stream
+                        .write_all(&raw_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "too many connections\n",
+                        ))
+                        .await;
+                }
+                return;
+            }
+        };
+        shared.metrics.listener(kind).connections_total.inc();
+        let _ = stream.set_nodelay(true);
+        let ctx = ConnCtx {
+            client: ClientInfo {
+                addr: peer,
+                user: None,
+                groups: None,
+            },
+            listener: kind,
+            slot: Some(Arc::new(slot)),
+        };
+        match kind {
+            ListenerKind::Explicit => super::connect::serve(shared, stream, ctx).await,
+            _ => transparent::handle(shared, stream, ctx).await,
+        }
     }
 }

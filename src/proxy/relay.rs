@@ -278,100 +278,110 @@ pub fn reset(s: &TcpStream) {
 
 /// One direction: copy `src` to `dst`, inspecting the first bytes while an
 /// inspector is present.
-pub(super) async fn pump<S: Wire, D: Wire>(
-    cx: &RelayCtx<'_>,
-    src: &S,
-    dst: &D,
+///
+/// An idle tunnel holds two of these futures, waiting to read: so it is
+/// not an `async fn` (whose future keeps its arguments twice), and the
+/// stages that only some directions reach for a while (inspection, the
+/// wait for the rest of held bytes, splicing) are boxed, so that the
+/// future is as large as a read and a write, not as its largest stage.
+// Written out: an async fn's future keeps its arguments twice.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn pump<'a, S: Wire, D: Wire>(
+    cx: &'a RelayCtx<'a>,
+    src: &'a S,
+    dst: &'a D,
     mut insp: Option<Inspector>,
-    counter: &AtomicU64,
-) -> End {
-    // Bytes handed in before the relay started (peeked first bytes).
-    if let Some(i) = insp.as_mut() {
-        match inspect_step(cx, i, dst).await {
-            Err(end) => return end,
-            Ok(true) => insp = None,
-            Ok(false) => {}
+    counter: &'a AtomicU64,
+) -> impl std::future::Future<Output = End> + 'a {
+    async move {
+        // Bytes handed in before the relay started (peeked first bytes).
+        if let Some(i) = insp.as_mut() {
+            match Box::pin(inspect_step(cx, i, dst)).await {
+                Err(end) => return end,
+                Ok(true) => insp = None,
+                Ok(false) => {}
+            }
         }
-    }
-    loop {
-        let held = insp.as_ref().is_some_and(|i| !i.held().is_empty());
-        if held {
-            match tokio::time::timeout(cx.hold_timeout, src.readable()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return End::Error(e),
-                Err(_) => {
-                    // The rest of a possible signature did not come: pass the
-                    // held bytes on and keep inspecting what follows.
-                    if let Some(i) = insp.as_mut() {
-                        let from = i.forwarded;
-                        i.forwarded = i.buf.len();
-                        if let Err(e) = dst.write_all(&i.buf[from..]).await {
-                            return End::Error(e);
+        loop {
+            let held = insp.as_ref().is_some_and(|i| !i.held().is_empty());
+            if held {
+                match Box::pin(tokio::time::timeout(cx.hold_timeout, src.readable())).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return End::Error(e),
+                    Err(_) => {
+                        // The rest of a possible signature did not come: pass the
+                        // held bytes on and keep inspecting what follows.
+                        if let Some(i) = insp.as_mut() {
+                            let from = i.forwarded;
+                            i.forwarded = i.buf.len();
+                            if let Err(e) = dst.write_all(&i.buf[from..]).await {
+                                return End::Error(e);
+                            }
                         }
+                        continue;
                     }
-                    continue;
                 }
-            }
-        } else if let Err(e) = src.readable().await {
-            return End::Error(e);
-        }
-        let mut buf = take_buf();
-        let n = match src.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                give_buf(buf);
-                continue;
-            }
-            Err(e) => {
-                give_buf(buf);
+            } else if let Err(e) = src.readable().await {
                 return End::Error(e);
             }
-        };
-        if n == 0 {
-            give_buf(buf);
-            if let Some(i) = insp.take() {
-                // The stream ended: nothing can complete a partial match.
-                if let Err(e) = dst.write_all(i.held()).await {
+            let mut buf = take_buf();
+            let n = match src.try_read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    give_buf(buf);
+                    continue;
+                }
+                Err(e) => {
+                    give_buf(buf);
                     return End::Error(e);
                 }
-            }
-            dst.shutdown_write();
-            return End::Closed;
-        }
-        cx.touch();
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        let result = match insp.as_mut() {
-            Some(i) => {
-                i.buf.extend_from_slice(&buf[..n]);
+            };
+            if n == 0 {
                 give_buf(buf);
-                match inspect_step(cx, i, dst).await {
-                    Err(end) => Some(end),
-                    Ok(finished) => {
-                        if finished {
-                            insp = None;
-                        }
-                        None
+                if let Some(i) = insp.take() {
+                    // The stream ended: nothing can complete a partial match.
+                    if let Err(e) = dst.write_all(i.held()).await {
+                        return End::Error(e);
                     }
                 }
+                dst.shutdown_write();
+                return End::Closed;
             }
-            None => {
-                let r = dst.write_all(&buf[..n]).await.err().map(End::Error);
-                give_buf(buf);
-                if r.is_none() && n == COPY_BUF {
-                    // A full buffer: bulk data. Move the rest of this
-                    // direction through a pipe in the kernel (splice), when
-                    // the platform has it.
-                    if let (Some(src), Some(dst)) = (src.tcp(), dst.tcp()) {
-                        if let Some(end) = splice::pump(cx, src, dst, counter).await {
-                            return end;
+            cx.touch();
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            let result = match insp.as_mut() {
+                Some(i) => {
+                    i.buf.extend_from_slice(&buf[..n]);
+                    give_buf(buf);
+                    match Box::pin(inspect_step(cx, i, dst)).await {
+                        Err(end) => Some(end),
+                        Ok(finished) => {
+                            if finished {
+                                insp = None;
+                            }
+                            None
                         }
                     }
                 }
-                r
+                None => {
+                    let r = dst.write_all(&buf[..n]).await.err().map(End::Error);
+                    give_buf(buf);
+                    if r.is_none() && n == COPY_BUF {
+                        // A full buffer: bulk data. Move the rest of this
+                        // direction through a pipe in the kernel (splice), when
+                        // the platform has it.
+                        if let (Some(src), Some(dst)) = (src.tcp(), dst.tcp()) {
+                            if let Some(end) = Box::pin(splice::pump(cx, src, dst, counter)).await {
+                                return end;
+                            }
+                        }
+                    }
+                    r
+                }
+            };
+            if let Some(end) = result {
+                return end;
             }
-        };
-        if let Some(end) = result {
-            return end;
         }
     }
 }
@@ -512,20 +522,25 @@ async fn inspect_step<D: Wire>(cx: &RelayCtx<'_>, i: &mut Inspector, dst: &D) ->
 
 /// Relay both directions until both end, one is refused, or the tunnel is
 /// idle. On refusal both sockets are reset.
-pub async fn relay(
-    cx: &RelayCtx<'_>,
-    client: &TcpStream,
-    upstream: &TcpStream,
+// Written out: an async fn's future keeps its arguments twice.
+#[allow(clippy::manual_async_fn)]
+pub fn relay<'a>(
+    cx: &'a RelayCtx<'a>,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
     c2s: Option<Inspector>,
     s2c: Option<Inspector>,
-) -> End {
-    // The directions are pinned here and lent: run_pair's future holds
-    // two references, not a second copy of them (an idle tunnel's task is
-    // mostly these).
-    let up = pump(cx, client, upstream, c2s, &cx.up);
-    let down = pump(cx, upstream, client, s2c, &cx.down);
-    tokio::pin!(up, down);
-    run_pair(cx, client, upstream, up, down).await
+) -> impl std::future::Future<Output = End> + 'a {
+    async move {
+        // The directions are made and pinned here, and lent: run_pair's
+        // future holds two references, not a second copy of them (an idle
+        // tunnel's task is mostly these). Made inside this future, not
+        // before it: what it captures it keeps.
+        let up = pump(cx, client, upstream, c2s, &cx.up);
+        let down = pump(cx, upstream, client, s2c, &cx.down);
+        tokio::pin!(up, down);
+        run_pair(cx, client, upstream, up, down).await
+    }
 }
 
 /// Drive the two directions of a tunnel until both end, one of them is

@@ -176,7 +176,16 @@ pub(super) async fn run(
     let (Some(tls), Some(info)) = (engine.tls.clone(), flow.tls.take()) else {
         // Not reachable: decryption is decided only with both present.
         if let Some(up) = upstream_now(&shared, &engine, &mut flow, &client, upstream).await {
-            relay_plain(&shared, &engine, &mut flow, &client, &up, First::Tls, hello).await;
+            relay_plain(
+                &shared,
+                &engine,
+                Box::new(flow),
+                &client,
+                &up,
+                First::Tls,
+                hello,
+            )
+            .await;
         }
         return;
     };
@@ -192,7 +201,16 @@ pub(super) async fn run(
         }
         count(&shared, "spliced_alpn");
         flow.rec.tls = Some("spliced");
-        relay_plain(&shared, &engine, &mut flow, &client, &up, First::Tls, hello).await;
+        relay_plain(
+            &shared,
+            &engine,
+            Box::new(flow),
+            &client,
+            &up,
+            First::Tls,
+            hello,
+        )
+        .await;
         return;
     }
     let t = &engine.config.tls_inspect;
@@ -213,7 +231,16 @@ pub(super) async fn run(
         }
         count(&shared, "spliced_upstream_error");
         flow.rec.tls = Some("spliced");
-        relay_plain(&shared, &engine, &mut flow, &client, &up, First::Tls, hello).await;
+        relay_plain(
+            &shared,
+            &engine,
+            Box::new(flow),
+            &client,
+            &up,
+            First::Tls,
+            hello,
+        )
+        .await;
         return;
     };
     let handshake = tokio::time::timeout(t.handshake_timeout, connector.connect(name, up)).await;
@@ -447,7 +474,16 @@ async fn splice_fresh(
             match shared.connect_through(&engine, p, &authority).await {
                 Ok((up, own)) => {
                     flow.own = own;
-                    relay_plain(&shared, &engine, &mut flow, &client, &up, First::Tls, hello).await;
+                    relay_plain(
+                        &shared,
+                        &engine,
+                        Box::new(flow),
+                        &client,
+                        &up,
+                        First::Tls,
+                        hello,
+                    )
+                    .await;
                 }
                 Err(e) => {
                     shared.metrics.upstream_error(e.kind());
@@ -463,7 +499,16 @@ async fn splice_fresh(
     else {
         return;
     };
-    relay_plain(&shared, &engine, &mut flow, &client, &up, First::Tls, hello).await;
+    relay_plain(
+        &shared,
+        &engine,
+        Box::new(flow),
+        &client,
+        &up,
+        First::Tls,
+        hello,
+    )
+    .await;
 }
 
 /// Answer a listed client with the page for `err` over chatwall's

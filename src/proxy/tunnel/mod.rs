@@ -158,7 +158,7 @@ pub async fn open(
     ctx: ConnCtx,
     auth: &http::uri::Authority,
     rec: &mut Record,
-) -> Result<(TcpStream, Flow), FlowError> {
+) -> Result<(TcpStream, Box<Flow>), FlowError> {
     let port = super::target::connect_port(auth)?;
     let raw_host = auth.host().trim_start_matches('[').trim_end_matches(']');
     let host = if raw_host.parse::<std::net::IpAddr>().is_ok() {
@@ -220,7 +220,7 @@ pub async fn open(
         }
     };
     rec.status = 200;
-    let flow = Flow {
+    let flow = Box::new(Flow {
         ctx,
         dst,
         host: Some(host),
@@ -231,7 +231,7 @@ pub async fn open(
         own,
         tls: None,
         rec: std::mem::take(rec),
-    };
+    });
     Ok((up, flow))
 }
 
@@ -283,80 +283,91 @@ pub async fn refuse_with_page(
 }
 
 /// Inspect and relay one tunnel; writes its access-log record at the end.
-pub async fn run(
+///
+/// Not an `async fn`, nor are the functions of the relay stage: an async
+/// fn's future keeps its arguments twice (as taken, and as the body's
+/// bindings), and an idle tunnel's task is mostly this future. The flow
+/// comes boxed: the relay stage keeps only what it needs of it (see
+/// `Kept`).
+// Written out: an async fn's future keeps its arguments twice.
+#[allow(clippy::manual_async_fn)]
+pub fn run(
     shared: Arc<Shared>,
     engine: Arc<Engine>,
-    mut flow: Flow,
+    mut flow: Box<Flow>,
     client: TcpStream,
     initial: Bytes,
     upstream: Upstream,
-) {
-    let started = Instant::now();
-    let logged = !shared.access_log.is_off();
-    let (result, buf) = first_bytes(&engine, &mut flow, &client, initial, &upstream, logged).await;
-    shared
-        .metrics
-        .inspection_duration
-        .observe(started.elapsed().as_secs_f64());
-    let first = match result {
-        Ok(x) => x,
-        Err(FlowError::Blocked(d)) if flow.tls.as_ref().is_some_and(|t| t.page) => {
-            // A listed client's browser gets a page it can show.
-            if let Upstream::Connected(up) = &upstream {
-                relay::reset(up);
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let started = Instant::now();
+        let logged = !shared.access_log.is_off();
+        let (result, buf) =
+            first_bytes(&engine, &mut flow, &client, initial, &upstream, logged).await;
+        shared
+            .metrics
+            .inspection_duration
+            .observe(started.elapsed().as_secs_f64());
+        let first = match result {
+            Ok(x) => x,
+            Err(FlowError::Blocked(d)) if flow.tls.as_ref().is_some_and(|t| t.page) => {
+                // A listed client's browser gets a page it can show.
+                if let Upstream::Connected(up) = &upstream {
+                    relay::reset(up);
+                }
+                let page = FlowError::Blocked(d);
+                Box::pin(intercept::page_over_tls(
+                    shared, engine, *flow, client, buf, page,
+                ))
+                .await;
+                return;
             }
-            let page = FlowError::Blocked(d);
-            Box::pin(intercept::page_over_tls(
-                shared, engine, flow, client, buf, page,
-            ))
-            .await;
+            Err(e) => {
+                refuse_tunnel(&shared, &engine, *flow, &client, &upstream, e);
+                return;
+            }
+        };
+        if first == First::Tls && flow.tls.as_ref().is_some_and(|t| t.required && !t.decrypt) {
+            // Tenant restrictions apply to this flow and it cannot be
+            // decrypted (HTTP/1.1 not offered, or the hello names another
+            // server than the CONNECT): refused, never relayed without them.
+            intercept::refuse_undecrypted(&shared, &engine, *flow, &client, &upstream);
             return;
         }
-        Err(e) => {
-            refuse_tunnel(&shared, &engine, flow, &client, &upstream, e);
+        if first == First::Tls && flow.tls.as_ref().is_some_and(|t| t.decrypt) {
+            // Boxed: only decrypted flows carry the TLS sessions.
+            Box::pin(intercept::run(shared, engine, *flow, client, buf, upstream)).await;
             return;
         }
-    };
-    if first == First::Tls && flow.tls.as_ref().is_some_and(|t| t.required && !t.decrypt) {
-        // Tenant restrictions apply to this flow and it cannot be
-        // decrypted (HTTP/1.1 not offered, or the hello names another
-        // server than the CONNECT): refused, never relayed without them.
-        intercept::refuse_undecrypted(&shared, &engine, flow, &client, &upstream);
-        return;
-    }
-    if first == First::Tls && flow.tls.as_ref().is_some_and(|t| t.decrypt) {
-        // Boxed: only decrypted flows carry the TLS sessions.
-        Box::pin(intercept::run(shared, engine, flow, client, buf, upstream)).await;
-        return;
-    }
 
-    if let (Some(d), false) = (flow.addr_block, first == First::Http) {
-        refuse_tunnel(
-            &shared,
-            &engine,
-            flow,
-            &client,
-            &upstream,
-            FlowError::Blocked(d),
-        );
-        return;
-    }
+        if let (Some(d), false) = (flow.addr_block, first == First::Http) {
+            refuse_tunnel(
+                &shared,
+                &engine,
+                *flow,
+                &client,
+                &upstream,
+                FlowError::Blocked(d),
+            );
+            return;
+        }
 
-    if first == First::Http {
-        // Boxed: its state (buffers, the request follower, the exchange)
-        // exists only for tunnels that carry HTTP, not in every tunnel's
-        // task.
-        Box::pin(http1::run(shared, engine, flow, client, buf, upstream)).await;
-        return;
-    }
+        if first == First::Http {
+            // Boxed: its state (buffers, the request follower, the exchange)
+            // exists only for tunnels that carry HTTP, not in every tunnel's
+            // task.
+            Box::pin(http1::run(shared, engine, *flow, client, buf, upstream)).await;
+            return;
+        }
 
-    // Boxed: connecting (directly or through the parent) is over before
-    // the relay, whose task an idle tunnel keeps.
-    let Some(up) = Box::pin(upstream_now(&shared, &engine, &mut flow, &client, upstream)).await
-    else {
-        return;
-    };
-    relay_plain(&shared, &engine, &mut flow, &client, &up, first, buf).await;
+        // Boxed: connecting (directly or through the parent) is over before
+        // the relay, whose task an idle tunnel keeps.
+        let Some(up) = Box::pin(upstream_now(&shared, &engine, &mut flow, &client, upstream)).await
+        else {
+            return;
+        };
+        relay_plain(&shared, &engine, flow, &client, &up, first, buf).await;
+    }
 }
 
 /// The tunnel's upstream: connected already, or now. `None`: it could not
@@ -388,78 +399,132 @@ async fn upstream_now(
     }
 }
 
-/// Relay a tunnel that is not followed as HTTP: its first bytes (already
-/// read and decided) go first, then both directions as they come, under
-/// payload signatures where they apply. Everything is lent, not moved: an
-/// idle tunnel's task then holds one copy of the flow, not two (an async
-/// fn's arguments have their own place in its future).
-async fn relay_plain(
-    shared: &Shared,
-    engine: &Engine,
-    flow: &mut Flow,
-    client: &TcpStream,
-    up: &TcpStream,
-    first: First,
-    buf: BytesMut,
-) {
-    if !shared.access_log.is_off() && flow.rec.upstream.is_none() {
-        // Connected to flow.dst: the CONNECT's checked address, or the
-        // redirected stream's original destination (through the parent,
-        // `open` says so).
-        flow.rec.upstream = Some(flow.dst.to_string());
+/// What a relayed tunnel keeps of its flow until it ends: the client's
+/// context (its slot under the caps), the upstream socket's registration,
+/// the monitor verdict found before the relay, and the access-log record
+/// only when there is a log (else the one fact the metrics need of it).
+/// The rest of the flow is freed before the relay starts.
+struct Kept {
+    ctx: ConnCtx,
+    /// Held for what its drop does: the upstream socket leaves the set.
+    _own: Option<upstream::OwnSocket>,
+    monitor: Option<Verdict>,
+    rec: Option<Box<Record>>,
+    counted: bool,
+}
+
+impl Kept {
+    fn new(shared: &Shared, flow: Box<Flow>) -> Kept {
+        let Flow {
+            ctx,
+            dst,
+            findings,
+            own,
+            mut rec,
+            ..
+        } = *flow;
+        let logged = !shared.access_log.is_off();
+        if logged && rec.upstream.is_none() {
+            // Connected to dst: the CONNECT's checked address, or the
+            // redirected stream's original destination (through the
+            // parent, `open` says so).
+            rec.upstream = Some(dst.to_string());
+        }
+        Kept {
+            ctx,
+            _own: own,
+            monitor: findings.monitor,
+            counted: rec.counted,
+            rec: logged.then(|| Box::new(rec)),
+        }
     }
 
-    let cx = RelayCtx::new(shared, engine, flow.ctx.client.who());
-    let window = engine.config.inspect_bytes;
-    // The first bytes were read here; the relay forwards them.
-    cx.up
-        .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let inspect = matches!(first, First::Payload) && !flow.allowlisted;
-    let (c2s, s2c) = match first {
-        First::Payload if inspect => (
-            Some(Inspector::new(Direction::Client, &buf, window)),
-            (engine.signatures.payload().reach(Direction::Server) > 0)
-                .then(|| Inspector::new(Direction::Server, &[], window)),
-        ),
-        _ => {
-            // Allowed TLS, or an allow-listed destination (never refused on
-            // its payload): hand the first bytes on, then relay as is.
-            if let Err(e) = relay::write_all(up, &buf).await {
-                flow.rec.error = Some(e.to_string());
-            }
-            (None, None)
+    /// The record to finish and write: the flow's, or (no log) a blank one
+    /// that counts as the flow's did.
+    fn record(&mut self) -> Record {
+        match self.rec.take() {
+            Some(rec) => *rec,
+            None => Record {
+                counted: self.counted,
+                ..Record::default()
+            },
         }
-    };
-    // Idle tunnels hold no copy of their first bytes.
-    drop(buf);
-    let end = if first == First::Tls && flow.check_cert {
-        // Boxed: only tunnels without an SNI pay for the held flight.
-        Box::pin(relay_checking_certificate(&cx, client, up)).await
-    } else {
-        relay::relay(&cx, client, up, c2s, s2c).await
-    };
-    cx.finish(&mut flow.rec);
-    // One verdict per tunnel: a payload block, else the first monitor
-    // finding (destination, first bytes, then payload), else allow.
-    let relay_monitor = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let verdict = match &end {
-        End::Blocked(d) => Verdict::Block(*d),
-        _ => flow
-            .findings
-            .monitor
-            .or(relay_monitor)
-            .unwrap_or(Verdict::Allow),
-    };
-    shared.record_verdict(flow.ctx.listener, engine, &verdict, &mut flow.rec);
-    match end {
-        End::Blocked(d) => {
-            tracing::debug!(client = %flow.ctx.client.addr, app = engine.signatures.app_id(d.app), "tunnel reset on payload");
-        }
-        End::Idle => flow.rec.error = Some("idle timeout".into()),
-        End::Error(e) => flow.rec.error = Some(e.to_string()),
-        End::Closed | End::Refused => {}
     }
-    shared.access_log.write(std::mem::take(&mut flow.rec));
+}
+
+/// Relay a tunnel that is not followed as HTTP: its first bytes (already
+/// read and decided) go first, then both directions as they come, under
+/// payload signatures where they apply. The sockets are lent; of the flow
+/// only `Kept` stays.
+// Written out: an async fn's future keeps its arguments twice.
+#[allow(clippy::manual_async_fn)]
+fn relay_plain<'a>(
+    shared: &'a Shared,
+    engine: &'a Engine,
+    flow: Box<Flow>,
+    client: &'a TcpStream,
+    up: &'a TcpStream,
+    first: First,
+    buf: BytesMut,
+) -> impl std::future::Future<Output = ()> + 'a {
+    async move {
+        let cx = RelayCtx::new(shared, engine, flow.ctx.client.who());
+        let window = engine.config.inspect_bytes;
+        // The first bytes were read here; the relay forwards them.
+        cx.up
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let inspect = matches!(first, First::Payload) && !flow.allowlisted;
+        let check_cert = first == First::Tls && flow.check_cert;
+        let mut kept = Kept::new(shared, flow);
+        let mut write_error = None;
+        let (c2s, s2c) = match first {
+            First::Payload if inspect => (
+                Some(Inspector::new(Direction::Client, &buf, window)),
+                (engine.signatures.payload().reach(Direction::Server) > 0)
+                    .then(|| Inspector::new(Direction::Server, &[], window)),
+            ),
+            _ => {
+                // Allowed TLS, or an allow-listed destination (never refused on
+                // its payload): hand the first bytes on, then relay as is.
+                if let Err(e) = relay::write_all(up, &buf).await {
+                    write_error = Some(e.to_string());
+                }
+                (None, None)
+            }
+        };
+        // Idle tunnels hold no copy of their first bytes.
+        drop(buf);
+        let end = if check_cert {
+            // Boxed: only tunnels without an SNI pay for the held flight.
+            Box::pin(relay_checking_certificate(&cx, client, up)).await
+        } else {
+            relay::relay(&cx, client, up, c2s, s2c).await
+        };
+        let mut rec = kept.record();
+        if write_error.is_some() {
+            rec.error = write_error;
+        }
+        cx.finish(&mut rec);
+        // One verdict per tunnel: a payload block, else the first monitor
+        // finding (destination, first bytes, then payload), else allow.
+        let relay_monitor = cx.monitor.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let verdict = match &end {
+            End::Blocked(d) => Verdict::Block(*d),
+            _ => kept.monitor.or(relay_monitor).unwrap_or(Verdict::Allow),
+        };
+        shared.record_verdict(kept.ctx.listener, engine, &verdict, &mut rec);
+        match end {
+            End::Blocked(d) => {
+                tracing::debug!(client = %kept.ctx.client.addr, app = engine.signatures.app_id(d.app), "tunnel reset on payload");
+            }
+            End::Idle => rec.error = Some("idle timeout".into()),
+            End::Error(e) => rec.error = Some(e.to_string()),
+            End::Closed | End::Refused => {}
+        }
+        shared.access_log.write(rec);
+        // The upstream's registration and the client's slot go with the tunnel.
+        drop(kept);
+    }
 }
 
 /// Relay a TLS tunnel whose server's certificate names are decided first.
@@ -632,9 +697,9 @@ async fn first_bytes(
 }
 
 /// A tunnel set up by a transparent listener.
-pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
+pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Box<Flow> {
     let client = ctx.client.addr.to_string();
-    Flow {
+    Box::new(Flow {
         ctx,
         dst,
         host: None,
@@ -653,5 +718,5 @@ pub fn new_flow(ctx: ConnCtx, dst: SocketAddr, listener: ListenerKind) -> Flow {
             verdict: "allow",
             ..Record::default()
         },
-    }
+    })
 }
