@@ -1740,11 +1740,12 @@ async fn idempotent_requests_are_sent_again_whole() {
     assert_eq!(statuses, [200, 200, 200, 200], "{recs:?}");
 }
 
-/// At most 64 idle connections are kept per origin: 65 answered at once
-/// leave 64 in the pool, and the origin sees the oldest closed.
+/// At most `MAX_IDLE_PER_ORIGIN` idle connections are kept per origin:
+/// one more answered at once leaves that many in the pool, and the origin
+/// sees the oldest closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pool_keeps_at_most_64_idle_connections_per_origin() {
-    const N: usize = 65;
+async fn the_pool_keeps_a_bounded_number_of_idle_connections_per_origin() {
+    const N: usize = chatwall::proxy::forward::MAX_IDLE_PER_ORIGIN + 1;
     // A gate for each request (`GET /i`).
     let gates: Arc<Vec<Arc<Semaphore>>> =
         Arc::new((0..N).map(|_| Arc::new(Semaphore::new(0))).collect());
@@ -1758,7 +1759,12 @@ async fn the_pool_keeps_at_most_64_idle_connections_per_origin() {
         vec![Step::Wait(Arc::clone(&g[path])), Step::Write(OK.to_vec())]
     }))
     .await;
-    let proxy = Proxy::start_open().await;
+    // One client address holds all of them: above its default cap.
+    let proxy = Proxy::start(&format!(
+        "{OPEN}\n[limits]\nmax_connections_per_client = {}\n",
+        2 * N
+    ))
+    .await;
     let via = via_of(&proxy);
     let a = origin.addr;
     let mut clients = Vec::new();
@@ -1785,7 +1791,7 @@ async fn the_pool_keeps_at_most_64_idle_connections_per_origin() {
         );
     }
     assert_eq!(origin.accepted(), N);
-    assert_eq!(proxy.shared.pool.idle(), 64);
+    assert_eq!(proxy.shared.pool.idle(), N - 1);
     assert!(origin.wait(|c| c.iter().any(|s| s.ended)).await);
     let ended: Vec<usize> = (0..N).filter(|&i| origin.conn(i).ended).collect();
     assert_eq!(ended.len(), 1, "{ended:?}");

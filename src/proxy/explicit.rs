@@ -61,7 +61,7 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.limits.upstream_idle_timeout)
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(super::forward::MAX_IDLE_PER_ORIGIN)
             .set_host(false)
             // Header names go upstream as the client wrote them (the case
             // map travels in the request's extensions); the few this proxy

@@ -27,7 +27,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-pub use pool::Pool;
+pub use pool::{Pool, MAX_IDLE, MAX_IDLE_PER_ORIGIN};
 
 use super::conn::ConnCtx;
 use super::explicit;
