@@ -321,6 +321,17 @@ async fn admit(
     Ok(addrs)
 }
 
+/// How long a client may leave a response unread before the connection
+/// is dropped (it holds an upstream connection meanwhile).
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Write to the client, bounded by [`CLIENT_WRITE_TIMEOUT`].
+async fn write_client(client: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    tokio::time::timeout(CLIENT_WRITE_TIMEOUT, relay::write_all(client, bytes))
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
 /// Methods a request may be sent again with when a pooled connection
 /// turns out closed before any answer (RFC 9110 §9.2.2).
 fn retryable(method: &str) -> bool {
@@ -352,7 +363,7 @@ async fn answer(
         );
     }
     let bytes = heads::own_response(&parts, &body, head_request);
-    relay::write_all(client, &bytes).await.is_ok() && !closing
+    write_client(client, &bytes).await.is_ok() && !closing
 }
 
 /// Send the request on a pooled connection, or a new one, and read the
@@ -501,7 +512,7 @@ async fn relay_response(
         let mut head = std::mem::take(&mut resp.client_head);
         heads::finish(&mut head, resp.via_at, via, false);
         let _ = rbuf.split_to(resp.head_len);
-        if interim > MAX_INTERIM || relay::write_all(client, &head).await.is_err() {
+        if interim > MAX_INTERIM || write_client(client, &head).await.is_err() {
             rec.error = Some("too many interim responses, or the client went away".into());
             shared.access_log.write(rec);
             return false;
@@ -556,7 +567,7 @@ async fn relay_response(
                     rec.error = Some(format!("response body framing: {why}"));
                     clean = false;
                     out.extend_from_slice(&rbuf);
-                    let _ = relay::write_all(client, &out).await;
+                    let _ = write_client(client, &out).await;
                     break;
                 }
             },
@@ -575,9 +586,9 @@ async fn relay_response(
                 shared.pool.put(key, up, ttl);
             }
             shared.access_log.write(rec);
-            return relay::write_all(client, &out).await.is_ok() && !close;
+            return write_client(client, &out).await.is_ok() && !close;
         }
-        if relay::write_all(client, &out).await.is_err() {
+        if write_client(client, &out).await.is_err() {
             rec.error = Some("the client went away".into());
             clean = false;
             break;
