@@ -69,7 +69,10 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, mut buf: BytesMut
             _ => break,
         };
         // The whole body, before anything is decided.
-        let body = match read_body(&mut stream, &mut buf, &req, deadline).await {
+        // The body may take longer than the head: each read of it gets
+        // the upstream idle bound, as a streamed body would.
+        let idle = limits.upstream_response_timeout;
+        let body = match read_body(&mut stream, &mut buf, &req, idle).await {
             Ok(Some(b)) => b,
             Ok(None) => break,
             Err(()) => return,
@@ -155,13 +158,13 @@ struct ReadBody {
 
 /// Read the request's body into `buf` after its head. `Ok(None)`: the
 /// general server takes the request (a chunked body longer than this path
-/// holds, or broken framing); `Err`: the client went away or the deadline
-/// passed.
+/// holds, or broken framing); `Err`: the client went away or sent nothing
+/// for `idle`.
 async fn read_body(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     req: &heads::Request,
-    deadline: Instant,
+    idle: Duration,
 ) -> Result<Option<ReadBody>, ()> {
     loop {
         match heads::body_end(req.body, &buf[req.head_len..]) {
@@ -169,7 +172,7 @@ async fn read_body(
             Ok(None) => {}
             Err(_) => return Ok(None),
         }
-        match read_more(stream, buf, deadline).await {
+        match read_more(stream, buf, Instant::now() + idle).await {
             Ok(n) if n > 0 => {}
             _ => return Err(()),
         }
