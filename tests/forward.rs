@@ -1960,3 +1960,23 @@ async fn nothing_after_a_close_request_is_forwarded() {
     );
     assert_eq!(origin.requests().len(), 1);
 }
+
+/// The same on the general server's path (OPTIONS goes there): the
+/// response comes, framed by its chunks, without the Content-Length
+/// (which made the general server abort it after the head was decided).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_framings_on_the_general_path() {
+    const BOTH: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let origin = Origin::fixed(BOTH).await;
+    let proxy = Proxy::start_open().await;
+    let a = origin.addr;
+    let mut c = Client::connect(&proxy).await;
+    c.send(format!("OPTIONS http://{a}/both HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+        .await;
+    let got = c.response(false).await;
+    assert_eq!(status(&got), 200, "{}", escape(&got));
+    assert_eq!(header(&got, "content-length"), None, "{}", escape(&got));
+    // Chunked again by the general server: one chunk of the three bytes.
+    assert_eq!(body_of(&got), b"3\r\nabc\r\n0\r\n\r\n");
+    assert_eq!(origin.accepted(), 1);
+}

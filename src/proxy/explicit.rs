@@ -557,6 +557,7 @@ async fn forward(
 
     let (mut rparts, rbody) = resp.into_parts();
     hop_by_hop::strip_response(&mut rparts.headers, false);
+    hop_by_hop::drop_length_beside_coding(&mut rparts.headers);
     append_via(&mut rparts.headers, &shared.via);
     rec.status = rparts.status.as_u16();
     let log = FlowLog {

@@ -178,6 +178,21 @@ pub fn strip_response(headers: &mut HeaderMap, switching: bool) {
     });
 }
 
+/// A response framed by Transfer-Encoding loses any Content-Length beside
+/// it (RFC 9112 §6.3 ¶3: a message with both is read by the coding, and an
+/// intermediary must remove the length before forwarding it). hyper would
+/// otherwise write the body under the length, and abort the response when
+/// the body runs past it. The other fields keep their order.
+pub fn drop_length_beside_coding(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        rebuild(headers, |name, value| {
+            (name != header::CONTENT_LENGTH).then_some(value)
+        });
+    }
+}
+
 /// Does a `101` switch only to protocols the request offered (RFC 9110
 /// §7.8)? `offered` holds the request's Upgrade fields as sent upstream.
 pub fn switches_to_offered(offered: &[HeaderValue], response: &HeaderMap) -> bool {
@@ -225,6 +240,31 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_length_beside_a_coding_goes_and_the_order_stays() {
+        let mut h = map(&[
+            ("a", "1"),
+            ("content-length", "2"),
+            ("b", "2"),
+            ("transfer-encoding", "chunked"),
+            ("c", "3"),
+        ]);
+        drop_length_beside_coding(&mut h);
+        assert_eq!(
+            pairs(&h),
+            want(&[
+                ("a", "1"),
+                ("b", "2"),
+                ("transfer-encoding", "chunked"),
+                ("c", "3")
+            ])
+        );
+        // A length alone stays.
+        let mut h = map(&[("content-length", "2"), ("x", "1")]);
+        drop_length_beside_coding(&mut h);
+        assert_eq!(pairs(&h), want(&[("content-length", "2"), ("x", "1")]));
     }
 
     #[test]
