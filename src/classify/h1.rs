@@ -54,7 +54,7 @@ fn values<'h, 'b>(
 
 /// Comma-separated list elements of every value of `name`, trimmed, empty
 /// elements skipped (RFC 9110 §5.6.1).
-fn list<'h, 'b>(
+pub fn list<'h, 'b>(
     headers: &'h [httparse::Header<'b>],
     name: &'static str,
 ) -> impl Iterator<Item = &'b [u8]> + 'h {
@@ -65,7 +65,7 @@ fn list<'h, 'b>(
 }
 
 /// Does the head carry Transfer-Encoding at all?
-fn has_te(headers: &[httparse::Header<'_>]) -> bool {
+pub fn has_te(headers: &[httparse::Header<'_>]) -> bool {
     values(headers, "transfer-encoding").next().is_some()
 }
 

@@ -20,28 +20,33 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Fields removed whether or not `Connection` names them (lower case).
-fn always_removed(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-            | "http2-settings"
-    )
+pub const ALWAYS_REMOVED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "http2-settings",
+];
+
+/// Fields `Connection` may not remove: the framing, which the next hop
+/// reads, and Host (a `Connection: content-length` must not change how the
+/// message is read downstream).
+pub const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
+
+/// Is `name` (any case) one of `set` (lower case)?
+pub fn is_one_of(set: &[&str], name: &str) -> bool {
+    set.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
-/// Fields `Connection` may not remove: the framing, which hyper owns, and
-/// Host (a `Connection: content-length` must not change how the message is
-/// read downstream).
+fn always_removed(name: &HeaderName) -> bool {
+    ALWAYS_REMOVED.contains(&name.as_str())
+}
+
 fn protected(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host" | "content-length" | "transfer-encoding"
-    )
+    PROTECTED.contains(&name.as_str())
 }
 
 /// The comma-separated tokens of a field's values (empty ones skipped).

@@ -418,30 +418,20 @@ mod splice {
         let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
         loop {
             // Socket to pipe. The pipe is always empty here, so EAGAIN can
-            // only be the socket's, which try_io turns into a fresh wait.
-            // A splice that did not fill the pipe drained the socket: its
-            // readiness is cleared with it (as `read_draining` does), so
-            // the next round waits instead of costing a splice that says
-            // EAGAIN.
+            // only be the socket's, which try_io turns into a fresh wait. A
+            // splice that did not fill the pipe drained the socket: its
+            // readiness goes with it (`read_draining`), so the next round
+            // waits instead of costing a splice that says EAGAIN.
             let n = loop {
                 if let Err(e) = src.readable().await {
                     return Some(End::Error(e));
                 }
-                let mut got = None;
-                let r = src.try_io(Interest::READABLE, || {
-                    let n = splice(src, None, &pipe_w, None, capacity, flags)?;
-                    got = Some(n);
-                    if n > 0 && n < capacity {
-                        Err(io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(n)
-                    }
-                });
-                match (got, r) {
-                    (Some(n), _) => break n,
-                    (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    (None, Err(e)) => return Some(End::Error(e)),
-                    (None, Ok(n)) => break n,
+                match super::read_draining(src, capacity, || {
+                    splice(src, None, &pipe_w, None, capacity, flags).map_err(io::Error::from)
+                }) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Some(End::Error(e)),
                 }
             };
             if n == 0 {

@@ -8,6 +8,7 @@
 //! What is not taken here goes to the general HTTP server
 //! (`explicit::serve_with`), which answers or forwards it with hyper:
 //! [`screen`] says which requests those are, before anything is decided.
+use super::super::hop_by_hop;
 use crate::classify::h1::{self, Body};
 
 /// The request bodies forwarded here are read whole before they go
@@ -20,47 +21,16 @@ pub const MAX_BODY: u64 = 64 * 1024;
 pub const MAX_FIELDS: usize = 100;
 
 /// Fields removed whether or not `Connection` names them (RFC 9110
-/// §7.6.1; the same set `hop_by_hop` removes on the general path).
+/// §7.6.1; the set the general path removes too).
 fn always_removed(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "http2-settings",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
-}
-
-/// Fields a `Connection` option may not remove: the framing, which the
-/// next hop reads, and Host.
-fn protected(name: &str) -> bool {
-    ["host", "content-length", "transfer-encoding"]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
-}
-
-/// The comma-separated options of every `Connection` field.
-fn connection_options<'b>(
-    headers: &'b [httparse::Header<'b>],
-) -> impl Iterator<Item = &'b [u8]> + 'b {
-    headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+    hop_by_hop::is_one_of(hop_by_hop::ALWAYS_REMOVED, name)
 }
 
 /// Is this field hop-by-hop in a head whose `Connection` options are
 /// `named`?
-fn hop_by_hop(name: &str, named: &[&[u8]]) -> bool {
+fn is_hop_by_hop(name: &str, named: &[&[u8]]) -> bool {
     always_removed(name)
-        || (!protected(name)
+        || (!hop_by_hop::is_one_of(hop_by_hop::PROTECTED, name)
             && named
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name.as_bytes())))
@@ -192,7 +162,7 @@ pub fn screen(
     if hosts > 1 {
         return Err("more than one Host field");
     }
-    let named: Vec<&[u8]> = connection_options(req.headers).collect();
+    let named: Vec<&[u8]> = h1::list(req.headers, "connection").collect();
     let close = has_option(&named, "close");
 
     // The head upstream: origin form, the client's fields in order minus
@@ -219,7 +189,7 @@ pub fn screen(
         if f.name.eq_ignore_ascii_case("host") {
             field(&mut out, f.name.as_bytes(), authority.as_str().as_bytes());
             host_written = true;
-        } else if !hop_by_hop(f.name, &named) {
+        } else if !is_hop_by_hop(f.name, &named) {
             field(&mut out, f.name.as_bytes(), f.value);
             if f.name.eq_ignore_ascii_case("via") {
                 via_at = Some(out.len());
@@ -322,14 +292,11 @@ pub fn response(buf: &[u8], head_request: bool) -> Result<Option<Response>, BadR
     if reply == h1::Reply::Switch {
         return Err("101 Switching Protocols to a protocol the request did not offer".into());
     }
-    let named: Vec<&[u8]> = connection_options(resp.headers).collect();
+    let named: Vec<&[u8]> = h1::list(resp.headers, "connection").collect();
     let reusable = resp.version == Some(1) && !has_option(&named, "close");
     // With Transfer-Encoding the body is read by it; a Content-Length
     // beside it goes (RFC 9112 §6.3 ¶3), or a client might read by it.
-    let te = resp
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let te = h1::has_te(resp.headers);
     let mut out = Vec::with_capacity(head_len + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.to_string().as_bytes());
@@ -339,7 +306,7 @@ pub fn response(buf: &[u8], head_request: bool) -> Result<Option<Response>, BadR
     let mut via_at = None;
     for f in resp.headers.iter() {
         let dropped_length = te && f.name.eq_ignore_ascii_case("content-length");
-        if !hop_by_hop(f.name, &named) && !dropped_length {
+        if !is_hop_by_hop(f.name, &named) && !dropped_length {
             field(&mut out, f.name.as_bytes(), f.value);
             if f.name.eq_ignore_ascii_case("via") {
                 via_at = Some(out.len());

@@ -210,7 +210,8 @@ async fn exchange(
     let body_up = req.body_data;
 
     let key = pool::Key::new(&req.host, req.port);
-    let outcome = send(shared, engine, &key, &addrs, &out, retryable(&req.method)).await;
+    let retry = retryable(&req.method);
+    let outcome = send(shared, engine, &key, &addrs, &out, head_request, retry).await;
     let (up, resp, rbuf) = match outcome {
         Ok(v) => v,
         Err(e) => {
@@ -379,6 +380,7 @@ async fn send(
     key: &pool::Key,
     addrs: &[std::net::SocketAddr],
     request: &[u8],
+    head_request: bool,
     retry: bool,
 ) -> Result<(TcpStream, heads::Response, BytesMut), FlowError> {
     let limits = &engine.config.limits;
@@ -387,7 +389,7 @@ async fn send(
             &mut up,
             request,
             limits.upstream_response_timeout,
-            is_head(request),
+            head_request,
         )
         .await
         {
@@ -407,17 +409,13 @@ async fn send(
         &mut up,
         request,
         limits.upstream_response_timeout,
-        is_head(request),
+        head_request,
     )
     .await
     {
         Ok((resp, rbuf)) => Ok((up, resp, rbuf)),
         Err(Trip::Unanswered(e) | Trip::Failed(e)) => Err(e),
     }
-}
-
-fn is_head(request: &[u8]) -> bool {
-    request.starts_with(b"HEAD ")
 }
 
 enum Trip {
