@@ -1979,4 +1979,10 @@ async fn both_framings_on_the_general_path() {
     // Chunked again by the general server: one chunk of the three bytes.
     assert_eq!(body_of(&got), b"3\r\nabc\r\n0\r\n\r\n");
     assert_eq!(origin.accepted(), 1);
+    let sent = &origin.conn(0).requests[0];
+    assert!(
+        sent.starts_with(b"OPTIONS /both HTTP/1.1\r\n"),
+        "{}",
+        escape(sent)
+    );
 }

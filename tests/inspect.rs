@@ -947,6 +947,16 @@ async fn bulk_tunnel_data_passes_byte_exact_both_ways_and_half_closes() {
     let _wr = writer.await.expect("writer");
     assert_eq!(mismatch, None, "corrupted byte");
     assert_eq!(got, total);
+    // The origin's end: every byte as sent, in order, on one connection
+    // (most of it moved by splice).
+    let at_origin = origin.connection_bytes(0);
+    assert_eq!(at_origin.len(), total);
+    let first_bad = at_origin
+        .iter()
+        .enumerate()
+        .position(|(k, &b)| b != support::pattern_byte(k));
+    assert_eq!(first_bad, None, "corrupted byte at the origin");
+    assert_eq!(origin.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     drop(rd);
     let log = proxy.wait_log(1).await;
     assert_eq!(log[0]["bytes_up"].as_u64(), Some(total as u64), "{log:?}");
